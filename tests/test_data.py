@@ -1,0 +1,92 @@
+"""The data layer on the real Kaggle layout, and its error messages."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from PIL import Image
+
+from unsloth_med.data.sources import download_kaggle, load_class_folders, load_recipe_data
+from unsloth_med.data.summary import summarize
+from unsloth_med.errors import ConfigError, CredentialsError, DataError, UnsupportedModelError
+from unsloth_med.recipes import get_recipe
+from unsloth_med.recipes.bone_fracture import CLASSES, RECIPE
+
+TUTORIAL_TRAIN_COUNTS = {
+    "Avulsion fracture": 109, "Comminuted fracture": 134, "Fracture Dislocation": 137, "Greenstick fracture": 106,
+    "Hairline Fracture": 101, "Impacted fracture": 75, "Longitudinal fracture": 68, "Oblique fracture": 69,
+    "Pathological fracture": 116, "Spiral Fracture": 74,
+}
+
+
+def test_real_layout_has_the_tutorials_counts(bone_break_dir, tmp_path):
+    splits = load_recipe_data(RECIPE, str(bone_break_dir))
+    assert len(splits["train"]) == 989 and len(splits["test"]) == 140
+    labels = sorted(set(splits["train"]["target"]))
+    assert labels == sorted(CLASSES) and len(labels) == 10
+    summary = summarize(RECIPE, splits, tmp_path)
+    assert summary["class_counts"]["train"] == TUTORIAL_TRAIN_COUNTS
+    assert sum(summary["class_counts"]["test"].values()) == 140
+    with Image.open(tmp_path / "samples.png") as grid:
+        assert grid.width > 100 and grid.height > 100
+
+
+def test_any_level_of_the_layout_is_accepted(bone_break_dir):
+    inner = bone_break_dir / "Bone Break Classification" / "Bone Break Classification"
+    rows = load_class_folders(inner, layout=RECIPE.source.layout, labels=CLASSES)
+    assert len(rows["train"]) == 989 and len(rows["test"]) == 140
+
+
+def test_missing_data_folder_says_where_and_how(tmp_path):
+    with pytest.raises(DataError, match=r"Data folder not found: .*nowhere.*--data_dir"):
+        load_recipe_data(RECIPE, str(tmp_path / "nowhere"))
+
+
+def test_folder_without_class_folders(tmp_path):
+    (tmp_path / "something_else").mkdir()
+    with pytest.raises(DataError, match=r"No class folders found .*something_else.*Point --data_dir"):
+        load_recipe_data(RECIPE, str(tmp_path))
+
+
+def _fake_class_root(tmp_path, names):
+    root = tmp_path / "Bone Break Classification" / "Bone Break Classification"
+    for name in names:
+        for split in ("Train", "Test"):
+            (root / name / split).mkdir(parents=True)
+            Image.new("RGB", (32, 32)).save(root / name / split / "a.png")
+    return root
+
+
+def test_misnamed_class_folder_is_named_in_the_error(tmp_path):
+    names = list(CLASSES)
+    names[3] = "Greenstik fracture"  # a typo
+    _fake_class_root(tmp_path, names)
+    with pytest.raises(DataError, match=r"Unknown folders: \['Greenstik fracture'\].*Missing classes: \['Greenstick fracture'\]"):
+        load_recipe_data(RECIPE, str(tmp_path))
+
+
+def test_class_with_test_images_but_no_training_images(tmp_path):
+    root = _fake_class_root(tmp_path, CLASSES)
+    shutil.rmtree(root / "Oblique fracture" / "Train")
+    with pytest.raises(DataError, match=r"Class 'Oblique fracture' has no training images .*1 test images"):
+        load_recipe_data(RECIPE, str(tmp_path))
+
+
+def test_missing_kaggle_credentials(tmp_path, monkeypatch):
+    for var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "no-kaggle"))
+    with pytest.raises(CredentialsError, match=r"Kaggle credentials.*kaggle.json.*--data_dir"):
+        download_kaggle(RECIPE.source.id, tmp_path / "dl")
+
+
+def test_unknown_recipe_suggests_the_close_one():
+    with pytest.raises(ConfigError, match=r"Unknown recipe 'bone_fractures'.*Did you mean 'bone_fracture'"):
+        get_recipe("bone_fractures")
+
+
+def test_unknown_model_family():
+    from unsloth_med.models.families import family_for_model_type
+
+    with pytest.raises(UnsupportedModelError, match=r"'llava_next'.*Supported families: mistral3"):
+        family_for_model_type("llava_next")

@@ -1,0 +1,275 @@
+"""Evaluation: metric code on hand-made answers, label scoring against naive scoring, generation mode,
+caption metrics, and predict() on a run folder and a merged folder, with tiny real-architecture models."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from unsloth_med.backends.hf import HFBackend, VisionCollator
+from unsloth_med.config import ModelArgs
+from unsloth_med.evaluate import agreement, caption_metrics, classification_metrics, evaluate, match_label
+from unsloth_med.evaluate.classify import score_rows
+from unsloth_med.models import prompting
+from unsloth_med.models.families import family_of
+from unsloth_med.predict import format_predictions, predict
+from unsloth_med.recipes.bone_fracture import RECIPE
+from unsloth_med.recipes.radiology_caption import RECIPE as CAPTION_RECIPE
+
+IMAGE_SIZE = 64
+ANSWER = "Oblique fracture"
+
+
+def _images(n: int, seed: int = 0) -> list[Image.Image]:
+    """Noise images of different shapes, so prompts differ in length and batches need padding."""
+    rng = np.random.default_rng(seed)
+    shapes = [(64, 64), (40, 64), (64, 24), (50, 50), (30, 60), (64, 48)]
+    return [Image.fromarray(rng.integers(0, 256, (*shapes[i % len(shapes)], 3), dtype=np.uint8)) for i in range(n)]
+
+
+def _rows(n: int, seed: int = 0) -> list[dict]:
+    return [{"image": im, "target": RECIPE.labels[i % len(RECIPE.labels)], "id": f"img{i}"}
+            for i, im in enumerate(_images(n, seed))]
+
+
+def _load(tiny_path, family):
+    model, processor = HFBackend().load(str(tiny_path(family)), ModelArgs())  # fp32 on the CPU
+    if family == "mllama":
+        # Llama 3.2 Vision's cross-attention gates start at 0 (tanh(0) = 0: the image is ignored); open them
+        # so the image, and the cross-attention mask of the scored tokens, matter in these tests.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                    param.fill_(1.0)
+    return model.eval(), processor
+
+
+# ----------------------------------------------------------------------------- metrics on known answers
+def test_classification_metrics_known_answers():
+    labels = ["a", "b", "c"]
+    y_true = ["a", "a", "b", "b", "c", "c"]
+    y_pred = ["a", "b", "b", "b", None, "c"]  # None: an unparseable answer
+    m = classification_metrics(y_true, y_pred, labels, mode="generate")
+    assert m["n"] == 6 and m["labels"] == labels
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    # a: P=1, R=1/2, F1=2/3; b: P=2/3, R=1, F1=4/5; c: P=1, R=1/2, F1=2/3
+    assert m["per_class"]["a"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2})
+    assert m["per_class"]["b"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
+    assert m["per_class"]["c"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2})
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 2 / 3) / 3)
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [0, 0, 1]]  # rows true, labels order
+    assert m["unparseable"] == 1 and m["unparseable_by_class"] == {"a": 0, "b": 0, "c": 1}
+    json.dumps(m)  # plain JSON types only
+
+    perfect = classification_metrics(["b", "a"], ["b", "a"], labels)
+    assert perfect["accuracy"] == 1.0 and "unparseable" not in perfect
+    assert perfect["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+
+
+def test_match_label_exact_then_case_and_whitespace_insensitive():
+    labels = RECIPE.labels
+    assert match_label("Spiral Fracture", labels) == "Spiral Fracture"
+    assert match_label("  spiral   FRACTURE \n", labels) == "Spiral Fracture"
+    assert match_label("Spiral Fracture.", labels) is None
+    assert match_label("It is a spiral fracture", labels) is None
+    assert match_label("", labels) is None
+
+
+def test_agreement_by_id_and_by_position():
+    a = [{"id": "1", "prediction": "x"}, {"id": "2", "prediction": "y"}, {"id": "3", "prediction": None}]
+    b = [{"id": "3", "prediction": None}, {"id": "2", "prediction": "y"}, {"id": "1", "prediction": "z"}]
+    assert agreement(a, b) == pytest.approx(1 / 3)  # an unparseable answer never agrees
+    assert agreement({"predictions": a}, {"predictions": a[:2] + [{"id": "3", "prediction": "w"}]}) == pytest.approx(2 / 3)
+    assert agreement(["x", "y"], ["x", "y"]) == 1.0
+    with pytest.raises(ValueError):
+        agreement(["x"], ["x", "y"])
+
+
+def test_caption_metrics_on_hand_made_strings():
+    refs = ["the cat sat on the mat", "a fracture of the distal radius"]
+    same = caption_metrics(refs, refs)
+    assert same["bleu"] == pytest.approx(100.0) and same["rougeL"] == pytest.approx(1.0) and same["n"] == 2
+    disjoint = caption_metrics(["zebra", "quantum"], refs)
+    assert disjoint["bleu"] == pytest.approx(0.0) and disjoint["rougeL"] == pytest.approx(0.0)
+    # LCS("the cat on the mat", "the cat sat on the mat") = 5 tokens: P = 5/5, R = 5/6, F = 10/11
+    partial = caption_metrics(["the cat on the mat"], refs[:1])
+    assert partial["rougeL"] == pytest.approx(10 / 11)
+    assert 0 < partial["bleu"] < 100
+    assert partial["bertscore"] is None or 0 < partial["bertscore"] <= 1
+    if partial["bertscore"] is None:
+        assert "BERTScore" in partial["bertscore_note"]
+
+
+# ----------------------------------------------------------------------------- label scoring
+def _naive_scores(model, processor, image, labels) -> list[float]:
+    """One unpadded full sequence per class, summed log-probs of the answer tokens (the loss's tokens)."""
+    family = family_of(model.config)
+    out = []
+    for label in labels:
+        text = prompting.render(processor, RECIPE.to_conversation({"target": label}))
+        batch = prompting.encode(processor, [text], [image])
+        with torch.no_grad():
+            logp = model(**batch).logits[0].double().log_softmax(-1)
+        ids = batch["input_ids"][0].tolist()
+        start, end = prompting.answer_span(ids, len(ids), prompting.answer_ids(processor, family, label),
+                                           prompting.trailing_ids(processor, family, text))
+        out.append(sum(float(logp[i - 1, ids[i]]) for i in range(start, end)))
+    return out
+
+
+@pytest.mark.parametrize("family", ["mistral3", "mllama", "qwen2_5_vl"])
+def test_label_scoring_equals_naive_full_sequence_scoring(tiny_path, family):
+    from unsloth_med.data.images import load_image
+
+    model, processor = _load(tiny_path, family)
+    rows = _rows(5)
+    batch = prompting.encode(processor, [prompting.render(processor, RECIPE.prompt())] * 5,
+                             [load_image(r["image"], IMAGE_SIZE) for r in rows], padding_side="left")
+    if family != "mllama":  # mllama has one image token whatever the image: its prompts need no padding
+        assert (batch["attention_mask"] == 0).any(), "the test images should give prompts of different lengths"
+    cached = score_rows(model, processor, RECIPE, rows, RECIPE.labels, image_size=IMAGE_SIZE)
+    full = score_rows(model, processor, RECIPE, rows, RECIPE.labels, image_size=IMAGE_SIZE, strategy="full")
+    naive = torch.tensor([_naive_scores(model, processor, load_image(r["image"], IMAGE_SIZE), RECIPE.labels)
+                          for r in rows], dtype=torch.float64)
+    assert cached.shape == (5, len(RECIPE.labels))
+    assert torch.allclose(cached, naive, atol=1e-4, rtol=0), (cached - naive).abs().max()
+    assert torch.allclose(full, naive, atol=1e-4, rtol=0), (full - naive).abs().max()
+    assert not torch.allclose(naive[0], naive[1], atol=1e-3), "scores should depend on the image"
+
+    result = evaluate(model, processor, RECIPE, rows, mode="score", batch_size=2, image_size=IMAGE_SIZE, progress=False)
+    assert [p["id"] for p in result["predictions"]] == [r["id"] for r in rows]
+    for p, scores in zip(result["predictions"], naive):
+        assert p["prediction"] == RECIPE.labels[int(scores.argmax())]
+        assert math.isclose(sum(p["probabilities"].values()), 1.0, abs_tol=1e-4)
+    m = result["metrics"]
+    assert m["mode"] == "score" and m["n"] == 5 and "unparseable" not in m
+    assert len(m["confusion_matrix"]) == len(RECIPE.labels) and sum(map(sum, m["confusion_matrix"])) == 5
+
+
+# ----------------------------------------------------------------------------- generation
+@pytest.fixture(scope="module")
+def overfit_model(tiny_path):
+    """A tiny Ministral-3-layout model trained (all weights, 25 steps) to answer ANSWER for any X-ray."""
+    torch.manual_seed(0)
+    model, processor = HFBackend().load(str(tiny_path("mistral3")), ModelArgs())
+    rows = [dict(r, target=ANSWER) for r in _rows(4, seed=1)]
+    batch = VisionCollator(processor, family_of(model.config), RECIPE, image_size=IMAGE_SIZE, max_seq_length=4096)(rows)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(25):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    return model, processor
+
+
+def test_generation_mode_counts_unparseable_answers(tiny_path, overfit_model):
+    rows = _rows(4, seed=2)
+    # An untrained model babbles: every answer is unparseable and counted as wrong.
+    base, base_processor = _load(tiny_path, "mistral3")
+    babble = evaluate(base, base_processor, RECIPE, rows, mode="generate", batch_size=3, image_size=IMAGE_SIZE,
+                      progress=False)
+    m = babble["metrics"]
+    assert m["mode"] == "generate" and m["n"] == 4
+    assert m["unparseable"] == sum(not p["parsed"] for p in babble["predictions"])
+    assert all(p["prediction"] is None or p["prediction"] in RECIPE.labels for p in babble["predictions"])
+    assert m["unparseable"] == 4 and m["accuracy"] == 0.0 and sum(m["unparseable_by_class"].values()) == 4
+
+    # The trained model answers ANSWER: parsed, and label scoring agrees with it.
+    model, processor = overfit_model
+    generated = evaluate(model, processor, RECIPE, rows, mode="generate", batch_size=3, image_size=IMAGE_SIZE,
+                         progress=False)
+    assert [p["answer"] for p in generated["predictions"]] == [ANSWER] * 4
+    assert generated["metrics"]["unparseable"] == 0
+    assert generated["metrics"]["accuracy"] == pytest.approx(sum(r["target"] == ANSWER for r in rows) / 4)
+    scored = evaluate(model, processor, RECIPE, rows, mode="score", image_size=IMAGE_SIZE, progress=False)
+    assert agreement(scored, generated) == 1.0
+    assert all(p["probabilities"][ANSWER] > 0.9 for p in scored["predictions"])
+
+    # Against a class list without ANSWER, the same answers name no class; label scoring still picks one.
+    others = dataclasses.replace(RECIPE, labels=tuple(label for label in RECIPE.labels if label != ANSWER))
+    unmatched = evaluate(model, processor, others, rows, mode="generate", max_new_tokens=5, image_size=IMAGE_SIZE,
+                         progress=False)
+    assert [p["answer"] for p in unmatched["predictions"]] == [ANSWER] * 4
+    assert unmatched["metrics"]["unparseable"] == 4 and unmatched["metrics"]["max_new_tokens"] == 5
+    assert unmatched["metrics"]["accuracy"] == 0.0
+    rescored = evaluate(model, processor, others, rows, mode="score", image_size=IMAGE_SIZE, progress=False)
+    assert all(p["prediction"] in others.labels for p in rescored["predictions"])
+
+
+def test_captioning_evaluation_runs_end_to_end(tiny_path):
+    model, processor = _load(tiny_path, "mllama")
+    rows = [{"image": im, "target": "The radiograph shows a fracture of the distal radius.", "id": f"c{i}"}
+            for i, im in enumerate(_images(3))]
+    result = evaluate(model, processor, CAPTION_RECIPE, rows, batch_size=2, max_new_tokens=6, image_size=IMAGE_SIZE,
+                      progress=False)
+    m = result["metrics"]
+    assert m["n"] == 3 and m["mode"] == "generate" and m["max_new_tokens"] == 6
+    assert 0 <= m["bleu"] <= 100 and 0 <= m["rougeL"] <= 1
+    assert m["bertscore"] is not None or "BERTScore" in m["bertscore_note"]
+    assert [p["id"] for p in result["predictions"]] == ["c0", "c1", "c2"]
+
+
+# ----------------------------------------------------------------------------- predict
+def _image_files(tmp_path, n=2):
+    paths = []
+    for i, im in enumerate(_images(n, seed=3)):
+        path = tmp_path / f"xray{i}.png"
+        im.save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_predict_on_a_run_folder_gives_a_class_and_probabilities_summing_to_one(tiny_path, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = str(tiny_path("mistral3"))
+    model, processor = HFBackend().load(base, ModelArgs())
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    run = tmp_path / "run"
+    model.save_pretrained(run / "adapter")
+    processor.save_pretrained(run / "adapter")
+    (run / "adapter" / "unsloth_med.json").write_text(json.dumps({"recipe": "bone_fracture", "base_model": base,
+                                                                  "image_size": IMAGE_SIZE}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"run": {"recipe": "bone_fracture"}, "model": {"model": base},
+                                                     "data": {"image_size": IMAGE_SIZE}}))
+    images = _image_files(tmp_path)
+    results = predict(run, images, top_k=3)
+    assert [r["image"] for r in results] == images
+    for r in results:
+        assert r["label"] in RECIPE.labels
+        assert math.isclose(sum(r["probabilities"].values()), 1.0, abs_tol=1e-6)
+        assert len(r["top"]) == 3 and r["top"][0]["label"] == r["label"]
+        assert [t["probability"] for t in r["top"]] == sorted((t["probability"] for t in r["top"]), reverse=True)
+    # The adapter is applied: its scores differ from the base model's.
+    base_model, _ = _load(tiny_path, "mistral3")
+    base_scores = score_rows(base_model, processor, RECIPE, [{"image": images[0]}], RECIPE.labels,
+                             image_size=IMAGE_SIZE).softmax(-1)[0]
+    assert not np.allclose(list(results[0]["probabilities"].values()), base_scores.tolist(), atol=1e-6)
+    text = format_predictions(results)
+    assert results[0]["label"] in text and "%" in text
+
+
+def test_predict_on_a_merged_folder_reads_its_recipe(tiny_path, tmp_path, overfit_model):
+    model, processor = overfit_model
+    merged = tmp_path / "merged"
+    model.save_pretrained(merged)
+    processor.save_pretrained(merged)
+    (merged / "unsloth_med.json").write_text(json.dumps({"recipe": "bone_fracture", "image_size": IMAGE_SIZE}))
+    results = predict(merged, _image_files(tmp_path, 1), top_k=2)
+    assert results[0]["label"] == ANSWER and results[0]["probability"] > 0.9 and len(results[0]["top"]) == 2
+    (merged / "unsloth_med.json").unlink()
+    from unsloth_med.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="recipe"):
+        predict(merged, _image_files(tmp_path, 1))
+    captions = predict(merged, _image_files(tmp_path, 1), recipe="radiology_caption", max_new_tokens=4)
+    assert isinstance(captions[0]["caption"], str)

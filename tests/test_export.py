@@ -1,0 +1,241 @@
+"""Merged 16-bit export from the hf backend: reload with plain transformers, logits, processor, atomicity, secrets."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from unsloth_med import export as export_mod
+from unsloth_med.backends.hf import HFBackend
+from unsloth_med.config import LoraArgs, ModelArgs
+from unsloth_med.errors import ExportError, NetworkError
+from unsloth_med.export import export_command, export_merged, export_run
+from unsloth_med.recipes.bone_fracture import RECIPE
+
+IMAGE_SIZE = 64
+FAKE_SECRETS = {"HF_TOKEN": "hf_FAKEtokenForTestsOnly0123456789abcd", "KAGGLE_KEY": "kagglefakekey0123456789abcdef",
+                "HUGGING_FACE_HUB_TOKEN": "hf_FAKEsecondTokenForTests987654321zz"}
+MARKERS = {"mistral3": "[INST]", "mllama": "<|start_header_id|>user<|end_header_id|>", "qwen2_5_vl": "<|im_start|>user"}
+
+
+def _rows(n=3):
+    rows = []
+    for i in range(n):
+        pixels = np.random.default_rng(i).integers(0, 255, (80, 96, 3)).astype("uint8")
+        rows.append({"image": Image.fromarray(pixels), "target": RECIPE.labels[i], "id": f"row{i}"})
+    return rows
+
+
+def _tuned(tiny_path, family):
+    """A tiny model with LoRA adapters whose B weights are random (non-zero), so the adapter changes outputs."""
+    backend = HFBackend()
+    base = str(tiny_path(family))
+    model, processor = backend.load(base, ModelArgs())
+    model = backend.add_adapters(model, LoraArgs(), ModelArgs(), seed=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.05)
+    model.eval()
+    return backend, model, processor, base
+
+
+def _batch(processor, rows):
+    from unsloth_med.data.images import load_image
+    from unsloth_med.models import prompting
+
+    texts = [prompting.render(processor, RECIPE.to_conversation(r)) for r in rows]
+    return prompting.encode(processor, texts, [load_image(r["image"], IMAGE_SIZE) for r in rows])
+
+
+@torch.no_grad()
+def _logits(model, batch):
+    return model(**batch).logits[batch["attention_mask"].bool()]
+
+
+@pytest.fixture(scope="module", params=["mistral3", "mllama", "qwen2_5_vl"])
+def exported(request, tiny_path, tmp_path_factory):
+    backend, model, processor, base = _tuned(tiny_path, request.param)
+    out = tmp_path_factory.mktemp(f"run-{request.param}") / "merged"
+    result = export_merged(backend, model, processor, RECIPE, _rows(), out, image_size=IMAGE_SIZE, base_model=base)
+    return request.param, model, processor, out, result
+
+
+def test_merged_export_reloads_with_plain_transformers_and_matches_base_plus_adapter(exported):
+    from transformers import AutoModelForImageTextToText
+
+    family, tuned, processor, out, result = exported
+    assert result["path"] == str(out) and (out / "export.json").is_file()
+    assert json.loads((out / "export.json").read_text())["verification"]["passed"] is True
+    assert result["verification"]["max_abs_logit_diff"] < 1e-4 and result["verification"]["greedy_agreement"] == 1.0
+    assert result["dtype"] == "float32" and result["verification"]["reference"] == "the in-memory tuned model"
+
+    reloaded = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    assert not any("lora" in name for name, _ in reloaded.named_parameters())
+    batch = _batch(processor, _rows(4))
+    merged, tuned_logits = _logits(reloaded, batch), _logits(tuned, batch)
+    assert (merged - tuned_logits).abs().max().item() < 1e-4
+    with tuned.disable_adapter():  # the adapter really changes the outputs, so the check above is not vacuous
+        assert (_logits(tuned, batch) - tuned_logits).abs().max().item() > 1e-3
+
+    info = json.loads((out / "unsloth_med.json").read_text())
+    assert info["recipe"] == "bone_fracture" and info["image_size"] == IMAGE_SIZE and Path(info["base_model"]).is_dir()
+
+
+def test_processor_reloads_and_applies_the_chat_template(exported):
+    from transformers import AutoProcessor
+
+    family, _, processor, out, _ = exported
+    reloaded = AutoProcessor.from_pretrained(out)
+    assert (out / "chat_template.jinja").is_file() and reloaded.chat_template == processor.chat_template
+    text = reloaded.apply_chat_template(RECIPE.prompt(), tokenize=False, add_generation_prompt=True)
+    assert MARKERS[family] in text and RECIPE.instruction in text
+    assert reloaded.tokenizer.pad_token is not None
+    batch = _batch(reloaded, _rows(2))
+    assert torch.equal(batch["input_ids"], _batch(processor, _rows(2))["input_ids"])
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in card and "educational and research use only" in card
+    assert "diagnosis, clinical decision-making or patient care" in card
+
+
+def _interrupting_save(error):
+    def save(directory, *args, **kwargs):
+        Path(directory, "tokenizer.json").write_text("{}")  # the weights and a file are on disk, then it fails
+        raise error
+
+    return save
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_interrupted_export_leaves_no_complete_looking_folder(tiny_path, tmp_path, monkeypatch, error):
+    backend, model, processor, base = _tuned(tiny_path, "mistral3")
+    out = tmp_path / "merged"
+    stale = tmp_path / ".merged.partial-999999999-0123abcd"  # left by an export killed earlier (no such pid)
+    stale.mkdir()
+    monkeypatch.setattr(processor, "save_pretrained", _interrupting_save(error))
+    with pytest.raises(type(error)):
+        export_merged(backend, model, processor, RECIPE, _rows(), out, image_size=IMAGE_SIZE, base_model=base)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == [], "partial folders must be removed"
+
+    # A previous, complete export stays untouched when a new one fails.
+    out.mkdir()
+    (out / "export.json").write_text('{"previous": true}')
+    with pytest.raises(type(error)):
+        export_merged(backend, model, processor, RECIPE, _rows(), out, image_size=IMAGE_SIZE, base_model=base)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    assert json.loads((out / "export.json").read_text()) == {"previous": True}
+
+
+def test_an_unmerged_adapter_fails_verification_loudly(tiny_path, tmp_path, monkeypatch):
+    """The most reported merged-export bug: base weights saved without the LoRA merged."""
+    backend, model, processor, base = _tuned(tiny_path, "mllama")
+    real = export_mod._merge_on_16bit_base
+
+    def forgetful(model, base_model, dtype, recipe):
+        peft_model, name = real(model, base_model, dtype, recipe)
+        with torch.no_grad():
+            for n, w in peft_model.named_parameters():
+                if "lora_B" in n:
+                    w.zero_()
+        return peft_model, name
+
+    monkeypatch.setattr(export_mod, "_merge_on_16bit_base", forgetful)
+    with pytest.raises(ExportError, match="disagrees"):
+        export_merged(backend, model, processor, RECIPE, _rows(), tmp_path / "merged", image_size=IMAGE_SIZE, base_model=base)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _fake_run(tmp_path, model, processor, base) -> Path:
+    """A run folder as the pipeline leaves it: adapter/, config.yaml, metrics.json."""
+    run = tmp_path / "run"
+    adapter = run / "adapter"
+    model.save_pretrained(adapter)
+    processor.save_pretrained(adapter)
+    (adapter / "unsloth_med.json").write_text(json.dumps({"recipe": "bone_fracture", "base_model": base,
+                                                          "image_size": IMAGE_SIZE}))
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "model": {"model": base, "backend": "hf", "load_in_4bit": None, "max_seq_length": 2048},
+        "lora": {"lora_r": 16, "lora_alpha": 16}, "data": {"image_size": IMAGE_SIZE, "data_dir": None},
+        "training": {"learning_rate": 2e-4, "max_steps": 30, "seed": 3407}}))
+    (run / "metrics.json").write_text(json.dumps({"before": {"accuracy": 0.1, "macro_f1": 0.04},
+                                                  "after": {"accuracy": 0.8571, "macro_f1": 0.83}, "test_size": 140}))
+    return run
+
+
+def test_no_secret_reaches_exported_or_logged_files(tiny_path, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    for name, value in FAKE_SECRETS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # unroutable: nothing leaves this machine
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    log_file = tmp_path / "run.log"
+    handler = logging.FileHandler(log_file)  # deliberately no RedactingFilter: nothing may log a secret at all
+    loggers = [logging.getLogger(n) for n in ("unsloth_med", "transformers", "peft", "huggingface_hub", "httpx")]
+    old_levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.DEBUG)
+    try:
+        backend, model, processor, base = _tuned(tiny_path, "mistral3")
+        run = _fake_run(tmp_path, model, processor, base)
+        export_merged(backend, model, processor, RECIPE, _rows(), run / "merged", image_size=IMAGE_SIZE, base_model=base)
+        with pytest.raises(NetworkError) as info:
+            export_command([str(run), "--format", "adapter", "--push-to-hub", "someone/bone-fracture-tiny"])
+    finally:
+        for lg, level in zip(loggers, old_levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+        handler.close()
+    message = str(info.value)
+    assert "saved locally" in message and f"unsloth-med push {run / 'adapter-export'} someone/bone-fracture-tiny" in message
+    out, err = capsys.readouterr()
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {run / "merged" / "export.json", run / "adapter-export" / "README.md", log_file} <= set(files)
+    assert log_file.stat().st_size > 0
+    for value in FAKE_SECRETS.values():
+        assert value not in message + out + err
+        for path in files:
+            assert value.encode() not in path.read_bytes(), f"{path} contains a secret"
+
+
+def test_export_run_from_a_run_folder_adapter_and_merged(tiny_path, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    backend, model, processor, base = _tuned(tiny_path, "mllama")
+    run = _fake_run(tmp_path, model, processor, base)
+
+    assert export_command([str(run), "--format", "adapter"]) == 0
+    adapter = run / "adapter-export"
+    card = (adapter / "README.md").read_text()
+    assert "library_name: peft" in card and "0.8571" in card and "educational and research use only" in card
+    assert json.loads((adapter / "export.json").read_text())["verification"]["files_identical_to_run"]
+
+    result = export_run(run, format="merged-16bit")
+    assert result["path"] == str(run / "merged") and result["verification"]["max_abs_logit_diff"] < 1e-4
+    assert result["verification"]["row_ids"][0].startswith("synthetic")  # no data on disk: generated images
+    batch = _batch(processor, _rows(2))
+    plain_adapter = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32),
+                                              str(adapter)).eval()
+    merged = AutoModelForImageTextToText.from_pretrained(run / "merged", dtype=torch.float32).eval()
+    assert (_logits(merged, batch) - _logits(plain_adapter, batch)).abs().max().item() < 1e-4
+    assert "0.8571" in (run / "merged" / "README.md").read_text()
+
+
+def test_export_of_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit):
+        export_command([str(tmp_path), "--public"])  # --public needs --push-to-hub
+    with pytest.raises(ExportError, match="not a finished run folder"):
+        export_run(tmp_path, format="adapter")
+    with pytest.raises(ExportError, match="does not exist"):
+        export_run(tmp_path / "missing")

@@ -1,0 +1,361 @@
+"""The unsloth backend on a CUDA GPU, on tiny real-architecture models of each family.
+
+Run on a GPU machine with unsloth installed:   python -m pytest tests/test_gpu.py -m gpu -v
+Everything here is skipped where CUDA or unsloth is missing (CI, laptops).
+
+Tiny models come from `unsloth_med.models.tiny.tiny_model_path(family)`; where that factory does not
+know a family, a folder `$UNSLOTH_MED_TINY_DIR/tiny-<family>` is used if present, else the family is
+skipped. Images are generated (two visually distinct classes), so no dataset is needed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+HAS_UNSLOTH = importlib.util.find_spec("unsloth") is not None
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not HAS_UNSLOTH, reason="needs unsloth (pip install 'unsloth-med[gpu]')"),
+]
+
+if CUDA and HAS_UNSLOTH:  # unsloth patches transformers/trl/peft: import it before they are used
+    from unsloth_med.backends.unsloth import import_unsloth
+
+    import_unsloth()
+
+from unsloth_med.config import LoraArgs, ModelArgs  # noqa: E402
+from unsloth_med.models import prompting  # noqa: E402
+from unsloth_med.models.families import family_of, module_kind  # noqa: E402
+from unsloth_med.recipes.base import DataSource, Recipe  # noqa: E402
+
+FAMILIES = ["mistral3", "mllama", "qwen2_5_vl", "gemma3"]
+LABELS = ("fractured", "not fractured")
+RECIPE = Recipe(
+    name="gpu_test",
+    task="classification",
+    instruction="Is there a bone fracture in this X-ray? Answer fractured or not fractured.",
+    source=DataSource(kind="class_folders"),
+    default_model="",
+    labels=LABELS,
+    image_size=64,
+)
+IMAGE_SIZE = 64
+STEPS = 20
+
+# (vision, language, attention, mlp): each flag off in turn (all on: the trained model, below)
+FLAG_CASES = {
+    "no_vision": (False, True, True, True),
+    "no_language": (True, False, True, True),
+    "no_attention": (True, True, False, True),
+    "no_mlp": (True, True, True, False),
+}
+
+
+# ----------------------------------------------------------------------------- fixtures and helpers
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    cache: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family in cache:
+            return cache[family]
+        path = None
+        try:
+            from unsloth_med.models.tiny import tiny_model_path
+
+            path = Path(tiny_model_path(family))
+        except Exception as exc:  # factory missing, or it does not build this family
+            fallback = Path(os.environ.get("UNSLOTH_MED_TINY_DIR", "")) / f"tiny-{family}"
+            if os.environ.get("UNSLOTH_MED_TINY_DIR") and fallback.is_dir():
+                path = fallback
+            else:
+                pytest.skip(f"no tiny {family} model ({type(exc).__name__}: {str(exc)[:120]})")
+        cache[family] = path
+        return path
+
+    return get
+
+
+def _backend():
+    from unsloth_med.backends.unsloth import UnslothBackend
+
+    return UnslothBackend()
+
+
+def _lora(vision=True, language=True, attention=True, mlp=True, r=16) -> LoraArgs:
+    return LoraArgs(lora_r=r, lora_alpha=r, finetune_vision_layers=vision, finetune_language_layers=language,
+                    finetune_attention_modules=attention, finetune_mlp_modules=mlp)
+
+
+def _strip(name: str) -> str:
+    return re.sub(r"^(base_model\.model\.)", "", name)
+
+
+def _lora_module_names(model) -> set[str]:
+    return {_strip(name) for name, module in model.named_modules()
+            if hasattr(module, "lora_A") and len(getattr(module, "lora_A", {})) > 0}
+
+
+def _expected_targets(model, family, lora) -> set[str]:
+    """The package's own reading of the flags (the same rule the hf backend uses)."""
+    names = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or "lm_head" in name or module_kind(name) is None:
+            continue
+        side = lora.finetune_vision_layers if family.is_vision_module(name) else lora.finetune_language_layers
+        kind = lora.finetune_attention_modules if module_kind(name) == "attention" else lora.finetune_mlp_modules
+        if side and kind:
+            names.add(_strip(name))
+    return names
+
+
+def _make_rows(tmp: Path, n: int = 8) -> list[dict]:
+    """Two classes a model can tell apart: a bright diagonal band ('fractured') or a plain dark gradient."""
+    import numpy as np
+    from PIL import Image
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        label = LABELS[i % 2]
+        y, x = np.mgrid[0:96, 0:128]
+        arr = (40 + 60 * x / 128 + 10 * (i % 3)).astype(np.float32)
+        if label == "fractured":
+            arr[np.abs(y - 0.75 * x) < 6] = 250
+        img = Image.fromarray(np.clip(arr, 0, 255).astype("uint8"), "L").convert("RGB")
+        path = tmp / f"img{i}.png"
+        img.save(path)
+        rows.append({"image": str(path), "target": label, "id": f"row{i}"})
+    return rows
+
+
+def _training_args(out: Path, steps: int = STEPS):
+    """The package's training defaults (config.TRAINING_DEFAULTS + device defaults) with a short, fast run.
+
+    Built directly rather than through parse_config: unsloth's SFTConfig (patched in at import) adds a
+    max_seq_length field that collides with ModelArgs.max_seq_length in the flat command-line parser.
+    """
+    from trl import SFTConfig
+
+    from unsloth_med.config import TRAINING_DEFAULTS, device_defaults
+
+    return SFTConfig(**{**TRAINING_DEFAULTS, **device_defaults(), "output_dir": str(out), "max_steps": steps,
+                        "learning_rate": 1e-2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                        "warmup_steps": 0, "save_strategy": "no", "logging_steps": 1, "lr_scheduler_type": "constant",
+                        "weight_decay": 0.0})
+
+
+def _prompt_batch(processor, rows, *, with_answer: bool):
+    from unsloth_med.data.images import load_image
+
+    images = [load_image(r["image"], IMAGE_SIZE) for r in rows]
+    if with_answer:
+        texts = [prompting.render(processor, RECIPE.to_conversation(r)) for r in rows]
+    else:
+        texts = [prompting.render(processor, RECIPE.prompt(), add_generation_prompt=True) for _ in rows]
+    batch = prompting.encode(processor, texts, images, padding_side="left" if not with_answer else "right")
+    return {k: (v.to("cuda", torch.bfloat16) if v.is_floating_point() else v.to("cuda")) for k, v in batch.items()}
+
+
+def _generate(model, processor, rows):
+    batch = _prompt_batch(processor, rows, with_answer=False)
+    tokenizer = processor.tokenizer
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    new = out[:, batch["input_ids"].shape[1]:]
+    return new, [tokenizer.decode(t, skip_special_tokens=True).strip() for t in new]
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+# ----------------------------------------------------------------------------- train, generate, save
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory):
+    """family -> {backend, model, processor, rows, losses, work, base}: 20 SFT steps through the package's trainer."""
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family in cache:
+            return cache[family]
+        import datasets
+
+        from unsloth_med.train import build_trainer
+
+        work = tmp_path_factory.mktemp(f"trained-{family}")
+        rows = _make_rows(work / "images")
+        backend = _backend()
+        model, processor = backend.load(str(tiny_model(family)), ModelArgs(load_in_4bit=True))
+        model = backend.add_adapters(model, _lora(), ModelArgs(), seed=0)
+        backend.for_training(model)
+        collator = backend.collator(model, processor, RECIPE, image_size=IMAGE_SIZE, max_seq_length=4096)
+        trainer = build_trainer(model, processor, datasets.Dataset.from_list(rows), collator,
+                                _training_args(work / "run"), work)
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        cache[family] = dict(backend=backend, model=trainer.model, processor=processor, rows=rows,
+                             losses=losses, work=work, base=str(tiny_model(family)))
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_falls_over_20_steps(trained, family):
+    losses = trained(family)["losses"]
+    print(f"\n{family} losses: {[round(x, 3) for x in losses]}")
+    assert len(losses) == STEPS and all(x == x and abs(x) < 1e4 for x in losses)
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    # A tiny random model cannot get far below ~4.5 nats: its lm_head (not adapted) has rows of norm ~0.2,
+    # which bounds the logit margin. The fall from ~7 (uniform over 1024 tokens) is what shows learning.
+    assert last < 0.8 * first, (first, last)
+
+
+@pytest.mark.parametrize("family", ["mistral3", "mllama", "qwen2_5_vl"])
+def test_all_flags_on_adapt_every_attention_and_mlp_layer(trained, family):
+    t = trained(family)
+    model = t["model"]
+    fam = family_of(model.config)
+    got = _lora_module_names(model)
+    expected = set()
+    for name, module in model.named_modules():
+        name = _strip(name)
+        if ".lora_" in name or not isinstance(module, torch.nn.Linear):
+            continue
+        name = name[: -len(".base_layer")] if name.endswith(".base_layer") else name
+        if "lm_head" not in name and module_kind(name) is not None:
+            expected.add(name)
+    counts = {}
+    for name in got:
+        key = ("vision" if fam.is_vision_module(name) else "language") + "-" + module_kind(name)
+        counts[key] = counts.get(key, 0) + 1
+    print(f"\n{family}/all: {len(got)} LoRA modules; {counts}")
+    assert set(counts) == {"vision-attention", "vision-mlp", "language-attention", "language-mlp"}
+    assert got == expected, (sorted(expected - got)[:5], sorted(got - expected)[:5])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_after_training(trained, family):
+    t = trained(family)
+    t["backend"].for_inference(t["model"])
+    new, texts = _generate(t["model"], t["processor"], t["rows"][:2])
+    raw = [t["processor"].tokenizer.decode(ids) for ids in new]
+    print(f"\n{family} generations: {texts} (with special tokens: {raw})")
+    assert new.shape[0] == 2 and new.shape[1] >= 1 and all(raw)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_saves_and_reloads(trained, family):
+    t = trained(family)
+    backend, model, processor, rows, work = t["backend"], t["model"], t["processor"], t["rows"], t["work"]
+    backend.for_inference(model)
+    adapter = work / "adapter"
+    model.save_pretrained(adapter)
+    processor.save_pretrained(adapter)
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    batch = _prompt_batch(processor, rows[:2], with_answer=True)
+    before = _logits(model, batch)
+    reloaded, _ = backend.load_adapter(t["base"], adapter, ModelArgs(load_in_4bit=True))
+    after = _logits(reloaded, batch)
+    diff = (before - after).abs().max().item()
+    agree = (before.argmax(-1) == after.argmax(-1)).float().mean().item()
+    print(f"\n{family} adapter reload: max |logit diff| = {diff:.4g}, argmax agreement = {agree:.3f}")
+    assert agree >= 0.99 and diff < 0.05 * max(1.0, before.abs().max().item())
+    del reloaded
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_16bit_export_reloads_with_plain_transformers(trained, family):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    t = trained(family)
+    backend, model, processor, rows, work = t["backend"], t["model"], t["processor"], t["rows"], t["work"]
+    backend.for_inference(model)
+    batch = _prompt_batch(processor, rows[:2], with_answer=True)
+    in_memory = _logits(model, batch)
+    tokens_in_memory, _ = _generate(model, processor, rows[:2])
+    merged = backend.save_merged_16bit(model, processor, work / "merged")
+    plain = AutoModelForImageTextToText.from_pretrained(merged, dtype=torch.bfloat16).to("cuda").eval()
+    assert not [n for n, m in plain.named_modules() if "4bit" in type(m).__name__]
+    reprocessor = AutoProcessor.from_pretrained(merged)
+    rebatch = _prompt_batch(prompting.prepare_processor(reprocessor, family_of(plain.config)), rows[:2], with_answer=True)
+    assert torch.equal(rebatch["input_ids"], batch["input_ids"])
+    reloaded = _logits(plain, batch)
+    mask = batch["attention_mask"].bool()
+    diff = (in_memory - reloaded).abs()[mask].max().item()
+    scale = in_memory[mask].abs().max().item()
+    agree = (in_memory.argmax(-1) == reloaded.argmax(-1))[mask].float().mean().item()
+    tokens_plain, _ = _generate(plain, reprocessor, rows[:2])
+    same_greedy = torch.equal(tokens_in_memory, tokens_plain)
+    print(f"\n{family} merged 16-bit: max |logit diff| = {diff:.4g} (max |logit| {scale:.3g}), "
+          f"argmax agreement = {agree:.3f}, same greedy generation = {same_greedy}")
+    assert agree >= 0.95 and diff < 0.1 * max(1.0, scale)
+    assert same_greedy, (tokens_in_memory.tolist(), tokens_plain.tolist())
+    del plain
+    torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- load
+@pytest.mark.parametrize("family", FAMILIES)
+def test_4bit_load_quantizes_the_language_model(tiny_model, family):
+    model, processor = _backend().load(str(tiny_model(family)), ModelArgs(load_in_4bit=True))
+    fam = family_of(model.config)
+    assert fam.name == family
+    four_bit = {n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
+    language_linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                        and module_kind(n) is not None and not fam.is_vision_module(n) and "lm_head" not in n}
+    print(f"\n{family}: {len(four_bit)} Linear4bit modules; language attention/MLP linears: {len(language_linears)}")
+    assert len(four_bit) > 0
+    assert language_linears <= four_bit, sorted(language_linears - four_bit)[:5]
+    assert not any("lm_head" in n for n in four_bit)
+    assert processor.chat_template == fam.chat_template or fam.use_own_template
+
+
+def test_16bit_load_has_no_4bit_layers(tiny_model):
+    model, _ = _backend().load(str(tiny_model("mistral3")), ModelArgs(load_in_4bit=False))
+    assert not [n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
+    assert next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------- LoRA placement
+@pytest.mark.parametrize("case", list(FLAG_CASES))
+@pytest.mark.parametrize("family", ["mistral3", "mllama", "qwen2_5_vl"])
+def test_finetune_flags_put_lora_exactly_where_they_say(tiny_model, family, case):
+    vision, language, attention, mlp = FLAG_CASES[case]
+    backend = _backend()
+    model, _ = backend.load(str(tiny_model(family)), ModelArgs(load_in_4bit=True))
+    fam = family_of(model.config)
+    lora = _lora(vision, language, attention, mlp)
+    expected = _expected_targets(model, fam, lora)
+    model = backend.add_adapters(model, lora, ModelArgs(), seed=0)
+    got = _lora_module_names(model)
+    counts = {(side, kind): 0 for side in ("vision", "language") for kind in ("attention", "mlp")}
+    for name in got:
+        counts[("vision" if fam.is_vision_module(name) else "language", module_kind(name))] += 1
+    print(f"\n{family}/{case}: {len(got)} LoRA modules; " + ", ".join(f"{s}-{k}={c}" for (s, k), c in counts.items()))
+    assert got == expected, (sorted(got - expected)[:5], sorted(expected - got)[:5])
+    for (side, kind), count in counts.items():
+        wanted = (vision if side == "vision" else language) and (attention if kind == "attention" else mlp)
+        assert (count > 0) == wanted, (side, kind, count)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable), [n for n in trainable if "lora_" not in n][:5]
+
+
+def test_no_layer_selected_is_a_clear_error(tiny_model):
+    from unsloth_med.errors import BackendError
+
+    backend = _backend()
+    model, _ = backend.load(str(tiny_model("mistral3")), ModelArgs(load_in_4bit=True))
+    with pytest.raises(BackendError, match="finetune"):
+        backend.add_adapters(model, _lora(attention=False, mlp=False), ModelArgs(), seed=0)

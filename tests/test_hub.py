@@ -1,0 +1,168 @@
+"""Model cards (metadata, metrics, attribution, disclaimer) and Hub pushes (never reaching a real host)."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import yaml
+
+from unsloth_med import hub
+from unsloth_med.errors import ConfigError, CredentialsError, ExportError, NetworkError
+from unsloth_med.hub import model_card, push, push_command
+from unsloth_med.recipes import get_recipe
+
+FAKE_TOKEN = "hf_FAKEtokenForTestsOnly0123456789abcd"
+
+
+def _front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---", 2)[1])
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({
+        "before": {"accuracy": 0.1143, "macro_f1": 0.0412, "per_class": {"x": 1}},
+        "after": {"accuracy": 0.8571, "macro_f1": 0.8302}, "test_size": 140, "mode": "score"}))
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "model": {"model": "unsloth/Ministral-3-14B-Instruct-2512", "backend": "unsloth", "load_in_4bit": True},
+        "lora": {"lora_r": 16, "lora_alpha": 16, "finetune_vision_layers": True},
+        "data": {"image_size": 512, "data_dir": "/data/bone-break"},
+        "training": {"learning_rate": 2.0e-4, "max_steps": 30, "per_device_train_batch_size": 2, "seed": 3407,
+                     "report_to": "none", "output_dir": "runs/x"}}))
+    return run
+
+
+def test_model_card_has_metadata_metrics_attribution_and_disclaimer(run_dir):
+    recipe = get_recipe("bone_fracture")
+    card = model_card(recipe, base_model="unsloth/Ministral-3-14B-Instruct-2512", run_dir=run_dir,
+                      repo_id="someone/bone-fracture-ministral3")
+    meta = _front_matter(card)
+    assert meta["base_model"] == "unsloth/Ministral-3-14B-Instruct-2512"
+    assert meta["pipeline_tag"] == "image-text-to-text" and meta["library_name"] == "transformers"
+    assert meta["license"] == "apache-2.0"
+    assert {"medical", "unsloth-med", "bone-fracture"} <= set(meta["tags"])
+    # before/after metrics from metrics.json
+    assert "| accuracy | 0.1143 | 0.8571 |" in card and "| macro_f1 | 0.0412 | 0.8302 |" in card
+    assert "test size: 140" in card
+    # recipe and training config
+    assert recipe.instruction in card and "Spiral Fracture" in card
+    assert "learning_rate: 0.0002" in card and "lora_r: 16" in card and "max_steps: 30" in card
+    # dataset attribution and the disclaimer
+    assert recipe.source.attribution in card
+    assert "educational and research use only" in card
+    assert "Do not use it for diagnosis, clinical decision-making or patient care" in card
+    assert 'from_pretrained("someone/bone-fracture-ministral3"' in card
+
+
+def test_model_card_for_an_hf_dataset_adapter_and_a_local_base(tmp_path):
+    recipe = get_recipe("radiology_caption")
+    card = model_card(recipe, base_model="unsloth/Llama-3.2-11B-Vision-Instruct", export_format="adapter",
+                      metrics={"before": {"bleu": 1.2, "rougeL": 0.1}, "after": {"bleu": 14.5, "rougeL": 0.31}})
+    meta = _front_matter(card)
+    assert meta["datasets"] == ["unsloth/Radiology_mini"] and meta["license"] == "llama3.2"
+    assert meta["library_name"] == "peft" and "lora" in meta["tags"]
+    assert "| bleu | 1.2000 | 14.5000 |" in card and "PeftModel.from_pretrained" in card
+
+    local = tmp_path / "tiny-base"
+    local.mkdir()
+    meta = _front_matter(model_card(recipe, base_model=str(local)))
+    assert "base_model" not in meta and meta["license"] == "other"  # a local folder is no Hub id
+    assert "No evaluation metrics" in model_card(recipe, base_model=str(local))
+
+
+def test_model_card_never_carries_a_secret(run_dir, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["data"]["data_dir"] = f"/data/{FAKE_TOKEN}"  # even if a secret ended up in the config
+    card = model_card(get_recipe("bone_fracture"), base_model="x/y", run_dir=run_dir, config=config)
+    assert FAKE_TOKEN not in card
+
+
+def test_write_model_card_refreshes_readme_from_the_run(run_dir, tmp_path):
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    (folder / "unsloth_med.json").write_text(json.dumps({"recipe": "bone_fracture", "base_model": "a/b",
+                                                         "image_size": 512, "format": "merged-16bit"}))
+    hub.write_model_card(folder, run_dir=run_dir, repo_id="me/model")
+    assert "0.8571" in (folder / "README.md").read_text()
+
+
+@pytest.fixture
+def export_dir(tmp_path):
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "export.json").write_text("{}")
+    (folder / "README.md").write_text("---\nlicense: other\n---\n")
+    return folder
+
+
+@pytest.fixture
+def no_offline(monkeypatch):
+    """Let huggingface_hub try the network (conftest sets HF_HUB_OFFLINE=1); the endpoint is unroutable."""
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+
+
+def test_push_without_network_says_the_export_is_saved_and_how_to_push_later(export_dir, monkeypatch, no_offline, caplog):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    started = time.time()
+    with pytest.raises(NetworkError) as info:
+        push(export_dir, "someone/bone-fracture")
+    assert time.time() - started < 20
+    message = str(info.value)
+    assert f"saved locally in {export_dir}" in message
+    assert f"unsloth-med push {export_dir} someone/bone-fracture" in message
+    assert FAKE_TOKEN not in message and FAKE_TOKEN not in caplog.text
+
+
+def test_push_in_offline_mode_and_without_a_token(export_dir, monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(NetworkError, match="unsloth-med push"):
+        push(export_dir, "someone/x")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    with pytest.raises(CredentialsError, match="HF_TOKEN"):
+        push(export_dir, "someone/x")
+
+
+def test_push_refuses_bad_input_and_folders_holding_a_secret(export_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    with pytest.raises(ConfigError, match="OWNER/NAME"):
+        push(export_dir, "not-a-repo-id")
+    with pytest.raises(ExportError, match="not an exported folder"):
+        push(tmp_path / "missing", "someone/x")
+    (export_dir / "notes.txt").write_text(f"token={FAKE_TOKEN}")
+    with pytest.raises(ExportError, match="notes.txt") as info:
+        push(export_dir, "someone/x")
+    assert FAKE_TOKEN not in str(info.value)
+
+
+def test_push_creates_a_private_repo_and_uploads_the_folder(export_dir, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    calls = []
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw))
+                        or f"https://huggingface.co/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)))
+    assert push(export_dir, "someone/x") == "https://huggingface.co/someone/x"
+    assert calls[0][2]["private"] is True and calls[1][1]["folder_path"] == str(export_dir)
+    calls.clear()
+    assert push_command([str(export_dir), "someone/x", "--public"]) == 0
+    assert calls[0][2]["private"] is False
+    assert "Pushed" in capsys.readouterr().out

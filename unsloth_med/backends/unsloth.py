@@ -1,0 +1,287 @@
+"""The unsloth backend: FastVisionModel (4-bit or 16-bit), selective LoRA, UnslothVisionDataCollator.
+
+This is the only module of the package that imports unsloth, and only inside functions: `import
+unsloth` refuses to run on a machine without a GPU, and it patches transformers, trl and peft when it
+is imported, so it must come before they are used on this path. Call `import_unsloth_first()` at the
+very start of a command that may use this backend (it does nothing when the backend cannot run).
+
+What it shares with the hf backend (so results are comparable):
+- the family's chat template (`prompting.prepare_processor`);
+- the LoRA placement: `target_modules` is the same regex as the hf backend's (`lora_target_regex`),
+  built from the four `finetune_*` flags with the package's own vision/language and attention/MLP
+  classification. Unsloth's name-tag heuristic would otherwise skip the Mistral3 and Mllama projectors;
+- the training rows {image, target, id}: the collator below turns each into the conversation of the
+  recipe, with the image decoded by `data.images.load_image` at the recipe's `image_size`;
+- evaluation and export, which only need `for_inference` (model.eval, caches on) and left padding.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import BackendError
+from ..models import prompting
+from ..models.families import Family, family_of
+
+log = logging.getLogger(__name__)
+
+#: Libraries that unsloth patches at import; importing them first costs speed and memory.
+PATCHED_BY_UNSLOTH = ("transformers", "trl", "peft")
+
+
+def _set_env_defaults() -> None:
+    """Keep unsloth's compiled-module cache out of the user's working directory."""
+    if "UNSLOTH_COMPILE_LOCATION" not in os.environ:
+        from ..data.sources import cache_dir
+
+        location = cache_dir() / "unsloth_compiled_cache"
+        location.mkdir(parents=True, exist_ok=True)
+        os.environ["UNSLOTH_COMPILE_LOCATION"] = str(location)
+
+
+def import_unsloth():
+    """`import unsloth` with the package's errors: BackendError says what to do instead."""
+    if "unsloth" in sys.modules:
+        return sys.modules["unsloth"]
+    late = [name for name in PATCHED_BY_UNSLOTH if name in sys.modules]
+    if late:
+        log.info("unsloth imported after %s; call import_unsloth_first() earlier for all optimizations", late)
+    _set_env_defaults()
+    try:
+        import unsloth  # noqa: F401  (patches transformers / trl / peft on import)
+    except ImportError as exc:
+        raise BackendError(
+            f"--backend unsloth needs the unsloth package ({exc}). Install it with pip install 'unsloth-med[gpu]', "
+            "or use --backend hf."
+        ) from exc
+    except (NotImplementedError, RuntimeError) as exc:  # unsloth raises these without a usable GPU
+        raise BackendError(
+            f"unsloth could not start on this machine ({str(exc)[:300]}). It needs an NVIDIA GPU with CUDA; "
+            "use --backend hf instead."
+        ) from exc
+    return sys.modules["unsloth"]
+
+
+def import_unsloth_first(argv: list[str] | None = None) -> bool:
+    """Import unsloth before transformers/trl/peft when this run may use the unsloth backend.
+
+    For the CLI: call it first thing with the command's arguments. It imports unsloth only when the
+    backend asked for is `unsloth` or `auto`, a CUDA GPU is visible and unsloth is installed; it never
+    raises (a run that cannot use unsloth gets its clear error later, from `pick_backend`).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    backend = "auto"
+    for i, arg in enumerate(argv):
+        if arg == "--backend" and i + 1 < len(argv):
+            backend = argv[i + 1]
+        elif arg.startswith("--backend="):
+            backend = arg.split("=", 1)[1]
+    if backend not in ("auto", "unsloth"):
+        return False
+    from . import cuda_available, unsloth_installed
+
+    if not (unsloth_installed() and cuda_available()):
+        return False
+    try:
+        import_unsloth()
+    except BackendError as exc:
+        log.warning("%s", exc)
+        return False
+    return True
+
+
+def gradient_checkpointing_value(setting: Any) -> Any:
+    """ModelArgs.use_gradient_checkpointing ('unsloth' | 'true' | 'false') as unsloth takes it."""
+    if isinstance(setting, bool) or setting is None:
+        return bool(setting)
+    text = str(setting).strip().lower()
+    if text == "unsloth":
+        return "unsloth"
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", "none"):
+        return False
+    raise BackendError(f"--use_gradient_checkpointing must be 'unsloth', 'true' or 'false', not '{setting}'.")
+
+
+def snap_image(image, factor: int, max_side: int | None):
+    """Resize so both sides are multiples of `factor` (the vision patch x merge size), never above max_side.
+
+    Unsloth's collator and the plain processors round image sides differently (to the nearest multiple
+    of 28 vs up to it); snapping first makes every backend see the same pixels and the same number of
+    image tokens, and makes shapes repeat across batches.
+    """
+    if factor <= 1:
+        return image
+    w, h = image.size
+    limit = (max_side // factor) * factor if max_side else None
+
+    def snap(x: int) -> int:
+        s = max(factor, int(round(x / factor)) * factor)
+        if limit and s > limit:
+            s = max(factor, limit)
+        return s
+
+    size = (snap(w), snap(h))
+    if size == (w, h):
+        return image
+    from PIL import Image
+
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def image_factor(model_config, family: Family) -> int:
+    """Pixels per image token side (patch x spatial merge), or 1 where the processor tiles itself."""
+    if family.name not in ("mistral3", "qwen2_5_vl"):
+        return 1  # mllama tiles to 560 px, gemma3 resizes to a fixed square: no snapping needed
+    vision = getattr(model_config, "vision_config", None)
+    patch = getattr(vision, "patch_size", 14) or 14
+    if isinstance(patch, (list, tuple)):
+        patch = patch[0]
+    merge = getattr(model_config, "spatial_merge_size", None) or getattr(vision, "spatial_merge_size", None) or 2
+    return int(patch) * int(merge)
+
+
+class UnslothCollator:
+    """Rows {image, target, id} -> UnslothVisionDataCollator batches, trained on the answer only.
+
+    Each row becomes {"messages": recipe.to_conversation(row, image=<decoded image>)}; the wrapped
+    collator renders the family's chat template, resizes, tokenizes and masks everything up to the
+    family's response marker. Nothing is truncated: a sample longer than max_seq_length is an error
+    naming it, as in the hf backend.
+    """
+
+    def __init__(self, model, processor, recipe, *, image_size: int | None, max_seq_length: int,
+                 collator_cls=None):
+        if collator_cls is None:
+            import_unsloth()
+            from unsloth.trainer import UnslothVisionDataCollator as collator_cls
+        self.family = family_of(model.config)
+        self.recipe, self.image_size, self.max_seq_length = recipe, image_size, max_seq_length
+        self.factor = image_factor(model.config, self.family)
+        self.inner = collator_cls(
+            model,
+            processor,
+            max_seq_length=max_seq_length,
+            resize=image_size if image_size else "max",
+            resize_dimension="max",  # image_size bounds the longest side, as load_image does
+            train_on_responses_only=True,
+            instruction_part=self.family.instruction_part,
+            response_part=self.family.response_part,
+        )
+        # We never truncate (cutting inside the image tokens breaks the image/token alignment):
+        # lengths are checked below instead.
+        self.inner.truncation = False
+        self.inner.max_seq_length = None
+
+    def example(self, row: dict) -> dict:
+        from ..data.images import load_image
+
+        image = snap_image(load_image(row["image"], self.image_size), self.factor, self.image_size)
+        return {"messages": self.recipe.to_conversation(row, image=image)}
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = self.inner([self.example(row) for row in rows])
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        for i, row in enumerate(rows):
+            prompting.check_length(int(lengths[i]), self.max_seq_length, row.get("id", str(i)), self.image_size)
+        return batch
+
+
+class UnslothBackend:
+    name = "unsloth"
+
+    def load(self, model_name: str, model_args) -> tuple[Any, Any]:
+        import_unsloth()
+        from transformers import AutoConfig
+        from unsloth import FastVisionModel
+
+        try:
+            config = AutoConfig.from_pretrained(model_name)
+        except OSError:
+            config = None  # let unsloth resolve it (e.g. a pre-quantized hub name it maps)
+        if config is not None:
+            family_of(config, model_name)  # unsupported family: a clear error before loading weights
+        four_bit = True if model_args.load_in_4bit is None else bool(model_args.load_in_4bit)
+        gc = gradient_checkpointing_value(model_args.use_gradient_checkpointing)
+        kwargs: dict[str, Any] = dict(
+            load_in_4bit=four_bit,
+            use_gradient_checkpointing=gc,
+            max_seq_length=model_args.max_seq_length,
+        )
+        if model_args.full_finetune:
+            kwargs.update(load_in_4bit=False, full_finetuning=True)
+        elif not four_bit:
+            kwargs["load_in_16bit"] = True
+        try:
+            model, processor = FastVisionModel.from_pretrained(model_name, **kwargs)
+        except Exception as exc:
+            if type(exc).__name__ == "OutOfMemoryError":
+                raise BackendError(
+                    f"Out of GPU memory loading {model_name}. Load it in 4-bit (--load_in_4bit true), or use a "
+                    "smaller model."
+                ) from exc
+            raise
+        family = family_of(model.config, model_name)
+        prompting.prepare_processor(processor, family)
+        model._unsloth_med_gc = gc
+        return model, processor
+
+    def add_adapters(self, model, lora, model_args, seed: int):
+        if model_args.full_finetune:
+            for p in model.parameters():
+                p.requires_grad_(True)
+            return model
+        from unsloth import FastVisionModel
+
+        from .hf import lora_target_regex
+
+        family = family_of(model.config)
+        targets = lora_target_regex(model, family, lora)  # BackendError when the flags select nothing
+        gc = getattr(model, "_unsloth_med_gc", gradient_checkpointing_value(model_args.use_gradient_checkpointing))
+        return FastVisionModel.get_peft_model(
+            model,
+            finetune_vision_layers=lora.finetune_vision_layers,
+            finetune_language_layers=lora.finetune_language_layers,
+            finetune_attention_modules=lora.finetune_attention_modules,
+            finetune_mlp_modules=lora.finetune_mlp_modules,
+            target_modules=targets,
+            r=lora.lora_r,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.lora_dropout,
+            bias=lora.lora_bias,
+            use_rslora=lora.use_rslora,
+            random_state=lora.lora_random_state,
+            use_gradient_checkpointing=gc,
+        )
+
+    def collator(self, model, processor, recipe, *, image_size, max_seq_length):
+        return UnslothCollator(model, processor, recipe, image_size=image_size, max_seq_length=max_seq_length)
+
+    def for_training(self, model):
+        from unsloth import FastVisionModel
+
+        FastVisionModel.for_training(model)
+        return model
+
+    def for_inference(self, model):
+        from unsloth import FastVisionModel
+
+        FastVisionModel.for_inference(model)
+        return model
+
+    def load_adapter(self, base_name: str, adapter_dir: str | Path, model_args):
+        from peft import PeftModel
+
+        model, processor = self.load(base_name, model_args)
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        return self.for_inference(model), processor
+
+    def save_merged_16bit(self, model, processor, out_dir: str | Path) -> Path:
+        """Unsloth's merged 16-bit export (LoRA folded into dequantized weights); plain transformers reloads it."""
+        out_dir = Path(out_dir)
+        model.save_pretrained_merged(str(out_dir), processor, save_method="merged_16bit")
+        return out_dir

@@ -1,0 +1,592 @@
+"""`unsloth-med bench`: the training paths side by side, on identical data, one process per path.
+
+    unsloth-med bench --model ministral3-14b --recipe bone_fracture --data_dir DIR \
+        --paths hf-bf16,hf-qlora,unsloth-4bit,unsloth-16bit --batch_sizes 2,16
+
+Paths (all LoRA on the same modules, same rank, same 8-bit AdamW, same pixels and tokens):
+- hf-bf16:       transformers + peft, bf16 weights, gradient checkpointing (the tutorials' approach)
+- hf-qlora:      transformers + bitsandbytes NF4 (double quant) + peft, gradient checkpointing
+- unsloth-4bit:  FastVisionModel 4-bit + Unsloth gradient checkpointing (offloaded)
+- unsloth-16bit: FastVisionModel 16-bit + Unsloth gradient checkpointing
+
+--model is a shape name (a random-weight model of a real checkpoint's shape, built once on the GPU:
+see models/shapes.py) or a local checkpoint folder. Images are decoded, resized to the recipe's
+image_size and snapped to the vision patch grid once, before any path runs, so every path sees the
+same pixels. Each path then runs in its own process: import, load, a measured bf16 matmul rate, and
+per batch size: warm-up steps (compilation; reported, excluded), timed steps (median), peak memory,
+FLOPs of one step counted with torch.utils.flop_counter.FlopCounterMode, MFU, final loss.
+
+--max_memory_gib N caps each process at N GiB (torch.cuda.set_per_process_memory_fraction) and finds
+the largest batch that fits with accelerate's find_executable_batch_size instead of --batch_sizes.
+
+Results: one JSON per path under --out (default benchmarks/results), a summary JSON and a markdown
+table with each row's throughput as a multiple of hf-bf16 at batch 2 (the tutorials' setting) and of
+the fastest HF row that fits in the same memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_T_START = time.perf_counter()
+
+PATHS = ("hf-bf16", "hf-qlora", "unsloth-4bit", "unsloth-16bit")
+GiB = 2**30
+# Only for smoke-testing the bench's plumbing without a GPU (hf-bf16 path, tiny models): "cpu".
+DEVICE = os.environ.get("UNSLOTH_MED_BENCH_DEVICE", "cuda")
+
+
+# ----------------------------------------------------------------------------- arguments
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unsloth-med bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="ministral3-14b",
+                   help="A shape name (ministral3-14b, ministral3-3b, llama32-11b-vision) or a local checkpoint folder.")
+    p.add_argument("--models_dir", default=None, help="Where shapes are built (default: <cache>/shapes).")
+    p.add_argument("--recipe", default="bone_fracture")
+    p.add_argument("--data_dir", default=None, help="Local copy of the recipe's dataset (needed offline).")
+    p.add_argument("--image_size", type=int, default=None, help="Default: the recipe's.")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"Comma-separated subset of {', '.join(PATHS)}.")
+    p.add_argument("--batch_sizes", default="2,16")
+    p.add_argument("--steps", type=int, default=5, help="Timed steps per batch size (after warm-up).")
+    p.add_argument("--warmup", type=int, default=2, help="Warm-up steps per batch size (compilation; excluded).")
+    p.add_argument("--lora_r", type=int, default=16)
+    p.add_argument("--finetune_vision_layers", default="false", help="LoRA on the vision tower too (default: language only).")
+    p.add_argument("--learning_rate", type=float, default=2e-4)
+    p.add_argument("--max_memory_gib", type=float, default=None,
+                   help="Cap GPU memory per process and find the largest batch that fits (accelerate).")
+    p.add_argument("--start_batch", type=int, default=64, help="First batch tried under --max_memory_gib.")
+    p.add_argument("--no_flops", action="store_true", help="Skip the FlopCounterMode step.")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--tag", default=None, help="Prefix of the result files (default: date + GPU).")
+    p.add_argument("--timeout", type=int, default=1800, help="Seconds per path before it is stopped.")
+    p.add_argument("--seed", type=int, default=3407)
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="Only rebuild the summary and table from per-path result files (runs split over sessions).")
+    return p
+
+
+def _truthy(text: str) -> bool:
+    return str(text).lower() in ("1", "true", "yes", "on")
+
+
+# ----------------------------------------------------------------------------- parent
+def bench_command(argv: list[str]) -> int:
+    """Entry point of `unsloth-med bench`."""
+    from .errors import BackendError, ConfigError
+
+    args = build_parser().parse_args(argv)
+    if args.merge:
+        return merge_command(args, argv)
+    import torch
+
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        raise BackendError("unsloth-med bench measures GPU training: it needs an NVIDIA GPU with CUDA, and none is visible.")
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown:
+        raise ConfigError(f"Unknown bench path(s) {unknown}. Paths: {', '.join(PATHS)}.")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    gpu = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu"
+    tag = args.tag or time.strftime("%Y%m%d") + "-" + _slug(gpu)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from .data.sources import cache_dir
+
+    work = cache_dir() / "bench" / tag
+    work.mkdir(parents=True, exist_ok=True)
+
+    model_dir, shape_info = resolve_model(args.model, args.models_dir)
+    rows_file, data_info = prepare_rows(args, model_dir, work, max(batch_sizes + [args.start_batch if args.max_memory_gib else 0]))
+    model_name = Path(args.model).name if not shape_info else args.model
+    results = []
+    for path in paths:
+        result_file = work / f"{path}.json"
+        log_file = work / f"{path}.log"
+        cmd = [sys.executable, "-m", "unsloth_med.bench", "--worker", path, "--model_dir", str(model_dir),
+               "--rows", str(rows_file), "--result", str(result_file), "--batch_sizes", args.batch_sizes,
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--lora_r", str(args.lora_r),
+               "--finetune_vision_layers", args.finetune_vision_layers, "--learning_rate", str(args.learning_rate),
+               "--image_size", str(data_info["image_size"]), "--recipe", args.recipe, "--seed", str(args.seed),
+               "--start_batch", str(args.start_batch)]
+        if args.max_memory_gib:
+            cmd += ["--max_memory_gib", str(args.max_memory_gib)]
+        if args.no_flops:
+            cmd += ["--no_flops"]
+        print(f"[bench] {path}: {' '.join(cmd[2:4])} ... (log: {log_file})", flush=True)
+        t0 = time.time()
+        result_file.unlink(missing_ok=True)
+        with log_file.open("w") as log:
+            try:
+                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout,
+                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                rc = proc.returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        if result_file.is_file():
+            result = json.loads(result_file.read_text())
+        else:
+            result = {"path": path, "error": f"worker exit {rc}; see {log_file}",
+                      "log_tail": log_file.read_text()[-3000:]}
+        result.update(wall_s=round(time.time() - t0, 1), model=model_name, shape=shape_info, data=data_info, tag=tag,
+                      command="unsloth-med bench " + " ".join(argv))
+        results.append(result)
+        (out / f"{tag}_{_slug(model_name)}_{path}.json").write_text(json.dumps(result, indent=1))
+        print(f"[bench] {path}: done in {time.time() - t0:.0f} s" + (f" ({result['error']})" if "error" in result else ""),
+              flush=True)
+    fill_missing_flops(results)
+    rows = table_rows(results)
+    summary = {"tag": tag, "model": model_name, "shape": shape_info, "gpu": gpu, "data": data_info,
+               "command": "unsloth-med bench " + " ".join(argv), "rows": rows}
+    (out / f"{tag}_{_slug(model_name)}_summary.json").write_text(json.dumps(summary, indent=1))
+    table = markdown_table(rows)
+    (out / f"{tag}_{_slug(model_name)}.md").write_text(
+        f"# {model_name} on {gpu}\n\n`{summary['command']}`\n\n{table}\n")
+    print(table)
+    return 0
+
+
+def merge_command(args, argv: list[str]) -> int:
+    """Summary + markdown table from per-path JSON files written by earlier bench runs."""
+    results = [json.loads(Path(f).read_text()) for f in args.merge if not f.endswith("_summary.json")]
+    results = [r for r in results if "path" in r]
+    results.sort(key=lambda r: (PATHS.index(r["path"]) if r["path"] in PATHS else 99))
+    if not results:
+        from .errors import ConfigError
+
+        raise ConfigError("--merge: no per-path bench result files among the arguments.")
+    fill_missing_flops(results)
+    first = results[0]
+    model_name, tag = first.get("model", "model"), args.tag or first.get("tag", "merged")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for r in results:  # the per-path files, updated with borrowed FLOP counts
+        (out / f"{tag}_{_slug(model_name)}_{r['path']}.json").write_text(json.dumps(r, indent=1))
+    rows = table_rows(results)
+    gpus = sorted({r.get("gpu", "?") for r in results})
+    commands = sorted({r.get("command", "") for r in results if r.get("command")})
+    summary = {"tag": tag, "model": model_name, "shape": first.get("shape"), "gpu": ", ".join(gpus),
+               "data": first.get("data"), "commands": commands, "rows": rows}
+    (out / f"{tag}_{_slug(model_name)}_summary.json").write_text(json.dumps(summary, indent=1))
+    table = markdown_table(rows)
+    cmd_text = "\n".join(f"`{c}`" for c in commands)
+    (out / f"{tag}_{_slug(model_name)}.md").write_text(f"# {model_name} on {summary['gpu']}\n\n{cmd_text}\n\n{table}\n")
+    print(table)
+    return 0
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40]
+
+
+def resolve_model(model: str, models_dir: str | None) -> tuple[Path, dict | None]:
+    from .models import shapes
+
+    if model in shapes.SHAPES:
+        from .data.sources import cache_dir
+
+        root = Path(models_dir) if models_dir else cache_dir() / "shapes"
+        folder = shapes.ensure_built(model, root)
+        return folder, json.loads((folder / shapes.MARKER).read_text())
+    folder = Path(model)
+    if not (folder / "config.json").is_file():
+        from .errors import ConfigError
+
+        raise ConfigError(f"--model {model}: not a shape ({', '.join(shapes.SHAPES)}) nor a local checkpoint folder.")
+    return folder, None
+
+
+def prepare_rows(args, model_dir: Path, work: Path, max_batch: int) -> tuple[Path, dict]:
+    """Decode, resize and snap the images once; every path reads the same files."""
+    from transformers import AutoConfig
+
+    from .backends.unsloth import image_factor, snap_image
+    from .data.images import load_image
+    from .data.sources import load_recipe_data
+    from .models.families import family_of
+    from .recipes import get_recipe
+
+    recipe = get_recipe(args.recipe)
+    image_size = args.image_size or recipe.image_size
+    config = AutoConfig.from_pretrained(model_dir)
+    factor = image_factor(config, family_of(config))
+    n = max(8, max_batch * (args.warmup + args.steps + 1))
+    splits = load_recipe_data(recipe, args.data_dir, seed=args.seed)
+    train = splits["train"].shuffle(seed=args.seed)
+    n = min(n, len(train))
+    img_dir = work / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rows, sizes = [], {}
+    t0 = time.time()
+    for i in range(n):
+        row = train[i]
+        image = snap_image(load_image(row["image"], image_size), factor, image_size)
+        path = img_dir / f"{i:05d}.png"
+        image.save(path)
+        sizes[f"{image.size[0]}x{image.size[1]}"] = sizes.get(f"{image.size[0]}x{image.size[1]}", 0) + 1
+        rows.append({"image": str(path), "target": row["target"], "id": str(row["id"])})
+    rows_file = work / "rows.json"
+    rows_file.write_text(json.dumps(rows))
+    info = {"recipe": recipe.name, "image_size": image_size, "snap_factor": factor, "images": n,
+            "distinct_sizes": len(sizes), "prepare_s": round(time.time() - t0, 1)}
+    return rows_file, info
+
+
+def fill_missing_flops(results: list[dict]) -> None:
+    """Make FLOP counts comparable across paths at the same batch (same tokens, same model).
+
+    A path whose FlopCounterMode step failed, or whose count is well below another path's (compiled
+    kernels that bypass the counter), takes the largest count measured for that batch.
+    """
+    known: dict[tuple[int, int], float] = {}
+    for r in results:
+        for b in r.get("batches", []):
+            key = (b.get("batch_size"), b.get("tokens_per_step", 0))
+            if b.get("flops_per_step"):
+                known[key] = max(known.get(key, 0.0), b["flops_per_step"])
+    for r in results:
+        for b in r.get("batches", []):
+            key = (b.get("batch_size"), b.get("tokens_per_step", 0))
+            if not b.get("median_step_s") or key not in known:
+                continue
+            own = b.get("flops_per_step")
+            if not own or own < 0.8 * known[key]:
+                if own:
+                    b["flops_counted_here"] = own
+                b["flops_per_step"] = known[key]
+                b["flops_source"] = "counted on another path (same batch, same tokens)"
+                _add_mfu(b, r.get("matmul_tflops"))
+
+
+def _add_mfu(b: dict, matmul_tflops: float | None) -> None:
+    if b.get("flops_per_step") and b.get("median_step_s"):
+        b["flops_per_sample"] = b["flops_per_step"] / b["batch_size"]
+        b["achieved_tflops"] = b["flops_per_step"] / b["median_step_s"] / 1e12
+        if matmul_tflops:
+            b["mfu"] = b["achieved_tflops"] / matmul_tflops
+
+
+def table_rows(results: list[dict]) -> list[dict]:
+    rows = []
+    for r in results:
+        if "error" in r and not r.get("batches"):
+            rows.append({"path": r["path"], "error": r["error"]})
+            continue
+        for b in r.get("batches", []):
+            rows.append({
+                "path": r["path"], "batch_size": b["batch_size"], "error": b.get("error"),
+                "samples_per_s": b.get("samples_per_s"), "tokens_per_s": b.get("tokens_per_s"),
+                "median_step_s": b.get("median_step_s"), "max_over_median": b.get("max_over_median"),
+                "peak_alloc_gib": b.get("peak_alloc_gib"), "peak_reserved_gib": b.get("peak_reserved_gib"),
+                "load_s": r.get("load_s"), "warmup_s": b.get("warmup_s"),
+                "flops_per_sample": b.get("flops_per_sample"), "mfu": b.get("mfu"), "final_loss": b.get("final_loss"),
+                "data_share": b.get("data_share"), "memory_cap_gib": r.get("max_memory_gib"),
+            })
+    base = next((x for x in rows if x["path"] == "hf-bf16" and x.get("batch_size") == 2 and x.get("samples_per_s")), None)
+    hf = [x for x in rows if x["path"].startswith("hf-") and x.get("samples_per_s")]
+    for x in rows:
+        if not x.get("samples_per_s"):
+            continue
+        x["x_hf_bf16_b2"] = x["samples_per_s"] / base["samples_per_s"] if base else None
+        fits = [h["samples_per_s"] for h in hf if h["peak_reserved_gib"] <= x["peak_reserved_gib"] + 1e-9]
+        x["x_best_hf_same_memory"] = x["samples_per_s"] / max(fits) if fits else None
+    return rows
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| path | batch | samples/s | tokens/s | median step s | max/median | peak alloc GiB | peak reserved GiB "
+            "| load s | warm-up s | TFLOPs/sample | MFU | final loss | data share | × hf-bf16 b2 | × best HF ≤ mem |")
+    lines = [head, "|" + "---|" * 16]
+    for x in rows:
+        if x.get("error") and not x.get("samples_per_s"):
+            lines.append(f"| {x['path']} | {x.get('batch_size', '—')} | failed: {str(x['error'])[:80]} |" + " |" * 13)
+            continue
+        lines.append("| " + " | ".join([
+            x["path"], str(x["batch_size"]), _fmt(x["samples_per_s"], ".2f"), _fmt(x["tokens_per_s"], ".0f"),
+            _fmt(x["median_step_s"], ".3f"), _fmt(x["max_over_median"], ".2f"), _fmt(x["peak_alloc_gib"], ".1f"),
+            _fmt(x["peak_reserved_gib"], ".1f"), _fmt(x["load_s"], ".0f"), _fmt(x["warmup_s"], ".1f"),
+            _fmt(x["flops_per_sample"] / 1e12 if x.get("flops_per_sample") else None, ".2f"),
+            _fmt(x["mfu"] * 100 if x.get("mfu") else None, ".1f") + ("%" if x.get("mfu") else ""),
+            _fmt(x["final_loss"], ".3f"), _fmt(x["data_share"] * 100 if x.get("data_share") is not None else None, ".1f")
+            + ("%" if x.get("data_share") is not None else ""),
+            _fmt(x.get("x_hf_bf16_b2"), ".2f"), _fmt(x.get("x_best_hf_same_memory"), ".2f"),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- worker (one path, one process)
+def _sync():
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _mem(name: str) -> float:
+    import torch
+
+    return getattr(torch.cuda, name)() / GiB if DEVICE == "cuda" else 0.0
+
+
+def measure_matmul_tflops(n: int = 8192, iters: int = 20) -> float:
+    """bf16 dense matmul rate of this GPU, measured now (the MFU denominator)."""
+    import torch
+
+    if DEVICE != "cuda":
+        n, iters = 512, 3
+    a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    _sync()
+    rate = 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+    del a, b
+    _empty_cache()
+    return rate
+
+
+def _empty_cache():
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _load_path(path: str, model_dir: str, lora, seed: int):
+    """(model, processor, backend, info) with LoRA attached, ready to train."""
+    import torch
+
+    from .config import ModelArgs
+
+    info: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    if path.startswith("unsloth"):
+        from .backends.unsloth import UnslothBackend
+
+        backend = UnslothBackend()
+        margs = ModelArgs(load_in_4bit=path == "unsloth-4bit", use_gradient_checkpointing="unsloth", max_seq_length=8192)
+        model, processor = backend.load(model_dir, margs)
+        info["load_s"] = time.perf_counter() - t0
+        model = backend.add_adapters(model, lora, margs, seed)
+        backend.for_training(model)
+        info["gradient_checkpointing"] = "unsloth (offloaded)"
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        from .backends.hf import HFBackend, lora_target_regex
+        from .models.families import family_of
+
+        backend = HFBackend()
+        model, processor = backend.load(model_dir, ModelArgs(load_in_4bit=path == "hf-qlora", max_seq_length=8192))
+        info["load_s"] = time.perf_counter() - t0
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        model.config.use_cache = False
+        config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=0.0, bias="none",
+                            target_modules=lora_target_regex(model, family_of(model.config), lora), task_type="CAUSAL_LM")
+        torch.manual_seed(lora.lora_random_state)
+        model = get_peft_model(model, config)
+        model.train()
+        info["gradient_checkpointing"] = "transformers (use_reentrant=False)"
+    info["adapt_s"] = time.perf_counter() - t0 - info["load_s"]
+    info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    info["lora_modules"] = sum(1 for _, m in model.named_modules() if hasattr(m, "lora_A") and len(m.lora_A) > 0)
+    info["linear4bit_modules"] = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
+    info["mem_after_load_gib"] = _mem("memory_allocated")
+    return model, processor, backend, info
+
+
+def _to_device(batch: dict, dtype) -> dict:
+    import torch
+
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(DEVICE, non_blocking=True)
+            if v.is_floating_point():
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+def run_worker(args) -> dict:
+    import torch
+
+    path = args.worker
+    if path.startswith("unsloth"):
+        from .backends.unsloth import import_unsloth
+
+        import_unsloth()
+    from .config import LoraArgs
+    from .recipes import get_recipe
+
+    import_s = time.perf_counter() - _T_START
+    result: dict[str, Any] = {"path": path, "gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu",
+                              "import_s": round(import_s, 1), "versions": _versions()}
+    if args.max_memory_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_memory_gib * GiB / total))
+        result["max_memory_gib"] = args.max_memory_gib
+    result["matmul_tflops"] = round(measure_matmul_tflops(), 1)
+    lora = LoraArgs(lora_r=args.lora_r, lora_alpha=args.lora_r, lora_dropout=0.0,
+                    finetune_vision_layers=_truthy(args.finetune_vision_layers), finetune_language_layers=True,
+                    finetune_attention_modules=True, finetune_mlp_modules=True)
+    _empty_cache()
+    model, processor, backend, info = _load_path(path, args.model_dir, lora, args.seed)
+    result.update({k: (round(v, 2) if isinstance(v, float) else v) for k, v in info.items()})
+    result["load_peak_gib"] = round(_mem("max_memory_allocated"), 2)
+    recipe = get_recipe(args.recipe)
+    collator = backend.collator(model, processor, recipe, image_size=args.image_size, max_seq_length=8192)
+    rows = json.loads(Path(args.rows).read_text())
+    params = [p for p in model.parameters() if p.requires_grad]
+    if DEVICE == "cuda":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(params, lr=args.learning_rate, weight_decay=0.001)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.001)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+    def step(batch) -> float:
+        out = model(**_to_device(batch, dtype))
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out.loss.detach()
+
+    def run_batch_size(bs: int) -> dict:
+        n_batches = args.warmup + args.steps + (0 if args.no_flops else 1)
+        batches, collate_s = [], []
+        for k in range(n_batches):
+            chunk = [rows[(k * bs + i) % len(rows)] for i in range(bs)]
+            t0 = time.perf_counter()
+            batches.append(collator(chunk))
+            collate_s.append(time.perf_counter() - t0)
+        tokens = [int(b["attention_mask"].sum()) for b in batches]
+        _empty_cache()
+        times, losses = [], []
+        for k in range(args.warmup + args.steps):
+            _sync()
+            t0 = time.perf_counter()
+            loss = step(batches[k])
+            _sync()
+            times.append(time.perf_counter() - t0)
+            losses.append(float(loss))
+            print(f"  {path} bs={bs} step {k + 1}: {times[-1]:.3f} s loss {losses[-1]:.4f}", flush=True)
+        timed = times[args.warmup:]
+        median = statistics.median(timed)
+        entry = {
+            "batch_size": bs, "warmup_step_s": [round(t, 3) for t in times[:args.warmup]],
+            "warmup_s": round(sum(times[:args.warmup]), 2), "step_s": [round(t, 3) for t in timed],
+            "median_step_s": round(median, 4), "max_over_median": round(max(timed) / median, 3),
+            "samples_per_s": round(bs / median, 3),
+            "tokens_per_step": int(statistics.median(tokens[args.warmup:args.warmup + args.steps])),
+            "tokens_per_s": round(statistics.median(tokens[args.warmup:args.warmup + args.steps]) / median, 1),
+            "tokens_per_sample": round(sum(tokens) / len(tokens) / bs, 1),
+            "peak_alloc_gib": round(_mem("max_memory_allocated"), 2),
+            "peak_reserved_gib": round(_mem("max_memory_reserved"), 2),
+            "losses": [round(x, 4) for x in losses], "final_loss": round(losses[-1], 4),
+            "loss_finite": all(x == x and abs(x) != float("inf") for x in losses),
+            "collate_s_median": round(statistics.median(collate_s), 4),
+            "data_share": round(statistics.median(collate_s) / (statistics.median(collate_s) + median), 4),
+        }
+        if not args.no_flops:
+            try:
+                from torch.utils.flop_counter import FlopCounterMode
+
+                with FlopCounterMode(display=False) as counter:
+                    step(batches[-1])
+                    _sync()
+                entry["flops_per_step"] = float(counter.get_total_flops())
+                entry["flops_source"] = "FlopCounterMode, one step (forward + backward, recompute included)"
+                _add_mfu(entry, result["matmul_tflops"])
+            except Exception as exc:  # compiled kernels can refuse dispatch modes: the parent fills it in
+                entry["flops_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        return entry
+
+    result["batches"] = []
+    if args.max_memory_gib:
+        from accelerate.utils import find_executable_batch_size
+
+        tried: list[int] = []
+
+        def shrink():
+            shrink.size = max(1, int(shrink.size * 0.75)) if shrink.size > 1 else 0
+            return shrink.size
+
+        shrink.size = args.start_batch
+
+        @find_executable_batch_size(starting_batch_size=args.start_batch, reduce_batch_size_fn=shrink)
+        def fit(batch_size):
+            tried.append(batch_size)
+            optimizer.zero_grad(set_to_none=True)
+            return run_batch_size(batch_size)
+
+        entry = fit()
+        entry["batch_sizes_tried"] = tried
+        result["batches"].append(entry)
+    else:
+        for bs in [int(b) for b in args.batch_sizes.split(",") if b.strip()]:
+            try:
+                result["batches"].append(run_batch_size(bs))
+            except torch.cuda.OutOfMemoryError as exc:
+                optimizer.zero_grad(set_to_none=True)
+                _empty_cache()
+                result["batches"].append({"batch_size": bs, "error": f"out of memory: {str(exc)[:200]}"})
+    result["total_s"] = round(time.perf_counter() - _T_START, 1)
+    return result
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "unsloth", "unsloth_zoo", "accelerate"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _worker_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", required=True, choices=PATHS)
+    p.add_argument("--model_dir", required=True)
+    p.add_argument("--rows", required=True)
+    p.add_argument("--result", required=True)
+    for name, kind in (("--batch_sizes", str), ("--steps", int), ("--warmup", int), ("--lora_r", int),
+                       ("--finetune_vision_layers", str), ("--learning_rate", float), ("--image_size", int),
+                       ("--recipe", str), ("--seed", int), ("--max_memory_gib", float), ("--start_batch", int)):
+        p.add_argument(name, type=kind, default=None)
+    p.add_argument("--no_flops", action="store_true")
+    args = p.parse_args(argv)
+    result = run_worker(args)
+    Path(args.result).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        sys.exit(_worker_main(sys.argv[1:]))
+    from .cli import _friendly
+
+    sys.exit(_friendly(lambda: bench_command(sys.argv[1:])))

@@ -1,0 +1,287 @@
+"""The config tree: model, lora, data, training, eval, export.
+
+`training` is TRL's own `SFTConfig` (every Trainer option, unchanged); the other sections are small
+dataclasses below. A YAML file holds the sections as nested mappings:
+
+    model:    {model: unsloth/Ministral-3-14B-Instruct-2512, backend: auto}
+    lora:     {lora_r: 16, finetune_vision_layers: true}
+    training: {learning_rate: 2.0e-4, max_steps: 30}
+
+and every field is also a command-line flag (`--lora_r 8`, `--max-steps 30`; field names are unique
+across sections, so the flags are flat). Values are applied in this order, later wins:
+
+    package defaults  <  the recipe's defaults  <  presets (--demo, --quick)  <  --config FILE  <  flags
+
+Parsing is TRL's `TrlParser` (an `HfArgumentParser`), so `--help` lists every option with its help.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+from .secrets import is_secret_key
+
+
+@dataclass
+class ModelArgs:
+    model: str | None = field(default=None, metadata={"help": "Checkpoint: a hub id, a local folder, or tiny:<family> "
+                                                          "(a tiny random model built offline). Default: the recipe's model "
+                                                          "(its 4-bit variant on the unsloth backend)."})
+    backend: Literal["auto", "unsloth", "hf"] = field(default="auto", metadata={
+        "help": "auto = unsloth when a CUDA GPU and unsloth are available, else hf (transformers + peft)."})
+    load_in_4bit: bool | None = field(default=None, metadata={
+        "help": "Load the base model in 4-bit (bitsandbytes NF4). Default: yes on a CUDA GPU, no on CPU."})
+    max_seq_length: int = field(default=2048, metadata={
+        "help": "Longest sample in tokens (image tokens + text). Longer samples are an error, never truncated."})
+    full_finetune: bool = field(default=False, metadata={
+        "help": "Train every weight instead of LoRA adapters. Only sensible for tiny models (the offline demo)."})
+    use_gradient_checkpointing: str = field(default="unsloth", metadata={
+        "help": "unsloth backend: 'unsloth' (offloaded, least memory), 'true' or 'false'."})
+
+
+@dataclass
+class LoraArgs:
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank: adapter size and capacity; memory grows linearly."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA path (0 is fastest with unsloth)."})
+    lora_bias: Literal["none", "all", "lora_only"] = field(default="none", metadata={"help": "Which biases to train."})
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA (scale = alpha / sqrt(r))."})
+    lora_random_state: int = field(default=3407, metadata={"help": "Seed for the adapters' initial weights."})
+    finetune_vision_layers: bool = field(default=True, metadata={
+        "help": "Adapt the vision tower and projector. Costs activation memory per image token; turn off when the "
+                "images are like the pre-training data and only the answer style must change."})
+    finetune_language_layers: bool = field(default=True, metadata={"help": "Adapt the language model."})
+    finetune_attention_modules: bool = field(default=True, metadata={"help": "Adapt attention projections (q/k/v/o)."})
+    finetune_mlp_modules: bool = field(default=True, metadata={
+        "help": "Adapt MLP projections (gate/up/down): the most parameters; turn off to halve adapter size."})
+
+
+@dataclass
+class DataArgs:
+    data_dir: str | None = field(default=None, metadata={
+        "help": "A local copy of the recipe's dataset (Kaggle folder layout, or a saved HF dataset). Default: "
+                "download the recipe's source (needs network and, for Kaggle, credentials)."})
+    image_size: int | None = field(default=None, metadata={
+        "help": "Longest image side in pixels; drives image tokens and memory. Default: the recipe's."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many test examples."})
+    max_bad_fraction: float = field(default=0.05, metadata={
+        "help": "Stop before training when more than this fraction of a split's images cannot be decoded "
+                "(fewer are skipped and listed in skipped_images.json)."})
+    drop_leaked_test_images: bool = field(default=False, metadata={
+        "help": "Remove test images that are near-identical copies of training images before evaluating."})
+
+
+@dataclass
+class EvalArgs:
+    eval_mode: Literal["score", "generate"] = field(default="score", metadata={
+        "help": "Classification: 'score' ranks every class by its likelihood (no parse failures); 'generate' "
+                "decodes greedily and matches the answer to a class. Captioning always generates."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Images per evaluation batch."})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "Generation budget. Default: the recipe's."})
+    eval_before: bool = field(default=True, metadata={"help": "Evaluate the base model before training."})
+    eval_after: bool = field(default=True, metadata={"help": "Evaluate the tuned model after training."})
+
+
+@dataclass
+class ExportArgs:
+    export: Literal["adapter", "merged-16bit"] = field(default="adapter", metadata={
+        "help": "What the run leaves besides the adapter: 'merged-16bit' also writes merged weights to merged/."})
+
+
+@dataclass
+class RunArgs:
+    recipe: str | None = field(default=None, metadata={"help": "Recipe name (implied by `python -m unsloth_med.recipes.X`)."})
+    demo: bool = field(default=False, metadata={
+        "help": "Offline demo: tiny Ministral-3-family model + generated fracture X-rays; no GPU, network or credentials."})
+    quick: bool = field(default=False, metadata={"help": "Quick trial: exactly 30 training steps (recipes/<recipe>/quick.yaml)."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output_dir."})
+
+
+SECTIONS: dict[str, type] = {"run": RunArgs, "model": ModelArgs, "lora": LoraArgs, "data": DataArgs,
+                             "eval": EvalArgs, "export": ExportArgs}
+
+
+@dataclass
+class Config:
+    run: RunArgs
+    model: ModelArgs
+    lora: LoraArgs
+    data: DataArgs
+    training: Any  # trl.SFTConfig
+    eval: EvalArgs
+    export: ExportArgs
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The resolved tree, for config.yaml: plain values only, no secrets."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in ("run", "model", "lora", "data", "training", "eval", "export"):
+            section = getattr(self, name)
+            values = section.to_dict() if name == "training" else dataclasses.asdict(section)
+            out[name] = {k: _plain(v) for k, v in sorted(values.items()) if not is_secret_key(k)}
+        return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(getattr(value, "value", value))
+
+
+def presets_dir() -> Path:
+    """recipes/ at the top of the repository (editable install) or inside the installed package."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "recipes", here / "presets"):
+        if candidate.is_dir():
+            return candidate
+    return here.parent / "recipes"
+
+
+def _section_fields() -> dict[str, set[str]]:
+    from trl import SFTConfig
+
+    fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
+    fields["training"] = {f.name for f in dataclasses.fields(SFTConfig)}
+    return fields
+
+
+def read_yaml_tree(path: str | Path) -> dict[str, Any]:
+    """A nested config file, flattened to {field: value}; unknown sections or keys are errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file not found: {path}. Pass an existing YAML file to --config.")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must be a mapping of sections ({', '.join(_section_fields())}).")
+    fields = _section_fields()
+    flat: dict[str, Any] = {}
+    for section, values in tree.items():
+        if section not in fields:
+            raise ConfigError(f"{path}: unknown section '{section}'. Sections: {', '.join(fields)}.")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section '{section}' must be a mapping of option: value.")
+        for key, value in values.items():
+            if key not in fields[section]:
+                close = difflib.get_close_matches(key, sorted(fields[section]), n=1)
+                owner = next((s for s, names in fields.items() if key in names), None)
+                hint = f" It belongs in section '{owner}'." if owner else (f" Did you mean '{close[0]}'?" if close else "")
+                raise ConfigError(f"{path}: '{key}' is not an option of section '{section}'.{hint}")
+            flat[key] = value
+    return flat
+
+
+def device_defaults() -> dict[str, Any]:
+    """Defaults that depend on the machine: 8-bit AdamW and bf16 need a CUDA GPU."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "optim": "adamw_8bit" if cuda else "adamw_torch",
+        "bf16": bool(cuda and torch.cuda.is_bf16_supported()),
+        "fp16": bool(cuda and not torch.cuda.is_bf16_supported()),
+    }
+
+
+# The seeds' settings (Unsloth notebooks and the Ministral 3 tutorial).
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 2e-4,
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 4,
+    "lr_scheduler_type": "linear",
+    "warmup_steps": 5,
+    "num_train_epochs": 1,
+    "weight_decay": 0.001,
+    "seed": 3407,
+    "logging_steps": 1,
+    "save_strategy": "steps",
+    "save_steps": 100,
+    "save_total_limit": 2,
+    "report_to": "none",
+    "max_length": None,  # our collators never truncate: an over-long sample is an error naming it
+    "remove_unused_columns": False,  # the collator needs the raw image column
+    "dataset_text_field": "",
+    "dataset_kwargs": {"skip_prepare_dataset": True},
+    "gradient_checkpointing": False,
+    "dataloader_num_workers": 0,
+}
+
+
+def build_parser():
+    from trl import SFTConfig, TrlParser
+
+    return TrlParser((RunArgs, ModelArgs, LoraArgs, DataArgs, SFTConfig, EvalArgs, ExportArgs))
+
+
+def parse_config(argv: list[str] | None, recipe=None) -> Config:
+    """Resolve the config from defaults, the recipe, presets, --config and flags."""
+    import argparse
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--recipe")
+    pre.add_argument("--demo", nargs="?", const="true")
+    pre.add_argument("--quick", nargs="?", const="true")
+    known, _ = pre.parse_known_args(argv)
+    if recipe is None and known.recipe:
+        from .recipes import get_recipe
+
+        recipe = get_recipe(known.recipe)
+
+    layers: list[dict[str, Any]] = [TRAINING_DEFAULTS, device_defaults()]
+    if recipe is not None:
+        layers.append({"recipe": recipe.name, **recipe.defaults})
+        for flag, preset in (("demo", "demo.yaml"), ("quick", "quick.yaml")):
+            if _truthy(getattr(known, flag)):
+                path = presets_dir() / recipe.name / preset
+                if not path.is_file():
+                    raise ConfigError(f"Recipe '{recipe.name}' has no --{flag} preset ({path} is missing).")
+                layers.append(read_yaml_tree(path))
+    if known.config:
+        layers.append(read_yaml_tree(known.config))
+
+    parser = build_parser()
+    for layer in layers:
+        parser.set_defaults_with_config(**layer)
+    args = [a for a in argv if a != "--config"]
+    if known.config:
+        args.remove(known.config)
+    try:
+        run, model, lora, data, training, eval_, export = parser.parse_args_into_dataclasses(args=args)
+    except ValueError as exc:  # TrainingArguments validation, e.g. bf16 without a GPU
+        raise ConfigError(f"Invalid training option: {exc}") from exc
+    if run.recipe is None:
+        raise ConfigError("No recipe given. Use `python -m unsloth_med.recipes.bone_fracture` or --recipe NAME.")
+    if training.output_dir in (None, "", "trainer_output"):
+        training.output_dir = str(Path("runs") / f"{run.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return Config(run=run, model=model, lora=lora, data=data, training=training, eval=eval_, export=export)
+
+
+def _truthy(value: str | None) -> bool:
+    return value is not None and str(value).lower() in ("1", "true", "yes", "on")
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    from .secrets import redact
+
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    Path(path).write_text(redact(text))
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,37 @@
+"""Honest numbers on the whole test split, outside any trainer.
+
+`evaluate(model, processor, recipe, dataset)` works on a plain transformers model or a peft-wrapped
+one. It runs under `torch.inference_mode()`, one batch at a time, keeping only per-example answers
+(never the logits of the whole split), with a progress bar.
+
+- classification, mode "score": every class ranked by its log-likelihood as the answer
+  (classify.py); mode "generate": greedy decoding matched to a class, unparseable answers counted.
+- captioning: greedy generation scored with BLEU, ROUGE-L and, when available, BERTScore (caption.py).
+
+Returns {"metrics": {...}, "predictions": [{"id", "target", "prediction", ...}, ...]}.
+"""
+from __future__ import annotations
+
+import torch
+
+from .classify import agreement, classification_metrics, evaluate_classification, match_label
+from .caption import caption_metrics, evaluate_captioning
+
+MODES = ("score", "generate")
+
+
+def evaluate(model, processor, recipe, dataset, *, mode: str = "score", batch_size: int = 8,
+             max_new_tokens: int | None = None, image_size: int | None = None, progress: bool = True) -> dict:
+    """Evaluate a model on rows {image, target, id}; see the module docstring for what comes back."""
+    if mode not in MODES:
+        raise ValueError(f"unknown evaluation mode {mode!r}: use one of {', '.join(MODES)}")
+    image_size = image_size or recipe.image_size
+    with torch.inference_mode():
+        if recipe.is_classification:
+            return evaluate_classification(model, processor, recipe, dataset, mode=mode, batch_size=batch_size,
+                                           max_new_tokens=max_new_tokens, image_size=image_size, progress=progress)
+        return evaluate_captioning(model, processor, recipe, dataset, batch_size=batch_size,
+                                   max_new_tokens=max_new_tokens, image_size=image_size, progress=progress)
+
+
+__all__ = ["MODES", "agreement", "caption_metrics", "classification_metrics", "evaluate", "match_label"]

@@ -1,0 +1,207 @@
+"""Greedy generation over a test split, and the captioning metrics (BLEU, ROUGE-L, BERTScore).
+
+Generation is shared with classification's "generate" mode: prompts are the training conversation
+cut just before the answer (so evaluation sees exactly the text the model was trained on), batched
+with left padding, decoded greedily, and stopped at the family's end-of-turn token.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+from ..data.images import load_image
+from ..models import prompting
+from ..models.families import Family, family_of
+
+log = logging.getLogger(__name__)
+
+_SENTINEL = "\x00UNSLOTH_MED_ANSWER\x00"
+BERTSCORE_MODEL = "roberta-large"  # bert_score's default English model
+
+
+# ----------------------------------------------------------------------------- shared helpers
+def prompt_text(processor: Any, recipe) -> str:
+    """The rendered prompt exactly as training renders it, up to where the answer starts.
+
+    It is cut from a rendered training conversation rather than taken from `add_generation_prompt`,
+    so scoring and generation see the same tokens as the trainer, whatever the template does.
+    """
+    full = prompting.render(processor, recipe.to_conversation({"target": _SENTINEL, "id": "prompt"}))
+    if _SENTINEL in full:
+        return full.split(_SENTINEL, 1)[0]
+    return prompting.render(processor, recipe.prompt(), add_generation_prompt=True)
+
+
+def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    device = getattr(model, "device", None)
+    dtype = getattr(model, "dtype", None)
+    if not isinstance(device, torch.device) or not isinstance(dtype, torch.dtype):
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # quantized weights
+    return device, dtype
+
+
+def to_model(batch, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Tensors onto the model's device; floating inputs (pixels) in the model's dtype."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+        out[key] = value
+    return out
+
+
+def batches(dataset, batch_size: int) -> Iterator[list[dict]]:
+    """Rows of a datasets.Dataset or a list of dicts, `batch_size` at a time (decoded lazily)."""
+    n = len(dataset)
+    for start in range(0, n, max(1, batch_size)):
+        yield [dataset[i] for i in range(start, min(start + batch_size, n))]
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)
+
+
+def stop_token_ids(model, processor, family: Family) -> list[int]:
+    """The family's end-of-turn token plus whatever the checkpoint already stops on."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    ids: list[int] = []
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (eos if isinstance(eos, (list, tuple)) else [eos]):
+        if value is not None:
+            ids.append(int(value))
+    end = tokenizer.convert_tokens_to_ids(family.response_end)
+    if isinstance(end, int) and end != tokenizer.unk_token_id:
+        ids.append(end)
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    return sorted(set(ids))
+
+
+class eval_mode:
+    """Put the model in eval mode for the block and restore its previous mode after."""
+
+    def __init__(self, model):
+        self.model, self.was_training = model, bool(getattr(model, "training", False))
+
+    def __enter__(self):
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        if self.was_training:
+            self.model.train()
+        return False
+
+
+# ----------------------------------------------------------------------------- generation
+@torch.inference_mode()
+def generate_texts(model, processor, recipe, rows: Sequence[dict], *, max_new_tokens: int,
+                   image_size: int | None = None, family: Family | None = None,
+                   prompt: str | None = None) -> list[str]:
+    """Greedy answers for a batch of rows {image, ...}: left padding, new tokens only, special tokens dropped."""
+    family = family or family_of(model.config)
+    prompt = prompt if prompt is not None else prompt_text(processor, recipe)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    images = [load_image(row["image"], image_size) for row in rows]
+    batch = prompting.encode(processor, [prompt] * len(rows), images, padding_side="left")
+    device, dtype = model_device_dtype(model)
+    inputs = to_model(batch, device, dtype)
+    out = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+        eos_token_id=stop_token_ids(model, processor, family), pad_token_id=tokenizer.pad_token_id,
+        temperature=None, top_p=None, top_k=None,
+    )
+    new = out[:, inputs["input_ids"].shape[1]:]
+    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def generate_all(model, processor, recipe, dataset, *, max_new_tokens: int, batch_size: int = 8,
+                 image_size: int | None = None, progress: bool = True, desc: str = "generate") -> Iterator[tuple[dict, str]]:
+    """(row, answer) for every row, one batch at a time; nothing but the answers is kept."""
+    family = family_of(model.config)
+    prompt = prompt_text(processor, recipe)
+    with eval_mode(model), progress_bar(len(dataset), desc, progress) as bar:
+        for rows in batches(dataset, batch_size):
+            answers = generate_texts(model, processor, recipe, rows, max_new_tokens=max_new_tokens,
+                                     image_size=image_size, family=family, prompt=prompt)
+            bar.update(len(rows))
+            yield from zip(rows, answers)
+
+
+# ----------------------------------------------------------------------------- metrics
+def caption_metrics(predictions: Sequence[str], references: Sequence[str], *, bertscore: bool = True) -> dict:
+    """Corpus BLEU (sacrebleu, 0-100), mean ROUGE-L F-measure (0-1), and BERTScore F1 when its model is local."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    predictions = [str(p) for p in predictions]
+    references = [str(r) for r in references]
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    metrics: dict[str, Any] = {"n": len(predictions)}
+    if not predictions:
+        metrics.update(bleu=0.0, rougeL=0.0, bertscore=None)
+        return metrics
+    metrics["bleu"] = float(sacrebleu.corpus_bleu(predictions, [references]).score)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    metrics["rougeL"] = float(sum(scores) / len(scores))
+    value, note = _bertscore(predictions, references) if bertscore else (None, "BERTScore not requested.")
+    metrics["bertscore"] = value
+    if note:
+        metrics["bertscore_note"] = note
+    return metrics
+
+
+def _bertscore(predictions: list[str], references: list[str]) -> tuple[float | None, str | None]:
+    """BERTScore F1 only when bert_score is installed and its model is already on disk (no download)."""
+    try:
+        import bert_score
+    except ImportError:
+        return None, "BERTScore skipped: the bert-score package is not installed (pip install bert-score)."
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(BERTSCORE_MODEL, local_files_only=True)
+    except Exception:
+        return None, f"BERTScore skipped: its model '{BERTSCORE_MODEL}' is not in the local Hugging Face cache."
+    try:
+        _, _, f1 = bert_score.score(predictions, references, model_type=BERTSCORE_MODEL, verbose=False)
+    except Exception as exc:  # a broken local copy must not sink the whole evaluation
+        return None, f"BERTScore failed ({type(exc).__name__}: {str(exc)[:200]})."
+    return float(f1.mean()), None
+
+
+def evaluate_captioning(model, processor, recipe, dataset, *, batch_size: int = 8, max_new_tokens: int | None = None,
+                        image_size: int | None = None, progress: bool = True) -> dict:
+    """Greedy captions for the whole split, scored against the references."""
+    max_new_tokens = max_new_tokens or recipe.max_new_tokens
+    predictions = []
+    for row, answer in generate_all(model, processor, recipe, dataset, max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size, image_size=image_size, progress=progress,
+                                    desc="evaluate (captions)"):
+        predictions.append({"id": str(row.get("id", len(predictions))), "target": recipe.target(row), "prediction": answer})
+    metrics = caption_metrics([p["prediction"] for p in predictions], [p["target"] for p in predictions])
+    metrics.update(mode="generate", max_new_tokens=max_new_tokens)
+    return {"metrics": metrics, "predictions": predictions}
+
+
+def examples_table(predictions: Iterable[dict], limit: int = 8, width: int = 160) -> str:
+    """A markdown table of predictions next to their references."""
+    def cell(text: Any) -> str:
+        text = " ".join(str(text).split()).replace("|", "\\|")
+        return text if len(text) <= width else text[: width - 1] + "…"
+
+    lines = ["| id | reference | prediction |", "|---|---|---|"]
+    for i, p in enumerate(predictions):
+        if i >= limit:
+            break
+        lines.append(f"| {cell(p.get('id', i))} | {cell(p.get('target', ''))} | {cell(p.get('prediction', ''))} |")
+    return "\n".join(lines)

@@ -1,0 +1,297 @@
+"""Classification: label scoring and generation, and the scikit-learn metrics.
+
+Label scoring ranks every class by the model's log-likelihood of answering with it: the class name
+plus the family's end-of-turn token, exactly the tokens training puts the loss on. The prompt (image
+included) runs once per image with the KV cache on; every class continuation is then scored from a
+copy of that cache, so the image is encoded once, not once per class. Probabilities are the softmax
+of these log-likelihoods over the classes, so they sum to 1 and no answer is ever unparseable.
+
+Generation decodes greedily and matches the answer to a class (exactly, then ignoring case and
+whitespace); an answer that matches no class counts as wrong and is reported as unparseable.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from collections import Counter
+from typing import Any, Sequence
+
+import torch
+
+from ..data.images import load_image
+from ..errors import DataError
+from ..models import prompting
+from ..models.families import Family, family_of
+from .caption import batches, eval_mode, generate_all, model_device_dtype, progress_bar, prompt_text, to_model
+
+log = logging.getLogger(__name__)
+
+UNPARSEABLE = "(unparseable)"
+_MROPE_FAMILIES = ("qwen2_5_vl",)  # 3-D rotary positions the model derives itself from the image grid
+_MAX_CONTINUATION_ROWS = 16  # class continuations scored per forward (at least one image's classes)
+
+
+# ----------------------------------------------------------------------------- labels
+def dataset_labels(recipe, dataset) -> tuple[str, ...]:
+    """The recipe's classes, or (generic recipes without a fixed list) the sorted targets of the split."""
+    if recipe.labels:
+        return tuple(recipe.labels)
+    targets = dataset["target"] if hasattr(dataset, "column_names") else [row["target"] for row in dataset]
+    return tuple(sorted({str(t) for t in targets}))
+
+
+def normalize(text: str) -> str:
+    return " ".join(str(text).split()).casefold()
+
+
+def match_label(answer: str, labels: Sequence[str]) -> str | None:
+    """The class an answer names: exact match first, then ignoring case and whitespace; None if neither."""
+    answer = str(answer)
+    if answer in labels:
+        return answer
+    stripped = answer.strip()
+    if stripped in labels:
+        return stripped
+    wanted = normalize(answer)
+    for label in labels:
+        if normalize(label) == wanted:
+            return label
+    return None
+
+
+# ----------------------------------------------------------------------------- label scoring
+def label_token_ids(processor: Any, family: Family, labels: Sequence[str]) -> list[list[int]]:
+    return [prompting.answer_ids(processor, family, label) for label in labels]
+
+
+def check_label_tokenization(processor: Any, family: Family, recipe, prompt: str, labels: Sequence[str],
+                             ids: Sequence[Sequence[int]]) -> None:
+    """Prompt tokens + answer tokens must equal the tokens of the whole training text, or scores would
+    be of sequences the model never sees. Checked on the text alone (no image), once per evaluation."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for label, answer in zip(labels, ids):
+        full = prompting.render(processor, recipe.to_conversation({"target": label, "id": label}))
+        whole = tokenizer(full, add_special_tokens=False)["input_ids"]
+        trailing = prompting.trailing_ids(processor, family, full)
+        if whole != head + list(answer) + list(trailing):
+            raise DataError(
+                f"Label scoring: the tokens of class '{label}' change when it follows the prompt (the tokenizer "
+                "merges across the boundary), so it cannot be scored from the prompt's cache. Use --eval_mode "
+                "generate, or score with strategy='full'."
+            )
+
+
+def _select_rows(cache, index: torch.Tensor):
+    """A copy of `cache` holding the rows `index` (repeats allowed); the original stays untouched."""
+    sub = copy.copy(cache)
+    sub.layers = [copy.copy(layer) for layer in cache.layers]
+    sub.batch_select_indices(index)
+    return sub
+
+
+@torch.inference_mode()
+def score_rows(model, processor, recipe, rows: Sequence[dict], labels: Sequence[str], *, image_size: int | None = None,
+               strategy: str = "cache", family: Family | None = None, prompt: str | None = None,
+               ids: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    """Summed log-likelihood (float64, shape [len(rows), len(labels)]) of each class as the answer to each row."""
+    family = family or family_of(model.config)
+    prompt = prompt if prompt is not None else prompt_text(processor, recipe)
+    ids = ids if ids is not None else label_token_ids(processor, family, labels)
+    images = [load_image(row["image"], image_size) for row in rows]
+    if strategy == "full":
+        return torch.stack([_score_full(model, processor, recipe, family, image, labels) for image in images])
+    if strategy != "cache":
+        raise ValueError(f"unknown label-scoring strategy {strategy!r} (use 'cache' or 'full')")
+    return _score_cached(model, processor, family, prompt, images, ids)
+
+
+def _score_cached(model, processor, family: Family, prompt: str, images: list, ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    device, dtype = model_device_dtype(model)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch = to_model(prompting.encode(processor, [prompt] * len(images), images, padding_side="left"), device, dtype)
+    mask = batch["attention_mask"]
+    lengths = mask.long().sum(dim=1)
+    mrope = family.name in _MROPE_FAMILIES
+    if not mrope:  # left padding: positions count real tokens only, as generate() does
+        batch["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(**batch, use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1, :].float().log_softmax(-1)  # [B, V]: the answer's first token
+    cache = out.past_key_values
+    if mrope:
+        deltas = getattr(out, "rope_deltas", None)
+        if deltas is None:
+            raise RuntimeError(f"{family.name}: the prompt forward returned no rope_deltas; use strategy='full'.")
+        next_pos = lengths + deltas.view(-1).to(lengths.device)
+    else:
+        next_pos = lengths
+    del out
+
+    n_classes = len(ids)
+    first_ids = torch.tensor([a[0] for a in ids], device=first.device)
+    scores = first[:, first_ids].double()  # [B, C]
+    cont_len = max(len(a) for a in ids) - 1
+    if cont_len == 0:
+        return scores.cpu()
+    cont = torch.full((n_classes, cont_len), pad_id, dtype=torch.long, device=device)
+    cont_mask = torch.zeros((n_classes, cont_len), dtype=mask.dtype, device=device)
+    targets = torch.zeros((n_classes, cont_len), dtype=torch.long, device=device)
+    for c, answer in enumerate(ids):
+        k = len(answer) - 1
+        cont[c, :k] = torch.tensor(answer[:-1], device=device)
+        targets[c, :k] = torch.tensor(answer[1:], device=device)
+        cont_mask[c, :k] = 1
+    cross = batch.get("cross_attention_mask")  # mllama: which image tiles each token attends to
+    steps = torch.arange(cont_len, device=device)
+
+    per_chunk = max(1, _MAX_CONTINUATION_ROWS // n_classes)
+    for start in range(0, len(images), per_chunk):
+        img = torch.arange(start, min(start + per_chunk, len(images)), device=device)
+        row_img = img.repeat_interleave(n_classes)  # image of each row, classes consecutive
+        kwargs: dict[str, Any] = dict(
+            input_ids=cont.repeat(len(img), 1),
+            attention_mask=torch.cat([mask[row_img], cont_mask.repeat(len(img), 1)], dim=1),
+            position_ids=next_pos[row_img, None] + steps[None, :],
+            past_key_values=_select_rows(cache, row_img),
+            use_cache=True,
+        )
+        if cross is not None:
+            rows_cross = cross[row_img]
+            kwargs["cross_attention_mask"] = torch.cat(
+                [rows_cross, rows_cross[:, -1:].expand(-1, cont_len, *rows_cross.shape[2:])], dim=1)
+        logits = model(**kwargs).logits.float().log_softmax(-1)  # [R, L, V]
+        rows_targets = targets.repeat(len(img), 1).to(logits.device)
+        picked = logits.gather(-1, rows_targets.unsqueeze(-1)).squeeze(-1)
+        picked = (picked * cont_mask.repeat(len(img), 1).to(logits.device)).double().sum(dim=1)
+        scores[img.to(scores.device)] += picked.view(len(img), n_classes).to(scores.device)
+        del logits, kwargs
+    return scores.cpu()
+
+
+def _score_full(model, processor, recipe, family: Family, image, labels: Sequence[str]) -> torch.Tensor:
+    """Reference path: one full sequence per class (the image is encoded once per class)."""
+    device, dtype = model_device_dtype(model)
+    texts = [prompting.render(processor, recipe.to_conversation({"target": label, "id": label})) for label in labels]
+    batch = prompting.encode(processor, texts, [image] * len(labels), padding_side="right")
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    spans = []
+    for i, label in enumerate(labels):
+        target = prompting.answer_ids(processor, family, label)
+        trailing = prompting.trailing_ids(processor, family, texts[i])
+        spans.append((prompting.answer_span(batch["input_ids"][i].tolist(), lengths[i], target, trailing, label), target))
+    total = batch["input_ids"].shape[1]
+    first = min(start for (start, _), _ in spans)
+    keep = total - first + 1  # logits from the position before the earliest answer token onwards
+    logits = model(**to_model(batch, device, dtype), logits_to_keep=keep).logits.float().log_softmax(-1)
+    offset = total - keep
+    scores = []
+    for i, ((start, end), target) in enumerate(spans):
+        rows = logits[i, start - 1 - offset:end - 1 - offset]
+        scores.append(rows.gather(-1, torch.tensor(target, device=rows.device)[:, None]).double().sum())
+    return torch.stack(scores).cpu()
+
+
+# ----------------------------------------------------------------------------- metrics
+def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str], *,
+                           mode: str = "score") -> dict:
+    """accuracy, macro-F1, per-class precision/recall/F1/support, confusion matrix (rows = true, labels order).
+
+    A prediction of None (an unparseable answer) counts as wrong: it lowers the recall of its true class,
+    stays out of the confusion matrix, and is counted in `unparseable` and `unparseable_by_class`.
+    """
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    labels = list(labels)
+    y_true = [str(t) for t in y_true]
+    unknown = sorted(set(y_true) - set(labels))
+    if unknown:
+        raise DataError(f"Test targets {unknown[:5]} are not among the recipe's classes {labels}.")
+    y_pred = [UNPARSEABLE if p is None else str(p) for p in y_pred]
+    n = len(y_true)
+    metrics: dict[str, Any] = {"mode": mode, "n": n, "labels": labels}
+    if n == 0:
+        metrics.update(accuracy=0.0, macro_f1=0.0, per_class={}, confusion_matrix=[[0] * len(labels) for _ in labels])
+        return metrics
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, average=None, zero_division=0)
+    metrics["accuracy"] = float(accuracy_score(y_true, y_pred))
+    metrics["macro_f1"] = float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
+    metrics["per_class"] = {
+        label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+        for label, p, r, f, s in zip(labels, precision, recall, f1, support)
+    }
+    metrics["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    if mode == "generate":
+        bad = Counter(t for t, p in zip(y_true, y_pred) if p == UNPARSEABLE)
+        metrics["unparseable"] = int(sum(bad.values()))
+        metrics["unparseable_by_class"] = {label: int(bad.get(label, 0)) for label in labels}
+    return metrics
+
+
+def agreement(pred_a: Sequence, pred_b: Sequence) -> float:
+    """Fraction of examples on which two prediction lists agree.
+
+    Accepts evaluate() results, their "predictions" lists (dicts with id/prediction, matched by id), or
+    plain lists of labels (matched by position).
+    """
+    a = pred_a.get("predictions", pred_a) if isinstance(pred_a, dict) else pred_a
+    b = pred_b.get("predictions", pred_b) if isinstance(pred_b, dict) else pred_b
+    a, b = list(a), list(b)
+    if a and isinstance(a[0], dict) and b and isinstance(b[0], dict):
+        by_id = {str(p.get("id", i)): p.get("prediction") for i, p in enumerate(b)}
+        pairs = [(p.get("prediction"), by_id[str(p.get("id", i))]) for i, p in enumerate(a) if str(p.get("id", i)) in by_id]
+        if len(pairs) != len(a) or len(by_id) != len(b):
+            raise ValueError(f"the two prediction lists cover different examples ({len(a)} vs {len(b)}, {len(pairs)} shared)")
+    else:
+        if len(a) != len(b):
+            raise ValueError(f"the two prediction lists differ in length ({len(a)} vs {len(b)})")
+        pairs = list(zip(a, b))
+    if not pairs:
+        return 0.0
+    return sum(1 for x, y in pairs if x is not None and x == y) / len(pairs)
+
+
+# ----------------------------------------------------------------------------- whole-split evaluation
+def evaluate_classification(model, processor, recipe, dataset, *, mode: str = "score", batch_size: int = 8,
+                            max_new_tokens: int | None = None, image_size: int | None = None, progress: bool = True,
+                            strategy: str = "cache") -> dict:
+    labels = dataset_labels(recipe, dataset)
+    if mode == "score":
+        predictions = list(_iter_scored(model, processor, recipe, dataset, labels, batch_size=batch_size,
+                                        image_size=image_size, progress=progress, strategy=strategy))
+    elif mode == "generate":
+        max_new_tokens = max_new_tokens or recipe.max_new_tokens
+        predictions = []
+        for row, answer in generate_all(model, processor, recipe, dataset, max_new_tokens=max_new_tokens,
+                                        batch_size=batch_size, image_size=image_size, progress=progress,
+                                        desc="evaluate (generate)"):
+            label = match_label(answer, labels)
+            predictions.append({"id": str(row.get("id", len(predictions))), "target": recipe.target(row),
+                                "prediction": label, "answer": answer, "parsed": label is not None})
+    else:
+        raise ValueError(f"unknown evaluation mode {mode!r}: use 'score' or 'generate'")
+    metrics = classification_metrics([p["target"] for p in predictions], [p["prediction"] for p in predictions],
+                                     labels, mode=mode)
+    if mode == "generate":
+        metrics["max_new_tokens"] = max_new_tokens
+    return {"metrics": metrics, "predictions": predictions}
+
+
+def _iter_scored(model, processor, recipe, dataset, labels, *, batch_size, image_size, progress, strategy):
+    family = family_of(model.config)
+    prompt = prompt_text(processor, recipe)
+    ids = label_token_ids(processor, family, labels)
+    if strategy == "cache":
+        check_label_tokenization(processor, family, recipe, prompt, labels, ids)
+    with eval_mode(model), progress_bar(len(dataset), "evaluate (label scores)", progress) as bar:
+        for rows in batches(dataset, batch_size):
+            scores = score_rows(model, processor, recipe, rows, labels, image_size=image_size, strategy=strategy,
+                                family=family, prompt=prompt, ids=ids)
+            probs = scores.softmax(dim=-1)
+            for i, row in enumerate(rows):
+                best = int(scores[i].argmax())
+                yield {"id": str(row.get("id", "")), "target": recipe.target(row), "prediction": labels[best],
+                       "probabilities": {label: round(float(p), 6) for label, p in zip(labels, probs[i])},
+                       "log_likelihoods": {label: round(float(s), 4) for label, s in zip(labels, scores[i])}}
+            bar.update(len(rows))

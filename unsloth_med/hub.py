@@ -1,0 +1,401 @@
+"""Model cards and the Hugging Face Hub.
+
+`model_card` writes the README.md of an exported folder: YAML metadata the Hub reads (base_model,
+datasets, tags, license, pipeline_tag), then the recipe, the training config, the before/after
+metrics of the run, the dataset's attribution and the medical disclaimer.
+
+`push` uploads an exported folder with `huggingface_hub` (`create_repo` + `upload_folder`), private
+by default. The token comes from HF_TOKEN or the user's `hf auth login`; this module never reads it
+into a message, a log line or a file. Without network it raises NetworkError saying the export is
+saved locally and how to push it later.
+
+    unsloth-med push DIR OWNER/NAME [--public]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, CredentialsError, ExportError, NetworkError
+from .secrets import redact, secret_values
+
+log = logging.getLogger(__name__)
+
+DISCLAIMER = (
+    "**Medical disclaimer.** This model is for educational and research use only. It is not a medical "
+    "device and has not been clinically validated. Do not use it for diagnosis, clinical decision-making "
+    "or patient care; its answers can be wrong with high confidence. Any clinical question belongs to a "
+    "qualified professional."
+)
+
+# Licenses of the base models the built-in recipes use (a fine-tune inherits its base model's license).
+KNOWN_LICENSES = (
+    (re.compile(r"ministral-3", re.I), "apache-2.0"),
+    (re.compile(r"llama-3\.2", re.I), "llama3.2"),
+    (re.compile(r"gemma-3", re.I), "gemma"),
+)
+
+# Training options worth showing on a card (the full resolved config stays in the run's config.yaml).
+CARD_TRAINING_KEYS = (
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "weight_decay", "optim", "bf16", "fp16", "seed",
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+# ----------------------------------------------------------------------------- model card
+def _is_hub_id(name: str | None) -> bool:
+    return bool(name) and bool(_HUB_ID.match(str(name))) and not Path(str(name)).exists()
+
+
+def base_model_license(base_model: str | None) -> str:
+    """The base model's license id: from its card when it is on disk (local folder or HF cache), else known ones."""
+    card = None
+    if base_model and Path(base_model, "README.md").is_file():
+        card = Path(base_model, "README.md")
+    elif _is_hub_id(base_model):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            card = Path(hf_hub_download(base_model, "README.md", local_files_only=True))
+        except Exception:  # not in the cache: no network lookups for a card
+            card = None
+    if card is not None:
+        try:
+            text = card.read_text(errors="replace")
+            if text.startswith("---"):
+                meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+                if isinstance(meta, dict) and meta.get("license"):
+                    return str(meta["license"])
+        except (OSError, yaml.YAMLError, IndexError):
+            pass
+    for pattern, license_id in KNOWN_LICENSES:
+        if base_model and pattern.search(str(base_model)):
+            return license_id
+    return "other"
+
+
+def read_run_metrics(run_dir: str | Path | None) -> dict | None:
+    """{'before': {...}, 'after': {...}, ...} from the run's metrics.json, else from eval_before/after.json."""
+    if run_dir is None:
+        return None
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            log.warning("Could not read %s for the model card", path)
+    metrics: dict[str, Any] = {}
+    for key in ("before", "after"):
+        part = run_dir / f"eval_{key}.json"
+        if part.is_file():
+            try:
+                metrics[key] = json.loads(part.read_text())
+            except (OSError, json.JSONDecodeError):
+                log.warning("Could not read %s for the model card", part)
+    return metrics or None
+
+
+def read_run_config(run_dir: str | Path | None) -> dict | None:
+    if run_dir is None or not Path(run_dir, "config.yaml").is_file():
+        return None
+    try:
+        config = yaml.safe_load(Path(run_dir, "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fmt(value: Any) -> str:
+    if not _number(value):
+        return "–"
+    return str(value) if isinstance(value, int) else f"{value:.4f}"
+
+
+def _metrics_section(metrics: dict | None) -> list[str]:
+    if not metrics or not (metrics.get("before") or metrics.get("after")):
+        return ["No evaluation metrics were recorded for this run."]
+    before, after = metrics.get("before") or {}, metrics.get("after") or {}
+    keys = [k for k in dict.fromkeys([*before, *after]) if _number(before.get(k)) or _number(after.get(k))]
+    lines = ["Evaluated on the recipe's held-out test split, the base model before training and the tuned model after.", ""]
+    for key in ("test_size", "n", "num_examples", "mode", "eval_mode"):
+        value = metrics.get(key, after.get(key, before.get(key)))
+        if value is not None and not isinstance(value, (dict, list)):
+            lines.append(f"- {key.replace('_', ' ')}: {value}")
+    keys = [k for k in keys if k not in ("test_size", "n", "num_examples")]
+    if lines[-1] != "":
+        lines.append("")
+    lines += ["| metric | before (base model) | after (fine-tuned) |", "|---|---|---|"]
+    lines += [f"| {k} | {_fmt(before.get(k))} | {_fmt(after.get(k))} |" for k in keys]
+    return lines
+
+
+def _config_section(config: dict | None) -> str | None:
+    if not config:
+        return None
+    shown: dict[str, Any] = {}
+    model = config.get("model") or {}
+    shown["model"] = {k: model[k] for k in ("backend", "load_in_4bit", "max_seq_length", "full_finetune") if k in model}
+    if config.get("lora") and not model.get("full_finetune"):
+        shown["lora"] = dict(config["lora"])
+    data = config.get("data") or {}
+    shown["data"] = {k: data[k] for k in ("image_size", "max_train_samples", "max_eval_samples") if data.get(k) is not None}
+    training = config.get("training") or {}
+    shown["training"] = {k: training[k] for k in CARD_TRAINING_KEYS if k in training}
+    shown = {k: v for k, v in shown.items() if v}
+    return yaml.safe_dump(shown, sort_keys=False).strip() if shown else None
+
+
+def model_card(recipe, *, base_model: str, export_format: str = "merged-16bit", run_dir: str | Path | None = None,
+               metrics: dict | None = None, config: dict | None = None, image_size: int | None = None,
+               verification: dict | None = None, license: str | None = None, repo_id: str | None = None) -> str:
+    """README.md text for an exported folder (merged 16-bit weights or a LoRA adapter).
+
+    `metrics` and `config` default to the run folder's metrics.json (or eval_before/eval_after.json)
+    and config.yaml. The text passes through `redact`, so no secret can reach the card.
+    """
+    metrics = metrics if metrics is not None else read_run_metrics(run_dir)
+    config = config if config is not None else read_run_config(run_dir)
+    source = getattr(recipe, "source", None)
+    adapter = export_format == "adapter"
+    name = getattr(recipe, "name", "custom")
+
+    meta: dict[str, Any] = {}
+    if _is_hub_id(base_model):
+        meta["base_model"] = base_model
+    meta["library_name"] = "peft" if adapter else "transformers"
+    meta["pipeline_tag"] = "image-text-to-text"
+    meta["license"] = license or base_model_license(base_model)
+    if source is not None and source.kind == "hf" and _is_hub_id(source.id):
+        meta["datasets"] = [source.id]
+    tags = ["unsloth-med", "unsloth", "medical", "medical-imaging", "vision-language-model", "image-text-to-text",
+            "trl", "sft", "lora" if adapter else "merged-lora", name.replace("_", "-")]
+    meta["tags"] = list(dict.fromkeys(tags))
+
+    title = repo_id.split("/")[-1] if repo_id else f"{name} fine-tune of {Path(str(base_model)).name}"
+    what = "a LoRA adapter (load it on top of the base model with peft)" if adapter else \
+        "merged 16-bit weights (the LoRA adapter folded into the base model; loads with plain transformers)"
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {title}", "",
+             f"A fine-tune of `{base_model}` for the **{name}** recipe of unsloth-med (Unsloth / transformers, "
+             f"TRL and PEFT), exported as {what}.", "",
+             f"> {DISCLAIMER}", ""]
+
+    lines += ["## Task", ""]
+    if recipe is not None:
+        kind = getattr(recipe, "task", "")
+        lines.append(f"- Recipe: `{name}` ({kind})")
+        if getattr(recipe, "labels", ()):
+            lines.append(f"- Classes ({len(recipe.labels)}): " + ", ".join(recipe.labels))
+        lines.append(f"- Instruction given with each image: \"{recipe.instruction}\"")
+    size = image_size or (((config or {}).get("data") or {}).get("image_size")) or getattr(recipe, "image_size", None)
+    if size:
+        lines.append(f"- Images are resized so the longest side is at most {size} px; use the same size at inference.")
+    lines.append("")
+
+    lines += ["## Results", "", *_metrics_section(metrics), ""]
+
+    cfg = _config_section(config)
+    if cfg:
+        lines += ["## Training configuration", "", "```yaml", cfg, "```", ""]
+
+    lines += ["## Dataset", ""]
+    if source is not None and source.id:
+        lines.append(f"Source: `{source.id}` ({source.kind}).")
+    lines.append(getattr(source, "attribution", "") or "See the dataset's own card or page for its license and terms.")
+    lines.append("")
+
+    target = repo_id or "PATH_OR_REPO"
+    instruction = getattr(recipe, "instruction", "Describe this image.")
+    lines += ["## Usage", "", "```python", "from PIL import Image",
+              "from transformers import AutoModelForImageTextToText, AutoProcessor"]
+    if adapter:
+        lines += ["from peft import PeftModel", "",
+                  f'processor = AutoProcessor.from_pretrained("{target}")',
+                  f'base = AutoModelForImageTextToText.from_pretrained("{base_model}", dtype="auto")',
+                  f'model = PeftModel.from_pretrained(base, "{target}")']
+    else:
+        lines += ["", f'processor = AutoProcessor.from_pretrained("{target}")',
+                  f'model = AutoModelForImageTextToText.from_pretrained("{target}", dtype="auto")']
+    lines += ['image = Image.open("xray.png").convert("RGB")' + (f"  # longest side <= {size} px" if size else ""),
+              f"instruction = {json.dumps(instruction)}",
+              'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]',
+              "text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)",
+              'inputs = processor(images=[[image]], text=[text], add_special_tokens=False, return_tensors="pt")',
+              "output = model.generate(**inputs, max_new_tokens=32, do_sample=False)",
+              'print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+              "```", "",
+              "The processor carries the chat template the model was trained with; keep it (and the instruction above).", ""]
+
+    if verification:
+        def num(key: str) -> str:
+            value = verification.get(key)
+            return f"{value:.2g}" if _number(value) else "?"
+
+        agree = verification.get("greedy_agreement")
+        rows = verification.get("rows", "?")
+        agreeing = round(agree * rows) if _number(agree) and _number(rows) else "?"
+        lines += ["## Export check", "",
+                  f"After export the folder was reloaded with plain transformers ({verification.get('dtype', '?')}) and "
+                  f"compared with {verification.get('reference', 'the tuned model')} on {rows} test images: max abs "
+                  f"logit difference {num('max_abs_logit_diff')} (tolerance {num('tolerance')}); the greedy answers "
+                  f"agree on {agreeing} of {rows}.", ""]
+
+    lines += ["## Limitations", "",
+              "- Trained and evaluated on one public dataset; performance on other hospitals, scanners, populations or "
+              "image types is unknown.",
+              "- Test-set numbers above are only as good as the test split (see the dataset attribution for its "
+              "provenance).",
+              f"- {DISCLAIMER}", ""]
+    return redact("\n".join(lines))
+
+
+def write_model_card(folder: str | Path, *, run_dir: str | Path | None = None, repo_id: str | None = None) -> Path:
+    """(Re)write folder/README.md from its unsloth_med.json (+ export.json) and the run's metrics, atomically.
+
+    Useful after the run's metrics.json exists (the pipeline exports before it writes the report).
+    """
+    from .recipes import get_recipe
+
+    folder = Path(folder)
+    info = json.loads((folder / "unsloth_med.json").read_text())
+    export = json.loads((folder / "export.json").read_text()) if (folder / "export.json").is_file() else {}
+    try:
+        recipe = get_recipe(info["recipe"])
+    except Exception:
+        recipe = None
+    text = model_card(recipe, base_model=info.get("base_model", "?"), export_format=info.get("format", "merged-16bit"),
+                      run_dir=run_dir, image_size=info.get("image_size"), verification=export.get("verification"),
+                      repo_id=repo_id)
+    tmp = folder / ".README.md.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, folder / "README.md")
+    return folder / "README.md"
+
+
+# ----------------------------------------------------------------------------- secrets check
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
+
+
+def files_with_secrets(folder: str | Path, values: list[str] | None = None) -> list[str]:
+    """Files under `folder` that contain the value of a secret environment variable.
+
+    Weight files are checked in their header only (safetensors metadata), the rest in full.
+    """
+    values = [v.encode() for v in (secret_values() if values is None else values) if v]
+    if not values:
+        return []
+    hits = []
+    for path in sorted(Path(folder).rglob("*")):
+        if not path.is_file():
+            continue
+        if path.suffix in _WEIGHT_SUFFIXES:
+            with path.open("rb") as fh:
+                head = fh.read(8)
+                n = int.from_bytes(head, "little") if path.suffix == ".safetensors" and len(head) == 8 else 0
+                data = fh.read(min(n, 100_000_000)) if n else b""
+        else:
+            data = path.read_bytes()
+        if any(v in data for v in values):
+            hits.append(str(path.relative_to(folder)))
+    return hits
+
+
+# ----------------------------------------------------------------------------- push
+def _push_later(folder: Path, repo_id: str, private: bool) -> str:
+    return (f"The export is saved locally in {folder}. Push it later with: "
+            f"unsloth-med push {folder} {repo_id}" + ("" if private else " --public"))
+
+
+def push(folder: str | Path, repo_id: str, *, private: bool = True) -> str:
+    """Upload an exported folder to the Hub repo `repo_id` (created if missing, private by default); returns its URL."""
+    folder = Path(folder)
+    if not _HUB_ID.match(repo_id or ""):
+        raise ConfigError(f"'{repo_id}' is not a Hub repo id. Use OWNER/NAME, e.g. my-user/bone-fracture-ministral3.")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        raise ExportError(f"{folder} is not an exported folder (missing or empty). Export first: "
+                          "unsloth-med export RUN_DIR --format merged-16bit|adapter")
+    if not (folder / "export.json").is_file():
+        log.warning("%s has no export.json: it was not written (or not verified) by unsloth-med export", folder)
+    if not (folder / "README.md").is_file():
+        log.warning("%s has no README.md: the Hub repo will have no model card (and no medical disclaimer)", folder)
+    leaked = files_with_secrets(folder)
+    if leaked:
+        raise ExportError(f"Refusing to upload {folder}: these files contain the value of a secret environment "
+                          f"variable: {', '.join(leaked)}. Remove it from them first.")
+
+    import huggingface_hub
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise NetworkError("HF_HUB_OFFLINE is set, so nothing can be uploaded. " + _push_later(folder, repo_id, private))
+    if not huggingface_hub.get_token():
+        raise CredentialsError("No Hugging Face token found. Set HF_TOKEN (a token with write access, from "
+                               "https://huggingface.co/settings/tokens) or run `hf auth login`. "
+                               + _push_later(folder, repo_id, private))
+    # HF_ENDPOINT is read now (huggingface_hub reads it once, at import).
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
+    network_errors: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+    try:
+        import httpx
+
+        network_errors += (httpx.TransportError,)
+    except ImportError:
+        pass
+    try:
+        import requests
+
+        network_errors += (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+    except ImportError:
+        pass
+    try:
+        from huggingface_hub.errors import OfflineModeIsEnabled
+
+        network_errors += (OfflineModeIsEnabled,)
+    except ImportError:
+        pass
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                          commit_message="Upload with unsloth-med", ignore_patterns=[".*", "**/.*"])
+    except HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise CredentialsError(
+                f"The Hub refused the upload to {repo_id} (HTTP {status}): the token is invalid or lacks write access "
+                f"to '{repo_id.split('/')[0]}'. Use a write token (HF_TOKEN or `hf auth login`). "
+                + _push_later(folder, repo_id, private)) from None
+        raise ExportError(f"Upload to {repo_id} failed: {redact(str(exc))[:300]}. "
+                          + _push_later(folder, repo_id, private)) from None
+    except network_errors as exc:
+        raise NetworkError(f"Could not reach the Hugging Face Hub ({type(exc).__name__}: {redact(str(exc))[:200]}). "
+                           + _push_later(folder, repo_id, private)) from None
+    url = str(url)
+    log.info("Pushed %s to %s (%s)", folder, url, "private" if private else "public")
+    return url
+
+
+def push_command(argv: list[str]) -> int:
+    """`unsloth-med push DIR OWNER/NAME [--public]`."""
+    parser = argparse.ArgumentParser(prog="unsloth-med push",
+                                     description="Upload an exported folder (merged weights or adapter) to the Hugging "
+                                                 "Face Hub. Token: HF_TOKEN or `hf auth login`.")
+    parser.add_argument("folder", metavar="DIR", help="an exported folder (unsloth-med export ...)")
+    parser.add_argument("repo_id", metavar="OWNER/NAME", help="the Hub repo; created if missing")
+    parser.add_argument("--public", action="store_true", help="make a new repo public (default: private)")
+    args = parser.parse_args(argv)
+    url = push(args.folder, args.repo_id, private=not args.public)
+    print(f"Pushed {args.folder} to {url}")
+    return 0

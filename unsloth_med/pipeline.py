@@ -1,0 +1,173 @@
+"""The whole job, in order: data -> evaluate before -> train -> evaluate after -> export -> report.
+
+This is the only module that knows the order of the stages. Each stage writes into the run folder
+as soon as it finishes, so a crash loses at most the stage in progress, and `run.json` says how far
+the run got (it claims "complete" only at the very end).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from .config import Config, save_config
+import torch
+
+from .errors import BackendError, ConfigError
+from .recipes.base import Recipe
+from .secrets import RedactingFilter
+
+log = logging.getLogger("unsloth_med")
+
+
+def _setup_logging(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())
+    for name in ("unsloth_med", "transformers", "trl", "peft"):
+        logging.getLogger(name).addHandler(handler)
+    logging.getLogger("unsloth_med").setLevel(logging.INFO)
+    return handler
+
+
+def _write_status(run_dir: Path, **fields) -> None:
+    path = run_dir / "run.json"
+    status = json.loads(path.read_text()) if path.exists() else {}
+    status.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(status, indent=2))
+    tmp.replace(path)
+
+
+def prepare_run_dir(config: Config) -> Path:
+    run_dir = Path(config.training.output_dir)
+    status = run_dir / "run.json"
+    if status.exists() and not config.run.resume:
+        raise ConfigError(
+            f"Run folder {run_dir} already holds a run. Pass --resume to continue it, or another --output_dir."
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def out_of_memory_error(config: Config, run_dir: Path) -> BackendError:
+    from .train import last_checkpoint
+
+    checkpoint = last_checkpoint(run_dir)
+    return BackendError(
+        "CUDA out of memory while training. Lower what drives memory, most effective first: --image_size "
+        f"(now {config.data.image_size or 'the recipe default'}; image tokens grow with its square), "
+        f"--per_device_train_batch_size (now {config.training.per_device_train_batch_size}; raise "
+        f"--gradient_accumulation_steps, now {config.training.gradient_accumulation_steps}, to keep the effective batch), "
+        "--load_in_4bit true, --finetune_vision_layers false, --lora_r. "
+        + (f"Then continue from {checkpoint} with --resume --output_dir {run_dir}." if checkpoint
+           else "No checkpoint was written yet; start again with the smaller settings.")
+    )
+
+
+def demo_data_dir() -> Path:
+    """The generated fracture X-rays for the offline demo, written once into the cache."""
+    from .data.sources import cache_dir
+    from .data.synthetic import write_synthetic_fractures
+
+    root = cache_dir() / "demo-fractures-v1"
+    if not (root / ".complete").exists():
+        write_synthetic_fractures(root, **DEMO_DATA)
+        (root / ".complete").touch()
+    return root
+
+
+DEMO_DATA: dict = {}  # filled with the tuned synthetic-data settings below the demo notes
+
+
+def run(recipe: Recipe, config: Config) -> dict:
+    from .backends import pick_backend
+    from .data.sources import load_recipe_data, subsample
+    from .data.summary import summarize
+    from .data.validate import validate_splits
+    from .evaluate import evaluate
+    from .evaluate.report import format_table, write_report
+    from .models import resolve_model_name
+    from .train import build_trainer, last_checkpoint, train
+
+    started = time.time()
+    run_dir = prepare_run_dir(config)
+    handler = _setup_logging(run_dir)
+    try:
+        backend = pick_backend(config.model.backend)
+        data_dir = config.data.data_dir
+        if config.run.demo and data_dir is None:
+            data_dir = str(demo_data_dir())
+        model_name = resolve_model_name(config.model.model, recipe, backend.name)
+        config.data.data_dir, config.model.model = data_dir, model_name
+        save_config(config, run_dir / "config.yaml")
+        _write_status(run_dir, recipe=recipe.name, backend=backend.name, model=model_name, stage="data")
+        log.info("recipe=%s backend=%s model=%s run_dir=%s", recipe.name, backend.name, model_name, run_dir)
+
+        seed = config.training.seed
+        image_size = config.data.image_size or recipe.image_size
+        splits = load_recipe_data(recipe, data_dir, seed=seed)
+        train_set = subsample(splits["train"], config.data.max_train_samples, seed)
+        test_set = subsample(splits["test"], config.data.max_eval_samples, seed)
+        checked, skipped = validate_splits({"train": train_set, "test": test_set}, image_size=image_size,
+                                           max_bad_fraction=config.data.max_bad_fraction, run_dir=run_dir)
+        train_set, test_set = checked["train"], checked["test"]
+        summary = summarize(recipe, {"train": train_set, "test": test_set}, run_dir, image_size=image_size)
+        summary["skipped_images"] = len(skipped)
+        print(f"Data: {summary['sizes']['train']} train / {summary['sizes']['test']} test examples")
+
+        model, processor = backend.load(model_name, config.model)
+        eval_kw = dict(mode=config.eval.eval_mode, batch_size=config.eval.eval_batch_size,
+                       max_new_tokens=config.eval.max_new_tokens, image_size=image_size)
+        before = None
+        resume_from = last_checkpoint(run_dir) if config.run.resume else None
+        if config.eval.eval_before and not resume_from:
+            _write_status(run_dir, stage="eval_before")
+            before = evaluate(backend.for_inference(model), processor, recipe, test_set, **eval_kw)
+            (run_dir / "eval_before.json").write_text(json.dumps(before, indent=1))
+        elif resume_from and (run_dir / "eval_before.json").exists():
+            before = json.loads((run_dir / "eval_before.json").read_text())
+
+        _write_status(run_dir, stage="train")
+        model = backend.add_adapters(model, config.lora, config.model, seed)
+        backend.for_training(model)
+        collator = backend.collator(model, processor, recipe, image_size=image_size,
+                                    max_seq_length=config.model.max_seq_length)
+        trainer = build_trainer(model, processor, train_set, collator, config.training, run_dir)
+        try:
+            history = train(trainer, resume_from=resume_from)
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory_error(config, run_dir) from exc
+        model = trainer.model
+
+        adapter_dir = run_dir / "adapter"
+        model.save_pretrained(adapter_dir)
+        processor.save_pretrained(adapter_dir)
+        (adapter_dir / "unsloth_med.json").write_text(json.dumps({"recipe": recipe.name, "base_model": model_name,
+                                                                   "image_size": image_size}, indent=1))
+        _write_status(run_dir, stage="eval_after")
+        after = None
+        if config.eval.eval_after:
+            after = evaluate(backend.for_inference(model), processor, recipe, test_set, **eval_kw)
+            (run_dir / "eval_after.json").write_text(json.dumps(after, indent=1))
+
+        exported = None
+        if config.export.export == "merged-16bit":
+            from .export import export_merged
+
+            _write_status(run_dir, stage="export")
+            exported = export_merged(backend, model, processor, recipe, test_set, run_dir / "merged",
+                                     image_size=image_size, base_model=model_name)
+
+        metrics = write_report(run_dir, recipe, before, after, log_history=history,
+                               extra={"data": summary, "export": exported,
+                                      "wall_seconds": round(time.time() - started, 1)})
+        _write_status(run_dir, stage="done", complete=True, wall_seconds=round(time.time() - started, 1))
+        print(format_table(before, after))
+        print(f"Run folder: {run_dir}  ({time.time() - started:.0f} s)")
+        return metrics
+    finally:
+        for name in ("unsloth_med", "transformers", "trl", "peft"):
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()

@@ -1,0 +1,201 @@
+"""Use a tuned model: answers for a few images (`predict`), or a test-split evaluation without training.
+
+What can be loaded (`load_for_inference`):
+
+- a run folder: `config.yaml` (written by the pipeline; `run.recipe` and `model.model`, the base
+  checkpoint) and `adapter/` (the peft adapter and the processor, plus `adapter/unsloth_med.json`);
+- an adapter folder on its own (`adapter_config.json` + `unsloth_med.json` naming the base model);
+- a merged model folder (plain transformers weights + processor). Its recipe comes from the
+  `unsloth_med.json` beside the weights, which export writes:
+
+      {"recipe": "bone_fracture", "base_model": "...", "image_size": 512,
+       "labels": ["...", ...]}      # labels: optional; needed only for recipes without a fixed class list
+
+  or from the `recipe` argument when that file is missing;
+- for `evaluate_saved_model` also a hub id or `tiny:<family>` (the recipe must then be named).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .errors import ConfigError
+
+INFO_FILE = "unsloth_med.json"
+
+
+@dataclass
+class Loaded:
+    model: Any
+    processor: Any
+    recipe: Any
+    image_size: int
+    kind: str  # "run", "adapter", "merged" or "checkpoint"
+    source: str
+    data_dir: str | None = None  # a run's recorded data folder
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}). Re-export the model or remove the file.") from exc
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path} cannot be read as YAML ({exc}).") from exc
+
+
+def _recipe(name: Any, where: str):
+    from .recipes import Recipe, get_recipe
+
+    if isinstance(name, Recipe):
+        return name
+    if not name:
+        raise ConfigError(f"No recipe is recorded for {where}. Pass the recipe (--recipe NAME).")
+    return get_recipe(str(name))
+
+
+def _with_labels(recipe, info: dict):
+    """Recipes without a fixed class list take the labels recorded at training time."""
+    if recipe.is_classification and not recipe.labels and info.get("labels"):
+        recipe = dataclasses.replace(recipe, labels=tuple(info["labels"]))
+    return recipe
+
+
+def _model_args(section: dict | None = None):
+    from .config import ModelArgs
+
+    known = {f.name for f in dataclasses.fields(ModelArgs)}
+    values = {k: v for k, v in (section or {}).items() if k in known}
+    # Inference picks its own loading: 4-bit where a GPU is (the default), never a recorded choice the
+    # machine cannot honour; and no full fine-tuning flags matter here.
+    values.pop("load_in_4bit", None)
+    values.pop("backend", None)
+    return ModelArgs(**values)
+
+
+def load_for_inference(model_dir_or_run_dir: str | Path, *, recipe=None, backend: str = "auto") -> Loaded:
+    """Model + processor (eval mode) + recipe + image size from a run, adapter, merged or checkpoint source."""
+    from .backends import pick_backend
+
+    source = str(model_dir_or_run_dir)
+    path = Path(source)
+    data_dir = None
+    engine = pick_backend(backend)
+    if path.is_dir() and (path / "config.yaml").is_file() and (path / "adapter").is_dir():
+        config = _read_yaml(path / "config.yaml")
+        info = _read_json(path / "adapter" / INFO_FILE)
+        rec = _recipe(recipe or (config.get("run") or {}).get("recipe") or info.get("recipe"), source)
+        base = (config.get("model") or {}).get("model") or info.get("base_model")
+        if not base:
+            raise ConfigError(f"{path / 'config.yaml'} names no base model (model.model).")
+        model, processor = engine.load_adapter(base, path / "adapter", _model_args(config.get("model")))
+        image_size = info.get("image_size") or (config.get("data") or {}).get("image_size") or rec.image_size
+        kind, data_dir = "run", (config.get("data") or {}).get("data_dir")
+    elif path.is_dir() and (path / "adapter_config.json").is_file():
+        info = _read_json(path / INFO_FILE)
+        rec = _recipe(recipe or info.get("recipe"), source)
+        base = info.get("base_model") or _read_json(path / "adapter_config.json").get("base_model_name_or_path")
+        if not base:
+            raise ConfigError(f"{path} names no base model ({INFO_FILE} 'base_model').")
+        model, processor = engine.load_adapter(base, path, _model_args())
+        image_size, kind = info.get("image_size") or rec.image_size, "adapter"
+    elif path.is_dir() and (path / "config.json").is_file():
+        info = _read_json(path / INFO_FILE)
+        rec = _recipe(recipe or info.get("recipe"), f"{source} (no {INFO_FILE} in it)")
+        model, processor = engine.load(source, _model_args())
+        image_size, kind = info.get("image_size") or rec.image_size, "merged"
+    elif path.exists():
+        raise ConfigError(
+            f"{source} is neither a run folder (config.yaml + adapter/), an adapter folder (adapter_config.json) "
+            "nor a model folder (config.json)."
+        )
+    else:  # a hub id or tiny:<family>
+        from .models import resolve_model_name
+
+        info = {}
+        rec = _recipe(recipe, source)
+        model, processor = engine.load(resolve_model_name(source, rec, engine.name), _model_args())
+        image_size, kind = rec.image_size, "checkpoint"
+    model = engine.for_inference(model)
+    return Loaded(model, processor, _with_labels(rec, info), int(image_size), kind, source, data_dir)
+
+
+def predict(model_dir_or_run_dir: str | Path, images: Sequence[str], *, top_k: int = 3, recipe=None,
+            batch_size: int = 8, max_new_tokens: int | None = None) -> list[dict]:
+    """One answer per image.
+
+    Classification: {"image", "label", "probability", "top": [{"label", "probability"}, ...top_k],
+    "probabilities": {every class}}; probabilities come from label scoring and sum to 1 over all classes.
+    Captioning: {"image", "caption"}.
+    """
+    loaded = model_dir_or_run_dir if isinstance(model_dir_or_run_dir, Loaded) else \
+        load_for_inference(model_dir_or_run_dir, recipe=recipe)
+    return predict_loaded(loaded, images, top_k=top_k, batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+
+def predict_loaded(loaded: Loaded, images: Sequence[str], *, top_k: int = 3, batch_size: int = 8,
+                   max_new_tokens: int | None = None) -> list[dict]:
+    from .evaluate.caption import batches, eval_mode, generate_texts
+    from .evaluate.classify import score_rows
+
+    rec, rows = loaded.recipe, [{"image": str(image), "id": str(image)} for image in images]
+    results: list[dict] = []
+    with torch.inference_mode(), eval_mode(loaded.model):
+        for chunk in batches(rows, batch_size):
+            if rec.is_classification:
+                if not rec.labels:
+                    raise ConfigError(f"Recipe '{rec.name}' has no class list; record 'labels' in {INFO_FILE}.")
+                probs = score_rows(loaded.model, loaded.processor, rec, chunk, rec.labels,
+                                   image_size=loaded.image_size).softmax(dim=-1)
+                for row, p in zip(chunk, probs):
+                    order = torch.argsort(p, descending=True).tolist()
+                    top = [{"label": rec.labels[i], "probability": float(p[i])} for i in order[:max(1, top_k)]]
+                    results.append({"image": row["image"], "label": top[0]["label"], "probability": top[0]["probability"],
+                                    "top": top, "probabilities": {rec.labels[i]: float(p[i]) for i in range(len(p))}})
+            else:
+                answers = generate_texts(loaded.model, loaded.processor, rec, chunk,
+                                         max_new_tokens=max_new_tokens or rec.max_new_tokens, image_size=loaded.image_size)
+                results += [{"image": row["image"], "caption": answer} for row, answer in zip(chunk, answers)]
+    return results
+
+
+def format_predictions(results: Sequence[dict]) -> str:
+    """Plain text for the terminal: one block per image."""
+    lines = []
+    for r in results:
+        if "caption" in r:
+            lines.append(f"{r['image']}\n  {r['caption']}")
+            continue
+        lines.append(f"{r['image']}\n  {r['label']}  ({r['probability']:.1%})")
+        for alt in r.get("top", [])[1:]:
+            lines.append(f"    {alt['label']}  ({alt['probability']:.1%})")
+    return "\n".join(lines)
+
+
+def evaluate_saved_model(model: str, *, recipe_name: str | None = None, data_dir: str | None = None,
+                         mode: str = "score", batch_size: int = 8, max_eval_samples: int | None = None,
+                         max_new_tokens: int | None = None, seed: int = 3407, progress: bool = True) -> dict:
+    """`unsloth-med evaluate`: a saved model (run / adapter / merged folder, hub id, tiny:<family>) on a
+    recipe's test split, without training. Returns evaluate()'s {"metrics", "predictions"}."""
+    from .data.sources import load_recipe_data, subsample
+    from .evaluate import evaluate
+
+    loaded = load_for_inference(model, recipe=recipe_name)
+    data_dir = data_dir or loaded.data_dir
+    test = subsample(load_recipe_data(loaded.recipe, data_dir, seed=seed)["test"], max_eval_samples, seed)
+    result = evaluate(loaded.model, loaded.processor, loaded.recipe, test, mode=mode, batch_size=batch_size,
+                      max_new_tokens=max_new_tokens, image_size=loaded.image_size, progress=progress)
+    result["metrics"]["model"] = loaded.source
+    return result

@@ -1,0 +1,61 @@
+"""The Recipe: what a fine-tuning task is, as data plus small pure functions.
+
+A recipe never imports torch, a backend or a trainer. It names its data source, its instruction,
+how one example becomes a conversation, its labels (classification) or target field (captioning),
+its default model and its per-recipe config defaults. Everything else is the pipeline's job.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+TaskKind = Literal["classification", "captioning"]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a recipe's data comes from by default.
+
+    kind: "kaggle_folders" (a Kaggle dataset in class-folder layout), "hf" (a Hugging Face dataset
+    name, or a folder saved with `save_to_disk`), "class_folders" (a local folder per class),
+    "table" (CSV/JSONL with path,label[,split] or image,text columns).
+    """
+
+    kind: str
+    id: str = ""  # Kaggle "owner/slug" or HF dataset name
+    layout: tuple[str, ...] = ()  # sub-folders from the download root to the class folders
+    image_column: str = "image"
+    target_column: str = "label"
+    train_split: str = "train"
+    test_split: str = "test"
+    attribution: str = ""  # license + credit, copied into reports and model cards
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    task: TaskKind
+    instruction: str
+    source: DataSource
+    default_model: str  # 16-bit checkpoint (hf backend on CPU, merged exports' base_model)
+    default_model_4bit: str = ""  # pre-quantized checkpoint the GPU backends load by default
+    labels: tuple[str, ...] = ()  # classification: the exact answers, in a fixed order
+    image_size: int = 512  # longest image side fed to the model; it drives memory use
+    max_new_tokens: int = 16  # generation budget at evaluation
+    defaults: dict[str, Any] = field(default_factory=dict)  # config overrides, flat names
+
+    def target(self, example: dict) -> str:
+        """The answer text of a loaded example (sources put it in the `target` column)."""
+        return str(example["target"])
+
+    def prompt(self, image: Any = None) -> list[dict]:
+        """The user turn: one image, then the instruction."""
+        return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": self.instruction}]}]
+
+    def to_conversation(self, example: dict, image: Any = None) -> list[dict]:
+        """One training conversation: the user turn and the expected answer."""
+        return self.prompt(image) + [{"role": "assistant", "content": [{"type": "text", "text": self.target(example)}]}]
+
+    @property
+    def is_classification(self) -> bool:
+        return self.task == "classification"

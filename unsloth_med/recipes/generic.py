@@ -1,0 +1,268 @@
+"""Generic recipes for your own data, configured without Python: `classify` and `caption`.
+
+    # classification from a listing (path,label[,split]; paths relative to the listing's folder)
+    unsloth-med train --recipe classify --data_dir data/labels.csv
+    # ... or from class folders: <class>/*.png, <class>/{train,test}/*.png or {train,test}/<class>/*.png
+    unsloth-med train --recipe classify --data_dir data/xrays --labels normal pneumonia
+    # captioning from a listing with image,text columns, or a Hugging Face dataset
+    unsloth-med train --recipe caption --data_dir reports.jsonl --image_column file --target_column report
+
+(`python -m unsloth_med.recipes.generic classify|caption [options]` does the same.) The data section
+of the config carries what a recipe module would otherwise hard-code:
+
+    data:
+      data_dir: data/labels.csv        # listing, class-folder root, HF dataset name or save_to_disk folder
+      labels: [normal, pneumonia]      # classify: the classes, in order (default: every label in the data)
+      instruction: "Classify this chest X-ray as one of: {labels}. Reply with the class name only."
+      image_column: path               # default: path / image / file / imageurl ... whichever exists
+      target_column: label             # default: label / class (classify), text / caption (caption)
+      target_template: ""              # or a template over columns: "Findings: {findings} Impression: {impression}"
+      split_column: split              # train/test (val/validation -> test when there is no test)
+      test_fraction: 0.1               # held out, stratified by class, when the data has no split
+
+`{labels}` in the instruction becomes the comma-separated class list.
+
+Public functions: `build_generic_recipe(kind, ...)` (everything as arguments), `resolve_recipe(recipe,
+values)` (a generic placeholder recipe + config values -> the configured recipe; other recipes get the
+optional instruction override), `placeholder(kind)`, `is_generic(recipe)`, `record_resolved(config, recipe)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from ..errors import ConfigError
+from .base import DataSource, Recipe
+
+log = logging.getLogger(__name__)
+
+GENERIC_KINDS = {"classify": "classification", "caption": "captioning"}
+_TASK_ALIASES = {"classify": "classify", "classification": "classify", "caption": "caption", "captioning": "caption"}
+
+DEFAULT_MODEL = "unsloth/Ministral-3-3B-Instruct-2512"
+DEFAULT_MODEL_4BIT = "unsloth/Ministral-3-3B-Instruct-2512-unsloth-bnb-4bit"
+
+CLASSIFY_INSTRUCTION = (
+    "Classify this image into exactly ONE of these classes: {labels}. Reply with ONLY the class name, exactly as "
+    "written above: no explanations, no markdown, no punctuation."
+)
+CAPTION_INSTRUCTION = "Describe accurately what you see in this image."
+
+# The config values a generic recipe reads (data section); all optional.
+CONFIG_FIELDS = ("data_dir", "instruction", "labels", "image_column", "target_column", "target_template",
+                 "split_column", "test_fraction", "data_format")
+
+
+@dataclass(frozen=True)
+class TableSource(DataSource):
+    """A DataSource for listings, class folders and HF datasets with configurable columns.
+
+    kind "auto" finds the format from the data location (a .csv/.tsv/.jsonl/.json listing, a folder of
+    class folders, a save_to_disk folder, or a HF dataset name); "table" is the same dispatch, named
+    for sources whose default is a table. Empty column names are detected from the data.
+    """
+
+    kind: str = "auto"
+    image_column: str = ""
+    target_column: str = ""
+    data_format: str = "auto"  # auto | table | class_folders | hf
+    target_template: str = ""  # "{title} costs {price}": the target from several columns
+    column_aliases: tuple[tuple[str, tuple[str, ...]], ...] = ()  # template/image name -> columns to try, in order
+    split_column: str = "split"
+    test_fraction: float = 0.1
+
+
+# ----------------------------------------------------------------------------- building
+def parse_labels(labels: Any) -> tuple[str, ...]:
+    """Labels from a list/tuple, or a comma-separated string ('a, b, c'); blanks dropped, order kept, no duplicates."""
+    if labels is None or labels == "":
+        return ()
+    if isinstance(labels, str):
+        items = labels.split(",")
+    elif isinstance(labels, (list, tuple)):
+        items = [x for item in labels for x in (str(item).split(",") if len(labels) == 1 else [str(item)])]
+    else:
+        raise ConfigError(f"labels must be a list of class names or a comma-separated string (got {type(labels).__name__}).")
+    out = tuple(dict.fromkeys(s.strip() for s in items if str(s).strip()))
+    return out
+
+
+def fill_instruction(instruction: str, labels: Sequence[str]) -> str:
+    """`{labels}` -> the class list. Other braces are left alone (instructions are free text)."""
+    if "{labels}" in instruction:
+        if not labels:
+            raise ConfigError("The instruction uses {labels} but no labels are known. Pass --labels, or data to read "
+                              "them from.")
+        instruction = instruction.replace("{labels}", ", ".join(labels))
+    return instruction
+
+
+def _kind(kind: str) -> str:
+    key = _TASK_ALIASES.get(str(kind).strip().lower())
+    if key is None:
+        raise ConfigError(f"Unknown generic recipe kind '{kind}': use classify or caption.")
+    return key
+
+
+def build_generic_recipe(kind: str, *, data_source: str | None = None, instruction: str | None = None,
+                         labels: Any = None, image_column: str | None = None, target_column: str | None = None,
+                         target_template: str | None = None, split_column: str | None = "split",
+                         test_fraction: float | None = 0.1, data_format: str | None = "auto",
+                         train_split: str = "train", test_split: str = "test", name: str | None = None,
+                         default_model: str = DEFAULT_MODEL, default_model_4bit: str = DEFAULT_MODEL_4BIT,
+                         image_size: int | None = None, max_new_tokens: int | None = None, attribution: str = "",
+                         discover_labels: bool = True, seed: int = 3407) -> Recipe:
+    """A `classify` or `caption` recipe from plain values (see the module docstring for their meaning).
+
+    `data_source` is the default data location (`--data_dir` still overrides it at load time). For
+    classification without `labels`, the labels are read from the data (sorted); `discover_labels=False`
+    leaves them empty (evaluation then takes them from the test split).
+    """
+    key = _kind(kind)
+    task = GENERIC_KINDS[key]
+    test_fraction = 0.1 if test_fraction in (None, "") else float(test_fraction)
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must be between 0 and 1 (got {test_fraction}).")
+    fmt = (data_format or "auto").strip().lower()
+    if fmt not in ("auto", "table", "class_folders", "hf"):
+        raise ConfigError(f"data_format '{data_format}' is not one of auto, table, class_folders, hf.")
+    source = TableSource(
+        kind="auto", id=str(data_source or ""), image_column=image_column or "", target_column=target_column or "",
+        train_split=train_split or "train", test_split=test_split or "test", data_format=fmt,
+        target_template=target_template or "", split_column=split_column if split_column is not None else "split",
+        test_fraction=test_fraction,
+        attribution=attribution or (f"Your own data ({data_source}): state its source, license and credit here."
+                                    if data_source else "Your own data: state its source, license and credit here."),
+    )
+    label_list = parse_labels(labels) if task == "classification" else ()
+    if task == "classification" and not label_list and discover_labels and data_source:
+        from ..data.tables import discover_labels as discover
+
+        label_list = discover(str(data_source), source=source, seed=seed)
+        log.info("classify: %d labels read from %s: %s", len(label_list), data_source, ", ".join(label_list))
+    text = instruction or (CLASSIFY_INSTRUCTION if task == "classification" else CAPTION_INSTRUCTION)
+    if task == "classification" and label_list:
+        text = fill_instruction(text, label_list)
+    elif "{labels}" in text and task == "captioning":
+        raise ConfigError("The caption recipe has no labels: remove {labels} from the instruction.")
+    if max_new_tokens is None:
+        max_new_tokens = (max(8, min(48, max(len(label) for label in label_list) // 2 + 6))
+                          if label_list else (16 if task == "classification" else 128))
+    return Recipe(
+        name=name or key, task=task, instruction=text, source=source, default_model=default_model,
+        default_model_4bit=default_model_4bit, labels=label_list, image_size=int(image_size or 512),
+        max_new_tokens=int(max_new_tokens),
+    )
+
+
+def placeholder(kind: str) -> Recipe:
+    """The unconfigured `classify` / `caption` recipe: what `get_recipe(name)` returns before the config is read.
+
+    Its instruction may still hold `{labels}`; `resolve_recipe` turns it into the configured recipe."""
+    key = _kind(kind)
+    return build_generic_recipe(key, discover_labels=False)
+
+
+def is_generic(recipe: Recipe) -> bool:
+    return recipe.name in GENERIC_KINDS and isinstance(recipe.source, TableSource)
+
+
+# ----------------------------------------------------------------------------- config values
+def _values(config_or_values: Any) -> dict[str, Any]:
+    """{field: value} from a Config (its data section), a DataArgs-like object, or a mapping (e.g. config.yaml's data)."""
+    if config_or_values is None:
+        return {}
+    data = getattr(config_or_values, "data", config_or_values)
+    if isinstance(data, Mapping):
+        return {k: data.get(k) for k in CONFIG_FIELDS if k in data}
+    return {k: getattr(data, k) for k in CONFIG_FIELDS if hasattr(data, k)}
+
+
+def resolve_recipe(recipe: Recipe, config_or_values: Any = None, *, seed: int | None = None) -> Recipe:
+    """The recipe to run, given the parsed config (or its data section as a mapping).
+
+    - `classify` / `caption` placeholders: built from the data values (data_dir, labels, instruction,
+      columns, template, split settings); labels not given are read from data_dir.
+    - any other recipe: returned as is, except that a non-empty `instruction` value replaces its
+      instruction (`{labels}` filled from the recipe's classes).
+    """
+    values = _values(config_or_values)
+    if seed is None:
+        seed = getattr(getattr(config_or_values, "training", None), "seed", 3407) or 3407
+    if is_generic(recipe):
+        src = recipe.source
+        resolved = build_generic_recipe(
+            recipe.name, data_source=values.get("data_dir") or src.id or None,
+            instruction=values.get("instruction") or (None if "{labels}" in recipe.instruction
+                                                      or recipe.instruction in (CLASSIFY_INSTRUCTION, CAPTION_INSTRUCTION)
+                                                      else recipe.instruction),
+            labels=values.get("labels") or recipe.labels or None,
+            image_column=values.get("image_column") or src.image_column or None,
+            target_column=values.get("target_column") or src.target_column or None,
+            target_template=values.get("target_template") or src.target_template or None,
+            split_column=values["split_column"] if values.get("split_column") is not None else src.split_column,
+            test_fraction=values.get("test_fraction") or src.test_fraction,
+            data_format=values.get("data_format") or src.data_format,
+            train_split=src.train_split, test_split=src.test_split, default_model=recipe.default_model,
+            default_model_4bit=recipe.default_model_4bit, image_size=recipe.image_size, seed=seed,
+        )
+        if resolved.is_classification and not resolved.labels:
+            raise ConfigError("The classify recipe needs its classes: pass --data_dir (the labels are read from the "
+                              "data) or --labels.")
+        return resolved
+    instruction = values.get("instruction")
+    if instruction:
+        recipe = dataclasses.replace(recipe, instruction=fill_instruction(instruction, recipe.labels))
+    return recipe
+
+
+def record_resolved(config: Any, recipe: Recipe) -> None:
+    """Write the resolved labels and instruction back into config.data (when it has those fields), so the
+    run's config.yaml is enough to rebuild the recipe later (predict, evaluate, export)."""
+    data = getattr(config, "data", None)
+    if data is None:
+        return
+    if hasattr(data, "labels") and recipe.labels:
+        data.labels = list(recipe.labels)
+    if hasattr(data, "instruction"):
+        data.instruction = recipe.instruction
+
+
+# ----------------------------------------------------------------------------- command line
+USAGE = """usage: python -m unsloth_med.recipes.generic {classify,caption} --data_dir DATA [options]
+
+  classify: DATA is a CSV/JSONL listing (path,label[,split]), or a folder of class folders.
+  caption:  DATA is a CSV/JSONL listing (image,text) or a Hugging Face dataset (name or save_to_disk folder).
+Every option of `unsloth-med train --help` works here too."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m unsloth_med.recipes.generic classify|caption [options]`: the whole job on a generic recipe."""
+    from ..cli import _friendly
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0].lower() not in _TASK_ALIASES:
+        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    kind, rest = _kind(argv[0]), argv[1:]
+
+    def job() -> int:
+        from ..config import parse_config
+        from ..pipeline import run
+
+        base = placeholder(kind)
+        config = parse_config(rest, base)
+        recipe = resolve_recipe(base, config)
+        record_resolved(config, recipe)
+        run(recipe, config)
+        return 0
+
+    return _friendly(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
