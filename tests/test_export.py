@@ -32,8 +32,33 @@ def _rows(n=3):
     return rows
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fast_tiny_models():
+    """Fewer generated tokens per verification row (the tiny random models never stop early), and one
+    CPU thread: tiny matrices gain nothing from more, and on a busy 2-core machine two OpenMP threads
+    spin against each other (an export took 24 s instead of 2.6 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export_mod, "MAX_VERIFY_NEW_TOKENS", 4)
+        yield
+    torch.set_num_threads(threads)
+
+
+_TUNED: dict = {}
+
+
 def _tuned(tiny_path, family):
-    """A tiny model with LoRA adapters whose B weights are random (non-zero), so the adapter changes outputs."""
+    """A tiny model with LoRA adapters whose B weights are random (non-zero), so the adapter changes outputs.
+
+    Built once per family: exports only read the model (and put it in eval mode).
+    """
+    if family not in _TUNED:
+        _TUNED[family] = _build_tuned(tiny_path, family)
+    return _TUNED[family]
+
+
+def _build_tuned(tiny_path, family):
     backend = HFBackend()
     base = str(tiny_path(family))
     model, processor = backend.load(base, ModelArgs())
@@ -221,15 +246,31 @@ def test_export_run_from_a_run_folder_adapter_and_merged(tiny_path, tmp_path):
     assert "library_name: peft" in card and "0.8571" in card and "educational and research use only" in card
     assert json.loads((adapter / "export.json").read_text())["verification"]["files_identical_to_run"]
 
-    result = export_run(run, format="merged-16bit")
-    assert result["path"] == str(run / "merged") and result["verification"]["max_abs_logit_diff"] < 1e-4
+    result = export_run(run, format="merged-16bit", out=str(tmp_path / "elsewhere" / "merged"))
+    assert result["path"] == str(tmp_path / "elsewhere" / "merged")
+    assert result["verification"]["max_abs_logit_diff"] < 1e-4
     assert result["verification"]["row_ids"][0].startswith("synthetic")  # no data on disk: generated images
     batch = _batch(processor, _rows(2))
     plain_adapter = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32),
                                               str(adapter)).eval()
-    merged = AutoModelForImageTextToText.from_pretrained(run / "merged", dtype=torch.float32).eval()
+    merged = AutoModelForImageTextToText.from_pretrained(result["path"], dtype=torch.float32).eval()
     assert (_logits(merged, batch) - _logits(plain_adapter, batch)).abs().max().item() < 1e-4
-    assert "0.8571" in (run / "merged" / "README.md").read_text()
+    assert "0.8571" in Path(result["path"], "README.md").read_text()  # the run's metrics, wherever --out is
+
+
+def test_adapter_export_of_a_generic_classify_run_keeps_its_labels(tiny_path, tmp_path):
+    backend, model, processor, base = _tuned(tiny_path, "mistral3")
+    run = _fake_run(tmp_path, model, processor, base)
+    (run / "adapter" / "unsloth_med.json").write_text(json.dumps({"recipe": "classify", "base_model": base,
+                                                                  "image_size": IMAGE_SIZE}))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"].update(labels=["normal", "pneumonia"], instruction="Normal or pneumonia? {labels}")
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    result = export_run(run, format="adapter")
+    info = json.loads(Path(result["path"], "unsloth_med.json").read_text())
+    assert info["recipe"] == "classify" and info["labels"] == ["normal", "pneumonia"]
+    assert info["instruction"] == "Normal or pneumonia? normal, pneumonia"
+    assert "Classes (2): normal, pneumonia" in Path(result["path"], "README.md").read_text()
 
 
 def test_export_of_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):

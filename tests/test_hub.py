@@ -47,7 +47,7 @@ def test_model_card_has_metadata_metrics_attribution_and_disclaimer(run_dir):
     assert {"medical", "unsloth-med", "bone-fracture"} <= set(meta["tags"])
     # before/after metrics from metrics.json
     assert "| accuracy | 0.1143 | 0.8571 |" in card and "| macro_f1 | 0.0412 | 0.8302 |" in card
-    assert "test size: 140" in card
+    assert "test examples: 140" in card and "evaluation mode: score" in card
     # recipe and training config
     assert recipe.instruction in card and "Spiral Fracture" in card
     assert "learning_rate: 0.0002" in card and "lora_r: 16" in card and "max_steps: 30" in card
@@ -72,6 +72,16 @@ def test_model_card_for_an_hf_dataset_adapter_and_a_local_base(tmp_path):
     meta = _front_matter(model_card(recipe, base_model=str(local)))
     assert "base_model" not in meta and meta["license"] == "other"  # a local folder is no Hub id
     assert "No evaluation metrics" in model_card(recipe, base_model=str(local))
+
+
+def test_model_card_reads_the_eval_files_before_metrics_json_exists(tmp_path):
+    """The pipeline exports before it writes metrics.json: eval_before/after.json hold {metrics, predictions}."""
+    for key, accuracy in (("before", 0.25), ("after", 0.75)):
+        (tmp_path / f"eval_{key}.json").write_text(json.dumps({
+            "metrics": {"mode": "score", "n": 4, "accuracy": accuracy, "macro_f1": 0.5, "per_class": {}},
+            "predictions": [{"id": "a", "prediction": "x"}]}))
+    card = model_card(get_recipe("bone_fracture"), base_model="a/b", run_dir=tmp_path)
+    assert "| accuracy | 0.2500 | 0.7500 |" in card and "test examples: 4" in card
 
 
 def test_model_card_never_carries_a_secret(run_dir, monkeypatch):

@@ -78,6 +78,30 @@ class DataArgs:
                 "(fewer are skipped and listed in skipped_images.json)."})
     drop_leaked_test_images: bool = field(default=False, metadata={
         "help": "Remove test images that are near-identical copies of training images before evaluating."})
+    # Your own data (generic `classify` / `caption` recipes; `instruction` works for every recipe).
+    instruction: str | None = field(default=None, metadata={
+        "help": "The instruction sent with every image. {labels} becomes the comma-separated class list. "
+                "Default: the recipe's."})
+    labels: list[str] | None = field(default=None, metadata={
+        "help": "classify: the class names, in this order (default: every label found in the data, sorted). "
+                "Several values, or one comma-separated value."})
+    image_column: str | None = field(default=None, metadata={
+        "help": "classify/caption: the listing or dataset column holding the image (a path relative to the listing, "
+                "a URL, or a HF image). Default: the first of path, image, file, filename, imageurl, url present."})
+    target_column: str | None = field(default=None, metadata={
+        "help": "classify/caption: the column holding the answer. Default: label/class (classify), "
+                "text/caption/report (caption)."})
+    target_template: str | None = field(default=None, metadata={
+        "help": "classify/caption: build the answer from several columns instead, e.g. "
+                "'Findings: {findings} Impression: {impression}'."})
+    split_column: str = field(default="split", metadata={
+        "help": "Listing column with train/test (val/validation/dev count as test when there is no test); "
+                "'' to ignore it. Without one, test_fraction of the data is held out."})
+    test_fraction: float = field(default=0.1, metadata={
+        "help": "Fraction held out for testing when the data has no split (stratified by class for classify)."})
+    data_format: Literal["auto", "table", "class_folders", "hf"] = field(default="auto", metadata={
+        "help": "How to read --data_dir for generic recipes: auto (from what it is), table (CSV/TSV/JSONL/JSON "
+                "listing), class_folders, or hf (dataset name / save_to_disk folder)."})
 
 
 @dataclass

@@ -222,8 +222,7 @@ def _merge_on_16bit_base(model, base_model: str, dtype: torch.dtype, recipe):
     base.eval()
     adapter = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
     config = model.peft_config[adapter]
-    if getattr(config, "peft_type", None) is not None and str(config.peft_type.value if hasattr(config.peft_type, "value")
-                                                               else config.peft_type).upper() not in ("LORA",):
+    if str(getattr(config, "peft_type", "LORA")).split(".")[-1].upper() != "LORA":
         raise ExportError(f"Merged export supports LoRA adapters; this model has a {config.peft_type} adapter.")
     state = {k: v.detach().to("cpu") for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
     merged = get_peft_model(base, config.__class__(**config.to_dict()), adapter_name=adapter)
@@ -235,6 +234,16 @@ def _merge_on_16bit_base(model, base_model: str, dtype: torch.dtype, recipe):
                           f"missing {missing[:5]}. Was the run trained on another base model?")
     merged.eval()
     return merged, name
+
+
+def _recipe_info(recipe) -> dict:
+    """What unsloth_med.json records of the recipe: enough to rebuild it (generic recipes need labels + instruction)."""
+    info: dict[str, Any] = {"recipe": getattr(recipe, "name", None)}
+    if getattr(recipe, "labels", ()):
+        info["labels"] = list(recipe.labels)
+    if getattr(recipe, "instruction", None):
+        info["instruction"] = recipe.instruction
+    return info
 
 
 # ----------------------------------------------------------------------------- the verification batch
@@ -346,11 +355,12 @@ def _check_processor(reloaded, processor, recipe, rows, image_size) -> dict:
 
 # ----------------------------------------------------------------------------- merged export
 def export_merged(backend, model, processor, recipe, dataset, out_dir, *, image_size, base_model,
-                  verify_rows: int = VERIFY_ROWS, tolerance: float | None = None) -> dict:
+                  verify_rows: int = VERIFY_ROWS, tolerance: float | None = None, run_dir=None) -> dict:
     """Merged 16-bit weights + processor in out_dir, verified by reload; returns what export.json holds (+ path).
 
     `dataset`: rows {image, target, id} (a datasets.Dataset or a list); the first `verify_rows` form the
     verification batch (generated images when it is empty or None). `tolerance` overrides the dtype's.
+    `run_dir`: the run folder whose metrics and config go into the model card (default: out_dir's parent).
     """
     from .hub import model_card
 
@@ -390,7 +400,10 @@ def export_merged(backend, model, processor, recipe, dataset, out_dir, *, image_
                 del peft_16
                 gc.collect()
                 method = "unsloth save_pretrained_merged(save_method='merged_16bit')"
-                model.save_pretrained_merged(str(tmp), processor, save_method="merged_16bit")
+                if hasattr(backend, "save_merged_16bit"):
+                    backend.save_merged_16bit(model, processor, tmp)
+                else:
+                    model.save_pretrained_merged(str(tmp), processor, save_method="merged_16bit")
             elif peft_16 is not None:
                 method = "16-bit base + adapter, peft merge_and_unload() on the CPU"
                 merged = peft_16.merge_and_unload()
@@ -408,7 +421,7 @@ def export_merged(backend, model, processor, recipe, dataset, out_dir, *, image_
             # Verification: plain transformers, from the folder as written.
             reloaded, reloaded_processor = _reload(tmp, reference_device)
             saved_dtype = _input_dtype(reloaded)
-            info = {"recipe": getattr(recipe, "name", None), "base_model": merged_from, "image_size": image_size,
+            info = {**_recipe_info(recipe), "base_model": merged_from, "image_size": image_size,
                     "format": "merged-16bit", "dtype": str(saved_dtype).replace("torch.", ""), "trained_on": base_model}
             _write_json(tmp / "unsloth_med.json", info)
             processor_check = _check_processor(reloaded_processor, processor, recipe, rows, image_size)
@@ -441,7 +454,7 @@ def export_merged(backend, model, processor, recipe, dataset, out_dir, *, image_
                     "usually means the adapter was not merged (or merged twice), or weights were lost on save."
                 )
             (tmp / "README.md").write_text(model_card(recipe, base_model=merged_from, export_format="merged-16bit",
-                                                      run_dir=out_dir.parent, image_size=image_size,
+                                                      run_dir=run_dir or out_dir.parent, image_size=image_size,
                                                       verification=verification))
             files, size = _folder_listing(tmp)
             _check_no_secrets(tmp)
@@ -499,7 +512,7 @@ def export_adapter(adapter_dir, out_dir, *, recipe, base_model: str, image_size,
         if not getattr(processor, "chat_template", None):
             raise ExportError(f"The processor in {adapter_dir} has no chat template: the run saved an incomplete processor.")
         text = processor.apply_chat_template(recipe.prompt(), tokenize=False, add_generation_prompt=True)
-        info = {"recipe": recipe.name, "base_model": base_model, "image_size": image_size, "format": "adapter"}
+        info = {**_recipe_info(recipe), "base_model": base_model, "image_size": image_size, "format": "adapter"}
         _write_json(tmp / "unsloth_med.json", info)
         verification = {"files_identical_to_run": True, "lora_tensors": sum("lora_" in k for k in keys),
                         "peft_config": True, "processor": {"class": type(processor).__name__, "chat_template": bool(text)}}
@@ -531,6 +544,26 @@ def _run_info(run_dir: Path) -> tuple[dict, dict]:
     return meta, config
 
 
+def _run_recipe(meta: dict, config: dict):
+    """The run's recipe as it was trained: built-in by name; generic ones (classify/caption) rebuilt from the
+    labels and instruction recorded in config.yaml (or adapter/unsloth_med.json)."""
+    from .recipes import get_recipe
+
+    recipe = get_recipe(meta["recipe"])
+    values = dict(config.get("data") or {})
+    for key in ("labels", "instruction"):
+        if meta.get(key) and not values.get(key):
+            values[key] = meta[key]
+    try:
+        from .recipes.generic import resolve_recipe
+    except ImportError:
+        return recipe
+    try:
+        return resolve_recipe(recipe, values)
+    except UnslothMedError as exc:
+        raise ExportError(f"Could not rebuild the run's recipe '{meta['recipe']}' from its config.yaml: {exc}") from exc
+
+
 def _model_args(config: dict):
     from .config import ModelArgs
 
@@ -558,7 +591,6 @@ def export_run(run_dir, *, format: str = "merged-16bit", out: str | None = None,
     Default destinations: RUN_DIR/merged and RUN_DIR/adapter-export.
     """
     from .backends import pick_backend
-    from .recipes import get_recipe
 
     if format not in FORMATS:
         raise ExportError(f"Unknown export format '{format}'. Choose {' or '.join(FORMATS)}.")
@@ -566,7 +598,7 @@ def export_run(run_dir, *, format: str = "merged-16bit", out: str | None = None,
     if not run_dir.is_dir():
         raise ExportError(f"Run folder {run_dir} does not exist.")
     meta, config = _run_info(run_dir)
-    recipe = get_recipe(meta["recipe"])
+    recipe = _run_recipe(meta, config)
     base_model, image_size = meta["base_model"], meta.get("image_size") or recipe.image_size
     adapter_dir = run_dir / "adapter"
     if format == "adapter":
@@ -583,7 +615,7 @@ def export_run(run_dir, *, format: str = "merged-16bit", out: str | None = None,
         raise ExportError(f"{adapter_dir} holds neither an adapter nor a model. Train the run to the end first.")
     dataset = _verification_dataset(recipe, config)
     return export_merged(chosen, model, processor, recipe, dataset, Path(out) if out else run_dir / "merged",
-                         image_size=image_size, base_model=base_model)
+                         image_size=image_size, base_model=base_model, run_dir=run_dir)
 
 
 def export_command(argv: list[str]) -> int:

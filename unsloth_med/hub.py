@@ -124,18 +124,31 @@ def _fmt(value: Any) -> str:
     return str(value) if isinstance(value, int) else f"{value:.4f}"
 
 
+_COUNT_KEYS = (("n_test", "test examples"), ("test_size", "test examples"), ("n", "test examples"),
+               ("num_examples", "test examples"), ("mode", "evaluation mode"), ("eval_mode", "evaluation mode"))
+
+
+def _scores(part: Any) -> dict:
+    """One evaluation's metrics: metrics.json's `before`/`after`, or an eval_*.json ({metrics, predictions})."""
+    if not isinstance(part, dict):
+        return {}
+    return part["metrics"] if isinstance(part.get("metrics"), dict) else part
+
+
 def _metrics_section(metrics: dict | None) -> list[str]:
-    if not metrics or not (metrics.get("before") or metrics.get("after")):
+    before, after = _scores((metrics or {}).get("before")), _scores((metrics or {}).get("after"))
+    if not (before or after):
         return ["No evaluation metrics were recorded for this run."]
-    before, after = metrics.get("before") or {}, metrics.get("after") or {}
-    keys = [k for k in dict.fromkeys([*before, *after]) if _number(before.get(k)) or _number(after.get(k))]
-    lines = ["Evaluated on the recipe's held-out test split, the base model before training and the tuned model after.", ""]
-    for key in ("test_size", "n", "num_examples", "mode", "eval_mode"):
+    counts = {name for name, _ in _COUNT_KEYS}
+    keys = [k for k in dict.fromkeys([*before, *after]) if k not in counts and (_number(before.get(k)) or _number(after.get(k)))]
+    lines = ["Evaluated on the recipe's held-out test split: the base model before training, the tuned model after.", ""]
+    shown = set()
+    for key, label in _COUNT_KEYS:
         value = metrics.get(key, after.get(key, before.get(key)))
-        if value is not None and not isinstance(value, (dict, list)):
-            lines.append(f"- {key.replace('_', ' ')}: {value}")
-    keys = [k for k in keys if k not in ("test_size", "n", "num_examples")]
-    if lines[-1] != "":
+        if label not in shown and value is not None and not isinstance(value, (dict, list)):
+            lines.append(f"- {label}: {value}")
+            shown.add(label)
+    if shown:
         lines.append("")
     lines += ["| metric | before (base model) | after (fine-tuned) |", "|---|---|---|"]
     lines += [f"| {k} | {_fmt(before.get(k))} | {_fmt(after.get(k))} |" for k in keys]

@@ -84,11 +84,13 @@ DEMO_DATA: dict = {}  # filled with the tuned synthetic-data settings below the 
 def run(recipe: Recipe, config: Config) -> dict:
     from .backends import pick_backend
     from .data.sources import load_recipe_data, subsample
+    from .data.checks import drop_leaked, leaked_test_images
     from .data.summary import summarize
     from .data.validate import validate_splits
     from .evaluate import evaluate
     from .evaluate.report import format_table, write_report
     from .models import resolve_model_name
+    from .recipes.generic import record_resolved, resolve_recipe
     from .train import build_trainer, last_checkpoint, train
 
     started = time.time()
@@ -101,6 +103,8 @@ def run(recipe: Recipe, config: Config) -> dict:
             data_dir = str(demo_data_dir())
         model_name = resolve_model_name(config.model.model, recipe, backend.name)
         config.data.data_dir, config.model.model = data_dir, model_name
+        recipe = resolve_recipe(recipe, config)  # generic recipes: labels, instruction, columns from the config
+        record_resolved(config, recipe)  # config.yaml alone rebuilds it later (predict, export)
         save_config(config, run_dir / "config.yaml")
         _write_status(run_dir, recipe=recipe.name, backend=backend.name, model=model_name, stage="data")
         log.info("recipe=%s backend=%s model=%s run_dir=%s", recipe.name, backend.name, model_name, run_dir)
@@ -115,6 +119,15 @@ def run(recipe: Recipe, config: Config) -> dict:
         train_set, test_set = checked["train"], checked["test"]
         summary = summarize(recipe, {"train": train_set, "test": test_set}, run_dir, image_size=image_size)
         summary["skipped_images"] = len(skipped)
+        # Test images that are copies of training images measure memory, not skill: always reported.
+        leaks = leaked_test_images({"train": train_set, "test": test_set})
+        summary["leaked_test_images"] = leaks
+        if leaks:
+            log.warning("%d test images are near-identical copies of training images%s", len(leaks),
+                        " (dropped)" if config.data.drop_leaked_test_images else "; --drop_leaked_test_images removes them")
+        if config.data.drop_leaked_test_images and leaks:
+            test_set = drop_leaked(test_set, leaks)
+            summary["sizes"]["test"] = len(test_set)
         print(f"Data: {summary['sizes']['train']} train / {summary['sizes']['test']} test examples")
 
         model, processor = backend.load(model_name, config.model)
@@ -145,7 +158,9 @@ def run(recipe: Recipe, config: Config) -> dict:
         model.save_pretrained(adapter_dir)
         processor.save_pretrained(adapter_dir)
         (adapter_dir / "unsloth_med.json").write_text(json.dumps({"recipe": recipe.name, "base_model": model_name,
-                                                                   "image_size": image_size}, indent=1))
+                                                                   "image_size": image_size,
+                                                                   "labels": list(recipe.labels),
+                                                                   "instruction": recipe.instruction}, indent=1))
         _write_status(run_dir, stage="eval_after")
         after = None
         if config.eval.eval_after:

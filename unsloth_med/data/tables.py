@@ -289,7 +289,8 @@ def _to_datasetdict(splits: dict[str, list[dict]]) -> "DatasetDict":
     features = datasets.Features({"image": datasets.Value("string"), "target": datasets.Value("string"),
                                   "id": datasets.Value("string")})
     return datasets.DatasetDict({
-        name: datasets.Dataset.from_list([{k: r[k] for k in ("image", "target", "id")} for r in rows], features=features)
+        name: datasets.Dataset.from_dict({k: [str(r[k]) for r in rows] for k in ("image", "target", "id")},
+                                         features=features)
         for name, rows in splits.items()
     })
 

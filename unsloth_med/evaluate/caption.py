@@ -189,6 +189,9 @@ def evaluate_captioning(model, processor, recipe, dataset, *, batch_size: int = 
                                     desc="evaluate (captions)"):
         predictions.append({"id": str(row.get("id", len(predictions))), "target": recipe.target(row), "prediction": answer})
     metrics = caption_metrics([p["prediction"] for p in predictions], [p["target"] for p in predictions])
+    score_text = getattr(recipe, "score_text", None)  # recipe-specific metrics (product_catalog: fields, price MAE)
+    if callable(score_text):
+        metrics.update(score_text([p["prediction"] for p in predictions], [p["target"] for p in predictions]))
     metrics.update(mode="generate", max_new_tokens=max_new_tokens)
     return {"metrics": metrics, "predictions": predictions}
 

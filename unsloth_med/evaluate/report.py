@@ -17,7 +17,8 @@ from typing import Any, Iterable, Sequence
 
 HEADLINE = {
     "classification": (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1")),
-    "captioning": (("bleu", "BLEU"), ("rougeL", "ROUGE-L"), ("bertscore", "BERTScore F1")),
+    "captioning": (("bleu", "BLEU"), ("rougeL", "ROUGE-L"), ("bertscore", "BERTScore F1"),
+                   ("exact_match", "Exact match"), ("price_mae", "Price MAE")),  # rows only where present
 }
 
 
