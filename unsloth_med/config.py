@@ -118,7 +118,12 @@ class EvalArgs:
 @dataclass
 class ExportArgs:
     export: Literal["adapter", "merged-16bit"] = field(default="adapter", metadata={
-        "help": "What the run leaves besides the adapter: 'merged-16bit' also writes merged weights to merged/."})
+        "help": "What the run leaves besides the adapter: 'merged-16bit' also writes merged weights to merged/, "
+                "verified by reloading them with plain transformers."})
+    push_to_hub_id: str | None = field(default=None, metadata={
+        "help": "After the run, push the export (merged/ or the adapter) to this Hub repo, OWNER/NAME. Token: "
+                "HF_TOKEN or `hf auth login`; never printed or saved."})
+    hub_public: bool = field(default=False, metadata={"help": "Make the pushed repo public (default: private)."})
 
 
 @dataclass

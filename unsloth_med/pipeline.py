@@ -14,18 +14,19 @@ from pathlib import Path
 from .config import Config, save_config
 import torch
 
-from .errors import BackendError, ConfigError
+from .errors import BackendError, ConfigError, ExportError
 from .recipes.base import Recipe
 from .secrets import RedactingFilter
 
 log = logging.getLogger("unsloth_med")
+LOGGERS = ("unsloth_med", "transformers", "trl", "peft", "huggingface_hub")
 
 
 def _setup_logging(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter())
-    for name in ("unsloth_med", "transformers", "trl", "peft"):
+    for name in LOGGERS:
         logging.getLogger(name).addHandler(handler)
     logging.getLogger("unsloth_med").setLevel(logging.INFO)
     return handler
@@ -49,6 +50,19 @@ def prepare_run_dir(config: Config) -> Path:
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def _push(run_dir: Path, config: Config) -> None:
+    """Push the run's export; a failure (no network, no token) leaves the complete run and says how to retry."""
+    from .export import export_run
+    from .hub import push, write_model_card
+
+    folder = run_dir / "merged"
+    if not folder.is_dir():
+        folder = Path(export_run(run_dir, format="adapter")["path"])
+    write_model_card(folder, run_dir=run_dir, repo_id=config.export.push_to_hub_id)
+    url = push(folder, config.export.push_to_hub_id, private=not config.export.hub_public)
+    print(f"Pushed {folder} to {url}")
 
 
 def out_of_memory_error(config: Config, run_dir: Path) -> BackendError:
@@ -167,22 +181,29 @@ def run(recipe: Recipe, config: Config) -> dict:
             after = evaluate(backend.for_inference(model), processor, recipe, test_set, **eval_kw)
             (run_dir / "eval_after.json").write_text(json.dumps(after, indent=1))
 
-        exported = None
+        exported, export_error = None, None
         if config.export.export == "merged-16bit":
             from .export import export_merged
 
             _write_status(run_dir, stage="export")
-            exported = export_merged(backend, model, processor, recipe, test_set, run_dir / "merged",
-                                     image_size=image_size, base_model=model_name)
+            try:
+                exported = export_merged(backend, model, processor, recipe, test_set, run_dir / "merged",
+                                         image_size=image_size, base_model=model_name)
+            except ExportError as exc:  # keep the evaluation results: write the report, then fail
+                exported, export_error = {"ok": False, "error": str(exc)}, exc
 
         metrics = write_report(run_dir, recipe, before, after, log_history=history,
                                extra={"data": summary, "export": exported,
                                       "wall_seconds": round(time.time() - started, 1)})
+        if export_error is not None:
+            raise export_error
         _write_status(run_dir, stage="done", complete=True, wall_seconds=round(time.time() - started, 1))
         print(format_table(before, after))
         print(f"Run folder: {run_dir}  ({time.time() - started:.0f} s)")
+        if config.export.push_to_hub_id:
+            _push(run_dir, config)
         return metrics
     finally:
-        for name in ("unsloth_med", "transformers", "trl", "peft"):
+        for name in LOGGERS:
             logging.getLogger(name).removeHandler(handler)
         handler.close()

@@ -1,0 +1,93 @@
+"""The README's first command, as a user runs it: the offline demo, end to end, and what it leaves."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from unsloth_med.recipes.bone_fracture import CLASSES
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    started = time.time()
+    done = subprocess.run([sys.executable, "-m", "unsloth_med.recipes.bone_fracture", "--demo", "--output_dir", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done.stdout, time.time() - started
+
+
+def test_demo_learns_through_the_image(demo_run):
+    out, stdout, seconds = demo_run
+    metrics = json.loads((out / "metrics.json").read_text())
+    before, after = metrics["before"]["accuracy"], metrics["after"]["accuracy"]
+    print(f"demo: accuracy {before:.3f} -> {after:.3f} on {metrics['n_test']} test images in {seconds:.0f} s")
+    assert after >= 0.8 and after > before + 0.3
+    assert "Accuracy" in stdout and "before" in stdout and "after" in stdout  # the printed before/after table
+
+
+def test_demo_run_folder_contract(demo_run):
+    out, _, _ = demo_run
+    for name in ("config.yaml", "metrics.json", "report.md", "run.log", "train_log.jsonl", "data_summary.json",
+                 "samples.png", "loss.png", "confusion_before.png", "confusion_after.png", "per_class_f1.png"):
+        assert (out / name).is_file(), name
+    assert (out / "adapter" / "unsloth_med.json").is_file()
+    assert json.loads((out / "run.json").read_text())["complete"] is True
+    for png in out.glob("*.png"):
+        with Image.open(png) as img:
+            img.verify()
+    export = json.loads((out / "merged" / "export.json").read_text())
+    assert export["ok"] is True and export["max_abs_logit_diff"] <= 1e-3
+
+
+def test_merged_export_reloads_with_plain_transformers(demo_run):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out, _, _ = demo_run
+    model = AutoModelForImageTextToText.from_pretrained(out / "merged", dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(out / "merged")
+    assert model.config.model_type == "mistral3"
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],
+                                         tokenize=False)
+    assert text.startswith("<s>[INST][IMG]")  # the short Ministral template travelled with the export
+
+
+def test_label_scoring_and_generation_agree(demo_run):
+    """Issue 3: the two classification modes agree on >= 95% of test images of the trained demo model."""
+    from unsloth_med.evaluate.classify import agreement
+    from unsloth_med.predict import evaluate_saved_model
+
+    out, _, _ = demo_run
+    scored = json.loads((out / "eval_after.json").read_text())
+    generated = evaluate_saved_model(str(out), mode="generate")
+    rate = agreement(scored, generated)
+    print(f"label scoring vs generation agreement: {rate:.3f} on {len(scored['predictions'])} images")
+    assert rate >= 0.95
+
+
+def test_predict_prints_a_class_with_probabilities(demo_run):
+    from unsloth_med.predict import predict
+
+    import yaml
+
+    out, _, _ = demo_run
+    data_dir = Path(yaml.safe_load((out / "config.yaml").read_text())["data"]["data_dir"])
+    image = sorted(data_dir.rglob("Test/*.png"))[0]
+    results = predict(str(out), [str(image)], top_k=3)
+    assert len(results[0]["top"]) == 3 and all(entry["label"] in CLASSES for entry in results[0]["top"])
+    assert results[0]["label"] == results[0]["top"][0]["label"]
+    assert abs(sum(results[0]["probabilities"].values()) - 1.0) < 1e-4
+    assert sorted(results[0]["probabilities"]) == sorted(CLASSES)
+    cli = subprocess.run([sys.executable, "-m", "unsloth_med.cli", "predict", "--model", str(out), str(image)],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    assert any(label in cli.stdout for label in CLASSES)
