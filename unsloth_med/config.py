@@ -178,8 +178,22 @@ def presets_dir() -> Path:
     return here.parent / "recipes"
 
 
-def _section_fields() -> dict[str, set[str]]:
+def trl_sft_config() -> type:
+    """TRL's own SFTConfig, even after `import unsloth` swapped in its subclass.
+
+    Unsloth's subclass adds a `max_seq_length` field, which would clash with ModelArgs.max_seq_length in
+    one flat parser; the pipeline needs only TRL's fields, and Unsloth's trainer accepts TRL's config.
+    """
     from trl import SFTConfig
+
+    for cls in SFTConfig.__mro__:
+        if cls.__name__ == "SFTConfig" and cls.__module__.startswith("trl."):
+            return cls
+    return SFTConfig
+
+
+def _section_fields() -> dict[str, set[str]]:
+    SFTConfig = trl_sft_config()
 
     fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
     fields["training"] = {f.name for f in dataclasses.fields(SFTConfig)}
@@ -251,9 +265,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 
 
 def build_parser():
-    from trl import SFTConfig, TrlParser
+    from trl import TrlParser
 
-    return TrlParser((RunArgs, ModelArgs, LoraArgs, DataArgs, SFTConfig, EvalArgs, ExportArgs))
+    return TrlParser((RunArgs, ModelArgs, LoraArgs, DataArgs, trl_sft_config(), EvalArgs, ExportArgs))
 
 
 def parse_config(argv: list[str] | None, recipe=None) -> Config:

@@ -41,6 +41,10 @@ def _write_status(run_dir: Path, **fields) -> None:
     tmp.replace(path)
 
 
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def prepare_run_dir(config: Config) -> Path:
     run_dir = Path(config.training.output_dir)
     status = run_dir / "run.json"
@@ -92,7 +96,8 @@ def demo_data_dir() -> Path:
     return root
 
 
-DEMO_DATA: dict = {}  # filled with the tuned synthetic-data settings below the demo notes
+# The demo's generated X-rays: 10 classes x (120 train + 12 test), 64 px, drawn once into the cache.
+DEMO_DATA: dict = {"train_per_class": 120, "test_per_class": 12, "size": 64, "seed": 0}
 
 
 def run(recipe: Recipe, config: Config) -> dict:
@@ -193,7 +198,7 @@ def run(recipe: Recipe, config: Config) -> dict:
                 exported, export_error = {"ok": False, "error": str(exc)}, exc
 
         metrics = write_report(run_dir, recipe, before, after, log_history=history,
-                               extra={"data": summary, "export": exported,
+                               extra={"data": summary, "export": exported, "train_stats": _read_json(run_dir / "train_stats.json"),
                                       "wall_seconds": round(time.time() - started, 1)})
         if export_error is not None:
             raise export_error

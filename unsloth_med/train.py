@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -26,6 +27,57 @@ class JsonlLogCallback(TrainerCallback):
         if logs and state.is_world_process_zero:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class StepStatsCallback(TrainerCallback):
+    """Seconds per optimizer step and peak GPU memory, written to <run>/train_stats.json at the end.
+
+    The first `warmup` steps (compilation, first image shapes) are reported apart, not in the median.
+    """
+
+    def __init__(self, path: Path, warmup: int = 3):
+        self.path, self.warmup, self.times, self._start = path, warmup, [], None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._sync()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._start is not None:
+            self._sync()
+            self.times.append(time.perf_counter() - self._start)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        import statistics
+
+        import torch
+
+        steady = self.times[self.warmup:] or self.times
+        stats = {
+            "steps_timed": len(self.times),
+            "warmup_seconds": round(sum(self.times[: self.warmup]), 3),
+            "median_step_seconds": round(statistics.median(steady), 4) if steady else None,
+            "samples_per_step": args.per_device_train_batch_size * args.gradient_accumulation_steps,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        }
+        if torch.cuda.is_available():
+            stats["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            stats["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+        if state.is_world_process_zero:
+            self.path.write_text(json.dumps(stats, indent=1))
+
+    @staticmethod
+    def _sync():
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
 
 
 def last_checkpoint(run_dir: str | Path) -> str | None:
@@ -75,7 +127,7 @@ def build_trainer(model, processor, train_dataset, collator, training_args, run_
         train_dataset=train_dataset,
         data_collator=collator,
         processing_class=processor,
-        callbacks=[JsonlLogCallback(run_dir / "train_log.jsonl")],
+        callbacks=[JsonlLogCallback(run_dir / "train_log.jsonl"), StepStatsCallback(run_dir / "train_stats.json")],
     )
 
 

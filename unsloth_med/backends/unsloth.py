@@ -71,6 +71,11 @@ def import_unsloth_first(argv: list[str] | None = None) -> bool:
     For the CLI: call it first thing with the command's arguments. It imports unsloth only when the
     backend asked for is `unsloth` or `auto`, a CUDA GPU is visible and unsloth is installed; it never
     raises (a run that cannot use unsloth gets its clear error later, from `pick_backend`).
+
+    Caution: importing unsloth replaces trl's SFTConfig with one that has its own `max_seq_length`
+    field, which collides with ModelArgs.max_seq_length in the flat parser of config.py. The config
+    parser must drop one of the two before this hook can be called ahead of `parse_config`; without
+    the hook, unsloth is imported at model load (it warns, and the pipeline runs: measured on an H100).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     backend = "auto"
