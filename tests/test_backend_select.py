@@ -64,6 +64,7 @@ def test_unsloth_module_imports_without_importing_unsloth():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
 def test_import_unsloth_first_does_nothing_without_gpu(no_cuda):
     from unsloth_med.backends.unsloth import import_unsloth_first
 

@@ -88,8 +88,12 @@ def _bone(c: _Canvas, top: float, bottom: float, w: float, bright: int) -> None:
     _segment(c, 0.5, top, 0.5, bottom, w, bright, end0=True, end1=True)
 
 
-def draw_fracture(label: str, rng: np.random.Generator, size: int) -> Image.Image:
-    """One synthetic X-ray (RGB, size x size) of the fracture class `label`."""
+def draw_fracture(label: str, rng: np.random.Generator, size: int, *, pose_jitter: float = 1.0) -> Image.Image:
+    """One synthetic X-ray (RGB, size x size) of the fracture class `label`.
+
+    pose_jitter scales the random pose (mirror, rotation up to 25 degrees, shift, scale); 0 draws every
+    bone upright and centred, which a tiny random-weight model learns far faster (see pipeline.DEMO_DATA).
+    """
     classes = _classes()
     if label not in classes:
         raise ValueError(f"Unknown fracture class {label!r}; expected one of: {', '.join(classes)}")
@@ -109,7 +113,7 @@ def draw_fracture(label: str, rng: np.random.Generator, size: int) -> Image.Imag
         side = 1 if rng.random() < 0.5 else -1
         outward = -1 if end_y == top else 1
         cx, cy = 0.5 + side * w * 0.7, end_y
-        r = w * 0.38
+        r = w * 0.42
         c.ellipse(cx, cy, r, r, tissue)  # the notch the chip leaves
         push = w * float(rng.uniform(0.45, 0.65))
         c.ellipse(cx + side * push, cy + outward * push * 0.4, r * 0.8, r * 0.65, min(255, bright + 25))
@@ -136,12 +140,12 @@ def draw_fracture(label: str, rng: np.random.Generator, size: int) -> Image.Imag
         _segment(c, 0.5, yb, x1, y1, w, bright, end1=True)
         c.ellipse(0.5, yb, w / 2, w / 2, bright)
         convex = -1 if bend > 0 else 1  # the crack opens on the outside of the bend
-        c.gap([(0.5 + convex * w * 0.6, yb), (0.5 + convex * w * 0.05, yb + 0.01)], 0.022)
+        c.gap([(0.5 + convex * w * 0.6, yb), (0.5 + convex * w * 0.05, yb + 0.01)], 0.03)
     elif label == "Hairline Fracture":
         _bone(c, top, bottom, w, bright)
         slope = float(rng.uniform(-0.03, 0.03))
         faint = int(bright - (bright - tissue) * float(rng.uniform(0.45, 0.65)))
-        c.line([(0.5 - w * 0.55, yb - slope), (0.5 + w * 0.55, yb + slope)], 0.012, faint)
+        c.line([(0.5 - w * 0.55, yb - slope), (0.5 + w * 0.55, yb + slope)], 0.02, faint)
     elif label == "Impacted fracture":
         short = float(rng.uniform(0.08, 0.12))
         top, bottom = top + short / 2, bottom - short / 2
@@ -155,15 +159,15 @@ def draw_fracture(label: str, rng: np.random.Generator, size: int) -> Image.Imag
         half = float(rng.uniform(0.2, 0.3))
         x = 0.5 + float(rng.uniform(-0.15, 0.15)) * w
         drift = float(rng.uniform(-0.2, 0.2)) * w
-        c.gap([(x - drift, yb - half), (x, yb), (x + drift, yb + half)], 0.022)
+        c.gap([(x - drift, yb - half), (x, yb), (x + drift, yb + half)], 0.035)
     elif label == "Oblique fracture":
         _bone(c, top, bottom, w, bright)
         angle = math.radians(float(rng.uniform(35, 55))) * (1 if rng.random() < 0.5 else -1)
         dy = math.tan(angle) * w * 0.7
-        c.gap([(0.5 - w * 0.7, yb - dy), (0.5 + w * 0.7, yb + dy)], 0.03)
+        c.gap([(0.5 - w * 0.7, yb - dy), (0.5 + w * 0.7, yb + dy)], 0.045)
     elif label == "Pathological fracture":
         _bone(c, top, bottom, w, bright)
-        r = w * float(rng.uniform(0.35, 0.45))
+        r = w * float(rng.uniform(0.42, 0.5))
         dark = int(tissue + (bright - tissue) * 0.15)
         c.ellipse(0.5 + float(rng.uniform(-0.1, 0.1)) * w, yb, r, r * float(rng.uniform(1.1, 1.6)), dark)
         c.gap([(0.5 - w * 0.6, yb + 0.01), (0.5 + w * 0.6, yb - 0.01)], 0.014)
@@ -173,15 +177,15 @@ def draw_fracture(label: str, rng: np.random.Generator, size: int) -> Image.Imag
         phase = float(rng.uniform(0, 0.5)) + (0 if rng.random() < 0.5 else math.pi)
         pts = [(0.5 + 0.42 * w * math.sin(phase + 2 * math.pi * 0.75 * t), yb - half + 2 * half * t)
                for t in np.linspace(0, 1, 24)]
-        c.gap(pts, 0.02)
+        c.gap(pts, 0.035)
 
     layer = c.img
     # pose: mirror, rotate, shift, scale
-    if rng.random() < 0.5:
+    if rng.random() < 0.5 and pose_jitter > 0:
         layer = layer.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    angle = float(rng.uniform(-25, 25))
-    shift = rng.uniform(-0.07, 0.07, 2) * n
-    scale = float(rng.uniform(0.88, 1.05))
+    angle = float(rng.uniform(-25, 25)) * pose_jitter
+    shift = rng.uniform(-0.07, 0.07, 2) * n * pose_jitter
+    scale = 1.0 + (float(rng.uniform(0.88, 1.05)) - 1.0) * pose_jitter
     layer = layer.rotate(angle, resample=Image.Resampling.BILINEAR, translate=(float(shift[0]), float(shift[1])))
     if scale != 1.0:
         m = int(round(n * scale))
@@ -200,7 +204,7 @@ def draw_fracture(label: str, rng: np.random.Generator, size: int) -> Image.Imag
 
 
 def write_synthetic_fractures(root: str | Path, *, train_per_class: int = 120, test_per_class: int = 12,
-                              size: int = 64, seed: int = 0) -> Path:
+                              size: int = 64, seed: int = 0, pose_jitter: float = 1.0) -> Path:
     """Writes the Kaggle layout under root; returns root. Deterministic for a seed."""
     root = Path(root)
     class_root = root.joinpath(*LAYOUT)
@@ -211,5 +215,5 @@ def write_synthetic_fractures(root: str | Path, *, train_per_class: int = 120, t
             rng = np.random.default_rng([seed, k, offset])
             stem = label.lower().replace(" ", "_")
             for i in range(count):
-                draw_fracture(label, rng, size).save(folder / f"{stem}_{split.lower()}_{i:04d}.png", optimize=False)
+                draw_fracture(label, rng, size, pose_jitter=pose_jitter).save(folder / f"{stem}_{split.lower()}_{i:04d}.png", optimize=False)
     return root
