@@ -89,16 +89,16 @@ def demo_data_dir() -> Path:
     from .data.sources import cache_dir
     from .data.synthetic import write_synthetic_fractures
 
-    root = cache_dir() / "demo-fractures-v3"
+    root = cache_dir() / "demo-fractures-v4"
     if not (root / ".complete").exists():
         write_synthetic_fractures(root, **DEMO_DATA)
         (root / ".complete").touch()
     return root
 
 
-# The demo's generated X-rays: 10 classes x (120 train + 12 test), 64 px, upright and centred
+# The demo's generated X-rays: 10 classes x (200 train + 12 test), 64 px, upright and centred
 # (pose_jitter 0: with random rotations the tiny random-weight model stayed at chance; see README).
-DEMO_DATA: dict = {"train_per_class": 120, "test_per_class": 12, "size": 64, "seed": 0, "pose_jitter": 0.0}
+DEMO_DATA: dict = {"train_per_class": 200, "test_per_class": 12, "size": 64, "seed": 0, "pose_jitter": 0.0}
 
 
 def run(recipe: Recipe, config: Config) -> dict:
