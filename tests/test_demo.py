@@ -45,7 +45,7 @@ def test_demo_run_folder_contract(demo_run):
         with Image.open(png) as img:
             img.verify()
     export = json.loads((out / "merged" / "export.json").read_text())
-    assert export["ok"] is True and export["max_abs_logit_diff"] <= 1e-3
+    assert export["verification"]["passed"] is True and export["verification"]["max_abs_logit_diff"] <= 1e-3
 
 
 def test_merged_export_reloads_with_plain_transformers(demo_run):

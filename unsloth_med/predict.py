@@ -100,7 +100,10 @@ def load_for_inference(model_dir_or_run_dir: str | Path, *, recipe=None, backend
         base = (config.get("model") or {}).get("model") or info.get("base_model")
         if not base:
             raise ConfigError(f"{path / 'config.yaml'} names no base model (model.model).")
-        model, processor = engine.load_adapter(base, path / "adapter", _model_args(config.get("model")))
+        if (path / "adapter" / "adapter_config.json").is_file():
+            model, processor = engine.load_adapter(base, path / "adapter", _model_args(config.get("model")))
+        else:  # a full fine-tune (the offline demo's tiny model) leaves whole weights in adapter/
+            model, processor = engine.load(str(path / "adapter"), _model_args(config.get("model")))
         image_size = info.get("image_size") or (config.get("data") or {}).get("image_size") or rec.image_size
         kind, data_dir = "run", (config.get("data") or {}).get("data_dir")
     elif path.is_dir() and (path / "adapter_config.json").is_file():
