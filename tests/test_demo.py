@@ -91,3 +91,14 @@ def test_predict_prints_a_class_with_probabilities(demo_run):
                          capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert any(label in cli.stdout for label in CLASSES)
+
+
+def test_evaluate_command_scores_a_run_folder_without_training(demo_run, tmp_path):
+    out, _, _ = demo_run
+    result = tmp_path / "eval.json"
+    done = subprocess.run([sys.executable, "-m", "unsloth_med.cli", "evaluate", "--model", str(out),
+                           "--max_eval_samples", "30", "--output", str(result)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Accuracy" in done.stdout
+    metrics = json.loads(result.read_text())["metrics"]
+    assert metrics["n"] == 30 and 0.0 <= metrics["accuracy"] <= 1.0

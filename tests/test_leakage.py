@@ -111,3 +111,17 @@ def test_leaked_images_can_be_dropped_from_the_test_split(tmp_path):
     kept = drop_leaked(test, leaks)
     assert kept["id"] == ["te1", "te2"]
     assert [r["id"] for r in drop_leaked(test.to_list(), leaks)] == ["te1", "te2"]
+
+
+def test_check_data_command_writes_the_summary_json(bone_break_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "summary.json"
+    done = subprocess.run([sys.executable, "-m", "unsloth_med.cli", "check-data", "--recipe", "bone_fracture",
+                           "--data_dir", str(bone_break_dir), "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    assert summary["sizes"] == {"train": 989, "test": 140}
+    assert len(summary["leaked_test_images"]) >= 12 and "leaked test images:" in done.stdout

@@ -44,12 +44,11 @@ def check_data_command(argv: list[str]) -> int:
     from .data.checks import check_data
 
     parser = argparse.ArgumentParser(prog="unsloth-med check-data", description="Validate a recipe's dataset: "
-                                     "decode every image, count classes, find test images leaked from train.")
+                                     "decode every image, count classes, find test images leaked from train "
+                                     "(a training run drops them with --drop_leaked_test_images).")
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--data_dir", "--data-dir")
     parser.add_argument("--json", help="write the summary as JSON to this file")
-    parser.add_argument("--drop_leaked", "--drop-leaked", action="store_true",
-                        help="list the leaked test images as dropped (training runs take --drop_leaked_test_images)")
     args = parser.parse_args(argv)
     summary = check_data(args.recipe, args.data_dir)
     print(json.dumps({k: v for k, v in summary.items() if k != "leaked_test_images"}, indent=1))
