@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ImageError
-from .images import load_image
+from .images import load_image, raw_image_column
 
 log = logging.getLogger(__name__)
 
@@ -130,18 +130,6 @@ def find_leaked_test_images(train_paths: Sequence[Any], test_paths: Sequence[Any
     return leaks
 
 
-def _raw_images(dataset) -> list:
-    """The image column without letting `datasets` decode it (paths stay paths, images stay bytes)."""
-    features = getattr(dataset, "features", None)
-    if features is not None:
-        from datasets import Image as ImageFeature
-
-        if isinstance(features.get("image"), ImageFeature):
-            return list(dataset.cast_column("image", ImageFeature(decode=False))["image"])
-        return list(dataset["image"])
-    return [row["image"] for row in dataset]
-
-
 def _column(dataset, name: str) -> list:
     if hasattr(dataset, "column_names"):
         return list(dataset[name]) if name in dataset.column_names else [None] * len(dataset)
@@ -154,7 +142,7 @@ def leaked_test_images(splits, *, threshold: float = DEFAULT_THRESHOLD, workers:
     train, test = splits["train"], splits["test"]
     train_targets, test_targets = _column(train, "target"), _column(test, "target")
     train_ids, test_ids = [str(x) for x in _column(train, "id")], [str(x) for x in _column(test, "id")]
-    leaks = find_leaked_test_images(_raw_images(train), _raw_images(test), threshold=threshold,
+    leaks = find_leaked_test_images(raw_image_column(train), raw_image_column(test), threshold=threshold,
                                     train_ids=train_ids, test_ids=test_ids, workers=workers)
     train_pos = {tid: k for k, tid in enumerate(train_ids)}
     test_pos = {tid: k for k, tid in enumerate(test_ids)}
@@ -168,7 +156,7 @@ def drop_leaked(test_dataset, leaks: Sequence[dict]):
     """The test split without the leaked images (matched by id); works on a datasets.Dataset or a list of rows."""
     gone = {str(entry.get("test_id", entry.get("test"))) for entry in leaks}
     ids = [str(x) for x in _column(test_dataset, "id")]
-    images = [str(x) if isinstance(x, (str, os.PathLike)) else None for x in _raw_images(test_dataset)]
+    images = [str(x) if isinstance(x, (str, os.PathLike)) else None for x in raw_image_column(test_dataset)]
     keep = [k for k, (tid, img) in enumerate(zip(ids, images)) if tid not in gone and img not in gone]
     if hasattr(test_dataset, "select"):
         return test_dataset.select(keep)

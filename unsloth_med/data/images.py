@@ -103,3 +103,16 @@ def _describe(source: Any) -> str:
     if isinstance(source, dict) and source.get("path"):
         return str(source["path"])
     return f"<{type(source).__name__} image>"
+
+
+def raw_image_column(dataset) -> list:
+    """The `image` column without letting `datasets` decode it (paths stay paths, images stay bytes), so
+    decoding, and its errors, happen in `load_image`. Works on a datasets.Dataset or a list of rows."""
+    features = getattr(dataset, "features", None)
+    if features is not None:
+        from datasets import Image as ImageFeature
+
+        if isinstance(features.get("image"), ImageFeature):
+            return list(dataset.cast_column("image", ImageFeature(decode=False))["image"])
+        return list(dataset["image"])
+    return [row["image"] for row in dataset]

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import DataError, ImageError
-from .images import load_image
+from .images import load_image, raw_image_column
 
 log = logging.getLogger(__name__)
 
@@ -26,21 +26,12 @@ def _problem(source, image_size) -> str | None:
     return None
 
 
-def _raw_images(dataset) -> list:
-    """Image column values without letting `datasets` decode them (its decode errors are not ours to word)."""
-    from datasets import Image as ImageFeature
-
-    if isinstance(dataset.features.get("image"), ImageFeature):
-        return dataset.cast_column("image", ImageFeature(decode=False))["image"]
-    return dataset["image"]
-
-
 def validate_split(dataset, split: str, *, image_size: int | None, max_bad_fraction: float,
                    workers: int | None = None):
     """(dataset without unusable rows, list of skipped rows {id, image, reason})."""
     if not len(dataset):
         return dataset, []
-    sources = _raw_images(dataset)
+    sources = raw_image_column(dataset)
     with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
         problems = list(pool.map(lambda s: _problem(s, image_size), sources))
     ids = dataset["id"]
