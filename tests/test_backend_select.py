@@ -99,7 +99,7 @@ def test_gradient_checkpointing_setting_rejects_garbage():
 
 @pytest.mark.parametrize("size", [(512, 371), (371, 512), (640, 480), (30, 700), (512, 512), (20, 20)])
 def test_snap_image_gives_patch_multiples_within_the_limit(size):
-    from unsloth_med.backends.unsloth import snap_image
+    from unsloth_med.data.images import snap_image
 
     out = snap_image(Image.new("RGB", size), 28, 512)
     assert all(side % 28 == 0 and 28 <= side <= 504 for side in out.size), out.size
@@ -109,7 +109,7 @@ def test_snap_image_gives_patch_multiples_within_the_limit(size):
 def test_image_factor_per_family():
     from types import SimpleNamespace as NS
 
-    from unsloth_med.backends.unsloth import image_factor
+    from unsloth_med.models.families import image_factor
     from unsloth_med.models.families import FAMILIES
 
     pixtral = NS(model_type="mistral3", spatial_merge_size=2, vision_config=NS(patch_size=14))

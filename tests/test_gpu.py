@@ -36,7 +36,8 @@ if CUDA and HAS_UNSLOTH:  # unsloth patches transformers/trl/peft: import it bef
 
 from unsloth_med.config import LoraArgs, ModelArgs  # noqa: E402
 from unsloth_med.models import prompting  # noqa: E402
-from unsloth_med.models.families import family_of, module_kind  # noqa: E402
+from unsloth_med.data.prepare import prepare_images  # noqa: E402
+from unsloth_med.models.families import family_of, image_fit, module_kind  # noqa: E402
 from unsloth_med.recipes.base import DataSource, Recipe  # noqa: E402
 
 def _grouped(*families):
@@ -207,9 +208,17 @@ def trained(tiny_model, tmp_path_factory):
         model, processor = backend.load(str(tiny_model(family)), ModelArgs(load_in_4bit=True))
         model = backend.add_adapters(model, _lora(), ModelArgs(), seed=0)
         backend.for_training(model)
-        collator = backend.collator(model, processor, RECIPE, image_size=IMAGE_SIZE, max_seq_length=4096)
-        trainer = build_trainer(model, processor, datasets.Dataset.from_list(rows), collator,
-                                _training_args(work / "run"), work)
+        # As the pipeline does: images prepared (sized once, with lengths for the GPU default of length
+        # grouping), collated by dataloader worker processes.
+        fit = image_fit(model.config, IMAGE_SIZE, buckets=True)
+        train_set, _ = prepare_images(datasets.Dataset.from_list(rows), fit, work / "prepared")
+        collator = backend.collator(model, processor, RECIPE, image_size=fit, max_seq_length=4096)
+        args = _training_args(work / "run")
+        assert args.dataloader_num_workers == 2 and args.train_sampling_strategy == "group_by_length"
+        # Random order as in the loss thresholds' reference runs (lr 1e-2 on 8 images is order-sensitive);
+        # length grouping runs in the memory-cap test below and in every pipeline run on the GPU.
+        args.train_sampling_strategy = "random"
+        trainer = build_trainer(model, processor, train_set, collator, args, work)
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         cache[family] = dict(backend=backend, model=trainer.model, processor=processor, rows=rows,
@@ -371,3 +380,34 @@ def test_no_layer_selected_is_a_clear_error(tiny_model):
     model, _ = backend.load(str(tiny_model("mistral3")), ModelArgs(load_in_4bit=True))
     with pytest.raises(BackendError, match="finetune"):
         backend.add_adapters(model, _lora(attention=False, mlp=False), ModelArgs(), seed=0)
+
+
+def test_memory_cap_keeps_the_effective_batch_and_refuses_an_impossible_cap(tiny_model, tmp_path):
+    """--max_memory_gib: the largest micro-batch dividing the effective batch; the rest is accumulation."""
+    import datasets
+
+    from unsloth_med.errors import BackendError
+    from unsloth_med.train import build_trainer, fit_micro_batch
+
+    backend = _backend()
+    model, processor = backend.load(str(tiny_model("mistral3")), ModelArgs(load_in_4bit=True))
+    model = backend.add_adapters(model, _lora(), ModelArgs(), seed=0)
+    backend.for_training(model)
+    fit = image_fit(model.config, IMAGE_SIZE, buckets=True)
+    train_set, _ = prepare_images(datasets.Dataset.from_list(_make_rows(tmp_path / "images")), fit, tmp_path / "prep")
+    collator = backend.collator(model, processor, RECIPE, image_size=fit, max_seq_length=4096)
+    args = _training_args(tmp_path / "run", steps=2)
+    args.per_device_train_batch_size, args.gradient_accumulation_steps = 6, 1
+    trainer = build_trainer(model, processor, train_set, collator, args, tmp_path)
+    try:
+        roomy = fit_micro_batch(trainer, train_set, max_memory_gib=40)
+        assert roomy["micro_batch"] == 6 and roomy["gradient_accumulation_steps"] == 1
+        assert roomy["probe_peak_allocated_gib"] < 40
+        trainer.train()  # trains under the cap with what was chosen
+        assert trainer.state.global_step == 2
+        used = torch.cuda.memory_allocated() / 2**30
+        with pytest.raises(BackendError, match="max_memory_gib"):
+            fit_micro_batch(trainer, train_set, max_memory_gib=max(0.01, used * 0.5))
+        print(f"\nmemory fit: {roomy}")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)

@@ -64,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Cap GPU memory per process and find the largest batch that fits (accelerate).")
     p.add_argument("--start_batch", type=int, default=64, help="First batch tried under --max_memory_gib.")
     p.add_argument("--no_flops", action="store_true", help="Skip the FlopCounterMode step.")
+    p.add_argument("--image_buckets", default="true",
+                   help="Pad images into the fixed bucket boxes (as training runs do by default); false: own sizes.")
+    p.add_argument("--gradient_checkpointing", default="unsloth",
+                   help="unsloth paths: 'unsloth' (activations offloaded to CPU) or 'true' (kept on the GPU).")
+    p.add_argument("--speedups", action="store_true",
+                   help="The package's own training speedups on top of the path: batches of same-size images (as length "
+                        "grouping makes them), the vision tower run as a batch, no backward through a frozen vision "
+                        "tower (models/speedups.py). Off: the path as the ecosystem runs it.")
+    p.add_argument("--profile", action="store_true",
+                   help="Profile one more step per batch size: GPU-busy share of the step and the top kernels.")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default=None, help="Prefix of the result files (default: date + GPU).")
     p.add_argument("--timeout", type=int, default=1800, help="Seconds per path before it is stopped.")
@@ -115,11 +125,15 @@ def bench_command(argv: list[str]) -> int:
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--lora_r", str(args.lora_r),
                "--finetune_vision_layers", args.finetune_vision_layers, "--learning_rate", str(args.learning_rate),
                "--image_size", str(data_info["image_size"]), "--recipe", args.recipe, "--seed", str(args.seed),
-               "--start_batch", str(args.start_batch)]
+               "--start_batch", str(args.start_batch), "--gradient_checkpointing", args.gradient_checkpointing]
         if args.max_memory_gib:
             cmd += ["--max_memory_gib", str(args.max_memory_gib)]
         if args.no_flops:
             cmd += ["--no_flops"]
+        if args.profile:
+            cmd += ["--profile"]
+        if args.speedups:
+            cmd += ["--speedups"]
         print(f"[bench] {path}: {' '.join(cmd[2:4])} ... (log: {log_file})", flush=True)
         t0 = time.time()
         result_file.unlink(missing_ok=True)
@@ -138,7 +152,7 @@ def bench_command(argv: list[str]) -> int:
         result.update(wall_s=round(time.time() - t0, 1), model=model_name, shape=shape_info, data=data_info, tag=tag,
                       command="unsloth-med bench " + " ".join(argv))
         results.append(result)
-        (out / f"{tag}_{_slug(model_name)}_{path}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{tag}_{_slug(model_name)}_{_variant(path, args)}.json").write_text(json.dumps(result, indent=1))
         print(f"[bench] {path}: done in {time.time() - t0:.0f} s" + (f" ({result['error']})" if "error" in result else ""),
               flush=True)
     fill_missing_flops(results)
@@ -168,7 +182,9 @@ def merge_command(args, argv: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for r in results:  # the per-path files, updated with borrowed FLOP counts
-        (out / f"{tag}_{_slug(model_name)}_{r['path']}.json").write_text(json.dumps(r, indent=1))
+        variant = r["path"] + ("-speedups" if r.get("speedups") else "") + (
+            f"-cap{r['max_memory_gib']:g}" if r.get("max_memory_gib") else "")
+        (out / f"{tag}_{_slug(model_name)}_{variant}.json").write_text(json.dumps(r, indent=1))
     rows = table_rows(results)
     gpus = sorted({r.get("gpu", "?") for r in results})
     commands = sorted({r.get("command", "") for r in results if r.get("command")})
@@ -180,6 +196,12 @@ def merge_command(args, argv: list[str]) -> int:
     (out / f"{tag}_{_slug(model_name)}.md").write_text(f"# {model_name} on {summary['gpu']}\n\n{cmd_text}\n\n{table}\n")
     print(table)
     return 0
+
+
+def _variant(path: str, args) -> str:
+    """The result file's name part: the path, with the speedups and the memory cap when used."""
+    cap = getattr(args, "max_memory_gib", None)
+    return path + ("-speedups" if getattr(args, "speedups", False) else "") + (f"-cap{cap:g}" if cap else "")
 
 
 def _slug(text: str) -> str:
@@ -209,16 +231,16 @@ def prepare_rows(args, model_dir: Path, work: Path, max_batch: int) -> tuple[Pat
     """Decode, resize and snap the images once; every path reads the same files."""
     from transformers import AutoConfig
 
-    from .backends.unsloth import image_factor, snap_image
-    from .data.images import load_image
+    from .data.images import ImageFit, load_image
     from .data.sources import load_recipe_data
-    from .models.families import family_of
+    from .models.families import family_of, image_factor
     from .recipes import get_recipe
 
     recipe = get_recipe(args.recipe)
     image_size = args.image_size or recipe.image_size
     config = AutoConfig.from_pretrained(model_dir)
     factor = image_factor(config, family_of(config))
+    fit = ImageFit(image_size, factor, _truthy(args.image_buckets))
     n = max(8, max_batch * (args.warmup + args.steps + 1))
     splits = load_recipe_data(recipe, args.data_dir, seed=args.seed)
     train = splits["train"].shuffle(seed=args.seed)
@@ -229,14 +251,16 @@ def prepare_rows(args, model_dir: Path, work: Path, max_batch: int) -> tuple[Pat
     t0 = time.time()
     for i in range(n):
         row = train[i]
-        image = snap_image(load_image(row["image"], image_size), factor, image_size)
+        image = load_image(row["image"], fit)
         path = img_dir / f"{i:05d}.png"
         image.save(path)
         sizes[f"{image.size[0]}x{image.size[1]}"] = sizes.get(f"{image.size[0]}x{image.size[1]}", 0) + 1
-        rows.append({"image": str(path), "target": row["target"], "id": str(row["id"])})
+        rows.append({"image": str(path), "target": row["target"], "id": str(row["id"]),
+                     "shape": f"{image.size[0]}x{image.size[1]}"})
     rows_file = work / "rows.json"
     rows_file.write_text(json.dumps(rows))
-    info = {"recipe": recipe.name, "image_size": image_size, "snap_factor": factor, "images": n,
+    info = {"recipe": recipe.name, "image_size": image_size, "snap_factor": factor, "image_buckets": fit.buckets,
+            "images": n,
             "distinct_sizes": len(sizes), "prepare_s": round(time.time() - t0, 1)}
     return rows_file, info
 
@@ -253,9 +277,20 @@ def fill_missing_flops(results: list[dict]) -> None:
             key = (b.get("batch_size"), b.get("tokens_per_step", 0))
             if b.get("flops_per_step"):
                 known[key] = max(known.get(key, 0.0), b["flops_per_step"])
+    # Where no step of that batch was counted (FlopCounterMode ran out of memory at the large batch, or
+    # was skipped): FLOPs per token of a counted step, times this step's tokens. Linear in tokens is
+    # right to within the attention term, a few percent at these lengths.
+    per_token = max((b["flops_per_step"] / b["tokens_per_step"] for r in results for b in r.get("batches", [])
+                     if b.get("flops_per_step") and b.get("tokens_per_step") and
+                     b.get("flops_source", "").startswith("FlopCounterMode")), default=None)
     for r in results:
         for b in r.get("batches", []):
             key = (b.get("batch_size"), b.get("tokens_per_step", 0))
+            if b.get("median_step_s") and key not in known and per_token and b.get("tokens_per_step"):
+                b["flops_per_step"] = per_token * b["tokens_per_step"]
+                b["flops_source"] = "FLOPs per token of a counted step x this step's tokens"
+                _add_mfu(b, r.get("matmul_tflops"))
+                continue
             if not b.get("median_step_s") or key not in known:
                 continue
             own = b.get("flops_per_step")
@@ -283,13 +318,16 @@ def table_rows(results: list[dict]) -> list[dict]:
             continue
         for b in r.get("batches", []):
             rows.append({
-                "path": r["path"], "batch_size": b["batch_size"], "error": b.get("error"),
+                "path": r["path"] + (" +speedups" if r.get("speedups") else ""), "batch_size": b["batch_size"],
+                "error": b.get("error"),
                 "samples_per_s": b.get("samples_per_s"), "tokens_per_s": b.get("tokens_per_s"),
                 "median_step_s": b.get("median_step_s"), "max_over_median": b.get("max_over_median"),
                 "peak_alloc_gib": b.get("peak_alloc_gib"), "peak_reserved_gib": b.get("peak_reserved_gib"),
                 "load_s": r.get("load_s"), "warmup_s": b.get("warmup_s"),
                 "flops_per_sample": b.get("flops_per_sample"), "mfu": b.get("mfu"), "final_loss": b.get("final_loss"),
                 "data_share": b.get("data_share"), "memory_cap_gib": r.get("max_memory_gib"),
+                "gpu_busy_share": (b.get("profile") or {}).get("gpu_busy_share"),
+                "gradient_checkpointing": r.get("gradient_checkpointing"),
             })
     base = next((x for x in rows if x["path"] == "hf-bf16" and x.get("batch_size") == 2 and x.get("samples_per_s")), None)
     hf = [x for x in rows if x["path"].startswith("hf-") and x.get("samples_per_s")]
@@ -307,19 +345,21 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| path | batch | samples/s | tokens/s | median step s | max/median | peak alloc GiB | peak reserved GiB "
-            "| load s | warm-up s | TFLOPs/sample | MFU | final loss | data share | × hf-bf16 b2 | × best HF ≤ mem |")
-    lines = [head, "|" + "---|" * 16]
+    head = ("| path | cap GiB | batch | samples/s | tokens/s | median step s | max/median | peak alloc GiB | peak reserved GiB "
+            "| load s | warm-up s | TFLOPs/sample | MFU | GPU busy | final loss | data share | × hf-bf16 b2 | × best HF ≤ mem |")
+    lines = [head, "|" + "---|" * 18]
     for x in rows:
+        cap = _fmt(x.get("memory_cap_gib"), "g")
         if x.get("error") and not x.get("samples_per_s"):
-            lines.append(f"| {x['path']} | {x.get('batch_size', '—')} | failed: {str(x['error'])[:80]} |" + " |" * 13)
+            lines.append(f"| {x['path']} | {cap} | {x.get('batch_size', '—')} | failed: {str(x['error'])[:80]} |" + " |" * 14)
             continue
         lines.append("| " + " | ".join([
-            x["path"], str(x["batch_size"]), _fmt(x["samples_per_s"], ".2f"), _fmt(x["tokens_per_s"], ".0f"),
+            x["path"], cap, str(x["batch_size"]), _fmt(x["samples_per_s"], ".2f"), _fmt(x["tokens_per_s"], ".0f"),
             _fmt(x["median_step_s"], ".3f"), _fmt(x["max_over_median"], ".2f"), _fmt(x["peak_alloc_gib"], ".1f"),
             _fmt(x["peak_reserved_gib"], ".1f"), _fmt(x["load_s"], ".0f"), _fmt(x["warmup_s"], ".1f"),
             _fmt(x["flops_per_sample"] / 1e12 if x.get("flops_per_sample") else None, ".2f"),
             _fmt(x["mfu"] * 100 if x.get("mfu") else None, ".1f") + ("%" if x.get("mfu") else ""),
+            _fmt(x["gpu_busy_share"] * 100 if x.get("gpu_busy_share") else None, ".0f") + ("%" if x.get("gpu_busy_share") else ""),
             _fmt(x["final_loss"], ".3f"), _fmt(x["data_share"] * 100 if x.get("data_share") is not None else None, ".1f")
             + ("%" if x.get("data_share") is not None else ""),
             _fmt(x.get("x_hf_bf16_b2"), ".2f"), _fmt(x.get("x_best_hf_same_memory"), ".2f"),
@@ -370,7 +410,7 @@ def _empty_cache():
         torch.cuda.reset_peak_memory_stats()
 
 
-def _load_path(path: str, model_dir: str, lora, seed: int):
+def _load_path(path: str, model_dir: str, lora, seed: int, gradient_checkpointing: str = "unsloth"):
     """(model, processor, backend, info) with LoRA attached, ready to train."""
     import torch
 
@@ -382,12 +422,14 @@ def _load_path(path: str, model_dir: str, lora, seed: int):
         from .backends.unsloth import UnslothBackend
 
         backend = UnslothBackend()
-        margs = ModelArgs(load_in_4bit=path == "unsloth-4bit", use_gradient_checkpointing="unsloth", max_seq_length=8192)
+        margs = ModelArgs(load_in_4bit=path == "unsloth-4bit", use_gradient_checkpointing=gradient_checkpointing,
+                          max_seq_length=8192)
         model, processor = backend.load(model_dir, margs)
         info["load_s"] = time.perf_counter() - t0
         model = backend.add_adapters(model, lora, margs, seed)
         backend.for_training(model)
-        info["gradient_checkpointing"] = "unsloth (offloaded)"
+        info["gradient_checkpointing"] = ("unsloth (offloaded to CPU)" if gradient_checkpointing == "unsloth"
+                                          else f"unsloth ({gradient_checkpointing}, on GPU)")
     else:
         from peft import LoraConfig, get_peft_model
 
@@ -450,12 +492,19 @@ def run_worker(args) -> dict:
                     finetune_vision_layers=_truthy(args.finetune_vision_layers), finetune_language_layers=True,
                     finetune_attention_modules=True, finetune_mlp_modules=True)
     _empty_cache()
-    model, processor, backend, info = _load_path(path, args.model_dir, lora, args.seed)
+    model, processor, backend, info = _load_path(path, args.model_dir, lora, args.seed,
+                                                 args.gradient_checkpointing or "unsloth")
     result.update({k: (round(v, 2) if isinstance(v, float) else v) for k, v in info.items()})
     result["load_peak_gib"] = round(_mem("max_memory_allocated"), 2)
     recipe = get_recipe(args.recipe)
     collator = backend.collator(model, processor, recipe, image_size=args.image_size, max_seq_length=8192)
     rows = json.loads(Path(args.rows).read_text())
+    if args.speedups:
+        from .models.speedups import apply_training_speedups
+
+        result["speedups"] = apply_training_speedups(model)
+        # What length grouping does in training: consecutive batches of one image shape (stable order).
+        rows.sort(key=lambda r: r.get("shape", ""))
     params = [p for p in model.parameters() if p.requires_grad]
     if DEVICE == "cuda":
         import bitsandbytes as bnb
@@ -508,6 +557,8 @@ def run_worker(args) -> dict:
             "collate_s_median": round(statistics.median(collate_s), 4),
             "data_share": round(statistics.median(collate_s) / (statistics.median(collate_s) + median), 4),
         }
+        if args.profile:
+            entry["profile"] = profile_step(lambda: step(batches[-1]))
         if not args.no_flops:
             try:
                 from torch.utils.flop_counter import FlopCounterMode
@@ -555,6 +606,38 @@ def run_worker(args) -> dict:
     return result
 
 
+def profile_step(run_step, top: int = 12) -> dict:
+    """One step under torch.profiler: how much of its wall time the GPU spent in kernels, and on which."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    with profile(activities=activities) as prof:
+        _sync()
+        t0 = time.perf_counter()
+        run_step()
+        _sync()
+        wall = time.perf_counter() - t0
+    from torch.autograd import DeviceType
+
+    # Only the device-side work (kernels, memcpy, memset): the CPU ops that launched it carry the same
+    # time again, and so do GPU-side ranges of annotations such as "Optimizer.step#AdamW8bit.step"
+    # (they share a CPU event's name). Summing those too would count time twice.
+    averages = prof.key_averages()
+    cpu_names = {e.key for e in averages if getattr(e, "device_type", None) != DeviceType.CUDA}
+    events = [e for e in averages if getattr(e, "device_type", None) == DeviceType.CUDA and e.key not in cpu_names]
+
+    def device_us(e) -> float:
+        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0)
+
+    busy = sum(device_us(e) for e in events) / 1e6
+    ranked = sorted(events, key=device_us, reverse=True)[:top]
+    return {"wall_s": round(wall, 4), "gpu_kernel_s": round(busy, 4),
+            "gpu_busy_share": round(busy / wall, 4) if wall else None,
+            "top_kernels": [{"name": e.key[:90], "gpu_ms": round(device_us(e) / 1e3, 2), "calls": e.count,
+                             "share": round(device_us(e) / 1e6 / wall, 4) if wall else None} for e in ranked]}
+
+
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -575,9 +658,12 @@ def _worker_main(argv: list[str]) -> int:
     p.add_argument("--result", required=True)
     for name, kind in (("--batch_sizes", str), ("--steps", int), ("--warmup", int), ("--lora_r", int),
                        ("--finetune_vision_layers", str), ("--learning_rate", float), ("--image_size", int),
-                       ("--recipe", str), ("--seed", int), ("--max_memory_gib", float), ("--start_batch", int)):
+                       ("--recipe", str), ("--seed", int), ("--max_memory_gib", float), ("--start_batch", int),
+                       ("--gradient_checkpointing", str)):
         p.add_argument(name, type=kind, default=None)
     p.add_argument("--no_flops", action="store_true")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--speedups", action="store_true")
     args = p.parse_args(argv)
     result = run_worker(args)
     Path(args.result).write_text(json.dumps(result, indent=1))

@@ -45,6 +45,14 @@ class ModelArgs:
         "help": "Train every weight instead of LoRA adapters. Only sensible for tiny models (the offline demo)."})
     use_gradient_checkpointing: str = field(default="unsloth", metadata={
         "help": "unsloth backend: 'unsloth' (offloaded, least memory), 'true' or 'false'."})
+    training_speedups: bool = field(default=True, metadata={
+        "help": "Run each same-size group of a batch's images through the Pixtral vision tower as a batch (not one "
+                "block-masked sequence), and skip the backward of a frozen vision tower. Same results; off only to "
+                "compare speed (models/speedups.py)."})
+    max_memory_gib: float | None = field(default=None, metadata={
+        "help": "Cap this run's GPU memory (GiB) and train with the largest micro-batch that fits under it: the "
+                "effective batch (per_device_train_batch_size x gradient_accumulation_steps) stays the same, the rest "
+                "becomes gradient accumulation. Set per_device_train_batch_size to the whole batch to let it search."})
 
 
 @dataclass
@@ -71,6 +79,13 @@ class DataArgs:
                 "download the recipe's source (needs network and, for Kaggle, credentials)."})
     image_size: int | None = field(default=None, metadata={
         "help": "Longest image side in pixels; drives image tokens and memory. Default: the recipe's."})
+    image_buckets: bool = field(default=True, metadata={
+        "help": "Scale every image to image_size and pad it (black) into one of a few fixed boxes (square, 3:4, 1:2, "
+                "1:3), so batch shapes repeat: no recompilation per new image shape, same-shape batches. Off: each "
+                "image keeps its own size (shrunk to image_size, snapped to the patch grid)."})
+    preprocess_images: bool = field(default=True, metadata={
+        "help": "Decode and size every image once before training (cached as PNG under the cache folder) instead "
+                "of in every batch of every epoch. Same pixels either way."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many test examples."})
     max_bad_fraction: float = field(default=0.05, metadata={
@@ -229,7 +244,12 @@ def read_yaml_tree(path: str | Path) -> dict[str, Any]:
 
 
 def device_defaults() -> dict[str, Any]:
-    """Defaults that depend on the machine: 8-bit AdamW and bf16 need a CUDA GPU."""
+    """Defaults that depend on the machine: 8-bit AdamW and bf16 need a CUDA GPU.
+
+    On a GPU, batches are also grouped by sample length (same image bucket together: no padding, shapes
+    repeat) and collated by 2 worker processes into pinned memory while the GPU computes. On a CPU the
+    workers would only compete with training for the cores.
+    """
     import torch
 
     cuda = torch.cuda.is_available()
@@ -237,6 +257,9 @@ def device_defaults() -> dict[str, Any]:
         "optim": "adamw_8bit" if cuda else "adamw_torch",
         "bf16": bool(cuda and torch.cuda.is_bf16_supported()),
         "fp16": bool(cuda and not torch.cuda.is_bf16_supported()),
+        "train_sampling_strategy": "group_by_length" if cuda else "random",
+        "dataloader_num_workers": 2 if cuda else 0,
+        "dataloader_pin_memory": cuda,
     }
 
 

@@ -41,7 +41,9 @@ from typing import Any
 
 import torch
 
+from .data.images import fit_record
 from .errors import ExportError, UnslothMedError
+from .models.families import image_fit
 from .secrets import redact
 
 log = logging.getLogger(__name__)
@@ -421,7 +423,7 @@ def export_merged(backend, model, processor, recipe, dataset, out_dir, *, image_
             # Verification: plain transformers, from the folder as written.
             reloaded, reloaded_processor = _reload(tmp, reference_device)
             saved_dtype = _input_dtype(reloaded)
-            info = {**_recipe_info(recipe), "base_model": merged_from, "image_size": image_size,
+            info = {**_recipe_info(recipe), "base_model": merged_from, **fit_record(image_size),
                     "format": "merged-16bit", "dtype": str(saved_dtype).replace("torch.", ""), "trained_on": base_model}
             _write_json(tmp / "unsloth_med.json", info)
             processor_check = _check_processor(reloaded_processor, processor, recipe, rows, image_size)
@@ -457,12 +459,12 @@ def export_merged(backend, model, processor, recipe, dataset, out_dir, *, image_
                     "usually means the adapter was not merged (or merged twice), or weights were lost on save."
                 )
             (tmp / "README.md").write_text(model_card(recipe, base_model=merged_from, export_format="merged-16bit",
-                                                      run_dir=run_dir or out_dir.parent, image_size=image_size,
+                                                      run_dir=run_dir or out_dir.parent, image_size=fit_record(image_size)["image_size"],
                                                       verification=verification))
             files, size = _folder_listing(tmp)
             _check_no_secrets(tmp)
             result = {"format": "merged-16bit", "backend": backend_name, "method": method, "base_model": merged_from,
-                      "recipe": info["recipe"], "image_size": image_size, "dtype": info["dtype"],
+                      "recipe": info["recipe"], **fit_record(image_size), "dtype": info["dtype"],
                       "quantized_training": quantized, "files": files + ["export.json"], "size_bytes": size,
                       "verification": verification, "seconds": round(time.time() - started, 1)}
             _write_json(tmp / "export.json", result)  # written last: marks the folder complete
@@ -617,8 +619,10 @@ def export_run(run_dir, *, format: str = "merged-16bit", out: str | None = None,
     else:
         raise ExportError(f"{adapter_dir} holds neither an adapter nor a model. Train the run to the end first.")
     dataset = _verification_dataset(recipe, config)
+    buckets = meta.get("image_buckets", ((config.get("data") or {}).get("image_buckets", False)))
+    fit = image_fit(model.config, image_size, buckets=bool(buckets))
     return export_merged(chosen, model, processor, recipe, dataset, Path(out) if out else run_dir / "merged",
-                         image_size=image_size, base_model=base_model, run_dir=run_dir)
+                         image_size=fit, base_model=base_model, run_dir=run_dir)
 
 
 def export_command(argv: list[str]) -> int:

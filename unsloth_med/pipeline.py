@@ -111,9 +111,19 @@ def run(recipe: Recipe, config: Config) -> dict:
     from .evaluate.report import format_table, write_report
     from .models import resolve_model_name
     from .recipes.generic import record_resolved, resolve_recipe
-    from .train import build_trainer, last_checkpoint, train
+    from .data.images import fit_record
+    from .data.prepare import prepare_images
+    from .models.families import image_fit
+    from .models.speedups import apply_training_speedups
+    from .train import build_trainer, fit_micro_batch, last_checkpoint, train
 
     started = time.time()
+    if not config.data.preprocess_images and config.training.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
+        raise ConfigError(f"--train_sampling_strategy {config.training.train_sampling_strategy} needs each sample's "
+                          "length, which image preparation records: drop --preprocess_images false, or add "
+                          "--train_sampling_strategy random.")
+    if config.model.max_memory_gib and not torch.cuda.is_available():
+        raise ConfigError("--max_memory_gib caps GPU memory, and no CUDA GPU is visible: leave it unset on a CPU.")
     run_dir = prepare_run_dir(config)
     handler = _setup_logging(run_dir)
     try:
@@ -151,8 +161,14 @@ def run(recipe: Recipe, config: Config) -> dict:
         print(f"Data: {summary['sizes']['train']} train / {summary['sizes']['test']} test examples")
 
         model, processor = backend.load(model_name, config.model)
+        # One sizing rule for training, evaluation and export (longest side, patch grid, buckets).
+        fit = image_fit(model.config, image_size, buckets=config.data.image_buckets)
+        if config.data.preprocess_images:
+            train_set, summary["prepared_images"] = prepare_images(train_set, fit)
+            test_set, _ = prepare_images(test_set, fit)
+
         eval_kw = dict(mode=config.eval.eval_mode, batch_size=config.eval.eval_batch_size,
-                       max_new_tokens=config.eval.max_new_tokens, image_size=image_size)
+                       max_new_tokens=config.eval.max_new_tokens, image_size=fit)
         before = None
         resume_from = last_checkpoint(run_dir) if config.run.resume else None
         if config.eval.eval_before and not resume_from:
@@ -165,10 +181,14 @@ def run(recipe: Recipe, config: Config) -> dict:
         _write_status(run_dir, stage="train")
         model = backend.add_adapters(model, config.lora, config.model, seed)
         backend.for_training(model)
-        collator = backend.collator(model, processor, recipe, image_size=image_size,
+        collator = backend.collator(model, processor, recipe, image_size=fit,
                                     max_seq_length=config.model.max_seq_length)
+        pre_train = {"speedups": apply_training_speedups(model) if config.model.training_speedups else None}
         trainer = build_trainer(model, processor, train_set, collator, config.training, run_dir)
         try:
+            if config.model.max_memory_gib:
+                pre_train["memory_fit"] = fit_micro_batch(trainer, train_set, config.model.max_memory_gib)
+            (run_dir / "train_stats.json").write_text(json.dumps(pre_train, indent=1))
             history = train(trainer, resume_from=resume_from)
         except torch.OutOfMemoryError as exc:
             raise out_of_memory_error(config, run_dir) from exc
@@ -178,7 +198,7 @@ def run(recipe: Recipe, config: Config) -> dict:
         model.save_pretrained(adapter_dir)
         processor.save_pretrained(adapter_dir)
         (adapter_dir / "unsloth_med.json").write_text(json.dumps({"recipe": recipe.name, "base_model": model_name,
-                                                                   "image_size": image_size,
+                                                                   **fit_record(fit),
                                                                    "labels": list(recipe.labels),
                                                                    "instruction": recipe.instruction}, indent=1))
         _write_status(run_dir, stage="eval_after")
@@ -194,7 +214,7 @@ def run(recipe: Recipe, config: Config) -> dict:
             _write_status(run_dir, stage="export")
             try:
                 exported = export_merged(backend, model, processor, recipe, test_set, run_dir / "merged",
-                                         image_size=image_size, base_model=model_name)
+                                         image_size=fit, base_model=model_name)
             except ExportError as exc:  # keep the evaluation results: write the report, then fail
                 exported, export_error = {"ok": False, "error": str(exc)}, exc
 

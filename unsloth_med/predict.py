@@ -34,7 +34,7 @@ class Loaded:
     model: Any
     processor: Any
     recipe: Any
-    image_size: int
+    image_size: Any  # the ImageFit the model was trained with (longest side, patch grid, buckets)
     kind: str  # "run", "adapter", "merged" or "checkpoint"
     source: str
     data_dir: str | None = None  # a run's recorded data folder
@@ -91,7 +91,7 @@ def load_for_inference(model_dir_or_run_dir: str | Path, *, recipe=None, backend
 
     source = str(model_dir_or_run_dir)
     path = Path(source)
-    data_dir = None
+    data_dir, config = None, {}
     engine = pick_backend(backend)
     if path.is_dir() and (path / "config.yaml").is_file() and (path / "adapter").is_dir():
         config = _read_yaml(path / "config.yaml")
@@ -136,7 +136,11 @@ def load_for_inference(model_dir_or_run_dir: str | Path, *, recipe=None, backend
 
     recorded = {**info, **((config.get("data") or {}) if kind == "run" else {})}
     rec = resolve_recipe(rec, recorded) if recorded.get("labels") or recorded.get("instruction") else rec
-    return Loaded(model, processor, _with_labels(rec, info), int(image_size), kind, source, data_dir)
+    from .models.families import image_fit
+
+    buckets = info.get("image_buckets", (config.get("data") or {}).get("image_buckets", False))
+    fit = image_fit(model.config, int(image_size), buckets=bool(buckets))  # the sizing the model was trained with
+    return Loaded(model, processor, _with_labels(rec, info), fit, kind, source, data_dir)
 
 
 def predict(model_dir_or_run_dir: str | Path, images: Sequence[str], *, top_k: int = 3, recipe=None,

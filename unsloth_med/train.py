@@ -30,28 +30,41 @@ class JsonlLogCallback(TrainerCallback):
 
 
 class StepStatsCallback(TrainerCallback):
-    """Seconds per optimizer step and peak GPU memory, written to <run>/train_stats.json at the end.
+    """Seconds per optimizer step, time waiting for data, and peak GPU memory, written to <run>/train_stats.json.
 
-    The first `warmup` steps (compilation, first image shapes) are reported apart, not in the median.
+    Step time runs from on_step_begin to on_step_end (forward, backward, optimizer). The Trainer fetches
+    and collates a step's batches before on_step_begin, so the gap from one step's end to the next
+    step's begin is the time the GPU waited for data (plus logging). data_share = median wait /
+    (median wait + median step). The first `warmup` steps (compilation, first image shapes) are
+    reported apart, not in the medians.
     """
 
     def __init__(self, path: Path, warmup: int = 3):
-        self.path, self.warmup, self.times, self._start = path, warmup, [], None
+        self.path, self.warmup = path, warmup
+        self.times: list[float] = []
+        self.waits: list[float] = []
+        self._start = self._last_end = self._train_start = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         import torch
 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        self._train_start = self._last_end = time.perf_counter()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._sync()
         self._start = time.perf_counter()
+        if self._last_end is not None:
+            self.waits.append(self._start - self._last_end)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._start is not None:
             self._sync()
-            self.times.append(time.perf_counter() - self._start)
+            self._last_end = time.perf_counter()
+            self.times.append(self._last_end - self._start)
+            if len(self.times) % 5 == 0:  # an interrupted run still leaves its numbers so far
+                self.on_train_end(args, state, control)
 
     def on_train_end(self, args, state, control, **kwargs):
         import statistics
@@ -59,16 +72,29 @@ class StepStatsCallback(TrainerCallback):
         import torch
 
         steady = self.times[self.warmup:] or self.times
+        waits = self.waits[self.warmup:] or self.waits
+        samples = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        median = statistics.median(steady) if steady else None
+        wait = statistics.median(waits) if waits else None
         stats = {
             "steps_timed": len(self.times),
             "warmup_seconds": round(sum(self.times[: self.warmup]), 3),
-            "median_step_seconds": round(statistics.median(steady), 4) if steady else None,
-            "samples_per_step": args.per_device_train_batch_size * args.gradient_accumulation_steps,
+            "median_step_seconds": round(median, 4) if median else None,
+            "max_over_median": round(max(steady) / median, 3) if median else None,
+            "median_data_wait_seconds": round(wait, 4) if wait is not None else None,
+            "data_share": round(wait / (wait + median), 4) if median and wait is not None else None,
+            "samples_per_step": samples,
+            "micro_batch": args.per_device_train_batch_size,
+            "samples_per_second": round(samples / median, 3) if median else None,
+            "train_seconds": round(time.perf_counter() - self._train_start, 2) if self._train_start else None,
+            "dataloader_num_workers": args.dataloader_num_workers,
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         }
         if torch.cuda.is_available():
             stats["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             stats["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+        if self.path.is_file():  # keep what the run wrote before training (the memory fit)
+            stats = {**json.loads(self.path.read_text()), **stats}
         if state.is_world_process_zero:
             self.path.write_text(json.dumps(stats, indent=1))
 
@@ -121,6 +147,12 @@ def _sft_trainer_class():
 
 
 def build_trainer(model, processor, train_dataset, collator, training_args, run_dir: Path):
+    if training_args.train_sampling_strategy in ("group_by_length", "batch_rebalance") and \
+            "length" not in getattr(train_dataset, "column_names", []):
+        from .errors import ConfigError
+
+        raise ConfigError(f"train_sampling_strategy={training_args.train_sampling_strategy} needs a 'length' column: "
+                          "prepare the images first (data.prepare.prepare_images), or use 'random'.")
     return _sft_trainer_class()(
         model=model,
         args=training_args,
@@ -135,3 +167,66 @@ def train(trainer, *, resume_from: str | None = None) -> list[dict]:
     """Run training (from a checkpoint if given); returns the trainer's log history."""
     trainer.train(resume_from_checkpoint=resume_from)
     return list(trainer.state.log_history)
+
+
+def fit_micro_batch(trainer, dataset, max_memory_gib: float) -> dict:
+    """Cap GPU memory at max_memory_gib and use the largest micro-batch that fits, keeping the effective batch.
+
+    The effective batch (per_device_train_batch_size x gradient_accumulation_steps) is a learning
+    setting, so it never changes: the micro-batch becomes the largest divisor of it that fits, the rest
+    gradient accumulation. Each candidate runs one real training step (the trainer's own loss and
+    backward) on the longest samples of the data, through accelerate's find_executable_batch_size,
+    with the optimizer's future state held in reserve. Transformers' `auto_find_batch_size` is not used:
+    it halves the micro-batch without raising accumulation, which changes the effective batch.
+    """
+    import torch
+    from accelerate.utils import find_executable_batch_size
+
+    from .errors import BackendError
+
+    if not torch.cuda.is_available():
+        raise BackendError("--max_memory_gib caps GPU memory and needs a CUDA GPU; leave it unset on CPU.")
+    args = trainer.args
+    effective = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gib * 2**30 / total))
+    sizes = [d for d in range(effective, 0, -1) if effective % d == 0]
+    smaller = iter(sizes[1:])
+    lengths = dataset["length"] if "length" in getattr(dataset, "column_names", []) else [0] * len(dataset)
+    longest = sorted(range(len(dataset)), key=lambda i: -lengths[i])
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    reserve_bytes = 8 * trainable  # AdamW's two fp32 moments, allocated at the first optimizer step
+    tried: list[int] = []
+    if not hasattr(trainer, "current_gradient_accumulation_steps"):  # set by Trainer.train; training_step reads it
+        trainer.current_gradient_accumulation_steps = 1
+
+    @find_executable_batch_size(starting_batch_size=sizes[0], reduce_batch_size_fn=lambda: next(smaller, 0))
+    def probe(batch_size: int) -> int:
+        tried.append(batch_size)
+        rows = [dataset[longest[i % len(longest)]] for i in range(batch_size)]
+        reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device="cuda")
+        try:
+            trainer.training_step(trainer.model, trainer.data_collator(rows))
+        finally:
+            del reserve
+            trainer.model.zero_grad(set_to_none=True)
+        return batch_size
+
+    try:
+        micro = probe()
+    except RuntimeError as exc:
+        if "No executable batch size" not in str(exc):
+            raise
+        raise BackendError(f"Not even one sample fits in --max_memory_gib {max_memory_gib}: lower --image_size, load in "
+                           "4-bit, or raise the cap.") from exc
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    args.per_device_train_batch_size = micro
+    args.gradient_accumulation_steps = effective // micro
+    trainer._train_batch_size = args.train_batch_size  # what Trainer's own auto_find_batch_size updates
+    torch.cuda.empty_cache()
+    fit = {"max_memory_gib": max_memory_gib, "effective_batch": effective, "micro_batch": micro,
+           "gradient_accumulation_steps": effective // micro, "micro_batches_tried": tried,
+           "probe_peak_allocated_gib": round(peak, 3)}
+    log.info("Memory cap %.1f GiB: micro-batch %d x %d accumulation (tried %s)", max_memory_gib, micro,
+             effective // micro, tried)
+    return fit

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import BackendError
 from ..models import prompting
-from ..models.families import Family, family_of
+from ..models.families import family_of, image_fit
 
 log = logging.getLogger(__name__)
 
@@ -112,44 +112,6 @@ def gradient_checkpointing_value(setting: Any) -> Any:
     raise BackendError(f"--use_gradient_checkpointing must be 'unsloth', 'true' or 'false', not '{setting}'.")
 
 
-def snap_image(image, factor: int, max_side: int | None):
-    """Resize so both sides are multiples of `factor` (the vision patch x merge size), never above max_side.
-
-    Unsloth's collator and the plain processors round image sides differently (to the nearest multiple
-    of 28 vs up to it); snapping first makes every backend see the same pixels and the same number of
-    image tokens, and makes shapes repeat across batches.
-    """
-    if factor <= 1:
-        return image
-    w, h = image.size
-    limit = (max_side // factor) * factor if max_side else None
-
-    def snap(x: int) -> int:
-        s = max(factor, int(round(x / factor)) * factor)
-        if limit and s > limit:
-            s = max(factor, limit)
-        return s
-
-    size = (snap(w), snap(h))
-    if size == (w, h):
-        return image
-    from PIL import Image
-
-    return image.resize(size, Image.Resampling.BICUBIC)
-
-
-def image_factor(model_config, family: Family) -> int:
-    """Pixels per image token side (patch x spatial merge), or 1 where the processor tiles itself."""
-    if family.name not in ("mistral3", "qwen2_5_vl"):
-        return 1  # mllama tiles to 560 px, gemma3 resizes to a fixed square: no snapping needed
-    vision = getattr(model_config, "vision_config", None)
-    patch = getattr(vision, "patch_size", 14) or 14
-    if isinstance(patch, (list, tuple)):
-        patch = patch[0]
-    merge = getattr(model_config, "spatial_merge_size", None) or getattr(vision, "spatial_merge_size", None) or 2
-    return int(patch) * int(merge)
-
-
 class UnslothCollator:
     """Rows {image, target, id} -> UnslothVisionDataCollator batches, trained on the answer only.
 
@@ -165,13 +127,15 @@ class UnslothCollator:
             import_unsloth()
             from unsloth.trainer import UnslothVisionDataCollator as collator_cls
         self.family = family_of(model.config)
-        self.recipe, self.image_size, self.max_seq_length = recipe, image_size, max_seq_length
-        self.factor = image_factor(model.config, self.family)
+        # An int image_size gets the model's patch-grid snapping; the pipeline passes its ImageFit.
+        self.image_size = image_fit(model.config, image_size)
+        self.recipe, self.max_seq_length = recipe, max_seq_length
         self.inner = collator_cls(
             model,
             processor,
             max_seq_length=max_seq_length,
-            resize=image_size if image_size else "max",
+            # Fitted images are never larger than this, so Unsloth leaves them as they are.
+            resize=self.image_size.max_side if self.image_size.max_side else "max",
             resize_dimension="max",  # image_size bounds the longest side, as load_image does
             train_on_responses_only=True,
             instruction_part=self.family.instruction_part,
@@ -185,7 +149,7 @@ class UnslothCollator:
     def example(self, row: dict) -> dict:
         from ..data.images import load_image
 
-        image = snap_image(load_image(row["image"], self.image_size), self.factor, self.image_size)
+        image = load_image(row["image"], self.image_size)
         return {"messages": self.recipe.to_conversation(row, image=image)}
 
     def __call__(self, rows: list[dict]) -> dict:

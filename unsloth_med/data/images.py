@@ -4,11 +4,17 @@ Medical images arrive in every mode there is: 16-bit grayscale, CMYK scans, pale
 transparency, phone photos with an EXIF rotation. All become 8-bit RGB here, oriented as a person
 would see them, and never larger than `max_side` on their longest side: image size is what drives
 the number of image tokens, and so the model's memory use.
+
+`ImageFit` is how the package sizes an image for a model, in one place for training (both backends),
+evaluation, export checks and prediction, so they all see the same pixels: the longest side bounded,
+both sides snapped to the vision patch grid, and optionally padded into a few fixed-size buckets so
+that batch shapes repeat (no recompilation per new shape, no padding inside a batch).
 """
 from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +45,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(source: Any, max_side: int | None = None) -> Image.Image:
+def load_image(source: Any, max_side: "int | ImageFit | None" = None) -> Image.Image:
     """An RGB PIL image from a path, bytes, a dict {'bytes'|'path'} (HF datasets) or a PIL image.
 
-    Raises ImageError naming the file for anything that is not a usable image.
+    `max_side`: an int bounds the longest side (shrinking only); an `ImageFit` sizes the image for a
+    model (see ImageFit). Raises ImageError naming the file for anything that is not a usable image.
     """
+    if isinstance(max_side, ImageFit):
+        return max_side(load_image(source))
     name = _describe(source)
     if isinstance(source, (str, os.PathLike)) and str(source).lower().endswith(".dcm"):
         from .dicom import load_dicom  # optional dependency, only for DICOM files
@@ -63,6 +72,120 @@ def load_image(source: Any, max_side: int | None = None) -> Image.Image:
     if max_side and max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     return img
+
+
+# Short/long side ratios of the buckets: square, 3:4, 1:2, 1:3 (each in both orientations). Chosen for
+# radiographs: the bone-break images are 35% square and otherwise mostly tall, between 1:3.6 and 1:1.8.
+BUCKET_RATIOS = (1.0, 0.75, 0.5, 1 / 3)
+
+
+@dataclass(frozen=True)
+class ImageFit:
+    """How an image is sized for a model: the same rule for training, evaluation, export and predict.
+
+    - max_side: the longest side in pixels (the recipe's image_size).
+    - factor: pixels per image token side (vision patch x spatial merge, 28 for Pixtral and Qwen2.5-VL);
+      both sides become multiples of it, so every backend's processor sees the same pixels (Unsloth's
+      collator rounds to the nearest multiple, the plain processors round up). 1 = leave sizing to the
+      processor (Mllama tiles to 560 px, Gemma 3 resizes to a fixed square): only max_side applies.
+    - buckets: scale each image so its longest side is max_side, then pad it with black (a radiograph's
+      background) to the nearest of a few fixed boxes (BUCKET_RATIOS). Shapes then repeat across
+      batches, and same-shape images can be batched together (length grouping) without padding.
+      Off: each image keeps its own aspect (shrunk to max_side, snapped to the grid), so small images
+      stay small: fewer tokens, but as many shapes as the data has sizes (111 for the bone-break set).
+    """
+
+    max_side: int | None
+    factor: int = 1
+    buckets: bool = False
+
+    def __str__(self) -> str:  # error messages say "--image_size (now 512)"
+        return str(self.max_side)
+
+    @property
+    def grid_side(self) -> int | None:
+        """The longest side actually used: max_side rounded down to the patch grid."""
+        if not self.max_side:
+            return None
+        return max(self.factor, (self.max_side // self.factor) * self.factor)
+
+    def bucket_boxes(self) -> list[tuple[int, int]]:
+        """The fixed (width, height) boxes, landscape and portrait; empty when buckets are off."""
+        if not (self.buckets and self.max_side and self.factor > 1):
+            return []
+        side, boxes = self.grid_side, []
+        for ratio in BUCKET_RATIOS:
+            short = max(self.factor, int(round(side * ratio / self.factor)) * self.factor)
+            boxes += [(side, short), (short, side)]
+        return sorted(set(boxes))
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if self.factor <= 1 or not self.max_side:
+            if self.max_side and max(image.size) > self.max_side:
+                image = image.copy()
+                image.thumbnail((self.max_side, self.max_side), Image.Resampling.BICUBIC)
+            return image
+        if self.buckets:
+            return self._into_bucket(image)
+        return snap_image(image, self.factor, self.max_side)
+
+    def _into_bucket(self, image: Image.Image) -> Image.Image:
+        side = self.grid_side
+        w, h = image.size
+        landscape = w >= h
+        aspect = min(w, h) / max(w, h)
+        # The narrowest box the image fits into without cropping.
+        shorts = sorted(s for (bw, bh) in self.bucket_boxes() for s in [min(bw, bh)] if max(bw, bh) == side)
+        short_box = next((s for s in shorts if s >= aspect * side - 0.5), side)
+        box = (side, short_box) if landscape else (short_box, side)
+        if image.size == box:
+            return image
+        short = max(1, min(short_box, int(round(aspect * side))))
+        inner = (side, short) if landscape else (short, side)
+        resized = image.resize(inner, Image.Resampling.BICUBIC) if image.size != inner else image
+        canvas = Image.new("RGB", box, (0, 0, 0))
+        canvas.paste(resized, ((box[0] - inner[0]) // 2, (box[1] - inner[1]) // 2))
+        return canvas
+
+    def image_tokens(self, size: tuple[int, int]) -> int:
+        """Approximate image tokens for an image of this (fitted) size: one per factor x factor cell."""
+        if self.factor <= 1:
+            return 0
+        return (size[0] // self.factor) * (size[1] // self.factor)
+
+
+def fit_record(size: "int | ImageFit | None") -> dict:
+    """What to write into unsloth_med.json / export.json so a later load sizes images the same way."""
+    if isinstance(size, ImageFit):
+        return {"image_size": size.max_side, "image_buckets": size.buckets}
+    return {"image_size": size}
+
+
+def snap_image(image: Image.Image, factor: int, max_side: int | None) -> Image.Image:
+    """Resize so both sides are multiples of `factor` (the vision patch x merge size), never above max_side.
+
+    Unsloth's collator and the plain processors round image sides differently (to the nearest multiple
+    of 28 vs up to it); snapping first makes every backend see the same pixels and the same number of
+    image tokens.
+    """
+    if factor <= 1:
+        return image
+    if max_side and max(image.size) > max_side:
+        image = image.copy()
+        image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    w, h = image.size
+    limit = (max_side // factor) * factor if max_side else None
+
+    def snap(x: int) -> int:
+        s = max(factor, int(round(x / factor)) * factor)
+        if limit and s > limit:
+            s = max(factor, limit)
+        return s
+
+    size = (snap(w), snap(h))
+    if size == (w, h):
+        return image
+    return image.resize(size, Image.Resampling.BICUBIC)
 
 
 def _open(source: Any, name: str) -> Image.Image:

@@ -135,3 +135,24 @@ def family_for_model_type(model_type: str, where: str = "") -> Family:
 def family_of(config, where: str = "") -> Family:
     """The Family of a transformers config (or anything with .model_type)."""
     return family_for_model_type(getattr(config, "model_type", "?"), where)
+
+
+def image_factor(model_config, family: Family) -> int:
+    """Pixels per image token side (patch x spatial merge), or 1 where the processor tiles itself."""
+    if family.name not in ("mistral3", "qwen2_5_vl"):
+        return 1  # mllama tiles to 560 px, gemma3 resizes to a fixed square: no snapping needed
+    vision = getattr(model_config, "vision_config", None)
+    patch = getattr(vision, "patch_size", 14) or 14
+    if isinstance(patch, (list, tuple)):
+        patch = patch[0]
+    merge = getattr(model_config, "spatial_merge_size", None) or getattr(vision, "spatial_merge_size", None) or 2
+    return int(patch) * int(merge)
+
+
+def image_fit(model_config, image_size, *, buckets: bool = False):
+    """The ImageFit for this model: image_size (an int, or an ImageFit returned as is) on its patch grid."""
+    from ..data.images import ImageFit
+
+    if isinstance(image_size, ImageFit):
+        return image_size
+    return ImageFit(image_size, image_factor(model_config, family_of(model_config)), buckets)

@@ -1,0 +1,261 @@
+"""Throughput plumbing on the CPU: image buckets, the preprocessing cache, length grouping, step stats, the bench.
+
+The speed itself is measured on the GPU by `unsloth-med bench` and the recipe runs (benchmarks/README.md);
+these tests check that the machinery feeds the model the same pixels, caches what it says it caches, and
+reports what it measured.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+from unsloth_med.data.images import ImageFit, load_image
+from unsloth_med.data.prepare import prepare_images, prepared_path, sample_length
+from unsloth_med.data.sources import load_recipe_data
+from unsloth_med.recipes.bone_fracture import RECIPE
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bone_train(bone_break_dir):
+    return load_recipe_data(RECIPE, str(bone_break_dir))["train"]
+
+
+def test_buckets_give_few_fixed_shapes_on_the_real_xrays(bone_train):
+    fit = ImageFit(512, 28, buckets=True)
+    boxes = set(fit.bucket_boxes())
+    assert (504, 504) in boxes and all(w % 28 == 0 and h % 28 == 0 and max(w, h) == 504 for w, h in boxes)
+    sources = bone_train.shuffle(seed=0).select(range(120))
+    shapes = set()
+    for row in sources:
+        original = load_image(row["image"])
+        fitted = fit(original)
+        shapes.add(fitted.size)
+        assert fitted.size in boxes
+        assert fit(fitted) is fitted  # idempotent: a prepared image passes through untouched
+        # The image is scaled (aspect kept) into the box and centred; the rest is black padding.
+        w, h = fitted.size
+        scale = 504 / max(original.size)
+        inner = (round(original.size[0] * scale), round(original.size[1] * scale))
+        pad_x, pad_y = (w - inner[0]) // 2, (h - inner[1]) // 2
+        arr = np.asarray(fitted).astype(int)
+        assert abs(inner[0] - (w - 2 * pad_x)) <= 1 and abs(inner[1] - (h - 2 * pad_y)) <= 1
+        if pad_x > 1:
+            assert arr[:, : pad_x - 1].max() == 0 and arr[:, w - pad_x + 1:].max() == 0
+        if pad_y > 1:
+            assert arr[: pad_y - 1].max() == 0 and arr[h - pad_y + 1:].max() == 0
+        content = np.asarray(original.resize(inner, Image.Resampling.BICUBIC)).astype(float)
+        placed = arr[pad_y: pad_y + inner[1], pad_x: pad_x + inner[0]].astype(float)
+        assert np.abs(content - placed).mean() < 1.0
+    assert len(shapes) <= len(boxes) <= 8
+
+
+def test_without_buckets_images_keep_their_aspect_on_the_patch_grid(bone_train):
+    fit = ImageFit(512, 28, buckets=False)
+    shapes = set()
+    for row in bone_train.select(range(0, 989, 7)):
+        original = load_image(row["image"])
+        fitted = fit(original)
+        shapes.add(fitted.size)
+        assert all(side % 28 == 0 and 28 <= side <= 504 for side in fitted.size)
+        assert max(fitted.size) <= max(504, max(original.size) + 14)  # shrunk or snapped, never blown up
+        ratio = (fitted.size[0] / fitted.size[1]) / (original.size[0] / original.size[1])
+        assert 0.8 < ratio < 1.25
+        assert fit(fitted) is fitted
+    assert len(shapes) > 20  # why buckets exist: the real data has dozens of sizes
+    tiles = ImageFit(560, 1)  # mllama tiles itself: only the longest side is bounded
+    assert tiles(Image.new("RGB", (1200, 600))).size == (560, 280)
+
+
+def test_prepared_images_are_cached_and_identical_to_fitting_on_the_fly(bone_train, tmp_path):
+    fit = ImageFit(256, 28, buckets=True)
+    subset = bone_train.select(range(40))
+    first, stats = prepare_images(subset, fit, tmp_path / "cache")
+    assert stats["images"] == 40 and stats["from_cache"] == 0 and 1 <= stats["distinct_shapes"] <= 8
+    again, stats2 = prepare_images(subset, fit, tmp_path / "cache")
+    assert stats2["from_cache"] == 40 and again["image"] == first["image"]
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+    for row, prepared in zip(subset.select(range(6)), first.select(range(6))):
+        on_the_fly = np.asarray(load_image(row["image"], fit))
+        assert np.array_equal(np.asarray(load_image(prepared["image"], fit)), on_the_fly)  # PNG is lossless
+        size = Image.open(prepared["image"]).size
+        assert prepared["length"] == sample_length(fit, size, prepared["target"])
+        assert prepared["length"] == (size[0] // 28) * (size[1] // 28) + 32
+    # A different fit or a changed source file is prepared afresh, never served stale.
+    assert prepared_path(tmp_path, subset[0]["image"], fit) != prepared_path(tmp_path, subset[0]["image"], ImageFit(512, 28, True))
+    copy = tmp_path / "copy.jpg"
+    copy.write_bytes(Path(subset[0]["image"]).read_bytes())
+    before = prepared_path(tmp_path, str(copy), fit)
+    Image.new("RGB", (50, 90), (255, 0, 0)).save(copy, format="JPEG")
+    os.utime(copy, ns=(1, 1))
+    assert prepared_path(tmp_path, str(copy), fit) != before
+
+
+def test_length_groups_ignore_small_differences_in_answer_length():
+    fit = ImageFit(512, 28, buckets=True)
+    lengths = {sample_length(fit, (504, 252), label) for label in RECIPE.labels}
+    assert len(lengths) == 1  # class names must not decide which images share a batch
+    long_report = "Findings: " + "a normal chest radiograph with no acute findings. " * 10
+    assert sample_length(fit, (504, 252), long_report) > sample_length(fit, (504, 252), "short")
+
+
+def test_hf_dataset_images_are_prepared_too(tmp_path):
+    rows = []
+    for i in range(4):
+        buf = tmp_path / f"{i}.png"
+        Image.new("RGB", (100 + 30 * i, 60), (10 * i, 0, 0)).save(buf)
+        rows.append({"image": str(buf), "target": "x", "id": str(i)})
+    ds = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
+    prepared, stats = prepare_images(ds, ImageFit(64, 16, True), tmp_path / "c")
+    assert stats["images"] == 4 and all(Path(p).is_file() for p in prepared["image"])
+    assert all(Image.open(p).size[0] == 64 for p in prepared["image"])
+
+
+def _run(args, cwd, env_extra=None, timeout=900):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_pipeline_records_prepared_images_and_step_stats(bone_break_dir, tmp_path):
+    run = tmp_path / "run"
+    proc = _run(["unsloth_med.recipes.bone_fracture", "--data_dir", str(bone_break_dir), "--model", "tiny:mistral3",
+                 "--max_steps", "6", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+                 "--max_train_samples", "48", "--max_eval_samples", "4", "--eval_before", "false",
+                 "--image_size", "64", "--save_strategy", "no", "--output_dir", str(run)], REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads((run / "train_stats.json").read_text())
+    assert stats["steps_timed"] == 6 and stats["samples_per_step"] == 4
+    assert 0 <= stats["data_share"] < 1 and stats["samples_per_second"] > 0 and stats["median_data_wait_seconds"] >= 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    prepared = metrics["data"]["prepared_images"]
+    assert prepared["images"] == 48 and prepared["image_fit"]["buckets"] is True
+    info = json.loads((run / "adapter" / "unsloth_med.json").read_text())
+    assert info["image_size"] == 64 and info["image_buckets"] is True
+
+
+def test_group_by_length_without_prepared_lengths_is_refused_early(tmp_path):
+    proc = _run(["unsloth_med.recipes.bone_fracture", "--demo", "--preprocess_images", "false",
+                 "--train_sampling_strategy", "group_by_length", "--output_dir", str(tmp_path / "r")], REPO, timeout=300)
+    assert proc.returncode != 0 and "preprocess_images" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists()
+    capped = _run(["unsloth_med.recipes.bone_fracture", "--demo", "--max_memory_gib", "24",
+                   "--output_dir", str(tmp_path / "c")], REPO, timeout=300)
+    if not __import__("torch").cuda.is_available():
+        assert capped.returncode != 0 and "no CUDA GPU" in capped.stderr and "Traceback" not in capped.stderr
+
+
+def test_bench_cli_runs_a_path_and_writes_json_and_table(bone_break_dir, tmp_path):
+    """The bench's plumbing on the CPU (hf-bf16 path, tiny model): real steps, FLOPs, profile, JSON, table."""
+    from unsloth_med.models.tiny import tiny_model_path
+
+    model = tiny_model_path("mistral3")
+    out = tmp_path / "results"
+    proc = _run(["unsloth_med.bench", "--model", str(model), "--data_dir", str(bone_break_dir), "--paths", "hf-bf16",
+                 "--batch_sizes", "2,4", "--steps", "2", "--warmup", "1", "--image_size", "64", "--profile",
+                 "--out", str(out), "--tag", "cpu-test"], REPO, {"UNSLOTH_MED_BENCH_DEVICE": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    result = json.loads((out / f"cpu-test_{model.name}_hf-bf16.json").read_text())
+    assert result["data"]["image_buckets"] is True and result["data"]["distinct_sizes"] <= 8
+    for entry, bs in zip(result["batches"], (2, 4)):
+        assert entry["batch_size"] == bs and len(entry["step_s"]) == 2 and entry["loss_finite"]
+        assert entry["samples_per_s"] == pytest.approx(bs / entry["median_step_s"], rel=1e-2)
+        assert entry["flops_per_step"] > 0 and 0 <= entry["data_share"] < 1
+        assert entry["profile"]["wall_s"] > 0
+    summary = json.loads((out / f"cpu-test_{model.name}_summary.json").read_text())
+    assert [r["batch_size"] for r in summary["rows"]] == [2, 4]
+    assert summary["rows"][0]["x_hf_bf16_b2"] == pytest.approx(1.0)
+    table = (out / f"cpu-test_{model.name}.md").read_text()
+    assert "| hf-bf16 | — | 2 |" in table and "| hf-bf16 | — | 4 |" in table
+
+
+def _tiny_mistral3_batch(sizes):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from unsloth_med.models import prompting
+    from unsloth_med.models.families import family_of
+    from unsloth_med.models.tiny import tiny_model_path
+
+    path = tiny_model_path("mistral3")
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(path)
+    prompting.prepare_processor(processor, family_of(model.config))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    rows = [{"image": None, "target": RECIPE.labels[i], "id": str(i)} for i in range(len(sizes))]
+    texts = [prompting.render(processor, RECIPE.to_conversation(r)) for r in rows]
+    batch = prompting.encode(processor, texts, images, padding_side="right")
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    batch["labels"] = labels
+    return model, batch
+
+
+@pytest.mark.parametrize("sizes", [[(64, 48)] * 3, [(64, 48), (48, 64), (64, 64)]], ids=["same-size", "mixed"])
+def test_batched_vision_tower_computes_what_the_original_computes(sizes):
+    import torch
+
+    from unsloth_med.models.speedups import batch_same_size_images
+
+    model, batch = _tiny_mistral3_batch(sizes)
+    tower = next(m for m in model.modules() if type(m).__name__ == "PixtralVisionModel")
+    with torch.no_grad():
+        reference = model(**batch).logits
+        reference_tower = tower(batch["pixel_values"], image_sizes=batch["image_sizes"], output_hidden_states=True)
+    assert batch_same_size_images(model) == 1
+    with torch.no_grad():
+        batched = model(**batch).logits
+        batched_tower = tower(batch["pixel_values"], image_sizes=batch["image_sizes"], output_hidden_states=True)
+    assert torch.allclose(batched, reference, atol=1e-5), (batched - reference).abs().max()
+    assert reference_tower.last_hidden_state.shape == batched_tower.last_hidden_state.shape
+    assert len(reference_tower.hidden_states) == len(batched_tower.hidden_states)
+    for a, b in zip(reference_tower.hidden_states, batched_tower.hidden_states):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_frozen_vision_tower_gets_no_backward_and_lora_gradients_are_unchanged():
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from unsloth_med.backends.hf import lora_target_regex
+    from unsloth_med.config import LoraArgs
+    from unsloth_med.models.families import family_of
+    from unsloth_med.models.speedups import skip_frozen_vision_backward
+
+    model, batch = _tiny_mistral3_batch([(64, 48)] * 2)
+    lora = LoraArgs(finetune_vision_layers=False)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=lora_target_regex(model, family_of(model.config), lora))
+    model = get_peft_model(model, config)
+    model.enable_input_require_grads()  # what gradient checkpointing setups do: inputs carry gradients
+    with torch.no_grad():  # non-zero B so every LoRA factor gets a gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    tower = next(m for n, m in model.named_modules() if n.endswith("vision_tower"))
+    calls = []
+    tower.transformer.layers[0].register_full_backward_hook(lambda *a: calls.append(1))
+
+    def lora_grads():
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    reference = lora_grads()
+    assert calls, "without the hook, autograd runs the frozen tower's backward"
+    calls.clear()
+    assert skip_frozen_vision_backward(model) is True
+    skipped = lora_grads()
+    assert not calls
+    assert reference.keys() == skipped.keys() and len(reference) > 0
+    for name in reference:
+        assert torch.allclose(reference[name], skipped[name], atol=1e-6), name

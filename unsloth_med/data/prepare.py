@@ -1,0 +1,122 @@
+"""Decode and size every image once, before training, instead of once per batch per epoch.
+
+`prepare_images(dataset, fit)` writes each image, already sized by the run's `ImageFit`, as a PNG
+into the cache (keyed by the source file and the fit, so a second run, or the next epoch, decodes
+nothing but a small PNG) and returns the dataset with `image` pointing at those files and a `length`
+column: the sample's approximate token count, which `train_sampling_strategy: group_by_length`
+(transformers' LengthGroupedSampler) uses to put same-shape images in the same batch.
+
+The collators still apply the same fit to what they load; on a prepared image it changes nothing,
+so a prepared and an unprepared run feed the model identical pixels.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from .images import ImageFit, load_image
+
+log = logging.getLogger(__name__)
+
+# The answer's share of `length`: characters / 4 (roughly tokens), rounded up to a multiple of 32. The
+# rounding matters: class names differ by a few characters, and grouping by those would put the same
+# classes together in a batch. Rounded, all short answers tie, and ties keep the sampler's random order.
+CHARS_PER_TOKEN = 4
+TEXT_BIN = 32
+
+
+def sample_length(fit: ImageFit, size: tuple[int, int], answer: Any) -> int:
+    """A ranking key for length grouping: image tokens + the answer's tokens, binned (not an exact count)."""
+    text = -(-len(str(answer or "")) // CHARS_PER_TOKEN)
+    return fit.image_tokens(size) + TEXT_BIN * max(1, -(-text // TEXT_BIN))
+
+
+def _source_key(source: Any) -> str:
+    """Identity of an image source: path + size + mtime for files (a changed file is re-prepared), else its bytes."""
+    if isinstance(source, dict):
+        source = source.get("bytes") or source.get("path")
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        stat = path.stat()
+        return f"file:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    if isinstance(source, (bytes, bytearray)):
+        return "bytes:" + hashlib.sha1(source).hexdigest()
+    if hasattr(source, "tobytes"):  # a PIL image
+        return f"pil:{source.mode}:{source.size}:" + hashlib.sha1(source.tobytes()).hexdigest()
+    return "other:" + repr(source)
+
+
+def _fit_key(fit: ImageFit) -> str:
+    return f"v1:{fit.max_side}:{fit.factor}:{int(fit.buckets)}"
+
+
+def prepared_path(cache_root: Path, source: Any, fit: ImageFit) -> Path:
+    digest = hashlib.sha1(f"{_fit_key(fit)}|{_source_key(source)}".encode()).hexdigest()
+    return cache_root / digest[:2] / f"{digest}.png"
+
+
+def _prepare_one(source: Any, fit: ImageFit, cache_root: Path) -> tuple[str, tuple[int, int], bool]:
+    out = prepared_path(cache_root, source, fit)
+    if out.is_file():
+        from PIL import Image
+
+        with Image.open(out) as img:
+            return str(out), img.size, True
+    image = load_image(source, fit)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)  # fast to write, lossless
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(out)  # atomic: a killed run never leaves a half-written cached image
+    return str(out), image.size, False
+
+
+def prepare_images(dataset, fit: ImageFit, cache_root: str | Path | None = None, *, num_proc: int | None = None):
+    """`dataset` (a datasets.Dataset of {image, target, ...} rows) with every image decoded, sized and cached.
+
+    Returns (prepared dataset, stats). The images must already be validated (`data.validate`): a bad one
+    here raises ImageError naming it.
+    """
+    import datasets
+
+    if cache_root is None:
+        from .sources import cache_dir
+
+        cache_root = cache_dir() / "prepared-images"
+    cache_root = Path(cache_root)
+    t0 = time.perf_counter()
+    if isinstance(dataset, list):
+        dataset = datasets.Dataset.from_list(dataset)
+    if isinstance(dataset.features.get("image"), datasets.Image):
+        dataset = dataset.cast_column("image", datasets.Image(decode=False))
+
+    workers = min(8, (os.cpu_count() or 2) * 2)
+
+    def prepare(batch: dict) -> dict:
+        # Threads: PIL decodes, resizes and encodes outside the GIL.
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            done = list(pool.map(lambda source: _prepare_one(source, fit, cache_root), batch["image"]))
+        answers = batch.get("target") or [""] * len(done)
+        return {"_prepared": [path for path, _, _ in done],
+                "length": [sample_length(fit, size, answer) for (_, size, _), answer in zip(done, answers)],
+                "_from_cache": [hit for _, _, hit in done], "_shape": [f"{w}x{h}" for _, (w, h), _ in done]}
+
+    prepared = dataset.map(prepare, batched=True, batch_size=256, num_proc=num_proc, desc="Preparing images",
+                           load_from_cache_file=False)
+    # A new column, renamed: `datasets` would keep the source's Image feature on an updated `image` column.
+    prepared = prepared.remove_columns("image").rename_column("_prepared", "image")
+    hits, shapes = sum(prepared["_from_cache"]), set(prepared["_shape"])
+    prepared = prepared.remove_columns(["_from_cache", "_shape"])
+    stats = {"images": len(prepared), "from_cache": hits, "distinct_shapes": len(shapes),
+             "seconds": round(time.perf_counter() - t0, 2),
+             "image_fit": {"max_side": fit.max_side, "factor": fit.factor, "buckets": fit.buckets},
+             "cache": str(cache_root)}
+    log.info("prepared %d images (%d from cache) in %.1f s", stats["images"], hits, stats["seconds"])
+    return prepared, stats
