@@ -176,3 +176,15 @@ def test_push_creates_a_private_repo_and_uploads_the_folder(export_dir, monkeypa
     assert push_command([str(export_dir), "someone/x", "--public"]) == 0
     assert calls[0][2]["private"] is False
     assert "Pushed" in capsys.readouterr().out
+
+
+def test_model_card_tells_how_images_were_sized():
+    from unsloth_med.hub import model_card
+    from unsloth_med.recipes.bone_fracture import RECIPE
+
+    bucketed = model_card(RECIPE, base_model="unsloth/x", metrics={},
+                          config={"data": {"image_size": 512, "image_buckets": True}})
+    plain = model_card(RECIPE, base_model="unsloth/x", metrics={},
+                       config={"data": {"image_size": 512, "image_buckets": False}})
+    assert "padded with black into the nearest fixed shape" in bucketed and "512 px" in bucketed
+    assert "at most 512 px" in plain and "padded" not in plain

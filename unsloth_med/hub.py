@@ -213,7 +213,11 @@ def model_card(recipe, *, base_model: str, export_format: str = "merged-16bit", 
             lines.append(f"- Classes ({len(recipe.labels)}): " + ", ".join(recipe.labels))
         lines.append(f"- Instruction given with each image: \"{recipe.instruction}\"")
     size = image_size or (((config or {}).get("data") or {}).get("image_size")) or getattr(recipe, "image_size", None)
-    if size:
+    if size and ((config or {}).get("data") or {}).get("image_buckets"):
+        lines.append(f"- Images were scaled so the longest side is {size} px (down to the vision patch grid) and padded "
+                     "with black into the nearest fixed shape (square, 3:4, 1:2, 1:3); size images the same way at "
+                     "inference (`unsloth-med predict` does).")
+    elif size:
         lines.append(f"- Images are resized so the longest side is at most {size} px; use the same size at inference.")
     lines.append("")
 
