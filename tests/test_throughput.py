@@ -259,3 +259,13 @@ def test_frozen_vision_tower_gets_no_backward_and_lora_gradients_are_unchanged()
     assert reference.keys() == skipped.keys() and len(reference) > 0
     for name in reference:
         assert torch.allclose(reference[name], skipped[name], atol=1e-6), name
+
+
+def test_images_too_large_for_max_seq_length_are_refused_before_training(bone_break_dir, tmp_path):
+    run = tmp_path / "run"
+    proc = _run(["unsloth_med.recipes.bone_fracture", "--data_dir", str(bone_break_dir), "--model", "tiny:mistral3",
+                 "--max_train_samples", "8", "--max_eval_samples", "2", "--image_size", "256", "--max_seq_length", "100",
+                 "--eval_before", "false", "--output_dir", str(run)], REPO, timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "image tokens" in proc.stderr and "--image_size (now 256)" in proc.stderr
+    assert not (run / "train_log.jsonl").exists()  # refused before the trainer started

@@ -112,7 +112,7 @@ def run(recipe: Recipe, config: Config) -> dict:
     from .models import resolve_model_name
     from .recipes.generic import record_resolved, resolve_recipe
     from .data.images import fit_record
-    from .data.prepare import prepare_images
+    from .data.prepare import check_image_tokens, prepare_images
     from .models.families import image_fit
     from .models.speedups import apply_training_speedups
     from .train import build_trainer, fit_micro_batch, last_checkpoint, train
@@ -166,6 +166,7 @@ def run(recipe: Recipe, config: Config) -> dict:
         if config.data.preprocess_images:
             train_set, summary["prepared_images"] = prepare_images(train_set, fit)
             test_set, _ = prepare_images(test_set, fit)
+            check_image_tokens(train_set, config.model.max_seq_length, fit)  # before any GPU time is spent
 
         eval_kw = dict(mode=config.eval.eval_mode, batch_size=config.eval.eval_batch_size,
                        max_new_tokens=config.eval.max_new_tokens, image_size=fit)

@@ -190,6 +190,7 @@ def fit_micro_batch(trainer, dataset, max_memory_gib: float) -> dict:
     effective = args.per_device_train_batch_size * args.gradient_accumulation_steps
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gib * 2**30 / total))
+    torch.cuda.reset_peak_memory_stats()  # probe_peak_allocated_gib: the probe's own peak
     sizes = [d for d in range(effective, 0, -1) if effective % d == 0]
     smaller = iter(sizes[1:])
     lengths = dataset["length"] if "length" in getattr(dataset, "column_names", []) else [0] * len(dataset)

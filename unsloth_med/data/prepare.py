@@ -106,6 +106,7 @@ def prepare_images(dataset, fit: ImageFit, cache_root: str | Path | None = None,
         answers = batch.get("target") or [""] * len(done)
         return {"_prepared": [path for path, _, _ in done],
                 "length": [sample_length(fit, size, answer) for (_, size, _), answer in zip(done, answers)],
+                "image_tokens": [fit.image_tokens(size) for _, size, _ in done],
                 "_from_cache": [hit for _, _, hit in done], "_shape": [f"{w}x{h}" for _, (w, h), _ in done]}
 
     prepared = dataset.map(prepare, batched=True, batch_size=256, num_proc=num_proc, desc="Preparing images",
@@ -120,3 +121,24 @@ def prepare_images(dataset, fit: ImageFit, cache_root: str | Path | None = None,
              "cache": str(cache_root)}
     log.info("prepared %d images (%d from cache) in %.1f s", stats["images"], hits, stats["seconds"])
     return prepared, stats
+
+
+def check_image_tokens(dataset, max_seq_length: int, fit: ImageFit) -> None:
+    """Refuse, before training starts, samples whose image tokens alone exceed max_seq_length.
+
+    Image tokens are a lower bound of a sample's length (text and special tokens come on top), so this
+    never refuses a sample that fits; the collators still check every exact length.
+    """
+    from ..errors import SampleTooLongError
+
+    if "image_tokens" not in getattr(dataset, "column_names", []):
+        return
+    counts = dataset["image_tokens"]
+    over = [i for i, n in enumerate(counts) if n > max_seq_length]
+    if over:
+        ids = dataset.select(over[:3])["id"]
+        raise SampleTooLongError(
+            f"{len(over)} of {len(counts)} training images need more than max_seq_length={max_seq_length} image tokens "
+            f"alone (up to {max(counts[i] for i in over)}; e.g. {', '.join(map(str, ids))}). Lower --image_size (now "
+            f"{fit.max_side}) or raise --max_seq_length."
+        )
