@@ -152,7 +152,7 @@ def bench_command(argv: list[str]) -> int:
         result.update(wall_s=round(time.time() - t0, 1), model=model_name, shape=shape_info, data=data_info, tag=tag,
                       command="unsloth-med bench " + " ".join(argv))
         results.append(result)
-        (out / f"{tag}_{_slug(model_name)}_{_variant(path, args)}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{tag}_{_slug(model_name)}_{_variant(path, args.speedups, args.max_memory_gib)}.json").write_text(json.dumps(result, indent=1))
         print(f"[bench] {path}: done in {time.time() - t0:.0f} s" + (f" ({result['error']})" if "error" in result else ""),
               flush=True)
     fill_missing_flops(results)
@@ -182,8 +182,7 @@ def merge_command(args, argv: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for r in results:  # the per-path files, updated with borrowed FLOP counts
-        variant = r["path"] + ("-speedups" if r.get("speedups") else "") + (
-            f"-cap{r['max_memory_gib']:g}" if r.get("max_memory_gib") else "")
+        variant = _variant(r["path"], bool(r.get("speedups")), r.get("max_memory_gib"))
         (out / f"{tag}_{_slug(model_name)}_{variant}.json").write_text(json.dumps(r, indent=1))
     rows = table_rows(results)
     gpus = sorted({r.get("gpu", "?") for r in results})
@@ -198,10 +197,9 @@ def merge_command(args, argv: list[str]) -> int:
     return 0
 
 
-def _variant(path: str, args) -> str:
+def _variant(path: str, speedups: bool, cap: float | None) -> str:
     """The result file's name part: the path, with the speedups and the memory cap when used."""
-    cap = getattr(args, "max_memory_gib", None)
-    return path + ("-speedups" if getattr(args, "speedups", False) else "") + (f"-cap{cap:g}" if cap else "")
+    return path + ("-speedups" if speedups else "") + (f"-cap{cap:g}" if cap else "")
 
 
 def _slug(text: str) -> str:

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from .data.images import fit_record
+from .data.images import fit_record, recorded_buckets
 from .errors import ExportError, UnslothMedError
 from .models.families import image_fit
 from .secrets import redact
@@ -619,8 +619,7 @@ def export_run(run_dir, *, format: str = "merged-16bit", out: str | None = None,
     else:
         raise ExportError(f"{adapter_dir} holds neither an adapter nor a model. Train the run to the end first.")
     dataset = _verification_dataset(recipe, config)
-    buckets = meta.get("image_buckets", ((config.get("data") or {}).get("image_buckets", False)))
-    fit = image_fit(model.config, image_size, buckets=bool(buckets))
+    fit = image_fit(model.config, image_size, buckets=recorded_buckets(meta, config))
     return export_merged(chosen, model, processor, recipe, dataset, Path(out) if out else run_dir / "merged",
                          image_size=fit, base_model=base_model, run_dir=run_dir)
 

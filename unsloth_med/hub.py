@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from .data.images import recorded_buckets
 from .errors import ConfigError, CredentialsError, ExportError, NetworkError
 from .secrets import redact, secret_values
 
@@ -213,7 +214,7 @@ def model_card(recipe, *, base_model: str, export_format: str = "merged-16bit", 
             lines.append(f"- Classes ({len(recipe.labels)}): " + ", ".join(recipe.labels))
         lines.append(f"- Instruction given with each image: \"{recipe.instruction}\"")
     size = image_size or (((config or {}).get("data") or {}).get("image_size")) or getattr(recipe, "image_size", None)
-    if size and ((config or {}).get("data") or {}).get("image_buckets"):
+    if size and recorded_buckets(None, config):
         lines.append(f"- Images were scaled so the longest side is {size} px (down to the vision patch grid) and padded "
                      "with black into the nearest fixed shape (square, 3:4, 1:2, 1:3); size images the same way at "
                      "inference (`unsloth-med predict` does).")

@@ -136,10 +136,11 @@ def load_for_inference(model_dir_or_run_dir: str | Path, *, recipe=None, backend
 
     recorded = {**info, **((config.get("data") or {}) if kind == "run" else {})}
     rec = resolve_recipe(rec, recorded) if recorded.get("labels") or recorded.get("instruction") else rec
+    from .data.images import recorded_buckets
     from .models.families import image_fit
 
-    buckets = info.get("image_buckets", (config.get("data") or {}).get("image_buckets", False))
-    fit = image_fit(model.config, int(image_size), buckets=bool(buckets))  # the sizing the model was trained with
+    # The sizing the model was trained with.
+    fit = image_fit(model.config, int(image_size), buckets=recorded_buckets(info, config))
     return Loaded(model, processor, _with_labels(rec, info), fit, kind, source, data_dir)
 
 

@@ -161,6 +161,13 @@ def fit_record(size: "int | ImageFit | None") -> dict:
     return {"image_size": size}
 
 
+def recorded_buckets(info: dict | None, config: dict | None = None) -> bool:
+    """The read side of fit_record: whether a trained model's images were bucketed, from its unsloth_med.json
+    (`info`) or else its run's config.yaml. Records from before buckets existed say no."""
+    info, data = info or {}, (config or {}).get("data") or {}
+    return bool(info.get("image_buckets", data.get("image_buckets", False)))
+
+
 def snap_image(image: Image.Image, factor: int, max_side: int | None) -> Image.Image:
     """Resize so both sides are multiples of `factor` (the vision patch x merge size), never above max_side.
 
