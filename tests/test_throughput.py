@@ -269,3 +269,106 @@ def test_images_too_large_for_max_seq_length_are_refused_before_training(bone_br
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "image tokens" in proc.stderr and "--image_size (now 256)" in proc.stderr
     assert not (run / "train_log.jsonl").exists()  # refused before the trainer started
+
+
+def test_same_shape_order_makes_pure_batches_of_every_sample_once():
+    from collections import Counter
+
+    from unsloth_med.data.batching import same_shape_order
+
+    rng = np.random.default_rng(0)
+    shapes = list(rng.choice(["504x504", "252x504", "504x252", "168x504"], size=101, p=[0.5, 0.25, 0.15, 0.1]))
+    for batch in (1, 4, 16):
+        order = same_shape_order(shapes, batch, seed=1)
+        assert sorted(order) == list(range(len(shapes)))
+        chunks = [order[i:i + batch] for i in range(0, len(order), batch)]
+        mixed = [c for c in chunks if len({shapes[i] for i in c}) > 1]
+        assert len(mixed) <= len(set(shapes)) - 1  # only the shapes' remainders mix
+        assert all(len(c) == batch for c in chunks[:-1])  # a short batch can only be the last
+        pure = Counter(shapes[c[0]] for c in chunks if c not in mixed and len(c) == batch)
+        assert sum(pure.values()) >= len(shapes) // batch - len(set(shapes))
+    assert same_shape_order(shapes, 4, seed=1) == same_shape_order(shapes, 4, seed=1)
+    assert same_shape_order(shapes, 4, seed=1) != same_shape_order(shapes, 4, seed=2)
+
+
+def test_trainer_feeds_one_image_shape_per_micro_batch_and_warms_up_each_shape(bone_train, tmp_path):
+    """group_by_length over bucketed, prepared images: the real trainer's data loader yields same-shape
+    micro-batches, and the shape warm-up runs a real step per shape without changing any weight."""
+    import torch
+
+    from unsloth_med.backends.hf import HFBackend
+    from unsloth_med.config import LoraArgs, ModelArgs, parse_config
+    from unsloth_med.data.batching import SameShapeSampler
+    from unsloth_med.models.families import image_fit
+    from unsloth_med.models.tiny import tiny_model_path
+    from unsloth_med.train import build_trainer, warm_up_shapes
+
+    backend = HFBackend()
+    model, processor = backend.load(str(tiny_model_path("mistral3")), ModelArgs())
+    fit = image_fit(model.config, 64, buckets=True)
+    prepared, stats = prepare_images(bone_train.shuffle(seed=0).select(range(42)), fit, tmp_path / "cache")
+    model = backend.add_adapters(model, LoraArgs(), ModelArgs(), seed=0)
+    collator = backend.collator(model, processor, RECIPE, image_size=fit, max_seq_length=4096)
+    config = parse_config(["--output_dir", str(tmp_path / "run"), "--per_device_train_batch_size", "4",
+                           "--train_sampling_strategy", "group_by_length", "--save_strategy", "no"], RECIPE)
+    trainer = build_trainer(model, processor, prepared, collator, config.training, tmp_path)
+    loader = trainer.get_train_dataloader()
+    assert isinstance(trainer._get_train_sampler(), SameShapeSampler)
+    batches = [b["image_sizes"].tolist() for b in loader]
+    assert sum(len(sizes) for sizes in batches) == 42 and len(batches[-1]) == 2  # the short batch last
+    mixed = [sizes for sizes in batches if len({tuple(s) for s in sizes}) > 1]
+    assert len(mixed) <= stats["distinct_shapes"] - 1, mixed
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    warmed = warm_up_shapes(trainer, prepared)
+    assert warmed["shapes"] == stats["distinct_shapes"] >= 2 and warmed["last_batch"] == 2
+    assert len(warmed["seconds_per_shape"]) == warmed["shapes"] + 1  # every shape, and the short last batch
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_bench_speedups_time_same_shape_batches_after_each_shape_warmed_up(bone_break_dir, tmp_path):
+    from unsloth_med.models.tiny import tiny_model_path
+
+    model = tiny_model_path("mistral3")
+    out = tmp_path / "results"
+    proc = _run(["unsloth_med.bench", "--model", str(model), "--data_dir", str(bone_break_dir), "--paths", "hf-bf16",
+                 "--batch_sizes", "2", "--steps", "4", "--warmup", "0", "--image_size", "64", "--no_flops",
+                 "--speedups", "--unchecked_layers", "1", "--out", str(out), "--tag", "cpu-test"], REPO,
+                {"UNSLOTH_MED_BENCH_DEVICE": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    result = json.loads((out / f"cpu-test_{model.name}_hf-bf16-speedups-unchecked1.json").read_text())
+    entry = result["batches"][0]
+    assert set(entry["step_shapes"]) - {"mixed"} <= set(entry["warmup_shapes"])  # no timed step sees a new shape
+    assert len(entry["step_s"]) == 4 and entry["loss_finite"]
+    language_checked, language_layers = map(int, result["checkpointed_layers"]["language"].split("/"))
+    assert result["unchecked_layers"] == 1 and language_checked == language_layers - 1
+    table = (out / f"cpu-test_{model.name}.md").read_text()
+    assert "| hf-bf16 +speedups +unchecked1 | — | 2 |" in table
+
+
+def test_checkpoint_fewer_layers_keeps_gradients_identical():
+    """Taking layers out of gradient checkpointing changes memory and time, never the gradients."""
+    import torch
+
+    from unsloth_med.models.speedups import checkpoint_fewer_layers, checkpointed_layers
+
+    model, batch = _tiny_mistral3_batch([(64, 48)] * 2)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    reference = grads()
+    checked, total = map(int, checkpointed_layers(model)["language"].split("/"))
+    assert checked == total >= 2
+    assert checkpoint_fewer_layers(model, 1) == 1
+    assert checkpointed_layers(model)["language"] == f"{total - 1}/{total}"
+    assert checkpoint_fewer_layers(model, 99) == total - 1  # never more than there are
+    partial = grads()
+    assert reference.keys() == partial.keys()
+    for name in reference:
+        assert torch.allclose(reference[name], partial[name], atol=1e-6), name

@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Pad images into the fixed bucket boxes (as training runs do by default); false: own sizes.")
     p.add_argument("--gradient_checkpointing", default="unsloth",
                    help="unsloth paths: 'unsloth' (activations offloaded to CPU) or 'true' (kept on the GPU).")
+    p.add_argument("--unchecked_layers", type=int, default=0,
+                   help="Keep the activations of this many language layers instead of recomputing them (partial "
+                        "gradient checkpointing; models/speedups.py).")
+    p.add_argument("--sdpa", default="default", choices=("default", "flash", "cudnn"),
+                   help="Attention kernel for SDPA: PyTorch's choice, or only FlashAttention / only cuDNN.")
     p.add_argument("--speedups", action="store_true",
                    help="The package's own training speedups on top of the path: batches of same-size images (as length "
                         "grouping makes them), the vision tower run as a batch, no backward through a frozen vision "
@@ -125,7 +130,8 @@ def bench_command(argv: list[str]) -> int:
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--lora_r", str(args.lora_r),
                "--finetune_vision_layers", args.finetune_vision_layers, "--learning_rate", str(args.learning_rate),
                "--image_size", str(data_info["image_size"]), "--recipe", args.recipe, "--seed", str(args.seed),
-               "--start_batch", str(args.start_batch), "--gradient_checkpointing", args.gradient_checkpointing]
+               "--start_batch", str(args.start_batch), "--gradient_checkpointing", args.gradient_checkpointing,
+               "--unchecked_layers", str(args.unchecked_layers), "--sdpa", args.sdpa]
         if args.max_memory_gib:
             cmd += ["--max_memory_gib", str(args.max_memory_gib)]
         if args.no_flops:
@@ -150,9 +156,9 @@ def bench_command(argv: list[str]) -> int:
             result = {"path": path, "error": f"worker exit {rc}; see {log_file}",
                       "log_tail": log_file.read_text()[-3000:]}
         result.update(wall_s=round(time.time() - t0, 1), model=model_name, shape=shape_info, data=data_info, tag=tag,
-                      command="unsloth-med bench " + " ".join(argv))
+                      command="unsloth-med bench " + " ".join(argv), settings=_settings(args, path))
         results.append(result)
-        (out / f"{tag}_{_slug(model_name)}_{_variant(path, args.speedups, args.max_memory_gib)}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{tag}_{_slug(model_name)}_{_variant(result)}.json").write_text(json.dumps(result, indent=1))
         print(f"[bench] {path}: done in {time.time() - t0:.0f} s" + (f" ({result['error']})" if "error" in result else ""),
               flush=True)
     fill_missing_flops(results)
@@ -181,8 +187,10 @@ def merge_command(args, argv: list[str]) -> int:
     model_name, tag = first.get("model", "model"), args.tag or first.get("tag", "merged")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for r in results:  # the per-path files, updated with borrowed FLOP counts
-        variant = _variant(r["path"], bool(r.get("speedups")), r.get("max_memory_gib"))
+    names = [_variant(r) for r in results]
+    for r, variant in zip(results, names):  # the per-path files, updated with borrowed FLOP counts
+        if names.count(variant) > 1:  # the same settings at other batch sizes, from separate runs
+            variant += "-b" + "-".join(str(b.get("batch_size")) for b in r.get("batches", []))
         (out / f"{tag}_{_slug(model_name)}_{variant}.json").write_text(json.dumps(r, indent=1))
     rows = table_rows(results)
     gpus = sorted({r.get("gpu", "?") for r in results})
@@ -197,9 +205,30 @@ def merge_command(args, argv: list[str]) -> int:
     return 0
 
 
-def _variant(path: str, speedups: bool, cap: float | None) -> str:
-    """The result file's name part: the path, with the speedups and the memory cap when used."""
-    return path + ("-speedups" if speedups else "") + (f"-cap{cap:g}" if cap else "")
+def _settings(args, path: str) -> dict:
+    """What a row was run with, beyond the path: these name its result file and its table row."""
+    unsloth = path.startswith("unsloth")
+    return {"speedups": bool(args.speedups), "max_memory_gib": args.max_memory_gib,
+            "gradient_checkpointing": args.gradient_checkpointing if unsloth else "true",
+            "unchecked_layers": args.unchecked_layers, "sdpa": args.sdpa}
+
+
+def _variant(result: dict, sep: str = "-") -> str:
+    """The result file's name part (sep "-") or the table's row label (sep " +"): the path and what was changed."""
+    s = result.get("settings") or {"speedups": bool(result.get("speedups")), "max_memory_gib": result.get("max_memory_gib")}
+    parts = [result["path"]]
+    if s.get("speedups"):
+        parts.append("speedups")
+    if s.get("gradient_checkpointing", "unsloth") not in ("unsloth", "true") or \
+            (s.get("gradient_checkpointing") == "true" and result["path"].startswith("unsloth")):
+        parts.append(f"gc-{s['gradient_checkpointing']}")
+    if s.get("unchecked_layers"):
+        parts.append(f"unchecked{s['unchecked_layers']}")
+    if s.get("sdpa", "default") != "default":
+        parts.append(f"sdpa-{s['sdpa']}")
+    if s.get("max_memory_gib") and sep == "-":  # the table has a column for the cap
+        parts.append(f"cap{s['max_memory_gib']:g}")
+    return sep.join(parts)
 
 
 def _slug(text: str) -> str:
@@ -239,10 +268,10 @@ def prepare_rows(args, model_dir: Path, work: Path, max_batch: int) -> tuple[Pat
     config = AutoConfig.from_pretrained(model_dir)
     factor = image_factor(config, family_of(config))
     fit = ImageFit(image_size, factor, _truthy(args.image_buckets))
-    n = max(8, max_batch * (args.warmup + args.steps + 1))
     splits = load_recipe_data(recipe, args.data_dir, seed=args.seed)
     train = splits["train"].shuffle(seed=args.seed)
-    n = min(n, len(train))
+    # The whole training split: same-shape batches (--speedups) draw each shape in its real proportion.
+    n = min(max(8, max_batch * (args.warmup + args.steps + 1), len(train)), len(train))
     img_dir = work / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     rows, sizes = [], {}
@@ -316,9 +345,10 @@ def table_rows(results: list[dict]) -> list[dict]:
             continue
         for b in r.get("batches", []):
             rows.append({
-                "path": r["path"] + (" +speedups" if r.get("speedups") else ""), "batch_size": b["batch_size"],
+                "path": _variant(r, sep=" +"), "batch_size": b["batch_size"],
                 "error": b.get("error"),
                 "samples_per_s": b.get("samples_per_s"), "tokens_per_s": b.get("tokens_per_s"),
+                "samples_per_s_all_steps": b.get("samples_per_s_all_steps") or _all_steps_rate(b["batch_size"], b.get("step_s")),
                 "median_step_s": b.get("median_step_s"), "max_over_median": b.get("max_over_median"),
                 "peak_alloc_gib": b.get("peak_alloc_gib"), "peak_reserved_gib": b.get("peak_reserved_gib"),
                 "load_s": r.get("load_s"), "warmup_s": b.get("warmup_s"),
@@ -343,16 +373,17 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| path | cap GiB | batch | samples/s | tokens/s | median step s | max/median | peak alloc GiB | peak reserved GiB "
+    head = ("| path | cap GiB | batch | samples/s | samples/s all steps | tokens/s | median step s | max/median | peak alloc GiB | peak reserved GiB "
             "| load s | warm-up s | TFLOPs/sample | MFU | GPU busy | final loss | data share | × hf-bf16 b2 | × best HF ≤ mem |")
-    lines = [head, "|" + "---|" * 18]
+    lines = [head, "|" + "---|" * 19]
     for x in rows:
         cap = _fmt(x.get("memory_cap_gib"), "g")
         if x.get("error") and not x.get("samples_per_s"):
-            lines.append(f"| {x['path']} | {cap} | {x.get('batch_size', '—')} | failed: {str(x['error'])[:80]} |" + " |" * 14)
+            lines.append(f"| {x['path']} | {cap} | {x.get('batch_size', '—')} | failed: {str(x['error'])[:80]} |" + " |" * 15)
             continue
         lines.append("| " + " | ".join([
-            x["path"], cap, str(x["batch_size"]), _fmt(x["samples_per_s"], ".2f"), _fmt(x["tokens_per_s"], ".0f"),
+            x["path"], cap, str(x["batch_size"]), _fmt(x["samples_per_s"], ".2f"),
+            _fmt(x.get("samples_per_s_all_steps"), ".2f"), _fmt(x["tokens_per_s"], ".0f"),
             _fmt(x["median_step_s"], ".3f"), _fmt(x["max_over_median"], ".2f"), _fmt(x["peak_alloc_gib"], ".1f"),
             _fmt(x["peak_reserved_gib"], ".1f"), _fmt(x["load_s"], ".0f"), _fmt(x["warmup_s"], ".1f"),
             _fmt(x["flops_per_sample"] / 1e12 if x.get("flops_per_sample") else None, ".2f"),
@@ -485,6 +516,10 @@ def run_worker(args) -> dict:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.max_memory_gib * GiB / total))
         result["max_memory_gib"] = args.max_memory_gib
+    if DEVICE == "cuda" and args.sdpa != "default":
+        torch.backends.cuda.enable_cudnn_sdp(args.sdpa == "cudnn")
+        torch.backends.cuda.enable_flash_sdp(args.sdpa == "flash")
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
     result["matmul_tflops"] = round(measure_matmul_tflops(), 1)
     lora = LoraArgs(lora_r=args.lora_r, lora_alpha=args.lora_r, lora_dropout=0.0,
                     finetune_vision_layers=_truthy(args.finetune_vision_layers), finetune_language_layers=True,
@@ -497,12 +532,15 @@ def run_worker(args) -> dict:
     recipe = get_recipe(args.recipe)
     collator = backend.collator(model, processor, recipe, image_size=args.image_size, max_seq_length=8192)
     rows = json.loads(Path(args.rows).read_text())
+    from .models.speedups import checkpoint_fewer_layers, checkpointed_layers
+
+    if args.unchecked_layers:
+        result["unchecked_layers"] = checkpoint_fewer_layers(model, args.unchecked_layers)
+    result["checkpointed_layers"] = checkpointed_layers(model)
     if args.speedups:
         from .models.speedups import apply_training_speedups
 
         result["speedups"] = apply_training_speedups(model)
-        # What length grouping does in training: consecutive batches of one image shape (stable order).
-        rows.sort(key=lambda r: r.get("shape", ""))
     params = [p for p in model.parameters() if p.requires_grad]
     if DEVICE == "cuda":
         import bitsandbytes as bnb
@@ -520,33 +558,37 @@ def run_worker(args) -> dict:
         return out.loss.detach()
 
     def run_batch_size(bs: int) -> dict:
-        n_batches = args.warmup + args.steps + (0 if args.no_flops else 1)
+        chunks, warm, timed_ids, extra = plan_batches(rows, bs, args.warmup, args.steps, not args.no_flops or args.profile,
+                                                      same_shape=args.speedups, seed=args.seed)
         batches, collate_s = [], []
-        for k in range(n_batches):
-            chunk = [rows[(k * bs + i) % len(rows)] for i in range(bs)]
+        for chunk in chunks:
             t0 = time.perf_counter()
             batches.append(collator(chunk))
             collate_s.append(time.perf_counter() - t0)
-        tokens = [int(b["attention_mask"].sum()) for b in batches]
+        tokens = [int(batches[k]["attention_mask"].sum()) for k in timed_ids]
+        shapes = [_batch_shape(chunk) for chunk in chunks]
         _empty_cache()
         times, losses = [], []
-        for k in range(args.warmup + args.steps):
+        for n, k in enumerate(warm + timed_ids):
             _sync()
             t0 = time.perf_counter()
             loss = step(batches[k])
             _sync()
             times.append(time.perf_counter() - t0)
             losses.append(float(loss))
-            print(f"  {path} bs={bs} step {k + 1}: {times[-1]:.3f} s loss {losses[-1]:.4f}", flush=True)
-        timed = times[args.warmup:]
+            print(f"  {path} bs={bs} step {n + 1}{' (warm-up)' if n < len(warm) else ''} {shapes[k]}: "
+                  f"{times[-1]:.3f} s loss {losses[-1]:.4f}", flush=True)
+        timed = times[len(warm):]
         median = statistics.median(timed)
         entry = {
-            "batch_size": bs, "warmup_step_s": [round(t, 3) for t in times[:args.warmup]],
-            "warmup_s": round(sum(times[:args.warmup]), 2), "step_s": [round(t, 3) for t in timed],
+            "batch_size": bs, "warmup_step_s": [round(t, 3) for t in times[:len(warm)]],
+            "warmup_shapes": [shapes[k] for k in warm], "step_shapes": [shapes[k] for k in timed_ids],
+            "warmup_s": round(sum(times[:len(warm)]), 2), "step_s": [round(t, 3) for t in timed],
             "median_step_s": round(median, 4), "max_over_median": round(max(timed) / median, 3),
             "samples_per_s": round(bs / median, 3),
-            "tokens_per_step": int(statistics.median(tokens[args.warmup:args.warmup + args.steps])),
-            "tokens_per_s": round(statistics.median(tokens[args.warmup:args.warmup + args.steps]) / median, 1),
+            "samples_per_s_all_steps": _all_steps_rate(bs, timed),
+            "tokens_per_step": int(statistics.median(tokens)),
+            "tokens_per_s": round(statistics.median(tokens) / median, 1),
             "tokens_per_sample": round(sum(tokens) / len(tokens) / bs, 1),
             "peak_alloc_gib": round(_mem("max_memory_allocated"), 2),
             "peak_reserved_gib": round(_mem("max_memory_reserved"), 2),
@@ -556,13 +598,13 @@ def run_worker(args) -> dict:
             "data_share": round(statistics.median(collate_s) / (statistics.median(collate_s) + median), 4),
         }
         if args.profile:
-            entry["profile"] = profile_step(lambda: step(batches[-1]))
+            entry["profile"] = profile_step(lambda: step(batches[extra]))
         if not args.no_flops:
             try:
                 from torch.utils.flop_counter import FlopCounterMode
 
                 with FlopCounterMode(display=False) as counter:
-                    step(batches[-1])
+                    step(batches[extra])
                     _sync()
                 entry["flops_per_step"] = float(counter.get_total_flops())
                 entry["flops_source"] = "FlopCounterMode, one step (forward + backward, recompute included)"
@@ -604,9 +646,50 @@ def run_worker(args) -> dict:
     return result
 
 
+def plan_batches(rows: list[dict], bs: int, warmup: int, steps: int, extra: bool, *, same_shape: bool,
+                 seed: int) -> tuple[list[list[dict]], list[int], list[int], int]:
+    """The bench's batches: (chunks of rows, warm-up indices, timed indices, index of the profiling/FLOP batch).
+
+    Without --speedups, consecutive rows of the shuffled data (mixed shapes, as plain training sees them).
+    With it, the order training uses with image buckets (data.batching: one image shape per batch, shapes in
+    their real proportion), and, as train.warm_up_shapes does, every shape among the timed batches runs once
+    during warm-up, so the timed steps are steady-state steps.
+    """
+    n = warmup + steps + int(extra)
+    if same_shape:
+        from .data.batching import same_shape_order
+
+        order = same_shape_order([r.get("shape", "") for r in rows], bs, seed)
+        chunks = [[rows[order[(k * bs + i) % len(order)]] for i in range(bs)] for k in range(n)]
+    else:
+        chunks = [[rows[(k * bs + i) % len(rows)] for i in range(bs)] for k in range(n)]
+    warm, timed = list(range(warmup)), list(range(warmup, warmup + steps))
+    if same_shape:
+        seen = {_batch_shape(chunks[k]) for k in warm}
+        for k in timed:
+            shape = _batch_shape(chunks[k])
+            if shape not in seen and shape != "mixed":
+                seen.add(shape)
+                members = [r for r in rows if r.get("shape") == shape]
+                chunks.append([members[i % len(members)] for i in range(bs)])
+                warm.append(len(chunks) - 1)
+    return chunks, warm, timed, (warmup + steps if extra else timed[-1])
+
+
+def _all_steps_rate(bs: int, step_s: list[float]) -> float | None:
+    """Samples over the summed time of every timed step: the rate an epoch runs at. With same-shape batches
+    the steps differ by shape (a 504x168 batch costs half a 504x504 one), and the median step of a few
+    then depends on which shapes were drawn; this does not."""
+    return round(bs * len(step_s) / sum(step_s), 3) if step_s else None
+
+
+def _batch_shape(chunk: list[dict]) -> str:
+    shapes = {r.get("shape", "?") for r in chunk}
+    return shapes.pop() if len(shapes) == 1 else "mixed"
+
+
 def profile_step(run_step, top: int = 12) -> dict:
     """One step under torch.profiler: how much of its wall time the GPU spent in kernels, and on which."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
@@ -657,7 +740,7 @@ def _worker_main(argv: list[str]) -> int:
     for name, kind in (("--batch_sizes", str), ("--steps", int), ("--warmup", int), ("--lora_r", int),
                        ("--finetune_vision_layers", str), ("--learning_rate", float), ("--image_size", int),
                        ("--recipe", str), ("--seed", int), ("--max_memory_gib", float), ("--start_batch", int),
-                       ("--gradient_checkpointing", str)):
+                       ("--gradient_checkpointing", str), ("--unchecked_layers", int), ("--sdpa", str)):
         p.add_argument(name, type=kind, default=None)
     p.add_argument("--no_flops", action="store_true")
     p.add_argument("--profile", action="store_true")

@@ -49,6 +49,10 @@ class ModelArgs:
         "help": "Run each same-size group of a batch's images through the Pixtral vision tower as a batch (not one "
                 "block-masked sequence), and skip the backward of a frozen vision tower. Same results; off only to "
                 "compare speed (models/speedups.py)."})
+    warm_up_shapes: bool | None = field(default=None, metadata={
+        "help": "Before training, run one forward and backward per image shape (no optimizer step), so that "
+                "compiling and planning kernels for each shape happens up front, not as slow steps mid-training. "
+                "Default: on a GPU."})
     max_memory_gib: float | None = field(default=None, metadata={
         "help": "Cap this run's GPU memory (GiB) and train with the largest micro-batch that fits under it: the "
                 "effective batch (per_device_train_batch_size x gradient_accumulation_steps) stays the same, the rest "
@@ -246,8 +250,8 @@ def read_yaml_tree(path: str | Path) -> dict[str, Any]:
 def device_defaults() -> dict[str, Any]:
     """Defaults that depend on the machine: 8-bit AdamW and bf16 need a CUDA GPU.
 
-    On a GPU, batches are also grouped by sample length (same image bucket together: no padding, shapes
-    repeat) and collated by 2 worker processes into pinned memory while the GPU computes. On a CPU the
+    On a GPU, batches are also grouped by length (with image buckets: one image shape per micro-batch,
+    data/batching.py; no padding, shapes repeat) and collated by 2 worker processes into pinned memory while the GPU computes. On a CPU the
     workers would only compete with training for the cores.
     """
     import torch

@@ -115,7 +115,7 @@ def run(recipe: Recipe, config: Config) -> dict:
     from .data.prepare import check_image_tokens, prepare_images
     from .models.families import image_fit
     from .models.speedups import apply_training_speedups
-    from .train import build_trainer, fit_micro_batch, last_checkpoint, train
+    from .train import build_trainer, fit_micro_batch, last_checkpoint, train, warm_up_shapes
 
     started = time.time()
     if not config.data.preprocess_images and config.training.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
@@ -186,9 +186,16 @@ def run(recipe: Recipe, config: Config) -> dict:
                                     max_seq_length=config.model.max_seq_length)
         pre_train = {"speedups": apply_training_speedups(model) if config.model.training_speedups else None}
         trainer = build_trainer(model, processor, train_set, collator, config.training, run_dir)
+        # Building the trainer can switch gradient checkpointing off again (seen with Unsloth: 0 of 40 layers
+        # until Trainer.train turns it back on). The memory probe and the shape warm-up must run the model
+        # as training will, or the probe measures a model without checkpointing and picks a far smaller batch.
+        backend.for_training(trainer.model)
         try:
             if config.model.max_memory_gib:
                 pre_train["memory_fit"] = fit_micro_batch(trainer, train_set, config.model.max_memory_gib)
+            warm_up = config.model.warm_up_shapes
+            if warm_up or (warm_up is None and torch.cuda.is_available()):
+                pre_train["shape_warmup"] = warm_up_shapes(trainer, train_set)
             (run_dir / "train_stats.json").write_text(json.dumps(pre_train, indent=1))
             history = train(trainer, resume_from=resume_from)
         except torch.OutOfMemoryError as exc:

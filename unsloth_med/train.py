@@ -51,6 +51,11 @@ class StepStatsCallback(TrainerCallback):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self._train_start = self._last_end = time.perf_counter()
+        model = kwargs.get("model")
+        if model is not None:  # what the trainer trains with (Trainer.train can change checkpointing)
+            from .models.speedups import checkpointed_layers
+
+            self.checkpointed = checkpointed_layers(model)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._sync()
@@ -88,6 +93,7 @@ class StepStatsCallback(TrainerCallback):
             "samples_per_second": round(samples / median, 3) if median else None,
             "train_seconds": round(time.perf_counter() - self._train_start, 2) if self._train_start else None,
             "dataloader_num_workers": args.dataloader_num_workers,
+            "checkpointed_layers": getattr(self, "checkpointed", None),
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         }
         if torch.cuda.is_available():
@@ -129,12 +135,22 @@ def _sft_trainer_class():
     from trl import SFTTrainer
 
     class VisionSFTTrainer(SFTTrainer):
-        """SFTTrainer that also trains on a CPU.
+        """SFTTrainer that also trains on a CPU, and batches bucketed images by shape.
 
         TRL 1.15 computes the loss with a Triton kernel (chunked log-probs over the LM head), and Triton has no
         CPU backend: on a machine without a GPU it fails with "0 active drivers". Off the GPU we take the
         model's own cross-entropy over the same -100-masked labels, which is what the kernel computes.
         """
+
+        def _get_train_sampler(self, train_dataset=None):
+            # Length grouping over bucketed images (the GPU default): every micro-batch one image shape, exactly.
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            if self.args.train_sampling_strategy == "group_by_length" and \
+                    "image_shape" in getattr(dataset, "column_names", []):
+                from .data.batching import SameShapeSampler
+
+                return SameShapeSampler(dataset["image_shape"], self._train_batch_size, seed=self.args.seed)
+            return super()._get_train_sampler(train_dataset)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if next(model.parameters()).device.type in ("cuda", "xpu"):
@@ -188,6 +204,13 @@ def fit_micro_batch(trainer, dataset, max_memory_gib: float) -> dict:
         raise BackendError("--max_memory_gib caps GPU memory and needs a CUDA GPU; leave it unset on CPU.")
     args = trainer.args
     effective = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    in_use = torch.cuda.memory_allocated() / 2**30
+    if in_use >= max_memory_gib:
+        raise BackendError(f"--max_memory_gib {max_memory_gib:g} is below the {in_use:.1f} GiB the model already occupies "
+                           "on the GPU: raise the cap, or load in 4-bit / a smaller model.")
+    # The cap limits what the allocator may reserve; memory it cached earlier (a previous run, a probe)
+    # would otherwise be reused beyond it.
+    torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gib * 2**30 / total))
     torch.cuda.reset_peak_memory_stats()  # probe_peak_allocated_gib: the probe's own peak
@@ -231,3 +254,48 @@ def fit_micro_batch(trainer, dataset, max_memory_gib: float) -> dict:
     log.info("Memory cap %.1f GiB: micro-batch %d x %d accumulation (tried %s)", max_memory_gib, micro,
              effective // micro, tried)
     return fit
+
+
+def warm_up_shapes(trainer, dataset) -> dict:
+    """One forward and backward per image shape of the data (and one for the epoch's last, smaller batch),
+    before the first training step.
+
+    A shape's first step pays for compilation and kernel planning (several seconds on a GPU; measured in
+    benchmarks/README.md); done here, every training step after it runs at its steady speed, so step
+    times, ETAs and throughput stay even. Gradients are zeroed afterwards and no optimizer step is
+    taken, so training is exactly what it would have been. Needs the `image_shape` column that image
+    preparation writes; without it, nothing is done.
+    """
+    import torch
+
+    if "image_shape" not in getattr(dataset, "column_names", []):
+        return {"shapes": 0, "seconds": 0.0}
+    groups: dict[str, list[int]] = {}
+    for index, shape in enumerate(dataset["image_shape"]):
+        groups.setdefault(shape, []).append(index)
+    batch = trainer._train_batch_size or trainer.args.per_device_train_batch_size
+    if not hasattr(trainer, "current_gradient_accumulation_steps"):  # set by Trainer.train; training_step reads it
+        trainer.current_gradient_accumulation_steps = 1
+    batches = [(shape, [members[i % len(members)] for i in range(batch)])
+               for shape, members in sorted(groups.items(), key=lambda kv: -len(kv[1]))]
+    short = len(dataset) % batch
+    if short:  # the epoch's last, smaller batch: a new batch size costs a recompile too (13 s on a 14B model)
+        from .data.batching import same_shape_order
+
+        batches.append((f"last batch of {short}", same_shape_order(dataset["image_shape"], batch, trainer.args.seed)[-short:]))
+    started = time.perf_counter()
+    seconds = {}
+    for shape, indices in batches:
+        t0 = time.perf_counter()
+        rows = [dataset[i] for i in indices]
+        try:
+            trainer.training_step(trainer.model, trainer.data_collator(rows))
+        finally:
+            trainer.model.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds[shape] = round(time.perf_counter() - t0, 2)
+    log.info("warmed up %d image shapes in %.1f s", len(groups), time.perf_counter() - started)
+    return {"shapes": len(groups), "micro_batch": batch, "last_batch": short or None,
+            "seconds": round(time.perf_counter() - started, 2),
+            "seconds_per_shape": seconds}

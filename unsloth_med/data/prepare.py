@@ -2,9 +2,10 @@
 
 `prepare_images(dataset, fit)` writes each image, already sized by the run's `ImageFit`, as a PNG
 into the cache (keyed by the source file and the fit, so a second run, or the next epoch, decodes
-nothing but a small PNG) and returns the dataset with `image` pointing at those files and a `length`
-column: the sample's approximate token count, which `train_sampling_strategy: group_by_length`
-(transformers' LengthGroupedSampler) uses to put same-shape images in the same batch.
+nothing but a small PNG) and returns the dataset with `image` pointing at those files, a `length`
+column (the sample's approximate token count, for transformers' LengthGroupedSampler) and an
+`image_shape` column ("WxH"), which `train_sampling_strategy: group_by_length` uses to make every
+micro-batch one image shape (data/batching.py).
 
 The collators still apply the same fit to what they load; on a prepared image it changes nothing,
 so a prepared and an unprepared run feed the model identical pixels.
@@ -107,14 +108,14 @@ def prepare_images(dataset, fit: ImageFit, cache_root: str | Path | None = None,
         return {"_prepared": [path for path, _, _ in done],
                 "length": [sample_length(fit, size, answer) for (_, size, _), answer in zip(done, answers)],
                 "image_tokens": [fit.image_tokens(size) for _, size, _ in done],
-                "_from_cache": [hit for _, _, hit in done], "_shape": [f"{w}x{h}" for _, (w, h), _ in done]}
+                "_from_cache": [hit for _, _, hit in done], "image_shape": [f"{w}x{h}" for _, (w, h), _ in done]}
 
     prepared = dataset.map(prepare, batched=True, batch_size=256, num_proc=num_proc, desc="Preparing images",
                            load_from_cache_file=False)
     # A new column, renamed: `datasets` would keep the source's Image feature on an updated `image` column.
     prepared = prepared.remove_columns("image").rename_column("_prepared", "image")
-    hits, shapes = sum(prepared["_from_cache"]), set(prepared["_shape"])
-    prepared = prepared.remove_columns(["_from_cache", "_shape"])
+    hits, shapes = sum(prepared["_from_cache"]), set(prepared["image_shape"])
+    prepared = prepared.remove_columns("_from_cache")
     stats = {"images": len(prepared), "from_cache": hits, "distinct_shapes": len(shapes),
              "seconds": round(time.perf_counter() - t0, 2),
              "image_fit": {"max_side": fit.max_side, "factor": fit.factor, "buckets": fit.buckets},

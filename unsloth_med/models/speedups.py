@@ -118,6 +118,36 @@ def _detached(output):
     return output
 
 
+def _decoder_layers(model, part: str) -> list:
+    """The checkpointable transformer layers of the language model ("language") or the vision tower ("vision")."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    tower = _vision_tower(model)
+    in_tower = {id(m) for m in tower.modules()} if tower is not None else set()
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    return [m for m in layers if (id(m) in in_tower) == (part == "vision")]
+
+
+def checkpointed_layers(model) -> dict:
+    """How many language and vision layers recompute their forward in the backward (gradient checkpointing)."""
+    return {part: f"{sum(bool(getattr(m, 'gradient_checkpointing', False)) for m in layers)}/{len(layers)}"
+            for part in ("language", "vision") for layers in [_decoder_layers(model, part)]}
+
+
+def checkpoint_fewer_layers(model, unchecked: int) -> int:
+    """Keep the activations of the last `unchecked` language layers instead of recomputing them.
+
+    Checkpointing trades memory for a second forward of every layer: a third of a LoRA step's arithmetic.
+    Where memory is left over under the cap, each layer taken out of checkpointing saves its recompute
+    and costs its activations. transformers checks each layer's own `gradient_checkpointing` flag
+    (GradientCheckpointingLayer), so turning it off per layer is all it takes. Returns how many were turned off.
+    """
+    layers = [m for m in _decoder_layers(model, "language") if getattr(m, "gradient_checkpointing", False)]
+    for layer in layers[max(0, len(layers) - unchecked):] if unchecked > 0 else []:
+        layer.gradient_checkpointing = False
+    return min(max(unchecked, 0), len(layers))
+
+
 def apply_training_speedups(model) -> dict:
     """Both changes, where they apply; returns what was done (for train_stats.json)."""
     done = {"batched_same_size_vision": batch_same_size_images(model),
