@@ -251,7 +251,8 @@ def device_defaults() -> dict[str, Any]:
     """Defaults that depend on the machine: 8-bit AdamW and bf16 need a CUDA GPU.
 
     On a GPU, batches are also grouped by length (with image buckets: one image shape per micro-batch,
-    data/batching.py; no padding, shapes repeat) and collated by 2 worker processes into pinned memory while the GPU computes. On a CPU the
+    data/batching.py; no padding, shapes repeat) and collated by 2 worker processes into pinned memory
+    while the GPU computes. On a CPU the
     workers would only compete with training for the cores.
     """
     import torch
