@@ -346,6 +346,21 @@ def test_bench_speedups_time_same_shape_batches_after_each_shape_warmed_up(bone_
     table = (out / f"cpu-test_{model.name}.md").read_text()
     assert "| hf-bf16 +speedups +unchecked1 | — | 2 |" in table
 
+    # --merge: a result already in --out and unchanged is not copied again under the new tag; one from
+    # elsewhere is, and two runs with the same settings get their batch sizes in the file name.
+    from unsloth_med.bench import bench_command
+
+    here = out / f"cpu-test_{model.name}_hf-bf16-speedups-unchecked1.json"
+    elsewhere = tmp_path / "other" / "run.json"
+    elsewhere.parent.mkdir()
+    other = json.loads(here.read_text())
+    other["batches"][0]["batch_size"] = 4
+    elsewhere.write_text(json.dumps(other))
+    assert bench_command(["--merge", str(here), str(elsewhere), "--tag", "merged", "--out", str(out)]) == 0
+    written = sorted(p.name for p in out.glob("merged_*.json"))
+    assert written == [f"merged_{model.name}_hf-bf16-speedups-unchecked1-b4.json", f"merged_{model.name}_summary.json"]
+    assert [r["batch_size"] for r in json.loads((out / f"merged_{model.name}_summary.json").read_text())["rows"]] == [2, 4]
+
 
 def test_checkpoint_fewer_layers_keeps_gradients_identical():
     """Taking layers out of gradient checkpointing changes memory and time, never the gradients."""

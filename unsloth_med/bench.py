@@ -175,9 +175,11 @@ def bench_command(argv: list[str]) -> int:
 
 def merge_command(args, argv: list[str]) -> int:
     """Summary + markdown table from per-path JSON files written by earlier bench runs."""
-    results = [json.loads(Path(f).read_text()) for f in args.merge if not f.endswith("_summary.json")]
-    results = [r for r in results if "path" in r]
-    results.sort(key=lambda r: (PATHS.index(r["path"]) if r["path"] in PATHS else 99))
+    loaded = [(Path(f), json.loads(Path(f).read_text())) for f in args.merge if not f.endswith("_summary.json")]
+    loaded = [(f, r) for f, r in loaded if "path" in r]
+    loaded.sort(key=lambda fr: (PATHS.index(fr[1]["path"]) if fr[1]["path"] in PATHS else 99))
+    sources = {id(r): (f, json.dumps(r, sort_keys=True)) for f, r in loaded}  # to tell what the merge changed
+    results = [r for _, r in loaded]
     if not results:
         from .errors import ConfigError
 
@@ -189,6 +191,9 @@ def merge_command(args, argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     names = [_variant(r) for r in results]
     for r, variant in zip(results, names):  # the per-path files, updated with borrowed FLOP counts
+        source, original = sources[id(r)]
+        if source.resolve().parent == out.resolve() and json.dumps(r, sort_keys=True) == original:
+            continue  # already a result file here, unchanged: no second copy under the new tag
         if names.count(variant) > 1:  # the same settings at other batch sizes, from separate runs
             variant += "-b" + "-".join(str(b.get("batch_size")) for b in r.get("batches", []))
         (out / f"{tag}_{_slug(model_name)}_{variant}.json").write_text(json.dumps(r, indent=1))

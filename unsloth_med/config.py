@@ -252,8 +252,7 @@ def device_defaults() -> dict[str, Any]:
 
     On a GPU, batches are also grouped by length (with image buckets: one image shape per micro-batch,
     data/batching.py; no padding, shapes repeat) and collated by 2 worker processes into pinned memory
-    while the GPU computes. On a CPU the
-    workers would only compete with training for the cores.
+    while the GPU computes. On a CPU the workers would only compete with training for the cores.
     """
     import torch
 

@@ -44,6 +44,7 @@ class StepStatsCallback(TrainerCallback):
         self.times: list[float] = []
         self.waits: list[float] = []
         self._start = self._last_end = self._train_start = None
+        self.checkpointed: dict | None = None  # checkpointed layers when training began
 
     def on_train_begin(self, args, state, control, **kwargs):
         import torch
@@ -93,7 +94,7 @@ class StepStatsCallback(TrainerCallback):
             "samples_per_second": round(samples / median, 3) if median else None,
             "train_seconds": round(time.perf_counter() - self._train_start, 2) if self._train_start else None,
             "dataloader_num_workers": args.dataloader_num_workers,
-            "checkpointed_layers": getattr(self, "checkpointed", None),
+            "checkpointed_layers": self.checkpointed,
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         }
         if torch.cuda.is_available():
@@ -185,6 +186,16 @@ def train(trainer, *, resume_from: str | None = None) -> list[dict]:
     return list(trainer.state.log_history)
 
 
+def _step_without_update(trainer, rows: list[dict]) -> None:
+    """One real forward and backward (the trainer's own loss) on `rows`, no optimizer step, gradients cleared."""
+    if not hasattr(trainer, "current_gradient_accumulation_steps"):  # set by Trainer.train; training_step reads it
+        trainer.current_gradient_accumulation_steps = 1
+    try:
+        trainer.training_step(trainer.model, trainer.data_collator(rows))
+    finally:
+        trainer.model.zero_grad(set_to_none=True)
+
+
 def fit_micro_batch(trainer, dataset, max_memory_gib: float) -> dict:
     """Cap GPU memory at max_memory_gib and use the largest micro-batch that fits, keeping the effective batch.
 
@@ -221,8 +232,6 @@ def fit_micro_batch(trainer, dataset, max_memory_gib: float) -> dict:
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     reserve_bytes = 8 * trainable  # AdamW's two fp32 moments, allocated at the first optimizer step
     tried: list[int] = []
-    if not hasattr(trainer, "current_gradient_accumulation_steps"):  # set by Trainer.train; training_step reads it
-        trainer.current_gradient_accumulation_steps = 1
 
     @find_executable_batch_size(starting_batch_size=sizes[0], reduce_batch_size_fn=lambda: next(smaller, 0))
     def probe(batch_size: int) -> int:
@@ -230,10 +239,9 @@ def fit_micro_batch(trainer, dataset, max_memory_gib: float) -> dict:
         rows = [dataset[longest[i % len(longest)]] for i in range(batch_size)]
         reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device="cuda")
         try:
-            trainer.training_step(trainer.model, trainer.data_collator(rows))
+            _step_without_update(trainer, rows)
         finally:
             del reserve
-            trainer.model.zero_grad(set_to_none=True)
         return batch_size
 
     try:
@@ -274,8 +282,6 @@ def warm_up_shapes(trainer, dataset) -> dict:
     for index, shape in enumerate(dataset["image_shape"]):
         groups.setdefault(shape, []).append(index)
     batch = trainer._train_batch_size or trainer.args.per_device_train_batch_size
-    if not hasattr(trainer, "current_gradient_accumulation_steps"):  # set by Trainer.train; training_step reads it
-        trainer.current_gradient_accumulation_steps = 1
     batches = [(shape, [members[i % len(members)] for i in range(batch)])
                for shape, members in sorted(groups.items(), key=lambda kv: -len(kv[1]))]
     short = len(dataset) % batch
@@ -287,11 +293,7 @@ def warm_up_shapes(trainer, dataset) -> dict:
     seconds = {}
     for shape, indices in batches:
         t0 = time.perf_counter()
-        rows = [dataset[i] for i in indices]
-        try:
-            trainer.training_step(trainer.model, trainer.data_collator(rows))
-        finally:
-            trainer.model.zero_grad(set_to_none=True)
+        _step_without_update(trainer, [dataset[i] for i in indices])
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds[shape] = round(time.perf_counter() - t0, 2)
