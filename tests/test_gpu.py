@@ -411,3 +411,34 @@ def test_memory_cap_keeps_the_effective_batch_and_refuses_an_impossible_cap(tiny
         print(f"\nmemory fit: {roomy}")
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def test_warm_up_at_train_start_runs_every_batch_kind_and_leaves_training_unchanged(tiny_model, tmp_path):
+    """The pipeline's shape warm-up runs inside Trainer.train, after Unsloth's reset of graphs compiled before
+    train(): one forward + backward per kind of micro-batch, no optimizer step. Losses match a run without it."""
+    import datasets
+
+    from unsloth_med.train import build_trainer, warm_up_when_training_starts
+
+    losses, warmed = {}, None
+    for warm in (False, True):
+        backend = _backend()
+        model, processor = backend.load(str(tiny_model("mistral3")), ModelArgs(load_in_4bit=True))
+        model = backend.add_adapters(model, _lora(), ModelArgs(), seed=0)
+        backend.for_training(model)
+        fit = image_fit(model.config, IMAGE_SIZE, buckets=True)
+        rows = _make_rows(tmp_path / "images", n=10)
+        train_set, _ = prepare_images(datasets.Dataset.from_list(rows), fit, tmp_path / f"prep-{warm}")
+        collator = backend.collator(model, processor, RECIPE, image_size=fit, max_seq_length=4096)
+        args = _training_args(tmp_path / f"run-{warm}", steps=5)
+        args.learning_rate = 1e-3
+        trainer = build_trainer(model, processor, train_set, collator, args, tmp_path / f"run-{warm}")
+        backend.for_training(trainer.model)
+        if warm:
+            warmed = warm_up_when_training_starts(trainer, train_set)
+        trainer.train()
+        losses[warm] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    print(f"\nlosses without warm-up {losses[False]}\nlosses with warm-up    {losses[True]}\nwarm-up {warmed.result}")
+    assert warmed.result["batch_kinds"] == 2 and warmed.result["last_batch"] == 2  # 10 images: 4, 4, then 2
+    assert all(torch.isfinite(torch.tensor(losses[True])))
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)

@@ -130,10 +130,15 @@ def test_pipeline_records_prepared_images_and_step_stats(bone_break_dir, tmp_pat
     proc = _run(["unsloth_med.recipes.bone_fracture", "--data_dir", str(bone_break_dir), "--model", "tiny:mistral3",
                  "--max_steps", "6", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
                  "--max_train_samples", "48", "--max_eval_samples", "4", "--eval_before", "false",
-                 "--image_size", "64", "--save_strategy", "no", "--output_dir", str(run)], REPO)
+                 "--image_size", "64", "--save_strategy", "no", "--warm_up_shapes", "true", "--output_dir", str(run)], REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = json.loads((run / "train_stats.json").read_text())
-    assert stats["steps_timed"] == 6 and stats["samples_per_step"] == 4
+    # The warm-up ran inside Trainer.train (where Unsloth keeps its compiled graphs) and recorded itself.
+    warm = stats["shape_warmup"]
+    assert warm["micro_batch"] == 4 and warm["batch_kinds"] == len(warm["seconds_per_batch_kind"]) >= warm["shapes"] >= 1
+    assert stats["steps_timed"] == 6 and stats["samples_per_step"] == 4 and len(stats["step_seconds"]) == 6
+    steady = stats["step_seconds"][3:]
+    assert stats["samples_per_second_all_steps"] == pytest.approx(4 * len(steady) / sum(steady), rel=0.01)
     assert 0 <= stats["data_share"] < 1 and stats["samples_per_second"] > 0 and stats["median_data_wait_seconds"] >= 0
     metrics = json.loads((run / "metrics.json").read_text())
     prepared = metrics["data"]["prepared_images"]
@@ -291,6 +296,22 @@ def test_same_shape_order_makes_pure_batches_of_every_sample_once():
     assert same_shape_order(shapes, 4, seed=1) != same_shape_order(shapes, 4, seed=2)
 
 
+def test_one_batch_of_each_kind_covers_every_kind_of_batch_in_every_epoch():
+    from unsloth_med.data.batching import batch_kind, one_batch_of_each_kind, same_shape_order
+
+    rng = np.random.default_rng(0)
+    shapes = list(rng.choice(["504x504", "252x504", "504x252", "168x504"], size=101, p=[0.5, 0.25, 0.15, 0.1]))
+    for batch in (4, 16, 32):
+        warm = one_batch_of_each_kind(shapes, batch, seed=0)
+        warm_kinds = [batch_kind([shapes[i] for i in b]) for b in warm]
+        assert len(set(warm_kinds)) == len(warm_kinds)  # each kind once
+        assert any(len(kind) > 1 for kind in warm_kinds) and sum(n for _, n in warm_kinds[-1]) == 101 % batch
+        for epoch_seed in range(5):  # the sampler reseeds every epoch; the kinds stay the same
+            order = same_shape_order(shapes, batch, seed=epoch_seed)
+            epoch_kinds = {batch_kind([shapes[i] for i in order[k:k + batch]]) for k in range(0, len(order), batch)}
+            assert epoch_kinds == set(warm_kinds)
+
+
 def test_trainer_feeds_one_image_shape_per_micro_batch_and_warms_up_each_shape(bone_train, tmp_path):
     """group_by_length over bucketed, prepared images: the real trainer's data loader yields same-shape
     micro-batches, and the shape warm-up runs a real step per shape without changing any weight."""
@@ -298,10 +319,10 @@ def test_trainer_feeds_one_image_shape_per_micro_batch_and_warms_up_each_shape(b
 
     from unsloth_med.backends.hf import HFBackend
     from unsloth_med.config import LoraArgs, ModelArgs, parse_config
-    from unsloth_med.data.batching import SameShapeSampler
+    from unsloth_med.data.batching import SameShapeSampler, batch_kind, describe_kind
     from unsloth_med.models.families import image_fit
     from unsloth_med.models.tiny import tiny_model_path
-    from unsloth_med.train import build_trainer, warm_up_shapes
+    from unsloth_med.train import StepStatsCallback, build_trainer, warm_up_shapes, warm_up_when_training_starts
 
     backend = HFBackend()
     model, processor = backend.load(str(tiny_model_path("mistral3")), ModelArgs())
@@ -322,9 +343,17 @@ def test_trainer_feeds_one_image_shape_per_micro_batch_and_warms_up_each_shape(b
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     warmed = warm_up_shapes(trainer, prepared)
     assert warmed["shapes"] == stats["distinct_shapes"] >= 2 and warmed["last_batch"] == 2
-    assert len(warmed["seconds_per_shape"]) == warmed["shapes"] + 1  # every shape, and the short last batch
+    # Every kind of micro-batch the loader yields (shape counts per batch) was warmed up, each once:
+    # each shape's full batches, the mixed remainders and the short last batch.
+    loader_kinds = {describe_kind(batch_kind([f"{w}x{h}" for h, w in sizes])) for sizes in batches}
+    assert set(warmed["seconds_per_batch_kind"]) == loader_kinds and warmed["batch_kinds"] == len(loader_kinds)
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+
+    # In runs the warm-up is a callback that Trainer.train calls first, before the step clock starts.
+    callback = warm_up_when_training_starts(trainer, prepared)
+    callbacks = trainer.callback_handler.callbacks
+    assert callbacks.index(callback) < next(i for i, c in enumerate(callbacks) if isinstance(c, StepStatsCallback))
 
 
 def test_bench_speedups_time_same_shape_batches_after_each_shape_warmed_up(bone_break_dir, tmp_path):
@@ -387,3 +416,19 @@ def test_checkpoint_fewer_layers_keeps_gradients_identical():
     assert reference.keys() == partial.keys()
     for name in reference:
         assert torch.allclose(reference[name], partial[name], atol=1e-6), name
+
+
+def test_bench_table_compares_a_capped_row_with_the_hf_rows_inside_its_cap():
+    """The H200 result files in benchmarks/results: ratios and the 6N MFU are computed from what they hold."""
+    from unsloth_med.bench import table_rows
+
+    results = [json.loads((REPO / "benchmarks" / "results" / f"20261202-h200_ministral3-14b_{name}.json").read_text())
+               for name in ("hf-bf16", "hf-qlora-cap24", "unsloth-4bit-speedups-gc-true-cap24")]
+    bf16, qlora, ours = table_rows(results)
+    assert ours["memory_cap_gib"] == 24 and qlora["peak_reserved_gib"] <= 24 < bf16["peak_reserved_gib"]
+    # hf-qlora reserved more than the unsloth row at peak, but ran under the same cap: it is the comparison.
+    assert qlora["peak_reserved_gib"] > ours["peak_reserved_gib"]
+    assert ours["x_best_hf_same_memory"] == pytest.approx(ours["samples_per_s"] / qlora["samples_per_s"])
+    assert ours["x_hf_bf16_b2"] == pytest.approx(ours["samples_per_s"] / bf16["samples_per_s"])
+    shape, rate = results[2]["shape"], results[2]["matmul_tflops"]
+    assert ours["mfu_6n"] == pytest.approx(6 * shape["params"] * ours["tokens_per_s"] / (rate * 1e12))

@@ -357,7 +357,8 @@ def table_rows(results: list[dict]) -> list[dict]:
                 "median_step_s": b.get("median_step_s"), "max_over_median": b.get("max_over_median"),
                 "peak_alloc_gib": b.get("peak_alloc_gib"), "peak_reserved_gib": b.get("peak_reserved_gib"),
                 "load_s": r.get("load_s"), "warmup_s": b.get("warmup_s"),
-                "flops_per_sample": b.get("flops_per_sample"), "mfu": b.get("mfu"), "final_loss": b.get("final_loss"),
+                "flops_per_sample": b.get("flops_per_sample"), "mfu": b.get("mfu"),
+                "mfu_6n": _mfu_6n(r, b), "final_loss": b.get("final_loss"),
                 "data_share": b.get("data_share"), "memory_cap_gib": r.get("max_memory_gib"),
                 "gpu_busy_share": (b.get("profile") or {}).get("gpu_busy_share"),
                 "gradient_checkpointing": r.get("gradient_checkpointing"),
@@ -368,9 +369,21 @@ def table_rows(results: list[dict]) -> list[dict]:
         if not x.get("samples_per_s"):
             continue
         x["x_hf_bf16_b2"] = x["samples_per_s"] / base["samples_per_s"] if base else None
-        fits = [h["samples_per_s"] for h in hf if h["peak_reserved_gib"] <= x["peak_reserved_gib"] + 1e-9]
+        # The memory a row may use: its cap when it ran under one, else what it reserved at peak.
+        budget = x.get("memory_cap_gib") or x["peak_reserved_gib"]
+        fits = [h["samples_per_s"] for h in hf if h["peak_reserved_gib"] <= budget + 1e-9]
         x["x_best_hf_same_memory"] = x["samples_per_s"] / max(fits) if fits else None
     return rows
+
+
+def _mfu_6n(result: dict, batch: dict) -> float | None:
+    """The issue's convention: 6 x model parameters x tokens/s over the bf16 matmul rate measured in the same
+    process. Needs no FLOP count, so every row has it; it ignores attention and counts the frozen parts'
+    backward as if computed, so it is a yardstick across paths, not a hardware counter."""
+    params = (result.get("shape") or {}).get("params") if isinstance(result.get("shape"), dict) else None
+    if not (params and batch.get("tokens_per_s") and result.get("matmul_tflops")):
+        return None
+    return 6 * params * batch["tokens_per_s"] / (result["matmul_tflops"] * 1e12)
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -379,12 +392,13 @@ def _fmt(value: Any, spec: str) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     head = ("| path | cap GiB | batch | samples/s | samples/s all steps | tokens/s | median step s | max/median | peak alloc GiB | peak reserved GiB "
-            "| load s | warm-up s | TFLOPs/sample | MFU | GPU busy | final loss | data share | × hf-bf16 b2 | × best HF ≤ mem |")
-    lines = [head, "|" + "---|" * 19]
+            "| load s | warm-up s | TFLOPs/sample | MFU | MFU 6N | GPU busy | final loss | data share | × hf-bf16 b2 "
+            "| × best HF ≤ mem |")
+    lines = [head, "|" + "---|" * 20]
     for x in rows:
         cap = _fmt(x.get("memory_cap_gib"), "g")
         if x.get("error") and not x.get("samples_per_s"):
-            lines.append(f"| {x['path']} | {cap} | {x.get('batch_size', '—')} | failed: {str(x['error'])[:80]} |" + " |" * 15)
+            lines.append(f"| {x['path']} | {cap} | {x.get('batch_size', '—')} | failed: {str(x['error'])[:80]} |" + " |" * 16)
             continue
         lines.append("| " + " | ".join([
             x["path"], cap, str(x["batch_size"]), _fmt(x["samples_per_s"], ".2f"),
@@ -393,6 +407,7 @@ def markdown_table(rows: list[dict]) -> str:
             _fmt(x["peak_reserved_gib"], ".1f"), _fmt(x["load_s"], ".0f"), _fmt(x["warmup_s"], ".1f"),
             _fmt(x["flops_per_sample"] / 1e12 if x.get("flops_per_sample") else None, ".2f"),
             _fmt(x["mfu"] * 100 if x.get("mfu") else None, ".1f") + ("%" if x.get("mfu") else ""),
+            _fmt(x["mfu_6n"] * 100 if x.get("mfu_6n") else None, ".1f") + ("%" if x.get("mfu_6n") else ""),
             _fmt(x["gpu_busy_share"] * 100 if x.get("gpu_busy_share") else None, ".0f") + ("%" if x.get("gpu_busy_share") else ""),
             _fmt(x["final_loss"], ".3f"), _fmt(x["data_share"] * 100 if x.get("data_share") is not None else None, ".1f")
             + ("%" if x.get("data_share") is not None else ""),
@@ -657,12 +672,13 @@ def plan_batches(rows: list[dict], bs: int, warmup: int, steps: int, extra: bool
 
     Without --speedups, consecutive rows of the shuffled data (mixed shapes, as plain training sees them).
     With it, the order training uses with image buckets (data.batching: one image shape per batch, shapes in
-    their real proportion), and, as train.warm_up_shapes does, every shape among the timed batches runs once
-    during warm-up, so the timed steps are steady-state steps.
+    their real proportion), and, as train.warm_up_shapes does, every kind of batch among the timed ones (its
+    image shapes and their counts: a shape's full batch, a mixed remainder) runs once during warm-up, so the
+    timed steps are steady-state steps.
     """
     n = warmup + steps + int(extra)
     if same_shape:
-        from .data.batching import same_shape_order
+        from .data.batching import batch_kind, same_shape_order
 
         order = same_shape_order([r.get("shape", "") for r in rows], bs, seed)
         chunks = [[rows[order[(k * bs + i) % len(order)]] for i in range(bs)] for k in range(n)]
@@ -670,13 +686,14 @@ def plan_batches(rows: list[dict], bs: int, warmup: int, steps: int, extra: bool
         chunks = [[rows[(k * bs + i) % len(rows)] for i in range(bs)] for k in range(n)]
     warm, timed = list(range(warmup)), list(range(warmup, warmup + steps))
     if same_shape:
-        seen = {_batch_shape(chunks[k]) for k in warm}
+        def kind(chunk):
+            return batch_kind([r.get("shape", "") for r in chunk])
+
+        seen = {kind(chunks[k]) for k in warm}
         for k in timed:
-            shape = _batch_shape(chunks[k])
-            if shape not in seen and shape != "mixed":
-                seen.add(shape)
-                members = [r for r in rows if r.get("shape") == shape]
-                chunks.append([members[i % len(members)] for i in range(bs)])
+            if kind(chunks[k]) not in seen:
+                seen.add(kind(chunks[k]))
+                chunks.append(list(chunks[k]))
                 warm.append(len(chunks) - 1)
     return chunks, warm, timed, (warmup + steps if extra else timed[-1])
 

@@ -50,9 +50,9 @@ class ModelArgs:
                 "block-masked sequence), and skip the backward of a frozen vision tower. Same results; off only to "
                 "compare speed (models/speedups.py)."})
     warm_up_shapes: bool | None = field(default=None, metadata={
-        "help": "Before training, run one forward and backward per image shape (no optimizer step), so that "
-                "compiling and planning kernels for each shape happens up front, not as slow steps mid-training. "
-                "Default: on a GPU."})
+        "help": "When training starts, run one forward and backward for every kind of micro-batch the epoch holds "
+                "(its image shapes and their counts; no optimizer step), so that compiling and planning kernels "
+                "happens up front, not as slow steps mid-training. Default: on a GPU."})
     max_memory_gib: float | None = field(default=None, metadata={
         "help": "Cap this run's GPU memory (GiB) and train with the largest micro-batch that fits under it: the "
                 "effective batch (per_device_train_batch_size x gradient_accumulation_steps) stays the same, the rest "

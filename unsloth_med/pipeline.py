@@ -115,7 +115,7 @@ def run(recipe: Recipe, config: Config) -> dict:
     from .data.prepare import check_image_tokens, prepare_images
     from .models.families import image_fit
     from .models.speedups import apply_training_speedups
-    from .train import build_trainer, fit_micro_batch, last_checkpoint, train, warm_up_shapes
+    from .train import build_trainer, fit_micro_batch, last_checkpoint, train, warm_up_when_training_starts
 
     started = time.time()
     if not config.data.preprocess_images and config.training.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
@@ -195,7 +195,7 @@ def run(recipe: Recipe, config: Config) -> dict:
                 pre_train["memory_fit"] = fit_micro_batch(trainer, train_set, config.model.max_memory_gib)
             warm_up = config.model.warm_up_shapes
             if warm_up or (warm_up is None and torch.cuda.is_available()):
-                pre_train["shape_warmup"] = warm_up_shapes(trainer, train_set)
+                warm_up_when_training_starts(trainer, train_set)  # records "shape_warmup" in train_stats.json
             (run_dir / "train_stats.json").write_text(json.dumps(pre_train, indent=1))
             history = train(trainer, resume_from=resume_from)
         except torch.OutOfMemoryError as exc:

@@ -92,6 +92,9 @@ class StepStatsCallback(TrainerCallback):
             "samples_per_step": samples,
             "micro_batch": args.per_device_train_batch_size,
             "samples_per_second": round(samples / median, 3) if median else None,
+            # The rate an epoch runs at: batches of different shapes differ in cost, so the median alone flatters.
+            "samples_per_second_all_steps": round(samples * len(steady) / sum(steady), 3) if median else None,
+            "step_seconds": [round(t, 3) for t in self.times],
             "train_seconds": round(time.perf_counter() - self._train_start, 2) if self._train_start else None,
             "dataloader_num_workers": args.dataloader_num_workers,
             "checkpointed_layers": self.checkpointed,
@@ -111,6 +114,37 @@ class StepStatsCallback(TrainerCallback):
 
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+
+
+class WarmUpCallback(TrainerCallback):
+    """Runs `warm_up_shapes` at the start of Trainer.train, once the trainer has set the model up for training.
+
+    Not before train(): Unsloth drops every torch.compile graph when it finds that a forward with
+    gradients ran before train() (a graph compiled outside training can poison training's gradients), so
+    a warm-up there compiles twice. Seen on the 14B shape: a 41 s warm-up, then a 25 s first step. Here
+    the graphs and kernel plans it makes are the ones training uses. It runs before StepStatsCallback
+    starts its clock, and records its result in the same train_stats.json.
+    """
+
+    def __init__(self, trainer, dataset, stats_path: Path):
+        self.trainer, self.dataset, self.stats_path = trainer, dataset, stats_path
+        self.result: dict | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.result = warm_up_shapes(self.trainer, self.dataset)
+        if state.is_world_process_zero:
+            stats = json.loads(self.stats_path.read_text()) if self.stats_path.is_file() else {}
+            self.stats_path.write_text(json.dumps({**stats, "shape_warmup": self.result}, indent=1))
+
+
+def warm_up_when_training_starts(trainer, dataset) -> WarmUpCallback:
+    """Have `trainer.train()` begin with `warm_up_shapes` (before the step clock starts)."""
+    callbacks = trainer.callback_handler.callbacks
+    stats = next((c for c in callbacks if isinstance(c, StepStatsCallback)), None)
+    callback = WarmUpCallback(trainer, dataset, stats.path if stats else Path(trainer.args.output_dir) / "train_stats.json")
+    # Callbacks run in list order: insert before the step statistics, so warm-up time is not training time.
+    callbacks.insert(callbacks.index(stats) if stats else len(callbacks), callback)
+    return callback
 
 
 def last_checkpoint(run_dir: str | Path) -> str | None:
@@ -265,39 +299,36 @@ def fit_micro_batch(trainer, dataset, max_memory_gib: float) -> dict:
 
 
 def warm_up_shapes(trainer, dataset) -> dict:
-    """One forward and backward per image shape of the data (and one for the epoch's last, smaller batch),
-    before the first training step.
+    """One forward and backward for every kind of micro-batch the epoch holds, before the first training step:
+    each image shape's full batches, the mixed batches of the shapes' remainders, the short last batch.
 
-    A shape's first step pays for compilation and kernel planning (several seconds on a GPU; measured in
-    benchmarks/README.md); done here, every training step after it runs at its steady speed, so step
-    times, ETAs and throughput stay even. Gradients are zeroed afterwards and no optimizer step is
-    taken, so training is exactly what it would have been. Needs the `image_shape` column that image
-    preparation writes; without it, nothing is done.
+    A batch of a new kind (new image shapes, counts or batch size) pays for compilation and kernel planning
+    (2-60 s on a 14B model; measured in benchmarks/README.md); done here, every training step after it runs
+    at its steady speed, so step times, ETAs and throughput stay even. Gradients are zeroed afterwards and
+    no optimizer step is taken, so training is exactly what it would have been. Needs the `image_shape`
+    column that image preparation writes; without it, nothing is done.
     """
     import torch
 
+    from .data.batching import batch_kind, describe_kind, one_batch_of_each_kind
+
     if "image_shape" not in getattr(dataset, "column_names", []):
         return {"shapes": 0, "seconds": 0.0}
-    groups: dict[str, list[int]] = {}
-    for index, shape in enumerate(dataset["image_shape"]):
-        groups.setdefault(shape, []).append(index)
+    shapes = dataset["image_shape"]
     batch = trainer._train_batch_size or trainer.args.per_device_train_batch_size
-    batches = [(shape, [members[i % len(members)] for i in range(batch)])
-               for shape, members in sorted(groups.items(), key=lambda kv: -len(kv[1]))]
+    # The sampler's own order (SameShapeSampler, seeded by args.seed), so the kinds are the epoch's kinds.
+    batches = one_batch_of_each_kind(shapes, batch, trainer.args.seed)
     short = len(dataset) % batch
-    if short:  # the epoch's last, smaller batch: a new batch size costs a recompile too (13 s on a 14B model)
-        from .data.batching import same_shape_order
-
-        batches.append((f"last batch of {short}", same_shape_order(dataset["image_shape"], batch, trainer.args.seed)[-short:]))
     started = time.perf_counter()
     seconds = {}
-    for shape, indices in batches:
+    for indices in batches:
         t0 = time.perf_counter()
         _step_without_update(trainer, [dataset[i] for i in indices])
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        seconds[shape] = round(time.perf_counter() - t0, 2)
-    log.info("warmed up %d image shapes in %.1f s", len(groups), time.perf_counter() - started)
-    return {"shapes": len(groups), "micro_batch": batch, "last_batch": short or None,
-            "seconds": round(time.perf_counter() - started, 2),
-            "seconds_per_shape": seconds}
+        seconds[describe_kind(batch_kind([shapes[i] for i in indices]))] = round(time.perf_counter() - t0, 2)
+    log.info("warmed up %d kinds of micro-batch (%d image shapes) in %.1f s",
+             len(batches), len(set(shapes)), time.perf_counter() - started)
+    return {"shapes": len(set(shapes)), "batch_kinds": len(batches), "micro_batch": batch,
+            "last_batch": short or None, "seconds": round(time.perf_counter() - started, 2),
+            "seconds_per_batch_kind": seconds}

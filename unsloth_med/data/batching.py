@@ -13,6 +13,7 @@ shuffled; the one short batch, if the data does not divide evenly, last. A new s
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -40,6 +41,30 @@ def same_shape_order(shapes: Sequence[str], batch_size: int, seed: int) -> list[
     if short:  # the data loader cuts consecutive chunks: a short batch anywhere but last would shift the rest
         batches.append(short)
     return [index for batch in batches for index in batch]
+
+
+def batch_kind(shapes: Sequence[str]) -> tuple[tuple[str, int], ...]:
+    """What a GPU compiles and plans kernels for: how many images of each shape a batch holds."""
+    return tuple(sorted(Counter(shapes).items()))
+
+
+def describe_kind(kind: tuple[tuple[str, int], ...]) -> str:
+    return " + ".join(f"{count}x {shape}" for shape, count in kind)
+
+
+def one_batch_of_each_kind(shapes: Sequence[str], batch_size: int, seed: int) -> list[list[int]]:
+    """The first batch of every kind (`batch_kind`) in the epoch `same_shape_order` gives, in epoch order:
+    each shape's full batches, the mixed batches of the shapes' remainders and the short last batch.
+
+    Which kinds an epoch holds does not depend on the seed (the remainders are each shape's count modulo
+    the batch size, packed in shape order), so warming these up covers every epoch.
+    """
+    order = same_shape_order(shapes, batch_size, seed)
+    kinds: dict[tuple, list[int]] = {}
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        kinds.setdefault(batch_kind([shapes[i] for i in batch]), batch)
+    return list(kinds.values())
 
 
 class SameShapeSampler(torch.utils.data.Sampler):
