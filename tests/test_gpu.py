@@ -421,13 +421,13 @@ def test_warm_up_at_train_start_runs_every_batch_kind_and_leaves_training_unchan
     from unsloth_med.train import build_trainer, warm_up_when_training_starts
 
     losses, warmed = {}, None
+    rows = _make_rows(tmp_path / "images", n=10)
     for warm in (False, True):
         backend = _backend()
         model, processor = backend.load(str(tiny_model("mistral3")), ModelArgs(load_in_4bit=True))
         model = backend.add_adapters(model, _lora(), ModelArgs(), seed=0)
         backend.for_training(model)
         fit = image_fit(model.config, IMAGE_SIZE, buckets=True)
-        rows = _make_rows(tmp_path / "images", n=10)
         train_set, _ = prepare_images(datasets.Dataset.from_list(rows), fit, tmp_path / f"prep-{warm}")
         collator = backend.collator(model, processor, RECIPE, image_size=fit, max_seq_length=4096)
         args = _training_args(tmp_path / f"run-{warm}", steps=5)

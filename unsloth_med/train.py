@@ -103,10 +103,8 @@ class StepStatsCallback(TrainerCallback):
         if torch.cuda.is_available():
             stats["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             stats["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
-        if self.path.is_file():  # keep what the run wrote before training (the memory fit)
-            stats = {**json.loads(self.path.read_text()), **stats}
-        if state.is_world_process_zero:
-            self.path.write_text(json.dumps(stats, indent=1))
+        if state.is_world_process_zero:  # keeps what the run wrote before (the memory fit, the warm-up)
+            update_json(self.path, stats)
 
     @staticmethod
     def _sync():
@@ -114,6 +112,12 @@ class StepStatsCallback(TrainerCallback):
 
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+
+
+def update_json(path: Path, fields: dict) -> None:
+    """Write `fields` into the JSON object at `path`, keeping the keys it already holds."""
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**kept, **fields}, indent=1))
 
 
 class WarmUpCallback(TrainerCallback):
@@ -126,22 +130,21 @@ class WarmUpCallback(TrainerCallback):
     starts its clock, and records its result in the same train_stats.json.
     """
 
-    def __init__(self, trainer, dataset, stats_path: Path):
+    def __init__(self, trainer, dataset, stats_path: Path | None):
         self.trainer, self.dataset, self.stats_path = trainer, dataset, stats_path
         self.result: dict | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.result = warm_up_shapes(self.trainer, self.dataset)
-        if state.is_world_process_zero:
-            stats = json.loads(self.stats_path.read_text()) if self.stats_path.is_file() else {}
-            self.stats_path.write_text(json.dumps({**stats, "shape_warmup": self.result}, indent=1))
+        if self.stats_path and state.is_world_process_zero:
+            update_json(self.stats_path, {"shape_warmup": self.result})
 
 
 def warm_up_when_training_starts(trainer, dataset) -> WarmUpCallback:
     """Have `trainer.train()` begin with `warm_up_shapes` (before the step clock starts)."""
     callbacks = trainer.callback_handler.callbacks
     stats = next((c for c in callbacks if isinstance(c, StepStatsCallback)), None)
-    callback = WarmUpCallback(trainer, dataset, stats.path if stats else Path(trainer.args.output_dir) / "train_stats.json")
+    callback = WarmUpCallback(trainer, dataset, stats.path if stats else None)
     # Callbacks run in list order: insert before the step statistics, so warm-up time is not training time.
     callbacks.insert(callbacks.index(stats) if stats else len(callbacks), callback)
     return callback
@@ -327,8 +330,9 @@ def warm_up_shapes(trainer, dataset) -> dict:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds[describe_kind(batch_kind([shapes[i] for i in indices]))] = round(time.perf_counter() - t0, 2)
+    distinct = len(set(shapes))
     log.info("warmed up %d kinds of micro-batch (%d image shapes) in %.1f s",
-             len(batches), len(set(shapes)), time.perf_counter() - started)
-    return {"shapes": len(set(shapes)), "batch_kinds": len(batches), "micro_batch": batch,
+             len(batches), distinct, time.perf_counter() - started)
+    return {"shapes": distinct, "batch_kinds": len(batches), "micro_batch": batch,
             "last_batch": short or None, "seconds": round(time.perf_counter() - started, 2),
             "seconds_per_batch_kind": seconds}
