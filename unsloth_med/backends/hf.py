@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..data import samples
 from ..data.images import load_image
 from ..errors import BackendError
 from ..models import prompting
@@ -43,7 +44,8 @@ def lora_target_regex(model: torch.nn.Module, family: Family, lora) -> str:
 
 
 class VisionCollator:
-    """Rows {image, target, id} -> a padded batch whose labels are -100 except on the answer tokens."""
+    """Rows (one or several images, one or several turns) -> a padded batch whose labels are -100 except on
+    the tokens of every assistant answer (its text and end-of-turn token)."""
 
     def __init__(self, processor: Any, family: Family, recipe, *, image_size: int | None, max_seq_length: int):
         self.processor, self.family, self.recipe = processor, family, recipe
@@ -51,17 +53,23 @@ class VisionCollator:
         self.pad_id = getattr(processor, "tokenizer", processor).pad_token_id
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        images = [load_image(row["image"], self.image_size) for row in rows]
-        texts = [prompting.render(self.processor, self.recipe.to_conversation(row)) for row in rows]
+        images, conversations = [], []
+        for i, row in enumerate(rows):
+            refs = samples.image_refs(row)
+            samples.check_image_count(self.family.name, len(refs), row.get("id", str(i)))
+            images.append([load_image(ref, self.image_size) for ref in refs])
+            conversations.append(self.recipe.to_conversation(row, images=images[-1]))
+        texts = [prompting.render(self.processor, conversation) for conversation in conversations]
         batch = prompting.encode(self.processor, texts, images, padding_side="right")
         labels = torch.full_like(batch["input_ids"], -100)
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         for i, row in enumerate(rows):
-            prompting.check_length(lengths[i], self.max_seq_length, row.get("id", str(i)), self.image_size)
-            target = prompting.answer_ids(self.processor, self.family, self.recipe.target(row))
-            trailing = prompting.trailing_ids(self.processor, self.family, texts[i])
-            start, end = prompting.answer_span(batch["input_ids"][i].tolist(), lengths[i], target, trailing, row.get("id", ""))
-            labels[i, start:end] = batch["input_ids"][i, start:end]
+            sample_id = row.get("id", str(i))
+            prompting.check_length(lengths[i], self.max_seq_length, sample_id, self.image_size)
+            ids = batch["input_ids"][i].tolist()
+            for start, end in prompting.assistant_spans(self.processor, self.family, conversations[i], images[i], ids,
+                                                        lengths[i], sample_id):
+                labels[i, start:end] = batch["input_ids"][i, start:end]
         batch["labels"] = labels
         return batch
 

@@ -113,11 +113,12 @@ def gradient_checkpointing_value(setting: Any) -> Any:
 
 
 class UnslothCollator:
-    """Rows {image, target, id} -> UnslothVisionDataCollator batches, trained on the answer only.
+    """Rows (images + conversation) -> UnslothVisionDataCollator batches, trained on the assistant turns only.
 
-    Each row becomes {"messages": recipe.to_conversation(row, image=<decoded image>)}; the wrapped
-    collator renders the family's chat template, resizes, tokenizes and masks everything up to the
-    family's response marker. Nothing is truncated: a sample longer than max_seq_length is an error
+    Each row becomes {"messages": recipe.to_conversation(row, images=<decoded images>)}; the wrapped
+    collator renders the family's chat template, resizes, tokenizes and (train_on_responses_only) masks
+    everything outside the spans that run from the family's response marker to its next instruction
+    marker: every assistant turn is trained on, every user and system turn is not. Nothing is truncated: a sample longer than max_seq_length is an error
     naming it, as in the hf backend.
     """
 
@@ -147,10 +148,15 @@ class UnslothCollator:
         self.inner.max_seq_length = None
 
     def example(self, row: dict) -> dict:
+        """{"messages"}: the row's whole conversation, each image part holding its decoded image (the wrapped
+        collator takes the images from the content parts, in order, and trains on every assistant turn)."""
+        from ..data import samples
         from ..data.images import load_image
 
-        image = load_image(row["image"], self.image_size)
-        return {"messages": self.recipe.to_conversation(row, image=image)}
+        refs = samples.image_refs(row)
+        samples.check_image_count(self.family.name, len(refs), row.get("id", "?"))
+        images = [load_image(ref, self.image_size) for ref in refs]
+        return {"messages": self.recipe.to_conversation(row, images=images)}
 
     def __call__(self, rows: list[dict]) -> dict:
         batch = self.inner([self.example(row) for row in rows])

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from ..data import samples
 from ..data.images import load_image
 from ..models import prompting
 from ..models.families import Family, family_of
@@ -22,16 +23,27 @@ BERTSCORE_MODEL = "roberta-large"  # bert_score's default English model
 
 
 # ----------------------------------------------------------------------------- shared helpers
-def prompt_text(processor: Any, recipe) -> str:
-    """The rendered prompt exactly as training renders it, up to where the answer starts.
+def prompt_text(processor: Any, recipe, row: dict | None = None) -> str:
+    """The rendered prompt of a row (its question, its earlier turns) exactly as training renders it, up to
+    where the (last) answer starts.
 
     It is cut from a rendered training conversation rather than taken from `add_generation_prompt`,
     so scoring and generation see the same tokens as the trainer, whatever the template does.
     """
-    full = prompting.render(processor, recipe.to_conversation({"target": _SENTINEL, "id": "prompt"}))
+    full = prompting.render(processor, recipe.answered(row, _SENTINEL))
     if _SENTINEL in full:
         return full.split(_SENTINEL, 1)[0]
-    return prompting.render(processor, recipe.prompt(), add_generation_prompt=True)
+    return prompting.render(processor, recipe.prompt(example=row), add_generation_prompt=True)
+
+
+def row_prompts(processor: Any, recipe, rows: Sequence[dict], prompt: str | None = None) -> list[str]:
+    """One rendered prompt per row (`prompt`, when given, for all of them)."""
+    return [prompt] * len(rows) if prompt is not None else [prompt_text(processor, recipe, row) for row in rows]
+
+
+def row_images(rows: Sequence[dict], image_size) -> list[list]:
+    """The decoded images of each row, in order."""
+    return [[load_image(ref, image_size) for ref in samples.image_refs(row)] for row in rows]
 
 
 def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
@@ -107,10 +119,9 @@ def generate_texts(model, processor, recipe, rows: Sequence[dict], *, max_new_to
                    prompt: str | None = None) -> list[str]:
     """Greedy answers for a batch of rows {image, ...}: left padding, new tokens only, special tokens dropped."""
     family = family or family_of(model.config)
-    prompt = prompt if prompt is not None else prompt_text(processor, recipe)
     tokenizer = getattr(processor, "tokenizer", processor)
-    images = [load_image(row["image"], image_size) for row in rows]
-    batch = prompting.encode(processor, [prompt] * len(rows), images, padding_side="left")
+    images = row_images(rows, image_size)
+    batch = prompting.encode(processor, row_prompts(processor, recipe, rows, prompt), images, padding_side="left")
     device, dtype = model_device_dtype(model)
     inputs = to_model(batch, device, dtype)
     out = model.generate(
@@ -126,11 +137,10 @@ def generate_all(model, processor, recipe, dataset, *, max_new_tokens: int, batc
                  image_size: int | None = None, progress: bool = True, desc: str = "generate") -> Iterator[tuple[dict, str]]:
     """(row, answer) for every row, one batch at a time; nothing but the answers is kept."""
     family = family_of(model.config)
-    prompt = prompt_text(processor, recipe)
     with eval_mode(model), progress_bar(len(dataset), desc, progress) as bar:
         for rows in batches(dataset, batch_size):
             answers = generate_texts(model, processor, recipe, rows, max_new_tokens=max_new_tokens,
-                                     image_size=image_size, family=family, prompt=prompt)
+                                     image_size=image_size, family=family)
             bar.update(len(rows))
             yield from zip(rows, answers)
 

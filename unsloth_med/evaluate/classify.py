@@ -18,11 +18,11 @@ from typing import Any, Sequence
 
 import torch
 
-from ..data.images import load_image
 from ..errors import DataError
 from ..models import prompting
 from ..models.families import Family, family_of
-from .caption import batches, eval_mode, generate_all, model_device_dtype, progress_bar, prompt_text, to_model
+from .caption import (batches, eval_mode, generate_all, model_device_dtype, progress_bar, prompt_text, row_images,
+                      row_prompts, to_model)
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,13 @@ def label_token_ids(processor: Any, family: Family, labels: Sequence[str]) -> li
 
 
 def check_label_tokenization(processor: Any, family: Family, recipe, prompt: str, labels: Sequence[str],
-                             ids: Sequence[Sequence[int]]) -> None:
+                             ids: Sequence[Sequence[int]], row: dict | None = None) -> None:
     """Prompt tokens + answer tokens must equal the tokens of the whole training text, or scores would
     be of sequences the model never sees. Checked on the text alone (no image), once per evaluation."""
     tokenizer = getattr(processor, "tokenizer", processor)
     head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     for label, answer in zip(labels, ids):
-        full = prompting.render(processor, recipe.to_conversation({"target": label, "id": label}))
+        full = prompting.render(processor, recipe.answered(row, label))
         whole = tokenizer(full, add_special_tokens=False)["input_ids"]
         trailing = prompting.trailing_ids(processor, family, full)
         if whole != head + list(answer) + list(trailing):
@@ -96,21 +96,22 @@ def score_rows(model, processor, recipe, rows: Sequence[dict], labels: Sequence[
                ids: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """Summed log-likelihood (float64, shape [len(rows), len(labels)]) of each class as the answer to each row."""
     family = family or family_of(model.config)
-    prompt = prompt if prompt is not None else prompt_text(processor, recipe)
     ids = ids if ids is not None else label_token_ids(processor, family, labels)
-    images = [load_image(row["image"], image_size) for row in rows]
+    images = row_images(rows, image_size)
     if strategy == "full":
-        return torch.stack([_score_full(model, processor, recipe, family, image, labels) for image in images])
+        return torch.stack([_score_full(model, processor, recipe, family, row, image, labels)
+                            for row, image in zip(rows, images)])
     if strategy != "cache":
         raise ValueError(f"unknown label-scoring strategy {strategy!r} (use 'cache' or 'full')")
-    return _score_cached(model, processor, family, prompt, images, ids)
+    return _score_cached(model, processor, family, row_prompts(processor, recipe, rows, prompt), images, ids)
 
 
-def _score_cached(model, processor, family: Family, prompt: str, images: list, ids: Sequence[Sequence[int]]) -> torch.Tensor:
+def _score_cached(model, processor, family: Family, prompts: Sequence[str], images: list,
+                  ids: Sequence[Sequence[int]]) -> torch.Tensor:
     device, dtype = model_device_dtype(model)
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batch = to_model(prompting.encode(processor, [prompt] * len(images), images, padding_side="left"), device, dtype)
+    batch = to_model(prompting.encode(processor, list(prompts), images, padding_side="left"), device, dtype)
     mask = batch["attention_mask"]
     lengths = mask.long().sum(dim=1)
     mrope = family.name in _MROPE_FAMILIES
@@ -169,10 +170,10 @@ def _score_cached(model, processor, family: Family, prompt: str, images: list, i
     return scores.cpu()
 
 
-def _score_full(model, processor, recipe, family: Family, image, labels: Sequence[str]) -> torch.Tensor:
-    """Reference path: one full sequence per class (the image is encoded once per class)."""
+def _score_full(model, processor, recipe, family: Family, row: dict, image, labels: Sequence[str]) -> torch.Tensor:
+    """Reference path: one full sequence per class (the images are encoded once per class)."""
     device, dtype = model_device_dtype(model)
-    texts = [prompting.render(processor, recipe.to_conversation({"target": label, "id": label})) for label in labels]
+    texts = [prompting.render(processor, recipe.answered(row, label)) for label in labels]
     batch = prompting.encode(processor, texts, [image] * len(labels), padding_side="right")
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     spans = []
@@ -280,14 +281,14 @@ def evaluate_classification(model, processor, recipe, dataset, *, mode: str = "s
 
 def _iter_scored(model, processor, recipe, dataset, labels, *, batch_size, image_size, progress, strategy):
     family = family_of(model.config)
-    prompt = prompt_text(processor, recipe)
     ids = label_token_ids(processor, family, labels)
-    if strategy == "cache":
-        check_label_tokenization(processor, family, recipe, prompt, labels, ids)
+    if strategy == "cache" and len(dataset):  # the boundary is the same for every row: checked on the first
+        first = dataset[0]
+        check_label_tokenization(processor, family, recipe, prompt_text(processor, recipe, first), labels, ids, first)
     with eval_mode(model), progress_bar(len(dataset), "evaluate (label scores)", progress) as bar:
         for rows in batches(dataset, batch_size):
             scores = score_rows(model, processor, recipe, rows, labels, image_size=image_size, strategy=strategy,
-                                family=family, prompt=prompt, ids=ids)
+                                family=family, ids=ids)
             probs = scores.softmax(dim=-1)
             for i, row in enumerate(rows):
                 best = int(scores[i].argmax())

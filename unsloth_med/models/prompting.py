@@ -39,12 +39,12 @@ def render(processor: Any, messages: list[dict], *, add_generation_prompt: bool 
 
 
 def encode(processor: Any, texts: Sequence[str], images: Sequence[Any], *, padding_side: str = "right"):
-    """Tokenize rendered texts with one image each; returns a BatchFeature of tensors."""
+    """Tokenize rendered texts with their images (one image, or a list of images, per text); a BatchFeature."""
     tokenizer = getattr(processor, "tokenizer", processor)
     old_side = tokenizer.padding_side
     tokenizer.padding_side = padding_side
     try:
-        return processor(images=[[im] for im in images], text=list(texts), add_special_tokens=False,
+        return processor(images=[im if isinstance(im, list) else [im] for im in images], text=list(texts), add_special_tokens=False,
                          padding=True, return_tensors="pt")
     finally:
         tokenizer.padding_side = old_side
@@ -75,6 +75,32 @@ def answer_span(input_ids: Sequence[int], length: int, target: Sequence[int], tr
             "family's response_end disagree; check models/families.py for this model."
         )
     return start, end
+
+
+def assistant_spans(processor: Any, family: Family, messages: list[dict], images: list, input_ids: Sequence[int],
+                    length: int, sample_id: str = "") -> list[tuple[int, int]]:
+    """[start, end) of every assistant answer (text + end-of-turn) in one right-padded encoded conversation.
+
+    The last answer ends the sequence. An earlier one ends where the conversation cut right after it
+    ends: that prefix is encoded with its own images (image tokens expand) to find its length, and
+    `answer_span` checks the answer tokens really sit there."""
+    from ..data.samples import count_images, text_of
+
+    spans = []
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    for k, turn in enumerate(turns):
+        prefix = messages[:turn + 1]
+        text = render(processor, prefix)
+        if k == len(turns) - 1:
+            end = length
+        else:
+            n_images = count_images(prefix)
+            encoded = processor(images=[images[:n_images]] if n_images else None, text=[text],
+                                add_special_tokens=False, return_tensors="pt")
+            end = int(encoded["attention_mask"].sum())
+        target = answer_ids(processor, family, text_of(messages[turn]))
+        spans.append(answer_span(input_ids, end, target, trailing_ids(processor, family, text), sample_id))
+    return spans
 
 
 def check_length(length: int, max_seq_length: int, sample_id: str, image_size: int | None) -> None:

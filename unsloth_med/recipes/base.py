@@ -7,9 +7,11 @@ its default model and its per-recipe config defaults. Everything else is the pip
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
-TaskKind = Literal["classification", "captioning"]
+from ..data import samples
+
+TaskKind = Literal["classification", "captioning", "vqa"]
 
 
 @dataclass(frozen=True)
@@ -48,14 +50,40 @@ class Recipe:
         """The answer text of a loaded example (sources put it in the `target` column)."""
         return str(example["target"])
 
-    def prompt(self, image: Any = None) -> list[dict]:
-        """The user turn: one image, then the instruction."""
-        return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": self.instruction}]}]
+    def instruction_for(self, example: dict | None = None) -> str:
+        """The instruction with the row's {column} placeholders filled (e.g. "{question}")."""
+        return samples.fill(self.instruction, example or {})
 
-    def to_conversation(self, example: dict, image: Any = None) -> list[dict]:
-        """One training conversation: the user turn and the expected answer."""
-        return self.prompt(image) + [{"role": "assistant", "content": [{"type": "text", "text": self.target(example)}]}]
+    def prompt(self, image: Any = None, example: dict | None = None, images: Sequence[Any] | None = None) -> list[dict]:
+        """The conversation up to the answer to score: the row's own turns before its last answer, or one user
+        turn with its image(s) then the instruction."""
+        example = example or {}
+        images = list(images) if images is not None else [image]
+        stored = samples.stored_messages(example)
+        if stored is not None:
+            last = max(i for i, m in enumerate(stored) if m["role"] == "assistant")
+            return samples.with_images(stored[:last], images)
+        n_images = len(samples.image_refs(example)) if "image" in example else len(images)
+        return samples.single_turn((images + [None] * n_images)[:n_images], self.instruction_for(example), None)
+
+    def answered(self, example: dict | None, answer: str, images: Sequence[Any] | None = None) -> list[dict]:
+        """The prompt of the row followed by `answer` as its last assistant turn (scoring, generation prompts)."""
+        return self.prompt(example=example, images=images) + [
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+
+    def to_conversation(self, example: dict, image: Any = None, images: Sequence[Any] | None = None) -> list[dict]:
+        """The whole training conversation: every turn, each assistant turn an answer to train on."""
+        images = list(images) if images is not None else [image]
+        stored = samples.stored_messages(example)
+        if stored is not None:
+            return samples.with_images(stored, images)
+        return self.prompt(example=example, images=images) + [
+            {"role": "assistant", "content": [{"type": "text", "text": self.target(example)}]}]
 
     @property
     def is_classification(self) -> bool:
         return self.task == "classification"
+
+    @property
+    def is_vqa(self) -> bool:
+        return self.task == "vqa"

@@ -1,0 +1,119 @@
+"""The one sample model: a list of images and a conversation (system / user / assistant turns).
+
+Every loaded row keeps `image` (its first image), `target` (the last assistant answer, the one
+evaluation scores) and `id`. A row may add:
+- `messages`: the conversation as JSON text, a list of {"role", "content": [{"type": "image"} |
+  {"type": "text", "text": ...}]}; image parts take the row's images in order;
+- `more_images`: JSON text, the paths of its images after the first;
+- any other column (`question`, `answer_type`, `image_group`, ...), which instructions can name as
+  `{question}`.
+A row without `messages` is the single turn "images, the recipe's instruction -> target": that is
+what classification and captioning build, unchanged.
+"""
+from __future__ import annotations
+
+import json
+import string
+from typing import Any, Mapping, Sequence
+
+from ..errors import ConfigError, DataError
+
+# Columns every loader writes; instruction placeholders may name these or any extra column.
+CORE_COLUMNS = ("image", "target", "id")
+CLOSED_ANSWERS = ("yes", "no")
+
+
+def placeholders(instruction: str) -> list[str]:
+    """The {column} names an instruction uses, in order ({labels} is the recipe's, not a column)."""
+    try:
+        names = [field for _, field, _, _ in string.Formatter().parse(instruction) if field]
+    except ValueError as exc:
+        raise ConfigError(f"Instruction {instruction!r} is not a valid template ({exc}). Use {{column}} placeholders; "
+                          "write {{{{ and }}}} for literal braces.") from exc
+    return [name for name in dict.fromkeys(names) if name != "labels"]
+
+
+def check_placeholders(instruction: str, columns: Sequence[str], where: str = "the data") -> None:
+    """ConfigError, listing the columns, when the instruction names a column the data does not have."""
+    unknown = [name for name in placeholders(instruction) if name not in columns]
+    if unknown:
+        raise ConfigError(
+            f"The instruction names {', '.join('{' + n + '}' for n in unknown)}, which is not a column of {where} "
+            f"(columns: {', '.join(c for c in columns if c not in ('messages', 'more_images'))}). Use one of them, or "
+            "write {{ and }} for literal braces."
+        )
+
+
+def fill(instruction: str, row: Mapping[str, Any]) -> str:
+    """The instruction with each {column} replaced by the row's value (no placeholder: returned as is)."""
+    names = placeholders(instruction)
+    if not names:
+        return instruction
+    values = {name: "" if row.get(name) is None else str(row[name]) for name in names}
+    return instruction.format_map({**values, "labels": "{labels}"})
+
+
+def image_refs(row: Mapping[str, Any]) -> list[Any]:
+    """The row's images, in order: `image`, then `more_images`."""
+    more = row.get("more_images") or "[]"
+    return [row["image"], *(json.loads(more) if isinstance(more, str) else more)]
+
+
+def stored_messages(row: Mapping[str, Any]) -> list[dict] | None:
+    """The row's own conversation (parsed `messages`), or None for a single-turn row."""
+    text = row.get("messages")
+    return json.loads(text) if text else None
+
+
+def count_images(messages: Sequence[Mapping[str, Any]]) -> int:
+    return sum(1 for m in messages if isinstance(m.get("content"), list)
+               for part in m["content"] if part.get("type") == "image")
+
+
+def with_images(messages: Sequence[Mapping[str, Any]], images: Sequence[Any]) -> list[dict]:
+    """A copy of the messages whose image parts carry `images` in order (None entries: left bare)."""
+    pending = iter(images)
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [dict(part, image=next(pending, None)) if part.get("type") == "image" else dict(part)
+                       for part in content]
+        out.append({**message, "content": content})
+    return out
+
+
+def single_turn(images: Sequence[Any], instruction: str, answer: str | None) -> list[dict]:
+    """user: the images then the instruction; assistant: the answer (left out when None)."""
+    content = [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": instruction}]
+    messages = [{"role": "user", "content": content}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def answers(messages: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The text of every assistant turn, in order."""
+    return [text_of(m) for m in messages if m["role"] == "assistant"]
+
+
+def text_of(message: Mapping[str, Any]) -> str:
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+
+
+def closed_or_open(answer: str) -> str:
+    """The answer type a VQA row gets when its data has no answer-type column: yes/no answers are closed."""
+    return "closed" if str(answer).strip().strip(".").casefold() in CLOSED_ANSWERS else "open"
+
+
+def check_image_count(family_name: str, n_images: int, sample_id: str) -> None:
+    """Families that take one image per conversation refuse more, naming the sample."""
+    if family_name == "mllama" and n_images > 1:
+        raise DataError(
+            f"Sample {sample_id} has {n_images} images, and Llama 3.2 Vision (mllama) takes one image per "
+            "conversation. Split the sample into one conversation per image, or use a family that takes several "
+            "images (Ministral 3 / Mistral 3, Qwen2.5-VL)."
+        )
