@@ -121,6 +121,15 @@ class DataArgs:
     data_format: Literal["auto", "table", "class_folders", "hf"] = field(default="auto", metadata={
         "help": "How to read --data_dir for generic recipes: auto (from what it is), table (CSV/TSV/JSONL/JSON "
                 "listing), class_folders, or hf (dataset name / save_to_disk folder)."})
+    # Question answering (vqa recipes); an instruction's {question} (any {column}) is filled per row.
+    question_column: str | None = field(default=None, metadata={"help": "vqa: the question column (default question)."})
+    answer_column: str | None = field(default=None, metadata={"help": "vqa: the answer column (default answer)."})
+    answer_type_column: str | None = field(default=None, metadata={
+        "help": "vqa: closed/open per row (default answer_type when present; else yes/no answers are closed)."})
+    image_group_column: str | None = field(default=None, metadata={
+        "help": "vqa: rows with the same value show the same image (default image_group when present)."})
+    split_by: Literal["row", "image"] = field(default="row", metadata={
+        "help": "image: re-split so that no image (its group, else its content hash) is in both train and test."})
 
 
 @dataclass

@@ -84,15 +84,21 @@ def out_of_memory_error(config: Config, run_dir: Path) -> BackendError:
     )
 
 
-def demo_data_dir() -> Path:
-    """The generated fracture X-rays for the offline demo, written once into the cache."""
+def demo_data_dir(recipe: Recipe | None = None) -> Path:
+    """The generated fracture X-rays for the offline demo, written once into the cache; for a VQA recipe,
+    the listing of three questions per X-ray (data/synthetic.write_fracture_vqa)."""
     from .data.sources import cache_dir
-    from .data.synthetic import write_synthetic_fractures
+    from .data.synthetic import write_fracture_vqa, write_synthetic_fractures
 
     root = cache_dir() / "demo-fractures-v4"
     if not (root / ".complete").exists():
         write_synthetic_fractures(root, **DEMO_DATA)
         (root / ".complete").touch()
+    if recipe is not None and recipe.is_vqa:
+        listing = cache_dir() / "demo-fracture-vqa-v1" / "vqa.csv"
+        if not listing.exists():
+            write_fracture_vqa(root, listing, seed=DEMO_DATA["seed"])
+        return listing
     return root
 
 
@@ -104,7 +110,9 @@ DEMO_DATA: dict = {"train_per_class": 200, "test_per_class": 12, "size": 64, "se
 def run(recipe: Recipe, config: Config) -> dict:
     from .backends import pick_backend
     from .data.sources import load_recipe_data, subsample
-    from .data.checks import drop_leaked, leaked_test_images
+    from .data.checks import drop_leaked, leak_counts, leak_message, leaked_test_images
+    from .data.samples import check_placeholders
+    from .data.splits import split_by_image
     from .data.summary import summarize
     from .data.validate import validate_splits
     from .evaluate import evaluate
@@ -130,7 +138,7 @@ def run(recipe: Recipe, config: Config) -> dict:
         backend = pick_backend(config.model.backend)
         data_dir = config.data.data_dir
         if config.run.demo and data_dir is None:
-            data_dir = str(demo_data_dir())
+            data_dir = str(demo_data_dir(recipe))
         model_name = resolve_model_name(config.model.model, recipe, backend.name)
         config.data.data_dir, config.model.model = data_dir, model_name
         recipe = resolve_recipe(recipe, config)  # generic recipes: labels, instruction, columns from the config
@@ -142,6 +150,9 @@ def run(recipe: Recipe, config: Config) -> dict:
         seed = config.training.seed
         image_size = config.data.image_size or recipe.image_size
         splits = load_recipe_data(recipe, data_dir, seed=seed)
+        if config.data.split_by == "image":
+            splits = split_by_image(splits, test_fraction=config.data.test_fraction, seed=seed)
+        check_placeholders(recipe.instruction, splits["train"].column_names, data_dir or recipe.source.id)
         train_set = subsample(splits["train"], config.data.max_train_samples, seed)
         test_set = subsample(splits["test"], config.data.max_eval_samples, seed)
         checked, skipped = validate_splits({"train": train_set, "test": test_set}, image_size=image_size,
@@ -153,11 +164,15 @@ def run(recipe: Recipe, config: Config) -> dict:
         leaks = leaked_test_images({"train": train_set, "test": test_set})
         summary["leaked_test_images"] = leaks
         if leaks:
-            log.warning("%d test images are near-identical copies of training images%s", len(leaks),
-                        " (dropped)" if config.data.drop_leaked_test_images else "; --drop_leaked_test_images removes them")
-        if config.data.drop_leaked_test_images and leaks:
-            test_set = drop_leaked(test_set, leaks)
-            summary["sizes"]["test"] = len(test_set)
+            summary["leak_counts"] = counts = leak_counts(test_set, leaks)
+            log.warning("%s%s", leak_message(counts), " (dropped)" if config.data.drop_leaked_test_images
+                        else "; --drop_leaked_test_images removes them")
+            if config.data.drop_leaked_test_images:
+                if counts["leaked_rows"] == counts["test_rows"]:
+                    raise ConfigError(f"--drop_leaked_test_images would empty the test split: {leak_message(counts)}. "
+                                      "Re-split with --split_by image instead.")
+                test_set = drop_leaked(test_set, leaks)
+                summary["sizes"]["test"] = len(test_set)
         print(f"Data: {summary['sizes']['train']} train / {summary['sizes']['test']} test examples")
 
         model, processor = backend.load(model_name, config.model)

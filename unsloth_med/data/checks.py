@@ -186,3 +186,27 @@ def check_data(recipe, data_dir: str | None = None, *, threshold: float = DEFAUL
     summary["leaked_test_images"] = leaks
     summary["leaked_count"] = len(leaks)
     return summary
+
+
+# ----------------------------------------------------------------------------- leak counts (by image, not row)
+def leak_counts(test_dataset, leaks: Sequence[dict]) -> dict:
+    """Distinct test images and how many of them are leaked, beside the rows they carry (several questions
+    can share one image, so rows overstate the leak)."""
+    ids = [str(x) for x in _column(test_dataset, "id")]
+    images = [x if isinstance(x, (str, os.PathLike)) else ids[k] for k, x in enumerate(raw_image_column(test_dataset))]
+    groups = _column(test_dataset, "image_group")
+    key = [str(g) if g else str(img) for g, img in zip(groups, images)]
+    leaked_ids = {str(entry.get("test_id", entry.get("test"))) for entry in leaks}
+    leaked_keys = {key[k] for k, tid in enumerate(ids) if tid in leaked_ids or str(images[k]) in leaked_ids}
+    return {"test_images": len(set(key)), "leaked_images": len(leaked_keys), "test_rows": len(ids),
+            "leaked_rows": sum(1 for k in key if k in leaked_keys)}
+
+
+def leak_message(counts: dict) -> str:
+    """The plain sentence a run prints about leakage, with the way out when the data's split reuses images."""
+    text = (f"{counts['leaked_images']} of {counts['test_images']} test images (carrying {counts['leaked_rows']} of "
+            f"{counts['test_rows']} test rows) are near-identical copies of training images")
+    if counts["test_rows"] > counts["test_images"]:
+        text += ("; this data asks several questions per image and its own split reuses images, so test scores "
+                 "measure memory: re-split with --split_by image")
+    return text

@@ -217,3 +217,37 @@ def write_synthetic_fractures(root: str | Path, *, train_per_class: int = 120, t
             for i in range(count):
                 draw_fracture(label, rng, size, pose_jitter=pose_jitter).save(folder / f"{stem}_{split.lower()}_{i:04d}.png", optimize=False)
     return root
+
+
+def write_fracture_vqa(fracture_root: str | Path, listing: str | Path, *, seed: int = 0) -> Path:
+    """A VQA listing (image, question, answer, answer_type, split) over generated fracture X-rays.
+
+    Each image gets three questions whose answers need both the question and the image: "What kind of
+    fracture is this?" (open: the class), "Is this a <its class>?" (yes) and "Is this a <another class>?"
+    (no). Rows are written question by question (all first questions, then all second ...), so rows of
+    one image are far apart in the file."""
+    import csv
+    import random
+
+    rng = random.Random(seed)
+    class_root = Path(fracture_root).joinpath(*LAYOUT)
+    classes = _classes()
+    images = [(path, label, split) for label in classes for split in ("Train", "Test")
+              for path in sorted((class_root / label / split).glob("*.png"))]
+    rows: list[list[dict]] = [[], [], []]
+    for path, label, split in images:
+        other = rng.choice([c for c in classes if c != label])
+        common = {"image": str(path), "split": split.lower()}
+        rows[0].append({**common, "question": "What kind of fracture is this?", "answer": label, "answer_type": "open"})
+        asks = [(label, "yes"), (other, "no")]
+        rng.shuffle(asks)  # the yes question is not always the second one
+        for k, (asked, answer) in enumerate(asks, 1):
+            rows[k].append({**common, "question": f"Is this a {asked}?", "answer": answer, "answer_type": "closed"})
+    listing = Path(listing)
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    with listing.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "question", "answer", "answer_type", "split"])
+        writer.writeheader()
+        for block in rows:
+            writer.writerows(block)
+    return listing

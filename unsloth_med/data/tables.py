@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from ..errors import ConfigError, DataError, NetworkError
+from .conversations import conversation_column, conversation_row, vqa_fields
 from .images import IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:
@@ -284,13 +285,14 @@ def _dedupe_ids(rows: list[dict]) -> None:
 
 
 def _to_datasetdict(splits: dict[str, list[dict]]) -> "DatasetDict":
+    """Rows -> string columns: image, target, id, then whatever else the rows carry (question, messages, ...)."""
     import datasets
 
-    features = datasets.Features({"image": datasets.Value("string"), "target": datasets.Value("string"),
-                                  "id": datasets.Value("string")})
+    extra = sorted({k for rows in splits.values() for r in rows for k in r} - {"image", "target", "id", "split"})
+    names = ("image", "target", "id", *extra)
+    features = datasets.Features({k: datasets.Value("string") for k in names})
     return datasets.DatasetDict({
-        name: datasets.Dataset.from_dict({k: [str(r[k]) for r in rows] for k in ("image", "target", "id")},
-                                         features=features)
+        name: datasets.Dataset.from_dict({k: [str(r.get(k, "")) for r in rows] for k in names}, features=features)
         for name, rows in splits.items()
     })
 
@@ -426,11 +428,7 @@ def rows_from_records(records: Sequence[Mapping[str, Any]], *, where: str, base_
         candidates = LABEL_COLUMNS if task == "classification" else TEXT_COLUMNS
         target_col = _pick_column(columns, target_column or None, candidates, "label" if task == "classification"
                                   else "text", where, "--target_column")
-    split_col = None
-    if split_column:
-        folded = {c.casefold(): c for c in columns}
-        split_col = folded.get(split_column.casefold()) or (
-            next((folded[c] for c in SPLIT_COLUMNS if c in folded), None) if split_column == "split" else None)
+    split_col = _split_column(columns, split_column)
     rows, dropped, bad_splits = [], 0, Counter()
     for record in records:
         image = record.get(image_col)
@@ -446,7 +444,8 @@ def rows_from_records(records: Sequence[Mapping[str, Any]], *, where: str, base_
                 bad_splits[str(record[split_col])] += 1
                 continue
         rows.append({"image": str(image).strip() if base_dir is None else resolve_image(image, base_dir),
-                     "target": target, "id": str(image).strip(), "split": split})
+                     "target": target, "id": str(image).strip(), "split": split,
+                     **(vqa_fields(record, **vqa_cols) if vqa_cols else {})})
     if bad_splits:
         raise DataError(f"{where}: unknown values in split column '{split_col}': "
                         f"{', '.join(f'{k!r} ({v})' for k, v in bad_splits.most_common(5))}. Use train or test "
@@ -460,11 +459,61 @@ def rows_from_records(records: Sequence[Mapping[str, Any]], *, where: str, base_
     return rows, split_col is not None
 
 
+def _split_column(columns: Sequence[str], split_column: str | None) -> str | None:
+    if not split_column:
+        return None
+    folded = {c.casefold(): c for c in columns}
+    return folded.get(split_column.casefold()) or (
+        next((folded[c] for c in SPLIT_COLUMNS if c in folded), None) if split_column == "split" else None)
+
+
+def _vqa_columns(columns: Sequence[str], names: Mapping[str, str | None], where: str) -> dict[str, str | None]:
+    """The question/answer columns (required) and the answer-type / image-group columns (when present)."""
+    folded = {c.casefold(): c for c in columns}
+    out: dict[str, str | None] = {
+        "question": _pick_column(columns, names.get("question") or "question", (), "question", where,
+                                 "--question_column"),
+        "answer": _pick_column(columns, names.get("answer") or "answer", (), "answer", where, "--answer_column")}
+    for key, default in (("answer_type", "answer_type"), ("image_group", "image_group")):
+        wanted = names.get(key) or default
+        if names.get(key) and wanted.casefold() not in folded:
+            _pick_column(columns, wanted, (), key.replace("_", "-"), where, f"--{key}_column")  # raises, with columns
+        out[key] = folded.get(wanted.casefold())
+    return out
+
+
+def _conversation_rows(records: Sequence[Mapping[str, Any]], columns: Sequence[str], chat_col: str, *, where: str,
+                       base_dir: Path | None, image_column: str | None, split_column: str | None,
+                       split_names: tuple[str, str]) -> tuple[list[dict], bool]:
+    """Rows of a LLaVA/ShareGPT `conversations` or OpenAI/HF `messages` listing (data/conversations.py)."""
+    image_col = next((c for c in ((image_column,) if image_column else IMAGE_COLUMNS) if c in columns), None)
+    split_col = _split_column(columns, split_column)
+    rows, dropped = [], 0
+    for number, record in enumerate(records, 1):
+        row = conversation_row(record, chat_col, image_col, f"{where}, row {number}")
+        if row is None:
+            dropped += 1
+            continue
+        if base_dir is not None:
+            row["image"] = resolve_image(row["image"], base_dir)
+            row["more_images"] = json.dumps([resolve_image(v, base_dir) for v in json.loads(row["more_images"])])
+        value = str(record.get(split_col) or "").strip() if split_col else ""
+        split = _split_of(value, split_names[:1], split_names[1:]) if value else None
+        rows.append({**row, "id": str(record.get("id") or f"{Path(row['image']).name}"), "split": split})
+    if dropped:
+        log.warning("%s: %d conversations without an image were skipped", where, dropped)
+    if not rows:
+        raise DataError(f"{where}: no conversation has an image.")
+    _dedupe_ids(rows)
+    return rows, split_col is not None
+
+
 def load_table(path: str | os.PathLike, *, task: str = "classification", image_column: str | None = None,
                target_column: str | None = None, target_template: str | None = None,
                column_aliases: Mapping[str, Sequence[str]] | None = None, split_column: str | None = "split",
                labels: Sequence[str] = (), test_fraction: float = 0.1, seed: int = 3407,
-               train_split: str = "train", test_split: str = "test") -> "DatasetDict":
+               train_split: str = "train", test_split: str = "test",
+               vqa: Mapping[str, str | None] | None = None) -> "DatasetDict":
     """Train/test splits from a CSV/TSV/JSONL/JSON listing (see the module docstring)."""
     path = Path(path).expanduser()
     where = str(path)
@@ -472,7 +521,8 @@ def load_table(path: str | os.PathLike, *, task: str = "classification", image_c
     rows, had_split = rows_from_records(records, where=where, base_dir=path.resolve().parent, task=task,
                                         image_column=image_column, target_column=target_column,
                                         target_template=target_template, column_aliases=column_aliases,
-                                        split_column=split_column, train_split=train_split, test_split=test_split)
+                                        split_column=split_column, train_split=train_split, test_split=test_split,
+                                        vqa=vqa)
     _check_paths_exist(rows, path.resolve().parent, where)
     rows = _localize(rows, where)
     splits = _assign_splits(rows, where=where, stratify=task == "classification", test_fraction=test_fraction,
@@ -567,7 +617,7 @@ def load_hf_table(name_or_path: str, *, task: str = "captioning", image_column: 
                   target_column: str | None = None, target_template: str | None = None,
                   column_aliases: Mapping[str, Sequence[str]] | None = None, labels: Sequence[str] = (),
                   train_split: str = "train", test_split: str = "test", test_fraction: float = 0.1,
-                  seed: int = 3407) -> "DatasetDict":
+                  seed: int = 3407, vqa: Mapping[str, str | None] | None = None) -> "DatasetDict":
     """Train/test splits from a HF dataset (hub name or save_to_disk folder): image column (an Image feature,
     paths or URLs) and a target column or template; a held-out test split when it has none."""
     import datasets
@@ -595,6 +645,8 @@ def load_hf_table(name_or_path: str, *, task: str = "captioning", image_column: 
     columns = loaded[train_name].column_names
     image_col = _pick_column(columns, image_column or None, (*aliases.get("image", ()), *IMAGE_COLUMNS), "image",
                              where, "--image_column")
+    vqa_cols = _vqa_columns(columns, vqa or {}, where) if task == "vqa" else None
+    target_column = vqa_cols["answer"] if vqa_cols else target_column
     if target_template:
         _check_template(target_template, columns, aliases, where)
     else:
@@ -615,18 +667,32 @@ def load_hf_table(name_or_path: str, *, task: str = "captioning", image_column: 
                 out.append("" if value is None else str(value).strip())
         return out
 
+    def extras_of(part) -> dict[str, list[str]]:
+        """VQA: question, answer type (and image group) per row."""
+        if not vqa_cols:
+            return {}
+        text_cols = [c for c in (vqa_cols["question"], vqa_cols["answer"], vqa_cols["answer_type"],
+                                 vqa_cols["image_group"]) if c]
+        fields = [vqa_fields(record, **vqa_cols) for record in part.select_columns(text_cols)]
+        return {key: [str(f.get(key, "")) for f in fields] for key in ("question", "answer_type", "image_group")}
+
     def convert(part, split_name: str) -> "datasets.Dataset":
         targets = targets_of(part)
         keep = [i for i, t in enumerate(targets) if t]
         if len(keep) < len(targets):
             log.warning("%s/%s: %d rows with an empty target were skipped", where, split_name, len(targets) - len(keep))
             part, targets = part.select(keep), [targets[i] for i in keep]
+        extras = extras_of(part)
         if isinstance(part.features[image_col], datasets.Image):
             images = part.select_columns([image_col]).cast_column(image_col, datasets.Image(decode=False))
             images = images.rename_column(image_col, "image") if image_col != "image" else images
-            return images.add_column("target", targets).add_column("id", [f"{split_name}/{i}" for i in range(len(part))])
+            images = images.add_column("target", targets).add_column("id", [f"{split_name}/{i}" for i in range(len(part))])
+            for key, values in extras.items():
+                images = images.add_column(key, values)
+            return images
         values = [str(v).strip() if v is not None else "" for v in part[image_col]]
-        rows = [{"image": v, "target": t, "id": v if not is_url(v) else f"{split_name}/{i}", "split": None}
+        rows = [{"image": v, "target": t, "id": v if not is_url(v) else f"{split_name}/{i}", "split": None,
+                 **{key: column[i] for key, column in extras.items()}}
                 for i, (v, t) in enumerate(zip(values, targets)) if v]
         rows = _localize(rows, f"{where}/{split_name}")
         return _to_datasetdict({"x": rows})["x"]
@@ -702,12 +768,16 @@ def load_source(source, data_dir: str | None = None, *, labels: Sequence[str] = 
                   test_split=getattr(source, "test_split", "test") or "test")
     template = getattr(source, "target_template", "") or None
     aliases = dict(getattr(source, "column_aliases", ()) or ())
+    if task == "vqa":
+        common["vqa"] = {key: getattr(source, f"{key}_column", "") or None
+                         for key in ("question", "answer", "answer_type", "image_group")}
     if fmt == "table":
         return load_table(_listing_in(Path(location).expanduser()), task=task, image_column=image_column,
                           target_column=target_column, target_template=template, column_aliases=aliases,
                           split_column=getattr(source, "split_column", "split"), labels=labels, **common)
     if fmt == "class_folders":
         if task != "classification":
+            common.pop("vqa", None)
             raise DataError(f"{location} is a folder of class folders, which only a classification recipe can use. "
                             "For captions, pass a CSV/JSONL listing with an image column and a text column.")
         return load_folders(location, labels=labels, **common)

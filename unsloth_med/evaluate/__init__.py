@@ -7,6 +7,8 @@ one. It runs under `torch.inference_mode()`, one batch at a time, keeping only p
 - classification, mode "score": every class ranked by its log-likelihood as the answer
   (classify.py); mode "generate": greedy decoding matched to a class, unparseable answers counted.
 - captioning: greedy generation scored with BLEU, ROUGE-L and, when available, BERTScore (caption.py).
+- vqa: per answer type, closed accuracy (generation and label scoring), open exact match, recall, token
+  F1, BLEU-1 (vqa.py).
 
 Returns {"metrics": {...}, "predictions": [{"id", "target", "prediction", ...}, ...]}.
 """
@@ -16,6 +18,7 @@ import torch
 
 from .classify import agreement, classification_metrics, evaluate_classification, match_label
 from .caption import caption_metrics, evaluate_captioning
+from .vqa import evaluate_vqa, vqa_metrics
 
 MODES = ("score", "generate")
 
@@ -27,6 +30,9 @@ def evaluate(model, processor, recipe, dataset, *, mode: str = "score", batch_si
         raise ValueError(f"unknown evaluation mode {mode!r}: use one of {', '.join(MODES)}")
     image_size = image_size or recipe.image_size
     with torch.inference_mode():
+        if recipe.is_vqa:
+            return evaluate_vqa(model, processor, recipe, dataset, batch_size=batch_size,
+                                max_new_tokens=max_new_tokens, image_size=image_size, progress=progress)
         if recipe.is_classification:
             return evaluate_classification(model, processor, recipe, dataset, mode=mode, batch_size=batch_size,
                                            max_new_tokens=max_new_tokens, image_size=image_size, progress=progress)
@@ -34,4 +40,4 @@ def evaluate(model, processor, recipe, dataset, *, mode: str = "score", batch_si
                                    max_new_tokens=max_new_tokens, image_size=image_size, progress=progress)
 
 
-__all__ = ["MODES", "agreement", "caption_metrics", "classification_metrics", "evaluate", "match_label"]
+__all__ = ["MODES", "agreement", "caption_metrics", "classification_metrics", "evaluate", "match_label", "vqa_metrics"]

@@ -19,6 +19,11 @@ HEADLINE = {
     "classification": (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1")),
     "captioning": (("bleu", "BLEU"), ("rougeL", "ROUGE-L"), ("bertscore", "BERTScore F1"),
                    ("exact_match", "Exact match"), ("price_mae", "Price MAE")),  # rows only where present
+    "vqa": (("overall_accuracy", "Accuracy, all questions"), ("closed_accuracy", "Closed accuracy (generated)"),
+            ("closed_accuracy_scored", "Closed accuracy (label scores)"), ("open_exact_match", "Open exact match"),
+            ("open_recall", "Open recall"), ("open_token_f1", "Open token F1"), ("open_bleu1", "Open BLEU-1"),
+            ("overall_token_f1", "Token F1, all"), ("question_blind_ceiling", "Ceiling: image only (question-blind)"),
+            ("image_blind_ceiling", "Ceiling: question only (image-blind)")),
 }
 
 
@@ -36,6 +41,8 @@ def _predictions(result: dict | None) -> list[dict]:
 
 def _task_of(*metrics: dict | None) -> str:
     for m in metrics:
+        if m and "overall_accuracy" in m:
+            return "vqa"
         if m and ("accuracy" in m or "confusion_matrix" in m):
             return "classification"
         if m and ("bleu" in m or "rougeL" in m):
@@ -193,6 +200,30 @@ def plot_per_class_f1(before: dict | None, after: dict | None, path: Path) -> Pa
     return path
 
 
+def plot_per_answer_type(before: dict | None, after: dict | None, path: Path) -> Path | None:
+    """Accuracy, token F1 and BLEU-1 per answer type (closed, open, overall), before and after."""
+    plt = _plt()
+    if plt is None or not (after or before):
+        return None
+    groups = [(kind, m) for kind, m in ((after or before).get("per_type", {}).items())] + [("overall", None)]
+    names = ("accuracy", "token_f1", "bleu1")
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.2), squeeze=False)
+    for ax, (kind, _) in zip(axes[0], groups):
+        for offset, (side, m) in enumerate((("before", before), ("after", after))):
+            part = (m or {}).get("overall") if kind == "overall" else (m or {}).get("per_type", {}).get(kind)
+            values = [float((part or {}).get(n) or 0.0) for n in names]
+            ax.bar([i + 0.4 * offset for i in range(len(names))], values, width=0.4, label=side)
+        n = ((after or before).get("overall") if kind == "overall" else (after or before)["per_type"][kind]).get("n")
+        ax.set_xticks([i + 0.2 for i in range(len(names))], names)
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{kind} (n={n})")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _short(text: str, n: int = 24) -> str:
     text = str(text)
     return text if len(text) <= n else text[: n - 1] + "…"
@@ -221,6 +252,8 @@ def write_report(run_dir, recipe, before: dict | None, after: dict | None, *, lo
             plots[f"confusion_{side}"] = plot_confusion(m, run_dir / f"confusion_{side}.png",
                                                         f"Confusion matrix, {side} training") if m else None
         plots["per_class_f1"] = plot_per_class_f1(mb, ma, run_dir / "per_class_f1.png")
+    if metrics["task"] == "vqa":
+        plots["per_answer_type"] = plot_per_answer_type(mb, ma, run_dir / "per_answer_type.png")
     metrics["plots"] = {name: p.name for name, p in plots.items() if p is not None}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
     (run_dir / "report.md").write_text(_report_markdown(recipe, metrics, before, after, plots))

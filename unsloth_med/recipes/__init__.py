@@ -7,7 +7,7 @@ import importlib
 from ..errors import ConfigError
 from .base import DataSource, Recipe
 
-BUILTIN = ("bone_fracture", "radiology_caption", "classify", "caption", "product_catalog")
+BUILTIN = ("bone_fracture", "radiology_caption", "radiology_vqa", "classify", "caption", "vqa", "product_catalog")
 
 
 GENERIC = ("classify", "caption")  # built from config values (recipes/generic.py), no module of their own

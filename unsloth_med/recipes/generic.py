@@ -53,7 +53,9 @@ CAPTION_INSTRUCTION = "Describe accurately what you see in this image."
 
 # The config values a generic recipe reads (data section); all optional.
 CONFIG_FIELDS = ("data_dir", "instruction", "labels", "image_column", "target_column", "target_template",
-                 "split_column", "test_fraction", "data_format")
+                 "split_column", "test_fraction", "data_format", "question_column", "answer_column",
+                 "answer_type_column", "image_group_column")
+VQA_FIELDS = ("question_column", "answer_column", "answer_type_column", "image_group_column")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,10 @@ class TableSource(DataSource):
     column_aliases: tuple[tuple[str, tuple[str, ...]], ...] = ()  # template/image name -> columns to try, in order
     split_column: str = "split"
     test_fraction: float = 0.1
+    question_column: str = "question"  # vqa: the question and answer columns, optional answer type / image group
+    answer_column: str = "answer"
+    answer_type_column: str = ""
+    image_group_column: str = ""
 
 
 # ----------------------------------------------------------------------------- building
@@ -216,6 +222,11 @@ def resolve_recipe(recipe: Recipe, config_or_values: Any = None, *, seed: int | 
     instruction = values.get("instruction")
     if instruction:
         recipe = dataclasses.replace(recipe, instruction=fill_instruction(instruction, recipe.labels))
+    if recipe.is_vqa and isinstance(recipe.source, TableSource):  # vqa recipes: columns from the config
+        columns = {k: values[k] for k in VQA_FIELDS if values.get(k)}
+        if values.get("image_column"):
+            columns["image_column"] = values["image_column"]
+        recipe = dataclasses.replace(recipe, source=dataclasses.replace(recipe.source, **columns))
     return recipe
 
 

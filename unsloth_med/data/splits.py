@@ -1,0 +1,53 @@
+"""`--split_by image`: train and test share no image.
+
+Rows that show the same image (several questions about one X-ray) are one group: the image-group
+column where the data has one, else the SHA-256 of the image's bytes (so a copy under another name is
+the same image). Whole groups are held out, seeded, until `test_fraction` of the groups are in test.
+The data's own split is not kept: a split that reuses images is the problem this solves.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+from .images import raw_image_column
+
+log = logging.getLogger(__name__)
+
+
+def image_key(source: Any) -> str:
+    """The content hash of one image (a path, HF {'bytes','path'} dict, or raw bytes)."""
+    if isinstance(source, dict):
+        data = source.get("bytes") or Path(source["path"]).read_bytes()
+    elif isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    else:
+        data = Path(source).read_bytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def image_groups(dataset) -> list[str]:
+    """One key per row: its image group when filled, else its image's content hash."""
+    groups = list(dataset["image_group"]) if "image_group" in dataset.column_names else [""] * len(dataset)
+    sources = raw_image_column(dataset)
+    return [g if g else image_key(s) for g, s in zip(groups, sources)]
+
+
+def split_by_image(splits, *, test_fraction: float, seed: int):
+    """A DatasetDict {train, test} re-split so that no image group sits in both splits."""
+    import datasets
+
+    pooled = datasets.concatenate_datasets([splits["train"], splits["test"]])
+    keys = image_groups(pooled)
+    distinct = sorted(set(keys))
+    random.Random(seed).shuffle(distinct)
+    n_test = min(max(1, round(len(distinct) * test_fraction)), len(distinct) - 1)
+    held_out = set(distinct[:n_test])
+    test_rows = [i for i, k in enumerate(keys) if k in held_out]
+    train_rows = [i for i, k in enumerate(keys) if k not in held_out]
+    log.warning("--split_by image: %d images (%d rows) -> %d train images / %d test images (%d / %d rows, seed %d)",
+                len(distinct), len(keys), len(distinct) - n_test, n_test, len(train_rows), len(test_rows), seed)
+    return datasets.DatasetDict({"train": pooled.select(train_rows), "test": pooled.select(test_rows)})

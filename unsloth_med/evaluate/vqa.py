@@ -1,0 +1,152 @@
+"""Visual question answering: per answer type (closed, open) and overall.
+
+Answers are normalised before any comparison (lower case, punctuation and the articles a/an/the
+removed, spaces collapsed: "Yes." == "yes"). Per answer type:
+- accuracy: normalised exact match of the greedy answer (for closed questions, the closed accuracy;
+  for open ones, the open exact match);
+- closed questions also get label scoring: each answer of the closed answer set (every normalised
+  closed reference in the test split, e.g. yes/no) ranked by its likelihood, as classification does;
+- recall: the share of the reference's tokens found in the prediction; token F1 (SQuAD-style);
+  BLEU-1 (sacrebleu, unigram, 0-1).
+Every row stays in its denominator: a wrong or empty answer counts as wrong (a widely copied VQA
+script drops wrong closed answers, inflating accuracy).
+
+`vqa_metrics(rows)` takes {answer_type, target, prediction[, scored]} rows; `evaluate_vqa` runs the model.
+The two ceilings of the offline demo live here too: how well a model could do seeing only the image
+(question-blind) or only the question (image-blind), measured on the same test rows.
+"""
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter, defaultdict
+from typing import Iterable, Sequence
+
+from ..data.samples import image_refs
+from .caption import batches, eval_mode, generate_all, progress_bar
+
+ARTICLES = re.compile(r"\b(a|an|the)\b")
+PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
+ANSWER_TYPES = ("closed", "open")
+
+
+def normalize(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces."""
+    text = ARTICLES.sub(" ", str(text or "").lower().translate(PUNCTUATION))
+    return " ".join(text.split())
+
+
+def token_scores(prediction: str, reference: str) -> tuple[float, float]:
+    """(recall, F1) of the normalised tokens; multiset overlap, as in SQuAD."""
+    pred, ref = normalize(prediction).split(), normalize(reference).split()
+    if not ref:
+        return float(not pred), float(not pred)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    recall = common / len(ref)
+    precision = common / len(pred) if pred else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if common else 0.0
+    return recall, f1
+
+
+def bleu1(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU with unigrams only (brevity penalty included), 0-1, on normalised text."""
+    from sacrebleu.metrics import BLEU
+
+    if not predictions:
+        return float("nan")
+    metric = BLEU(max_ngram_order=1, tokenize="none", effective_order=True)
+    score = metric.corpus_score([normalize(p) for p in predictions], [[normalize(r) for r in references]])
+    return score.score / 100.0
+
+
+def _group_metrics(rows: Sequence[dict]) -> dict:
+    recalls, f1s = zip(*(token_scores(r["prediction"], r["target"]) for r in rows)) if rows else ((), ())
+    out = {
+        "n": len(rows),
+        "accuracy": sum(normalize(r["prediction"]) == normalize(r["target"]) for r in rows) / len(rows),
+        "recall": sum(recalls) / len(rows),
+        "token_f1": sum(f1s) / len(rows),
+        "bleu1": bleu1([r["prediction"] for r in rows], [r["target"] for r in rows]),
+    }
+    scored = [r for r in rows if r.get("scored") is not None]
+    if scored:
+        out["accuracy_scored"] = sum(normalize(r["scored"]) == normalize(r["target"]) for r in scored) / len(rows)
+    return out
+
+
+def vqa_metrics(rows: Sequence[dict]) -> dict:
+    """Metrics per answer type and overall, plus flat headline keys (closed_accuracy, open_exact_match, ...)."""
+    by_type: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_type[row["answer_type"]].append(row)
+    per_type = {kind: _group_metrics(by_type[kind]) for kind in sorted(by_type)}
+    overall = _group_metrics(list(rows)) if rows else {"n": 0}
+    flat = {"n": len(rows), "overall_accuracy": overall.get("accuracy"), "overall_token_f1": overall.get("token_f1"),
+            "overall_bleu1": overall.get("bleu1")}
+    if "closed" in per_type:
+        flat.update(closed_accuracy=per_type["closed"]["accuracy"],
+                    closed_accuracy_scored=per_type["closed"].get("accuracy_scored"))
+    if "open" in per_type:
+        flat.update(open_exact_match=per_type["open"]["accuracy"], open_recall=per_type["open"]["recall"],
+                    open_token_f1=per_type["open"]["token_f1"], open_bleu1=per_type["open"]["bleu1"])
+    return {**flat, "per_type": per_type, "overall": overall}
+
+
+def closed_answer_set(dataset) -> list[str]:
+    """The normalised answers of the split's closed questions (e.g. ['no', 'yes']), as they are written."""
+    seen: dict[str, str] = {}
+    for kind, target in zip(dataset["answer_type"], dataset["target"]):
+        if kind == "closed":
+            seen.setdefault(normalize(target), str(target).strip())
+    return [seen[k] for k in sorted(seen)]
+
+
+def evaluate_vqa(model, processor, recipe, dataset, *, batch_size: int = 8, max_new_tokens: int | None = None,
+                 image_size: int | None = None, progress: bool = True) -> dict:
+    """Greedy answers for every row, label scores over the closed answer set for closed rows; vqa_metrics."""
+    from .classify import score_rows
+
+    max_new_tokens = max_new_tokens or recipe.max_new_tokens
+    predictions = []
+    for row, answer in generate_all(model, processor, recipe, dataset, max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size, image_size=image_size, progress=progress,
+                                    desc="evaluate (answers)"):
+        predictions.append({"id": str(row["id"]), "image_id": _image_id(row), "question": row.get("question", ""),
+                            "answer_type": row.get("answer_type") or "open", "target": recipe.target(row),
+                            "prediction": answer})
+    closed_set = closed_answer_set(dataset) if "answer_type" in dataset.column_names else []
+    if len(closed_set) > 1:
+        closed = [i for i, p in enumerate(predictions) if p["answer_type"] == "closed"]
+        subset = dataset.select(closed)
+        with eval_mode(model), progress_bar(len(subset), "evaluate (closed, label scores)", progress) as bar:
+            done = 0
+            for rows in batches(subset, batch_size):
+                scores = score_rows(model, processor, recipe, rows, closed_set, image_size=image_size)
+                for k in range(len(rows)):
+                    predictions[closed[done + k]]["scored"] = closed_set[int(scores[k].argmax())]
+                done += len(rows)
+                bar.update(len(rows))
+    metrics = vqa_metrics(predictions)
+    metrics.update(mode="generate + closed label scores", max_new_tokens=max_new_tokens, closed_answers=closed_set)
+    metrics.update({f"{side}_ceiling": value for side, value in blind_ceilings(predictions).items()})
+    return {"metrics": metrics, "predictions": predictions}
+
+
+def _image_id(row: dict) -> str:
+    first = image_refs(row)[0]
+    return str(first) if isinstance(first, str) else str((first or {}).get("path") or row["id"])
+
+
+# ----------------------------------------------------------------------------- ceilings
+def blind_ceilings(rows: Iterable[dict]) -> dict:
+    """The best accuracy a model could reach on these rows seeing only the image (one answer per image:
+    its most frequent reference) or only the question (one answer per question text)."""
+    rows = list(rows)
+
+    def best(key: str) -> float:
+        groups: dict[str, Counter] = defaultdict(Counter)
+        for row in rows:
+            groups[row[key]][normalize(row["target"])] += 1
+        return sum(c.most_common(1)[0][1] for c in groups.values()) / len(rows) if rows else float("nan")
+
+    return {"question_blind": best("image_id"), "image_blind": best("question")}
