@@ -415,12 +415,23 @@ def rows_from_records(records: Sequence[Mapping[str, Any]], *, where: str, base_
                       task: str = "classification", image_column: str | None = None,
                       target_column: str | None = None, target_template: str | None = None,
                       column_aliases: Mapping[str, Sequence[str]] | None = None, split_column: str | None = "split",
-                      train_split: str = "train", test_split: str = "test") -> tuple[list[dict], bool]:
-    """Rows {image, target, id, split} from raw records; returns (rows, whether a split column was used)."""
+                      train_split: str = "train", test_split: str = "test",
+                      vqa: Mapping[str, str | None] | None = None) -> tuple[list[dict], bool]:
+    """Rows {image, target, id, split} from raw records; returns (rows, whether a split column was used).
+
+    task "vqa": question/answer columns named by `vqa` (conversations.vqa_fields), or a `messages` /
+    `conversations` column (conversations.conversation_row)."""
     aliases = dict(column_aliases or {})
     columns = list(dict.fromkeys(k for r in records[:1000] for k in r))
+    chat_col = conversation_column(columns) if task == "vqa" else None
+    if chat_col:
+        return _conversation_rows(records, columns, chat_col, where=where, base_dir=base_dir,
+                                  image_column=image_column, split_column=split_column,
+                                  split_names=(train_split, test_split))
     image_col = _pick_column(columns, image_column or None, (*aliases.get("image", ()), *IMAGE_COLUMNS), "image",
                              where, "--image_column")
+    vqa_cols = _vqa_columns(columns, vqa or {}, where) if task == "vqa" else None
+    target_column = vqa_cols["answer"] if vqa_cols else target_column
     if target_template:
         _check_template(target_template, columns, aliases, where)
         target_col = None
@@ -443,7 +454,10 @@ def rows_from_records(records: Sequence[Mapping[str, Any]], *, where: str, base_
             if split is None:
                 bad_splits[str(record[split_col])] += 1
                 continue
-        rows.append({"image": str(image).strip() if base_dir is None else resolve_image(image, base_dir),
+        # vqa: every other column rides along, for instructions that name it ("{modality}: {question}")
+        extra = {str(k): "" if v is None else str(v) for k, v in record.items() if k not in (image_col, split_col)
+                 } if vqa_cols else {}
+        rows.append({**extra, "image": str(image).strip() if base_dir is None else resolve_image(image, base_dir),
                      "target": target, "id": str(image).strip(), "split": split,
                      **(vqa_fields(record, **vqa_cols) if vqa_cols else {})})
     if bad_splits:

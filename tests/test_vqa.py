@@ -1,0 +1,279 @@
+"""Medical VQA and conversations: the sample model, data formats, labels, splits by image, metrics, the demo."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+from unsloth_med.errors import ConfigError, DataError
+
+
+def _image(path: Path, colour: str, mark: int = 0) -> str:
+    img = Image.new("RGB", (64, 48), colour)
+    ImageDraw.Draw(img).rectangle([mark, mark, mark + 8, mark + 8], fill="white")
+    img.save(path)
+    return str(path)
+
+
+def _conversation(tmp_path: Path) -> dict:
+    """A 3-turn, 2-image sample (system prompt, an image per question, a last text-only question)."""
+    first, second = _image(tmp_path / "a.png", "red"), _image(tmp_path / "b.png", "blue")
+    turns = [{"role": "system", "content": "Answer in one word."},
+             {"role": "user", "content": [{"type": "image", "image": first}, {"type": "text", "text": "Colour?"}]},
+             {"role": "assistant", "content": "red"},
+             {"role": "user", "content": [{"type": "image", "image": second}, {"type": "text", "text": "This one?"}]},
+             {"role": "assistant", "content": "blue"},
+             {"role": "user", "content": "Same colour?"},
+             {"role": "assistant", "content": "no"}]
+    listing = tmp_path / "chats.jsonl"
+    listing.write_text(json.dumps({"messages": turns, "split": "train"}) + "\n"
+                       + json.dumps({"messages": turns, "split": "test"}) + "\n")
+    from unsloth_med.data.tables import load_table
+
+    return load_table(listing, task="vqa")["train"][0]
+
+
+def _spans_after_marker(ids: list[int], marker: list[int], answers: list[list[int]]) -> list[int]:
+    """Positions of each answer, found independently: right after each occurrence of the response marker."""
+    positions, k, i = [], 0, 0
+    while i <= len(ids) - len(marker) and k < len(answers):
+        if ids[i:i + len(marker)] == marker:
+            start = i + len(marker)
+            assert ids[start:start + len(answers[k])] == answers[k]
+            positions += range(start, start + len(answers[k]))
+            k, i = k + 1, start
+        i += 1
+    assert k == len(answers)
+    return positions
+
+
+@pytest.mark.parametrize("family", ["mistral3", "qwen2_5_vl"])
+def test_collator_labels_every_assistant_turn_and_nothing_else(tmp_path, tiny_path, family):
+    from unsloth_med.backends.hf import HFBackend
+    from unsloth_med.config import ModelArgs
+    from unsloth_med.models import prompting
+    from unsloth_med.models.families import family_of
+    from unsloth_med.recipes import get_recipe
+
+    row = _conversation(tmp_path)
+    assert json.loads(row["more_images"]) == [str(tmp_path / "b.png")] and row["target"] == "no"
+    model, processor = HFBackend().load(str(tiny_path(family)), ModelArgs())
+    fam = family_of(model.config)
+    batch = HFBackend().collator(model, processor, get_recipe("vqa"), image_size=64, max_seq_length=1024)([row])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    tokenizer = processor.tokenizer
+    marker = tokenizer(fam.response_part, add_special_tokens=False)["input_ids"]
+    answers = [prompting.answer_ids(processor, fam, text) for text in ("red", "blue", "no")]
+    expected = _spans_after_marker(ids, marker, answers)
+    assert [i for i, label in enumerate(labels) if label != -100] == expected
+    assert all(labels[i] == ids[i] for i in expected)
+    assert tokenizer.decode([ids[i] for i in expected]) == "".join(f"{a}{fam.response_end}" for a in ("red", "blue", "no"))
+    image_token = tokenizer.convert_tokens_to_ids("[IMG]" if family == "mistral3" else "<|image_pad|>")
+    assert ids.count(image_token) > 0 and all(labels[i] == -100 for i, t in enumerate(ids) if t == image_token)
+
+
+def test_mllama_refuses_a_sample_with_two_images(tmp_path, tiny_path):
+    from unsloth_med.backends.hf import HFBackend
+    from unsloth_med.config import ModelArgs
+    from unsloth_med.recipes import get_recipe
+
+    row = _conversation(tmp_path)
+    model, processor = HFBackend().load(str(tiny_path("mllama")), ModelArgs())
+    collator = HFBackend().collator(model, processor, get_recipe("vqa"), image_size=64, max_seq_length=1024)
+    with pytest.raises(DataError, match="2 images.*mllama.*one image per conversation"):
+        collator([row])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["mistral3", "qwen2_5_vl"])
+def test_unsloth_collator_labels_every_assistant_turn(tmp_path, tiny_path, family):
+    """The same 3-turn, 2-image sample through the real UnslothVisionDataCollator (train on responses)."""
+    from unsloth_med.backends.unsloth import UnslothBackend, import_unsloth
+
+    import_unsloth()
+    from unsloth_med.config import ModelArgs
+    from unsloth_med.models import prompting
+    from unsloth_med.models.families import family_of
+    from unsloth_med.recipes import get_recipe
+
+    row = _conversation(tmp_path)
+    backend = UnslothBackend()
+    model, processor = backend.load(str(tiny_path(family)), ModelArgs(load_in_4bit=False))
+    fam = family_of(model.config)
+    batch = backend.collator(model, processor, get_recipe("vqa"), image_size=64, max_seq_length=1024)([row])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    tokenizer = getattr(processor, "tokenizer", processor)
+    marker = tokenizer(fam.response_part, add_special_tokens=False)["input_ids"]
+    answers = [prompting.answer_ids(processor, fam, text) for text in ("red", "blue", "no")]
+    expected = _spans_after_marker(ids, marker, answers)
+    labelled = [i for i, label in enumerate(labels) if label != -100]
+    # Unsloth also trains on what the template puts after the end-of-turn token (Qwen's newline).
+    assert set(expected) <= set(labelled)
+    assert all(ids[i] in tokenizer("\n", add_special_tokens=False)["input_ids"] for i in set(labelled) - set(expected))
+
+
+# ----------------------------------------------------------------------------- formats and placeholders
+def test_question_answer_listing_fills_the_instruction_per_row(tmp_path):
+    from unsloth_med.data.sources import load_recipe_data
+    from unsloth_med.recipes import get_recipe
+    from unsloth_med.recipes.generic import resolve_recipe
+
+    img = _image(tmp_path / "x.png", "gray")
+    listing = tmp_path / "qa.csv"
+    listing.write_text("file,q,a,kind,split\n" + f"{img},Is it gray?,Yes,,train\n{img},What shape?,square,,train\n"
+                       + f"{img},Any mark?,no,closed,test\n")
+    recipe = resolve_recipe(get_recipe("vqa"), {"question_column": "q", "answer_column": "a",
+                                                "answer_type_column": "kind", "image_column": "file",
+                                                "instruction": "Q: {q} ({kind})"})
+    splits = load_recipe_data(recipe, str(listing))
+    train = splits["train"]
+    assert list(train["question"]) == ["Is it gray?", "What shape?"] and list(train["answer_type"]) == ["closed", "open"]
+    texts = [recipe.prompt(example=row)[0]["content"][-1]["text"] for row in train]
+    assert texts == ["Q: Is it gray? ()", "Q: What shape? ()"]
+    assert splits["test"][0]["answer_type"] == "closed"
+
+
+def test_an_unknown_placeholder_fails_before_the_model_loads(tmp_path):
+    from unsloth_med.cli import train_command
+    from unsloth_med.recipes import get_recipe
+
+    img = _image(tmp_path / "x.png", "gray")
+    listing = tmp_path / "qa.csv"
+    listing.write_text("image,question,answer\n" + "".join(f"{img},q{i}?,yes\n" for i in range(6)))
+    argv = ["--data_dir", str(listing), "--instruction", "{question} {modality}", "--model", "/no/such/model",
+            "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(ConfigError, match=r"\{modality\}.*columns: image, target, id, answer, answer_type, question"):
+        train_command(argv, get_recipe("vqa"))
+
+
+def test_sharegpt_conversations_with_image_marks(tmp_path):
+    from unsloth_med.data.tables import load_table
+
+    a, b = _image(tmp_path / "a.png", "red"), _image(tmp_path / "b.png", "blue")
+    record = {"images": ["a.png", "b.png"], "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nWhich is newer?"}, {"from": "gpt", "value": "The second."},
+        {"from": "human", "value": "Any change?"}, {"from": "gpt", "value": "No change."}]}
+    listing = tmp_path / "llava.jsonl"
+    listing.write_text("\n".join(json.dumps(dict(record, split=s)) for s in ("train", "test")))
+    row = load_table(listing, task="vqa")["train"][0]
+    assert row["image"] == a and json.loads(row["more_images"]) == [b] and row["target"] == "No change."
+    messages = json.loads(row["messages"])
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert [p["type"] for p in messages[0]["content"]] == ["image", "image", "text"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": "a.png", "conversations": [{"from": "doctor", "value": "hi"}]}))
+    with pytest.raises(DataError, match="unknown speaker 'doctor'"):
+        load_table(bad, task="vqa")
+
+
+# ----------------------------------------------------------------------------- splits and leakage by image
+def test_split_by_image_keeps_every_image_on_one_side(tmp_path):
+    from unsloth_med.data.checks import leak_counts, leak_message, leaked_test_images
+    from unsloth_med.data.splits import image_key, split_by_image
+    from unsloth_med.data.tables import load_table
+
+    rows = []
+    for i in range(12):
+        path = _image(tmp_path / f"img{i}.png", "black", mark=4 * i)
+        copy = tmp_path / f"copy{i}.png"  # the same image under another name: the same content hash
+        copy.write_bytes(Path(path).read_bytes())
+        for k, name in enumerate((path, copy.name, path)):
+            rows.append({"image": name, "question": f"q{k}", "answer": "yes", "split": "test" if k == 1 else "train"})
+    listing = tmp_path / "qa.csv"
+    with listing.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    own = load_table(listing, task="vqa")
+    counts = leak_counts(own["test"], leaked_test_images(own))
+    assert counts == {"test_images": 12, "leaked_images": 12, "test_rows": 12, "leaked_rows": 12}
+    assert "12 of 12 test images" in leak_message(counts)
+    split = split_by_image(own, test_fraction=0.25, seed=0)
+    train_keys = {image_key(p) for p in split["train"]["image"]}
+    test_keys = {image_key(p) for p in split["test"]["image"]}
+    assert len(test_keys) == 3 and len(train_keys) == 9 and not train_keys & test_keys
+    assert len(split["test"]) == 9 and len(split["train"]) == 27
+    assert leaked_test_images(split) == []
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_vqa_metrics_equal_hand_computed_values():
+    from unsloth_med.evaluate.vqa import blind_ceilings, normalize, vqa_metrics
+
+    rows = [  # closed: 2 right (one only after normalising), 2 wrong (one empty): all 4 in the denominator
+        {"answer_type": "closed", "target": "yes", "prediction": "Yes.", "scored": "yes"},
+        {"answer_type": "closed", "target": "no", "prediction": "yes", "scored": "no"},
+        {"answer_type": "closed", "target": "no", "prediction": "", "scored": "yes"},
+        {"answer_type": "closed", "target": "yes", "prediction": "yes", "scored": "yes"},
+        # open: exact after removing the article; half the tokens; nothing
+        {"answer_type": "open", "target": "the left lung", "prediction": "Left lung", "scored": None},
+        {"answer_type": "open", "target": "right kidney", "prediction": "kidney stone large", "scored": None},
+        {"answer_type": "open", "target": "axial", "prediction": "coronal", "scored": None},
+    ]
+    assert normalize("The  Left-lung!") == "left lung"
+    m = vqa_metrics(rows)
+    assert m["closed_accuracy"] == pytest.approx(2 / 4) and m["closed_accuracy_scored"] == pytest.approx(3 / 4)
+    assert m["open_exact_match"] == pytest.approx(1 / 3)
+    assert m["open_recall"] == pytest.approx((1 + 0.5 + 0) / 3)
+    # row 2: precision 1/3, recall 1/2 -> F1 0.4
+    assert m["open_token_f1"] == pytest.approx((1 + 0.4 + 0) / 3)
+    # BLEU-1 over open rows: 3 matched unigrams of 6 predicted; 6 predicted >= 5 reference tokens: no penalty
+    assert m["open_bleu1"] == pytest.approx(3 / 6)
+    assert m["overall_accuracy"] == pytest.approx(3 / 7) and m["per_type"]["closed"]["n"] == 4
+    ceilings = blind_ceilings([{"image_id": "a", "question": "q1", "target": "yes"},
+                               {"image_id": "a", "question": "q2", "target": "no"},
+                               {"image_id": "b", "question": "q1", "target": "no"},
+                               {"image_id": "b", "question": "q2", "target": "no"}])
+    assert ceilings == {"question_blind": 3 / 4, "image_blind": 3 / 4}
+
+
+# ----------------------------------------------------------------------------- real data and the demo
+@pytest.mark.slow
+def test_three_questions_per_real_bone_break_image_train_a_tiny_model(bone_break_dir, tiny_path, tmp_path):
+    from unsloth_med.cli import train_command
+    from unsloth_med.recipes import get_recipe
+
+    tiny_path("mistral3")
+    rows = list(csv.DictReader((bone_break_dir / "labels.csv").open()))
+    picked = [r for r in rows if r["split"] == "train"][:8] + [r for r in rows if r["split"] == "test"][:4]
+    listing = tmp_path / "qa.csv"
+    with listing.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "question", "answer", "split"])
+        for r in picked:
+            path = bone_break_dir / r["path"]
+            writer.writerow([path, "Is there a fracture?", "yes", r["split"]])
+            writer.writerow([path, "What kind of fracture is this?", r["label"], r["split"]])
+            writer.writerow([path, f"Is this a {r['label']}?", "yes", r["split"]])
+    out = tmp_path / "run"
+    argv = ["--data_dir", str(listing), "--model", "tiny:mistral3", "--max_steps", "3", "--image_size", "64",
+            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--eval_batch_size", "6",
+            "--save_strategy", "no", "--preprocess_images", "false", "--output_dir", str(out)]
+    train_command(argv, get_recipe("vqa"))
+    after = json.loads((out / "eval_after.json").read_text())
+    assert len(after["predictions"]) == 12 and {p["answer_type"] for p in after["predictions"]} == {"closed", "open"}
+    assert {"image_id", "question", "answer_type", "target", "prediction"} <= set(after["predictions"][0])
+    assert sum("loss" in json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.slow
+def test_vqa_demo_beats_both_blind_ceilings(tmp_path):
+    out = tmp_path / "run"
+    started = time.time()
+    done = subprocess.run([sys.executable, "-m", "unsloth_med.recipes.radiology_vqa", "--demo", "--output_dir",
+                           str(out)], env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = json.loads((out / "metrics.json").read_text())["after"]
+    print(f"vqa demo: {after['overall_accuracy']:.3f} vs ceilings {after['question_blind_ceiling']:.3f} (image only) "
+          f"/ {after['image_blind_ceiling']:.3f} (question only) in {time.time() - started:.0f} s")
+    assert after["overall_accuracy"] >= max(after["question_blind_ceiling"], after["image_blind_ceiling"]) + 0.1
+    assert "Ceiling: image only" in done.stdout and "Closed accuracy" in done.stdout
+    assert (out / "per_answer_type.png").is_file()
