@@ -149,7 +149,7 @@ def test_an_unknown_placeholder_fails_before_the_model_loads(tmp_path):
     listing.write_text("image,question,answer\n" + "".join(f"{img},q{i}?,yes\n" for i in range(6)))
     argv = ["--data_dir", str(listing), "--instruction", "{question} {modality}", "--model", "/no/such/model",
             "--output_dir", str(tmp_path / "run")]
-    with pytest.raises(ConfigError, match=r"\{modality\}.*columns: image, target, id, answer, answer_type, question"):
+    with pytest.raises(ConfigError, match=r"\{modality\}.*columns: image, target, id, answer, answer_type, image_id, question"):
         train_command(argv, get_recipe("vqa"))
 
 
@@ -277,3 +277,19 @@ def test_vqa_demo_beats_both_blind_ceilings(tmp_path):
     assert after["overall_accuracy"] >= max(after["question_blind_ceiling"], after["image_blind_ceiling"]) + 0.1
     assert "Ceiling: image only" in done.stdout and "Closed accuracy" in done.stdout
     assert (out / "per_answer_type.png").is_file()
+
+
+def test_predict_answers_a_question_and_goes_on_past_an_unreadable_file(tmp_path, tiny_path, capsys):
+    from unsloth_med.commands import predict_command
+
+    tiny_path("mistral3")
+    good = [_image(tmp_path / "a.png", "gray"), _image(tmp_path / "b.png", "black")]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    argv = ["--model", "tiny:mistral3", "--recipe", "vqa", "--question", "Is there a fracture?", good[0], str(broken),
+            good[1]]
+    assert predict_command(argv) == 1
+    out = capsys.readouterr()
+    assert out.out.count("Q: Is there a fracture?") == 2 and "NOT READ" in out.out and "broken.png" in out.err
+    assert predict_command([*argv[:6], "--together", *good]) == 0
+    assert capsys.readouterr().out.count("Q: Is there a fracture?") == 1

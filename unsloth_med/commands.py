@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -35,9 +36,17 @@ def predict_command(argv: list[str]) -> int:
     parser.add_argument("--model", required=True, help="run folder or merged model folder")
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--top_k", "--top-k", type=int, default=3)
+    parser.add_argument("--question", help="VQA recipes: the question asked about each image")
+    parser.add_argument("--recipe", help="the recipe, when the model folder does not record it")
+    parser.add_argument("--together", action="store_true", help="one answer about all the images together")
     args = parser.parse_args(argv)
-    print(format_predictions(predict(args.model, args.images, top_k=args.top_k)))
-    return 0
+    results = predict(args.model, args.images, top_k=args.top_k, question=args.question, together=args.together,
+                      recipe=args.recipe)
+    print(format_predictions(results))
+    unread = [r["image"] for r in results if "error" in r]
+    if unread:
+        print(f"{len(unread)} of {len(args.images)} images could not be read: {', '.join(unread)}", file=sys.stderr)
+    return 1 if unread else 0
 
 
 def check_data_command(argv: list[str]) -> int:

@@ -145,25 +145,51 @@ def load_for_inference(model_dir_or_run_dir: str | Path, *, recipe=None, backend
 
 
 def predict(model_dir_or_run_dir: str | Path, images: Sequence[str], *, top_k: int = 3, recipe=None,
-            batch_size: int = 8, max_new_tokens: int | None = None) -> list[dict]:
-    """One answer per image.
+            batch_size: int = 8, max_new_tokens: int | None = None, question: str | None = None,
+            together: bool = False) -> list[dict]:
+    """One answer per image (or, with `together`, one answer about all the images).
 
     Classification: {"image", "label", "probability", "top": [{"label", "probability"}, ...top_k],
     "probabilities": {every class}}; probabilities come from label scoring and sum to 1 over all classes.
-    Captioning: {"image", "caption"}.
+    Captioning: {"image", "caption"}. VQA (`question`): {"image", "question", "answer"}.
+    An image that cannot be read gives {"image", "error"} and the others are still answered.
     """
     loaded = model_dir_or_run_dir if isinstance(model_dir_or_run_dir, Loaded) else \
         load_for_inference(model_dir_or_run_dir, recipe=recipe)
-    return predict_loaded(loaded, images, top_k=top_k, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return predict_loaded(loaded, images, top_k=top_k, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                          question=question, together=together)
+
+
+def _readable(images: Sequence[str]) -> tuple[list[str], list[dict]]:
+    """(images that decode, {"image", "error"} for each one that does not)."""
+    from .data.images import load_image
+    from .errors import ImageError
+
+    good, bad = [], []
+    for image in images:
+        try:
+            load_image(str(image))
+            good.append(str(image))
+        except (ImageError, OSError) as exc:
+            bad.append({"image": str(image), "error": str(exc)})
+    return good, bad
 
 
 def predict_loaded(loaded: Loaded, images: Sequence[str], *, top_k: int = 3, batch_size: int = 8,
-                   max_new_tokens: int | None = None) -> list[dict]:
+                   max_new_tokens: int | None = None, question: str | None = None,
+                   together: bool = False) -> list[dict]:
     from .evaluate.caption import batches, eval_mode, generate_texts
     from .evaluate.classify import score_rows
 
-    rec, rows = loaded.recipe, [{"image": str(image), "id": str(image)} for image in images]
-    results: list[dict] = []
+    rec = loaded.recipe
+    if rec.is_vqa and not question:
+        raise ConfigError(f"Recipe '{rec.name}' answers questions: pass --question \"...\".")
+    good, results = _readable(images)
+    rows = [{"image": str(image), "id": str(image)} for image in good]
+    if together and rows:
+        rows = [{"image": good[0], "more_images": json.dumps(good[1:]), "id": " + ".join(good)}]
+    for row in rows:
+        row["question"] = question or ""
     with torch.inference_mode(), eval_mode(loaded.model):
         for chunk in batches(rows, batch_size):
             if rec.is_classification:
@@ -179,7 +205,9 @@ def predict_loaded(loaded: Loaded, images: Sequence[str], *, top_k: int = 3, bat
             else:
                 answers = generate_texts(loaded.model, loaded.processor, rec, chunk,
                                          max_new_tokens=max_new_tokens or rec.max_new_tokens, image_size=loaded.image_size)
-                results += [{"image": row["image"], "caption": answer} for row, answer in zip(chunk, answers)]
+                key = "answer" if rec.is_vqa else "caption"
+                results += [{"image": row["id"], **({"question": question} if rec.is_vqa else {}), key: answer}
+                            for row, answer in zip(chunk, answers)]
     return results
 
 
@@ -187,6 +215,12 @@ def format_predictions(results: Sequence[dict]) -> str:
     """Plain text for the terminal: one block per image."""
     lines = []
     for r in results:
+        if "error" in r:
+            lines.append(f"{r['image']}\n  NOT READ: {r['error']}")
+            continue
+        if "answer" in r:
+            lines.append(f"{r['image']}\n  Q: {r['question']}\n  A: {r['answer']}")
+            continue
         if "caption" in r:
             lines.append(f"{r['image']}\n  {r['caption']}")
             continue

@@ -219,7 +219,8 @@ def write_synthetic_fractures(root: str | Path, *, train_per_class: int = 120, t
     return root
 
 
-def write_fracture_vqa(fracture_root: str | Path, listing: str | Path, *, seed: int = 0) -> Path:
+def write_fracture_vqa(fracture_root: str | Path, listing: str | Path, *, seed: int = 0,
+                       test_images_per_class: int | None = None) -> Path:
     """A VQA listing (image, question, answer, answer_type, split) over generated fracture X-rays.
 
     Each image gets three questions whose answers need both the question and the image: "What kind of
@@ -233,7 +234,8 @@ def write_fracture_vqa(fracture_root: str | Path, listing: str | Path, *, seed: 
     class_root = Path(fracture_root).joinpath(*LAYOUT)
     classes = _classes()
     images = [(path, label, split) for label in classes for split in ("Train", "Test")
-              for path in sorted((class_root / label / split).glob("*.png"))]
+              for path in sorted((class_root / label / split).glob("*.png"))[:test_images_per_class
+                                                                               if split == "Test" else None]]
     rows: list[list[dict]] = [[], [], []]
     for path, label, split in images:
         other = rng.choice([c for c in classes if c != label])

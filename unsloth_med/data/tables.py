@@ -459,7 +459,7 @@ def rows_from_records(records: Sequence[Mapping[str, Any]], *, where: str, base_
                  } if vqa_cols else {}
         rows.append({**extra, "image": str(image).strip() if base_dir is None else resolve_image(image, base_dir),
                      "target": target, "id": str(image).strip(), "split": split,
-                     **(vqa_fields(record, **vqa_cols) if vqa_cols else {})})
+                     **({"image_id": str(image).strip(), **vqa_fields(record, **vqa_cols)} if vqa_cols else {})})
     if bad_splits:
         raise DataError(f"{where}: unknown values in split column '{split_col}': "
                         f"{', '.join(f'{k!r} ({v})' for k, v in bad_splits.most_common(5))}. Use train or test "

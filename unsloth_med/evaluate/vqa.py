@@ -133,6 +133,8 @@ def evaluate_vqa(model, processor, recipe, dataset, *, batch_size: int = 8, max_
 
 
 def _image_id(row: dict) -> str:
+    if row.get("image_id"):
+        return str(row["image_id"])
     first = image_refs(row)[0]
     return str(first) if isinstance(first, str) else str((first or {}).get("path") or row["id"])
 
