@@ -293,3 +293,25 @@ def test_predict_answers_a_question_and_goes_on_past_an_unreadable_file(tmp_path
     assert out.out.count("Q: Is there a fracture?") == 2 and "NOT READ" in out.out and "broken.png" in out.err
     assert predict_command([*argv[:6], "--together", *good]) == 0
     assert capsys.readouterr().out.count("Q: Is there a fracture?") == 1
+
+
+def test_a_saved_hf_dataset_shaped_like_vqa_rad(tmp_path):
+    """image (an Image feature), question, answer: the shape of flaviagiammarino/vqa-rad, saved to disk."""
+    import datasets
+
+    from unsloth_med.data.sources import load_recipe_data
+    from unsloth_med.recipes import get_recipe
+
+    paths = [_image(tmp_path / f"{i}.png", "gray", mark=5 * i) for i in range(4)]
+    part = {"image": paths + paths, "question": [f"q{i}?" for i in range(8)],
+            "answer": ["yes", "no", "left lung", "Yes", "no", "axial", "yes", "no"]}
+    features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                  "answer": datasets.Value("string")})
+    saved = tmp_path / "vqa-rad"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(part, features=features),
+                          "test": datasets.Dataset.from_dict(part, features=features).select(range(3))}
+                         ).save_to_disk(str(saved))
+    splits = load_recipe_data(get_recipe("radiology_vqa"), str(saved))
+    assert list(splits["train"]["answer_type"]) == ["closed", "closed", "open", "closed", "closed", "open", "closed",
+                                                    "closed"]
+    assert splits["test"][2]["question"] == "q2?" and splits["test"][2]["target"] == "left lung"
