@@ -74,7 +74,8 @@ def test_collator_labels_every_assistant_turn_and_nothing_else(tmp_path, tiny_pa
     expected = _spans_after_marker(ids, marker, answers)
     assert [i for i, label in enumerate(labels) if label != -100] == expected
     assert all(labels[i] == ids[i] for i in expected)
-    assert tokenizer.decode([ids[i] for i in expected]) == "".join(f"{a}{fam.response_end}" for a in ("red", "blue", "no"))
+    labelled_text = "".join(f"{a}{fam.response_end}" for a in ("red", "blue", "no"))
+    assert tokenizer.decode([ids[i] for i in expected]) == labelled_text
     image_token = tokenizer.convert_tokens_to_ids("[IMG]" if family == "mistral3" else "<|image_pad|>")
     assert ids.count(image_token) > 0 and all(labels[i] == -100 for i, t in enumerate(ids) if t == image_token)
 
@@ -134,7 +135,8 @@ def test_question_answer_listing_fills_the_instruction_per_row(tmp_path):
                                                 "instruction": "Q: {q} ({kind})"})
     splits = load_recipe_data(recipe, str(listing))
     train = splits["train"]
-    assert list(train["question"]) == ["Is it gray?", "What shape?"] and list(train["answer_type"]) == ["closed", "open"]
+    assert list(train["question"]) == ["Is it gray?", "What shape?"]
+    assert list(train["answer_type"]) == ["closed", "open"]
     texts = [recipe.prompt(example=row)[0]["content"][-1]["text"] for row in train]
     assert texts == ["Q: Is it gray? ()", "Q: What shape? ()"]
     assert splits["test"][0]["answer_type"] == "closed"
@@ -149,7 +151,8 @@ def test_an_unknown_placeholder_fails_before_the_model_loads(tmp_path):
     listing.write_text("image,question,answer\n" + "".join(f"{img},q{i}?,yes\n" for i in range(6)))
     argv = ["--data_dir", str(listing), "--instruction", "{question} {modality}", "--model", "/no/such/model",
             "--output_dir", str(tmp_path / "run")]
-    with pytest.raises(ConfigError, match=r"\{modality\}.*columns: image, target, id, answer, answer_type, image_id, question"):
+    columns = "image, target, id, answer, answer_type, image_id, question"
+    with pytest.raises(ConfigError, match=r"\{modality\}.*columns: " + columns):
         train_command(argv, get_recipe("vqa"))
 
 

@@ -118,8 +118,8 @@ class UnslothCollator:
     Each row becomes {"messages": recipe.to_conversation(row, images=<decoded images>)}; the wrapped
     collator renders the family's chat template, resizes, tokenizes and (train_on_responses_only) masks
     everything outside the spans that run from the family's response marker to its next instruction
-    marker: every assistant turn is trained on, every user and system turn is not. Nothing is truncated: a sample longer than max_seq_length is an error
-    naming it, as in the hf backend.
+    marker: every assistant turn is trained on, every user and system turn is not. Nothing is truncated:
+    a sample longer than max_seq_length is an error naming it, as in the hf backend.
     """
 
     def __init__(self, model, processor, recipe, *, image_size: int | None, max_seq_length: int,

@@ -700,7 +700,8 @@ def load_hf_table(name_or_path: str, *, task: str = "captioning", image_column: 
         if isinstance(part.features[image_col], datasets.Image):
             images = part.select_columns([image_col]).cast_column(image_col, datasets.Image(decode=False))
             images = images.rename_column(image_col, "image") if image_col != "image" else images
-            images = images.add_column("target", targets).add_column("id", [f"{split_name}/{i}" for i in range(len(part))])
+            images = images.add_column("target", targets)
+            images = images.add_column("id", [f"{split_name}/{i}" for i in range(len(part))])
             for key, values in extras.items():
                 images = images.add_column(key, values)
             return images

@@ -44,7 +44,8 @@ def encode(processor: Any, texts: Sequence[str], images: Sequence[Any], *, paddi
     old_side = tokenizer.padding_side
     tokenizer.padding_side = padding_side
     try:
-        return processor(images=[im if isinstance(im, list) else [im] for im in images], text=list(texts), add_special_tokens=False,
+        return processor(images=[im if isinstance(im, list) else [im] for im in images], text=list(texts),
+                         add_special_tokens=False,
                          padding=True, return_tensors="pt")
     finally:
         tokenizer.padding_side = old_side
