@@ -3,7 +3,12 @@ large listings, full disks. GPU faults (real out-of-memory, kill -9 with unsloth
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +44,7 @@ def test_one_image_in_50_rows_is_prepared_once_with_8_threads(tmp_path):
     # The writers themselves: 8 threads writing the same cached image at once (the old pid-only temporary
     # name made them rename each other's file away: FileNotFoundError).
     fresh = tmp_path / "cache2"
-    barrier, errors = threading.Barrier(8), []
+    barrier, errors = threading.Barrier(8, timeout=60), []
 
     def write():
         try:
@@ -56,3 +61,65 @@ def test_one_image_in_50_rows_is_prepared_once_with_8_threads(tmp_path):
         t.join()
     assert not errors, errors[:3]
     assert not list(fresh.rglob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- #18.6: one run per folder
+HOLD_LOCK = ("import sys, time; from unsloth_med.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+             "print('locked', flush=True); time.sleep(600)")
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONUNBUFFERED": "1"}
+
+
+def _holder(run_dir: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], env=_env(), stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def _train(run_dir: Path, data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "unsloth_med.recipes.bone_fracture", "--data_dir", str(data_dir), "--output_dir",
+           str(run_dir), "--model", "tiny:mistral3", *extra]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_busy_folder_refuses_at_once_and_a_stale_lock_is_taken_over(tmp_path):
+    run_dir, empty = tmp_path / "run", tmp_path / "no-data"
+    empty.mkdir()
+    owner = _holder(run_dir)
+    try:
+        refused = _train(run_dir, empty)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert f"in use by another run: pid {owner.pid} on host {socket.gethostname()}" in refused.stderr
+        assert sorted(p.name for p in run_dir.iterdir()) == [".unsloth_med.lock"]  # nothing written: refused first
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+
+    # The owner died without cleaning up (kill -9): its lock file is still there, naming it; the next run takes
+    # it over with a message, goes on (here to the data error), and leaves no lock behind.
+    assert str(owner.pid) in (run_dir / ".unsloth_med.lock").read_text()
+    rerun = _train(run_dir, empty)
+    assert f"taking over a stale lock left by pid {owner.pid} on host {socket.gethostname()}" in rerun.stdout
+    assert rerun.returncode != 0 and "No class folders found" in rerun.stderr
+    assert not (run_dir / ".unsloth_med.lock").exists()
+
+    # #16.4: that failed run stopped before training, so a plain rerun is not blocked by what it left.
+    again = _train(run_dir, empty)
+    assert "already holds a run" not in again.stderr and "No class folders found" in again.stderr
+    assert "taking over" not in again.stdout
+
+
+def test_two_processes_racing_for_one_folder_get_exactly_one_lock(tmp_path):
+    racer = ("import sys, time; from unsloth_med.run_lock import RunLock, RunFolderBusy\n"
+             "time.sleep(max(0, float(sys.argv[2]) - time.time()))\n"
+             "try:\n    RunLock(sys.argv[1]).acquire(); print('won', flush=True); time.sleep(5)\n"
+             "except RunFolderBusy:\n    print('busy', flush=True)\n")
+    start = str(time.time() + 3)
+    procs = [subprocess.Popen([sys.executable, "-c", racer, str(tmp_path / "run"), start], env=_env(),
+                              stdout=subprocess.PIPE, text=True) for _ in range(6)]
+    results = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+    assert results == ["busy"] * 5 + ["won"]
