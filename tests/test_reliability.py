@@ -123,3 +123,101 @@ def test_two_processes_racing_for_one_folder_get_exactly_one_lock(tmp_path):
                               stdout=subprocess.PIPE, text=True) for _ in range(6)]
     results = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
     assert results == ["busy"] * 5 + ["won"]
+
+
+# ----------------------------------------------------------------------------- #18.1: leakage search at scale
+def _brute_force(train: np.ndarray, test: np.ndarray, threshold: float) -> list[tuple[int, int, float]]:
+    """The O(train x test) search of main before this change (every thumbnail in memory, 16x16 block means as a
+    lower bound, then exact MAD): the reference the indexed, streamed search must equal."""
+    train, test = train.astype(np.float32) / 255, test.astype(np.float32) / 255
+
+    def coarse(t):
+        return t.reshape(-1, 16, 4, 16, 4).mean(axis=(2, 4)).reshape(len(t), -1)
+
+    train_c, pairs = coarse(train), []
+    for start in range(0, len(test), 64):
+        lower = np.abs(coarse(test[start:start + 64])[:, None, :] - train_c[None]).mean(axis=2)
+        for row in range(len(lower)):
+            candidates = np.flatnonzero(lower[row] < threshold + 1e-7)
+            if len(candidates):
+                mads = np.abs(train[candidates] - test[start + row]).mean(axis=1)
+                best = int(np.argmin(mads))
+                if mads[best] < threshold:
+                    pairs.append((start + row, int(candidates[best]), float(mads[best])))
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def scale_5k(isolated_cache):
+    from unsloth_med.data.scale import write_scale_set
+
+    root = isolated_cache / "scale-4500-500"
+    manifest = write_scale_set(root, 4500, 500, leak_every=50)
+    return root, manifest
+
+
+def _files(root: Path, split: str) -> list[str]:
+    return sorted(str(p) for p in root.glob(f"*/{split}/*.png"))
+
+
+def test_indexed_search_finds_exactly_the_brute_force_pairs_on_5000_images(scale_5k):
+    from unsloth_med.data.checks import DEFAULT_THRESHOLD, find_leaked_test_images, thumbnails
+
+    root, manifest = scale_5k
+    train, test = _files(root, "Train"), _files(root, "Test")
+    assert (len(train), len(test)) == (4500, 500)
+    leaks = find_leaked_test_images(train, test)
+    expected = _brute_force(thumbnails(train)[0], thumbnails(test)[0], DEFAULT_THRESHOLD)
+    assert [(e["test"], e["train"]) for e in leaks] == [(test[i], train[j]) for i, j, _ in expected]
+    assert [e["mad"] for e in leaks] == pytest.approx([mad for _, _, mad in expected], abs=1e-6)
+    assert {e["test"]: e["train"] for e in leaks} == manifest["leaks"] and len(leaks) == 10  # the planted copies
+    # The noisy copies (2.7 grey levels off) pass the index and are rejected by the exact pixel rule.
+    assert all(e["mad"] < DEFAULT_THRESHOLD for e in leaks)
+
+
+def test_indexed_search_equals_brute_force_on_the_real_x_rays_and_finds_their_15_leaks(bone_break_dir):
+    from unsloth_med.data.checks import DEFAULT_THRESHOLD, find_leaked_test_images, thumbnails
+
+    root = bone_break_dir / "Bone Break Classification" / "Bone Break Classification"
+    train, test = sorted(map(str, root.glob("*/Train/*.jpg"))), sorted(map(str, root.glob("*/Test/*.jpg")))
+    leaks = find_leaked_test_images(train, test)
+    expected = _brute_force(thumbnails(train)[0], thumbnails(test)[0], DEFAULT_THRESHOLD)
+    assert [(e["test"], e["train"]) for e in leaks] == [(test[i], train[j]) for i, j, _ in expected]
+    assert len(leaks) == 15
+
+
+def test_leak_search_cost_grows_near_linearly_and_memory_holds_the_test_set_only():
+    import tracemalloc
+
+    from unsloth_med.data.checks import DEFAULT_THRESHOLD, LeakSearch
+    from unsloth_med.data.scale import scale_images
+
+    rng = np.random.default_rng(0)
+    train = scale_images(rng, 20_000).reshape(20_000, -1)
+    test = scale_images(rng, 2_000).reshape(2_000, -1)
+    test[::100] = train[:2000:100]  # 20 exact copies
+
+    def search(n_train: int, n_test: int) -> tuple[float, list]:
+        start = time.process_time()  # CPU time: fair on a machine shared with other jobs
+        index = LeakSearch(test[:n_test], np.ones(n_test, bool), DEFAULT_THRESHOLD)
+        for offset in range(0, n_train, 2048):
+            chunk = train[offset:min(offset + 2048, n_train)]
+            index.add(offset, chunk, np.ones(len(chunk), bool))
+        return time.process_time() - start, index.pairs()
+
+    def fastest(n_train: int, n_test: int) -> tuple[float, list]:
+        runs = [search(n_train, n_test) for _ in range(3)]
+        return min(t for t, _ in runs), runs[0][1]
+
+    small, small_pairs = fastest(2_000, 200)
+    large, large_pairs = fastest(20_000, 2_000)
+    print(f"\nleak search CPU time: 2,000 x 200: {small:.2f} s; 20,000 x 2,000: {large:.2f} s ({large / small:.1f}x)")
+    assert len(small_pairs) == 2 and len(large_pairs) == 20
+    assert large < 20 * small  # brute force would be 100x: 10x the images on each side
+
+    # Memory: the index and the exact comparison hold the test set and one training chunk, not the training set.
+    tracemalloc.start()
+    search(20_000, 200)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 40 * 2**20, peak / 2**20  # the 20,000 training thumbnails alone are 78 MiB
