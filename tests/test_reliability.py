@@ -221,3 +221,37 @@ def test_leak_search_cost_grows_near_linearly_and_memory_holds_the_test_set_only
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 40 * 2**20, peak / 2**20  # the 20,000 training thumbnails alone are 78 MiB
+
+
+# ----------------------------------------------------------------------------- #16.14: one readable progress line
+@pytest.mark.slow
+def test_training_prints_one_readable_line_per_log_and_no_raw_dicts(tiny_path, bone_break_dir, tmp_path, capsys):
+    import json
+    import re
+
+    import datasets
+
+    from unsloth_med.backends.hf import HFBackend
+    from unsloth_med.config import LoraArgs, ModelArgs, parse_config
+    from unsloth_med.recipes.bone_fracture import RECIPE
+    from unsloth_med.train import build_trainer
+
+    root = bone_break_dir / "Bone Break Classification" / "Bone Break Classification"
+    rows = [{"image": str(p), "target": p.parts[-3], "id": str(i)} for i, p in enumerate(sorted(root.glob("*/Train/*.jpg"))[::200])]
+    backend = HFBackend()
+    model, processor = backend.load(str(tiny_path("mistral3")), ModelArgs())
+    model = backend.add_adapters(model, LoraArgs(), ModelArgs(), seed=0)
+    collator = backend.collator(model, processor, RECIPE, image_size=64, max_seq_length=4096)
+    config = parse_config(["--output_dir", str(tmp_path), "--max_steps", "6", "--logging_steps", "2",
+                           "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+                           "--save_strategy", "no"], RECIPE)
+    trainer = build_trainer(model, processor, datasets.Dataset.from_list(rows), collator, config.training, tmp_path)
+    capsys.readouterr()
+    trainer.train()
+    out, err = capsys.readouterr()
+    lines = [line for line in out.splitlines() if line.strip()]
+    pattern = r"step (\d)/6 \(\d+%\) \| loss \d+\.\d{4} \| lr \d\.\d\de-\d\d \| \d+\.\d samples/s \| ETA \d+m\d\ds"
+    assert [re.fullmatch(pattern, line).group(1) for line in lines] == ["2", "4", "6"], out
+    assert "{'loss'" not in out + err and "it/s]" not in out + err  # no raw dicts, no tqdm bar
+    logged = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [2, 4, 6] and "train_runtime" in logged[-1]
