@@ -5,7 +5,7 @@
 Generates 100,000 training and 10,000 test PNGs (64x64, with planted leaks; data/scale.py) once into the
 cache (never into the repository), links the first N of them into one folder per size, and runs
 `unsloth-med check-data --recipe classify` on each in a fresh process, timing it and reading its peak RSS
-(wait4). A size is skipped when a smaller one predicts, at linear growth, more than --max_seconds.
+(wait4). A size is skipped when the two sizes before it predict, at linear growth, more than --max_seconds.
 Writes benchmarks/results/<date>_check-data-scale.json and prints the table for benchmarks/README.md.
 """
 from __future__ import annotations
@@ -71,6 +71,16 @@ def run_check_data(data_dir: Path, out_json: Path, timeout: float) -> dict:
     return result
 
 
+def estimate(rows: list[dict], size: int) -> float:
+    """Wall seconds predicted for `size` from the measured sizes: linear in the images beyond the fixed start-up."""
+    done = [r for r in rows if "seconds" in r]
+    if len(done) < 2:
+        return 0.0
+    (a, b) = done[-2:]
+    per_image = (b["seconds"] - a["seconds"]) / (b["train"] - a["train"])
+    return b["seconds"] + per_image * (size - b["train"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
@@ -85,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     generated_seconds = round(time.perf_counter() - t0, 1)
     rows = []
     for size in sorted(args.sizes):
-        if rows and rows[-1]["seconds"] * size / rows[-1]["train"] > args.max_seconds:
-            print(f"{size}: skipped (linear estimate over {args.max_seconds:.0f} s)")
+        if estimate(rows, size) > args.max_seconds:
+            print(f"{size}: skipped (linear estimate {estimate(rows, size):.0f} s > {args.max_seconds:.0f} s)")
             rows.append({"train": size, "test": size // 10, "skipped": "linear estimate over the time limit"})
             continue
         folder = root / "full" if size == largest else link_subset(root / "full", root / f"n{size}", size, size // 10)

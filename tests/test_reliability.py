@@ -2,6 +2,7 @@
 large listings, full disks. GPU faults (real out-of-memory, kill -9 with unsloth) are in test_gpu_faults.py."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -82,7 +83,7 @@ def _holder(run_dir: Path) -> subprocess.Popen:
 def _train(run_dir: Path, data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "unsloth_med.recipes.bone_fracture", "--data_dir", str(data_dir), "--output_dir",
            str(run_dir), "--model", "tiny:mistral3", *extra]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow
@@ -255,3 +256,74 @@ def test_training_prints_one_readable_line_per_log_and_no_raw_dicts(tiny_path, b
     assert "{'loss'" not in out + err and "it/s]" not in out + err  # no raw dicts, no tqdm bar
     logged = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "loss" in r] == [2, 4, 6] and "train_runtime" in logged[-1]
+
+
+# ----------------------------------------------------------------------------- #18.5: full disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 48 MiB filesystem (tmpfs; mounting needs root, as in the project's containers)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}): needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(disk: Path, leave: int = 32 * 1024) -> Path:
+    """Take all but `leave` bytes of the filesystem with a ballast file."""
+    ballast = disk / "ballast"
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with ballast.open("ab") as f:
+        f.write(b"\0" * max(0, free - leave))
+    return ballast
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_during_a_checkpoint_and_during_export(small_disk, bone_break_dir):
+    run_dir = small_disk / "run"
+    args = ["--max_train_samples", "8", "--max_eval_samples", "2", "--eval_before", "false", "--eval_after", "false",
+            "--image_size", "64", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+            "--save_steps", "2", "--save_total_limit", "5", "--logging_steps", "1", "--seed", "3"]
+    first = _train(run_dir, bone_break_dir, *args, "--max_steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint, adapter = _hashes(run_dir / "checkpoint-2"), _hashes(run_dir / "adapter")
+
+    # The disk fills (another process took the space); continuing to step 4 must write checkpoint-4 and cannot.
+    ballast = _fill(small_disk)
+    full = _train(run_dir, bone_break_dir, *args, "--max_steps", "4", "--resume")
+    assert full.returncode == 2, full.stderr[-3000:]
+    message = full.stderr.strip().splitlines()[-1]
+    assert f"Disk full while writing a checkpoint into {run_dir}" in message and "it needs about" in message
+    assert "checkpoint-2 is complete and intact" in message and "--resume" in message
+    assert "Traceback" not in full.stderr
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-2"]  # the cut-off one removed
+    assert _hashes(run_dir / "checkpoint-2") == checkpoint and _hashes(run_dir / "adapter") == adapter
+
+    # Space freed: --resume finishes from checkpoint-2.
+    ballast.unlink()
+    resumed = _train(run_dir, bone_break_dir, *args, "--max_steps", "4", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    state = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    adapter = _hashes(run_dir / "adapter")
+
+    # Export onto a full disk: a clear error, the adapter untouched, no folder that looks like an export.
+    ballast = _fill(small_disk)
+    export = subprocess.run([sys.executable, "-m", "unsloth_med.cli", "export", str(run_dir), "--format",
+                             "merged-16bit"], env=_env(), capture_output=True, text=True, timeout=600)
+    assert export.returncode == 2, export.stderr[-3000:]
+    message = export.stderr.strip().splitlines()[-1]
+    assert f"Disk full while writing the export merged into {run_dir}" in message and "it needs about" in message
+    assert "Traceback" not in export.stderr
+    assert not (run_dir / "merged").exists() and not list(run_dir.glob(".merged*"))
+    assert _hashes(run_dir / "adapter") == adapter
+    ballast.unlink()

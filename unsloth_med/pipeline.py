@@ -135,7 +135,9 @@ def run(recipe: Recipe, config: Config) -> dict:
     from .data.prepare import check_image_tokens, prepare_images
     from .models.families import image_fit
     from .models.speedups import apply_training_speedups
-    from .train import build_trainer, fit_micro_batch, last_checkpoint, train, warm_up_when_training_starts
+    from .disk import is_disk_full
+    from .train import (build_trainer, disk_full_error, fit_micro_batch, last_checkpoint, save_adapter, train,
+                        warm_up_when_training_starts)
 
     started = time.time()
     if not config.data.preprocess_images and config.training.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
@@ -224,15 +226,14 @@ def run(recipe: Recipe, config: Config) -> dict:
             history = train(trainer, resume_from=resume_from)
         except torch.OutOfMemoryError as exc:
             raise out_of_memory_error(config, run_dir) from exc
+        except Exception as exc:
+            if is_disk_full(exc, run_dir):
+                raise disk_full_error(run_dir, "a checkpoint") from exc
+            raise
         model = trainer.model
 
-        adapter_dir = run_dir / "adapter"
-        model.save_pretrained(adapter_dir)
-        processor.save_pretrained(adapter_dir)
-        (adapter_dir / "unsloth_med.json").write_text(json.dumps({"recipe": recipe.name, "base_model": model_name,
-                                                                   **fit_record(fit),
-                                                                   "labels": list(recipe.labels),
-                                                                   "instruction": recipe.instruction}, indent=1))
+        save_adapter(model, processor, run_dir, {"recipe": recipe.name, "base_model": model_name, **fit_record(fit),
+                                                 "labels": list(recipe.labels), "instruction": recipe.instruction})
         _write_status(run_dir, stage="eval_after")
         after = None
         if config.eval.eval_after:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -225,6 +227,47 @@ def last_checkpoint(run_dir: str | Path) -> str | None:
             return str(folder)
         log.warning("Ignoring incomplete checkpoint %s (no trainer_state.json: it was interrupted mid-write)", folder)
     return None
+
+
+def _remove_incomplete_checkpoints(run_dir: Path) -> None:
+    for folder in Path(run_dir).glob("checkpoint-*"):
+        if folder.is_dir() and not (folder / "trainer_state.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # never resumed from; frees what it took
+
+
+def disk_full_error(run_dir: str | Path, what: str) -> "DiskFullError":
+    """The error for a disk that filled while training wrote `what`: the cut-off checkpoint is removed, the last
+    complete one named, with the space a checkpoint takes (the last one's size)."""
+    from .disk import disk_full_message, folder_bytes
+    from .errors import DiskFullError
+
+    _remove_incomplete_checkpoints(Path(run_dir))
+    checkpoint = last_checkpoint(run_dir)
+    needed = folder_bytes(checkpoint) if checkpoint else None
+    then = (f"; {checkpoint} is complete and intact: then continue from it with --resume --output_dir {run_dir}."
+            if checkpoint else "; no checkpoint was completed, so start the run again after freeing space.")
+    return DiskFullError(disk_full_message(run_dir, what, needed) + then)
+
+
+def save_adapter(model, processor, run_dir: Path, info: dict) -> Path:
+    """<run>/adapter, written into a hidden sibling and renamed when complete: a full disk never leaves an
+    adapter folder that looks complete, and an older adapter there stays until the new one is whole."""
+    from .disk import is_disk_full
+
+    adapter_dir, partial = run_dir / "adapter", run_dir / ".adapter.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        model.save_pretrained(partial)
+        processor.save_pretrained(partial)
+        (partial / "unsloth_med.json").write_text(json.dumps(info, indent=1))
+    except Exception as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        if is_disk_full(exc, run_dir):
+            raise disk_full_error(run_dir, "the trained adapter") from exc
+        raise
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    os.replace(partial, adapter_dir)
+    return adapter_dir
 
 
 def _sft_trainer_class():

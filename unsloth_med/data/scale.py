@@ -68,7 +68,9 @@ def write_scale_set(root: str | Path, n_train: int, n_test: int, *, seed: int = 
         for k, pixels in enumerate(images, start):
             path = root / f"class{k % CLASSES}" / "Test" / f"te{k:06d}.png"
             if k % leak_every in (0, 1) and n_train:
-                source = train_file(int(rng.integers(n_train)))
+                # Among the first 10(k+1) training images: a subset of the first N training and N/10 test
+                # images (the benchmark's smaller sizes) holds its planted copies' sources too.
+                source = train_file(int(rng.integers(min(n_train, 10 * (k + 1)))))
                 base = np.asarray(Image.open(source), dtype=np.int16)
                 if k % leak_every == 0:  # a re-encoded copy: +-1 grey level
                     pixels = base + rng.integers(-1, 2, base.shape)
