@@ -60,7 +60,8 @@ def run_check_data(data_dir: Path, out_json: Path, timeout: float) -> dict:
         time.sleep(0.2)
     seconds = time.perf_counter() - start
     result = {"seconds": round(seconds, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 3),
-              "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "exit_status": os.waitstatus_to_exitcode(status),
+              "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+              "exit_status": os.waitstatus_to_exitcode(status),
               "load_average_before": [round(x, 2) for x in load_before],
               "load_average_after": [round(x, 2) for x in os.getloadavg()]}
     if result["exit_status"] == 0:

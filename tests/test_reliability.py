@@ -238,7 +238,8 @@ def test_training_prints_one_readable_line_per_log_and_no_raw_dicts(tiny_path, b
     from unsloth_med.train import build_trainer
 
     root = bone_break_dir / "Bone Break Classification" / "Bone Break Classification"
-    rows = [{"image": str(p), "target": p.parts[-3], "id": str(i)} for i, p in enumerate(sorted(root.glob("*/Train/*.jpg"))[::200])]
+    images = sorted(root.glob("*/Train/*.jpg"))[::200]
+    rows = [{"image": str(p), "target": p.parts[-3], "id": str(i)} for i, p in enumerate(images)]
     backend = HFBackend()
     model, processor = backend.load(str(tiny_path("mistral3")), ModelArgs())
     model = backend.add_adapters(model, LoraArgs(), ModelArgs(), seed=0)

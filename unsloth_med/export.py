@@ -124,7 +124,8 @@ class _AtomicDir:
         written = folder_bytes(self.tmp)
         shutil.rmtree(self.tmp, ignore_errors=True)
         if exc is not None and is_disk_full(exc, self.out_dir.parent):
-            raise ExportError(disk_full_message(self.out_dir.parent, f"the export {self.out_dir.name}", self.needed_bytes)
+            what = f"the export {self.out_dir.name}"
+            raise ExportError(disk_full_message(self.out_dir.parent, what, self.needed_bytes)
                               + f" ({mib(written)} were written before it filled; that partial folder was removed, so "
                               f"nothing new at {self.out_dir} looks complete). Then export again.") from exc
         return False

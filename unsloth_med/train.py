@@ -63,7 +63,8 @@ class ProgressLineCallback(TrainerCallback):
         done = state.global_step - (self._start_step or 0)
         elapsed = time.perf_counter() - (self._start_time or time.perf_counter())
         samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
-        parts = [f"step {state.global_step}/{state.max_steps} ({100 * state.global_step / max(1, state.max_steps):.0f}%)"]
+        share = 100 * state.global_step / max(1, state.max_steps)
+        parts = [f"step {state.global_step}/{state.max_steps} ({share:.0f}%)"]
         if "loss" in logs:
             parts.append(f"loss {logs['loss']:.4f}")
         if "learning_rate" in logs:
@@ -235,7 +236,7 @@ def _remove_incomplete_checkpoints(run_dir: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)  # never resumed from; frees what it took
 
 
-def disk_full_error(run_dir: str | Path, what: str) -> "DiskFullError":
+def disk_full_error(run_dir: str | Path, what: str):
     """The error for a disk that filled while training wrote `what`: the cut-off checkpoint is removed, the last
     complete one named, with the space a checkpoint takes (the last one's size)."""
     from .disk import disk_full_message, folder_bytes

@@ -51,7 +51,8 @@ def thumbnail(source: Any) -> np.ndarray:
     return np.asarray(small, dtype=np.uint8)
 
 
-def thumbnails(sources: Sequence[Any], *, workers: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+def thumbnails(sources: Sequence[Any], *,
+               workers: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
     """Thumbnails as a uint8 [n, 64*64] array, a mask of the readable ones, and the error per image."""
     def one(source):
         try:
@@ -157,7 +158,8 @@ def find_leaked_test_images(train_paths: Sequence[Any], test_paths: Sequence[Any
              len(train_paths), len(test_paths), search.candidates)
     leaks = []
     for i, j, mad in search.pairs():
-        entry = {"test": _name(test_paths[i], i, "test"), "train": _name(train_paths[j], j, "train"), "mad": round(mad, 6)}
+        entry = {"test": _name(test_paths[i], i, "test"), "train": _name(train_paths[j], j, "train"),
+                 "mad": round(mad, 6)}
         if test_ids is not None:
             entry["test_id"] = str(test_ids[i])
         if train_ids is not None:

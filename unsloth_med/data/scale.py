@@ -5,7 +5,8 @@
 from one another, plus planted near-copies of training images among the test images. Every
 `leak_every`-th test image is a training image with +-1 grey level of noise (a leak: MAD about 0.5/255);
 the one after it is a training image with +-5 levels of noise (MAD about 2.7/255: block means equal, so
-the index keeps it as a candidate, and only the exact comparison rejects it). Written once; `.complete` marks a finished set and holds its manifest.
+the index keeps it as a candidate, and only the exact comparison rejects it). Written once; `.complete`
+marks a finished set and holds its manifest.
 """
 from __future__ import annotations
 
