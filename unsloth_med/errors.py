@@ -43,3 +43,7 @@ class NetworkError(UnslothMedError):
 
 class ExportError(UnslothMedError):
     """An export failed or its reloaded weights disagree with the tuned model."""
+
+
+class DiskFullError(UnslothMedError):
+    """The disk under the run folder filled up while writing a checkpoint, the adapter or an export."""

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from .data.images import fit_record, recorded_buckets
+from .disk import disk_full_message, folder_bytes, is_disk_full, mib
 from .errors import ExportError, UnslothMedError
 from .models.families import image_fit
 from .secrets import redact
@@ -102,8 +103,8 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 class _AtomicDir:
     """`with _AtomicDir(out) as tmp:` write into tmp; published as `out` only if the block completes."""
 
-    def __init__(self, out_dir: Path):
-        self.out_dir = out_dir
+    def __init__(self, out_dir: Path, needed_bytes: int | None = None):
+        self.out_dir, self.needed_bytes = out_dir, needed_bytes
 
     def __enter__(self) -> Path:
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +121,13 @@ class _AtomicDir:
             except BaseException:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 raise
+        written = folder_bytes(self.tmp)
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if exc is not None and is_disk_full(exc, self.out_dir.parent):
+            what = f"the export {self.out_dir.name}"
+            raise ExportError(disk_full_message(self.out_dir.parent, what, self.needed_bytes)
+                              + f" ({mib(written)} were written before it filled; that partial folder was removed, so "
+                              f"nothing new at {self.out_dir} looks complete). Then export again.") from exc
         return False
 
 
@@ -382,7 +389,8 @@ def export_merged(backend, model, processor, recipe, dataset, out_dir, *, image_
     unsloth_save = backend_name == "unsloth" and hasattr(model, "save_pretrained_merged")
     merged_from = base_model
     try:
-        with _AtomicDir(out_dir) as tmp:
+        weights = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
+        with _AtomicDir(out_dir, needed_bytes=weights) as tmp:
             peft_16 = None
             if _is_peft(model) and (quantized or not unsloth_save):
                 try:
@@ -497,7 +505,7 @@ def export_adapter(adapter_dir, out_dir, *, recipe, base_model: str, image_size,
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ExportError(f"{adapter_dir} holds no LoRA adapter (adapter_config.json missing). A full fine-tune has "
                           "no adapter: export it with --format merged-16bit.")
-    with _AtomicDir(out_dir) as tmp:
+    with _AtomicDir(out_dir, needed_bytes=folder_bytes(adapter_dir)) as tmp:
         for path in sorted(adapter_dir.iterdir()):
             if path.is_file() and path.name not in ("README.md", "export.json"):
                 shutil.copy2(path, tmp / path.name)

@@ -11,11 +11,12 @@ import logging
 import time
 from pathlib import Path
 
-from .config import Config, save_config
 import torch
 
+from .config import Config, save_config
 from .errors import BackendError, ConfigError, ExportError
 from .recipes.base import Recipe
+from .run_lock import RunLock
 from .secrets import RedactingFilter
 
 log = logging.getLogger("unsloth_med")
@@ -45,15 +46,32 @@ def _read_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def prepare_run_dir(config: Config) -> Path:
+# Stages that leave nothing a rerun would lose: a run that stopped in them is simply started again.
+BEFORE_TRAINING = ("data", "eval_before")
+
+
+def prepare_run_dir(config: Config) -> tuple[Path, RunLock]:
+    """The run folder, locked for this run (a second run into it refuses at once; see run_lock).
+
+    A folder whose run got to training is protected (--resume continues it); one whose run stopped
+    before training (bad data, a model that did not load) holds nothing to lose and is reused.
+    """
     run_dir = Path(config.training.output_dir)
-    status = run_dir / "run.json"
-    if status.exists() and not config.run.resume:
-        raise ConfigError(
-            f"Run folder {run_dir} already holds a run. Pass --resume to continue it, or another --output_dir."
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    lock = RunLock(run_dir).acquire()
+    try:
+        status = _read_json(run_dir / "run.json")
+        started_training = any(run_dir.glob("checkpoint-*")) or (run_dir / "adapter").exists()
+        if status is not None and not config.run.resume:
+            if started_training or status.get("stage") not in BEFORE_TRAINING:
+                raise ConfigError(f"Run folder {run_dir} already holds a run. Pass --resume to continue it, "
+                                  "or another --output_dir.")
+            log.info("Run folder %s: an earlier run stopped before training (stage %s); starting afresh",
+                     run_dir, status.get("stage"))
+            (run_dir / "run.json").unlink()
+    except BaseException:
+        lock.release()
+        raise
+    return run_dir, lock
 
 
 def _push(run_dir: Path, config: Config) -> None:
@@ -111,6 +129,8 @@ DEMO_VQA_TEST_PER_CLASS = 4
 
 
 def run(recipe: Recipe, config: Config) -> dict:
+    from transformers import AutoConfig
+
     from .backends import pick_backend
     from .data.sources import load_recipe_data, subsample
     from .data.checks import drop_leaked, leak_counts, leak_message, leaked_test_images
@@ -126,7 +146,9 @@ def run(recipe: Recipe, config: Config) -> dict:
     from .data.prepare import check_image_tokens, prepare_images
     from .models.families import image_fit
     from .models.speedups import apply_training_speedups
-    from .train import build_trainer, fit_micro_batch, last_checkpoint, train, warm_up_when_training_starts
+    from .disk import is_disk_full
+    from .train import (build_trainer, disk_full_error, fit_micro_batch, last_checkpoint, save_adapter, train,
+                        warm_up_when_training_starts)
 
     started = time.time()
     if not config.data.preprocess_images and config.training.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
@@ -135,21 +157,18 @@ def run(recipe: Recipe, config: Config) -> dict:
                           "--train_sampling_strategy random.")
     if config.model.max_memory_gib and not torch.cuda.is_available():
         raise ConfigError("--max_memory_gib caps GPU memory, and no CUDA GPU is visible: leave it unset on a CPU.")
-    run_dir = prepare_run_dir(config)
+    run_dir, lock = prepare_run_dir(config)
     handler = _setup_logging(run_dir)
     try:
         backend = pick_backend(config.model.backend)
         data_dir = config.data.data_dir
         if config.run.demo and data_dir is None:
             data_dir = str(demo_data_dir(recipe))
-        model_name = resolve_model_name(config.model.model, recipe, backend.name)
-        config.data.data_dir, config.model.model = data_dir, model_name
+        config.data.data_dir = data_dir
         recipe = resolve_recipe(recipe, config)  # generic recipes: labels, instruction, columns from the config
-        record_resolved(config, recipe)  # config.yaml alone rebuilds it later (predict, export)
-        save_config(config, run_dir / "config.yaml")
-        _write_status(run_dir, recipe=recipe.name, backend=backend.name, model=model_name, stage="data")
-        log.info("recipe=%s backend=%s model=%s run_dir=%s", recipe.name, backend.name, model_name, run_dir)
+        _write_status(run_dir, recipe=recipe.name, backend=backend.name, stage="data")
 
+        # The data is found, validated and checked before any model is built or loaded: a data error costs seconds.
         seed = config.training.seed
         image_size = config.data.image_size or recipe.image_size
         splits = load_recipe_data(recipe, data_dir, seed=seed)
@@ -178,14 +197,21 @@ def run(recipe: Recipe, config: Config) -> dict:
                 summary["sizes"]["test"] = len(test_set)
         print(f"Data: {summary['sizes']['train']} train / {summary['sizes']['test']} test examples")
 
-        model, processor = backend.load(model_name, config.model)
-        # One sizing rule for training, evaluation and export (longest side, patch grid, buckets).
-        fit = image_fit(model.config, image_size, buckets=config.data.image_buckets)
+        model_name = resolve_model_name(config.model.model, recipe, backend.name)
+        config.model.model = model_name
+        record_resolved(config, recipe)  # config.yaml alone rebuilds it later (predict, export)
+        save_config(config, run_dir / "config.yaml")
+        _write_status(run_dir, model=model_name)
+        log.info("recipe=%s backend=%s model=%s run_dir=%s", recipe.name, backend.name, model_name, run_dir)
+        # One sizing rule for training, evaluation and export (longest side, patch grid, buckets), read from the
+        # model's config alone, so that preparation and the image-token check also run before the model loads.
+        fit = image_fit(AutoConfig.from_pretrained(model_name), image_size, buckets=config.data.image_buckets)
         if config.data.preprocess_images:
             train_set, summary["prepared_images"] = prepare_images(train_set, fit)
             test_set, _ = prepare_images(test_set, fit)
             check_image_tokens(train_set, config.model.max_seq_length, fit)  # before any GPU time is spent
 
+        model, processor = backend.load(model_name, config.model)
         eval_kw = dict(mode=config.eval.eval_mode, batch_size=config.eval.eval_batch_size,
                        max_new_tokens=config.eval.max_new_tokens, image_size=fit)
         before = None
@@ -218,15 +244,14 @@ def run(recipe: Recipe, config: Config) -> dict:
             history = train(trainer, resume_from=resume_from)
         except torch.OutOfMemoryError as exc:
             raise out_of_memory_error(config, run_dir) from exc
+        except Exception as exc:
+            if is_disk_full(exc, run_dir):
+                raise disk_full_error(run_dir, "a checkpoint") from exc
+            raise
         model = trainer.model
 
-        adapter_dir = run_dir / "adapter"
-        model.save_pretrained(adapter_dir)
-        processor.save_pretrained(adapter_dir)
-        (adapter_dir / "unsloth_med.json").write_text(json.dumps({"recipe": recipe.name, "base_model": model_name,
-                                                                   **fit_record(fit),
-                                                                   "labels": list(recipe.labels),
-                                                                   "instruction": recipe.instruction}, indent=1))
+        save_adapter(model, processor, run_dir, {"recipe": recipe.name, "base_model": model_name, **fit_record(fit),
+                                                 "labels": list(recipe.labels), "instruction": recipe.instruction})
         _write_status(run_dir, stage="eval_after")
         after = None
         if config.eval.eval_after:
@@ -259,3 +284,4 @@ def run(recipe: Recipe, config: Config) -> dict:
         for name in LOGGERS:
             logging.getLogger(name).removeHandler(handler)
         handler.close()
+        lock.release()

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +31,64 @@ class JsonlLogCallback(TrainerCallback):
         if logs and state.is_world_process_zero:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class ProgressLineCallback(TrainerCallback):
+    """One readable line per log instead of transformers' tqdm bar and raw dicts (those go to train_log.jsonl):
+
+        step 40/300 (13%) | loss 1.8342 | lr 1.87e-04 | 6.2 samples/s | ETA 4m10s
+
+    Rates and the ETA count only this session's steps (a resumed run does not claim the steps it skipped).
+    On a terminal the line is rewritten in place; in a log file each one is a new line.
+    """
+
+    def __init__(self, stream=None):
+        self.stream = stream
+        self._start_time = self._start_step = None
+        self._last_line = ""
+
+    def _out(self):
+        return self.stream or sys.stdout
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start_time, self._start_step = time.perf_counter(), state.global_step
+
+    def line(self, args, state, logs: dict) -> str:
+        done = state.global_step - (self._start_step or 0)
+        elapsed = time.perf_counter() - (self._start_time or time.perf_counter())
+        samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+        share = 100 * state.global_step / max(1, state.max_steps)
+        parts = [f"step {state.global_step}/{state.max_steps} ({share:.0f}%)"]
+        if "loss" in logs:
+            parts.append(f"loss {logs['loss']:.4f}")
+        if "learning_rate" in logs:
+            parts.append(f"lr {logs['learning_rate']:.2e}")
+        if done > 0 and elapsed > 0:
+            parts.append(f"{done * samples / elapsed:.1f} samples/s")
+            parts.append(f"ETA {_duration((state.max_steps - state.global_step) * elapsed / done)}")
+        return " | ".join(parts)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return  # the end-of-training summary (train_runtime, ...) stays in train_log.jsonl
+        line, out = self.line(args, state, logs), self._out()
+        if out.isatty():
+            out.write("\r" + line.ljust(len(self._last_line)))
+        else:
+            out.write(line + "\n")
+        out.flush()
+        self._last_line = line
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self._last_line and self._out().isatty():
+            self._out().write("\n")
+            self._out().flush()
 
 
 class StepStatsCallback(TrainerCallback):
@@ -168,6 +230,47 @@ def last_checkpoint(run_dir: str | Path) -> str | None:
     return None
 
 
+def _remove_incomplete_checkpoints(run_dir: Path) -> None:
+    for folder in Path(run_dir).glob("checkpoint-*"):
+        if folder.is_dir() and not (folder / "trainer_state.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # never resumed from; frees what it took
+
+
+def disk_full_error(run_dir: str | Path, what: str):
+    """The error for a disk that filled while training wrote `what`: the cut-off checkpoint is removed, the last
+    complete one named, with the space a checkpoint takes (the last one's size)."""
+    from .disk import disk_full_message, folder_bytes
+    from .errors import DiskFullError
+
+    _remove_incomplete_checkpoints(Path(run_dir))
+    checkpoint = last_checkpoint(run_dir)
+    needed = folder_bytes(checkpoint) if checkpoint else None
+    then = (f"; {checkpoint} is complete and intact: then continue from it with --resume --output_dir {run_dir}."
+            if checkpoint else "; no checkpoint was completed, so start the run again after freeing space.")
+    return DiskFullError(disk_full_message(run_dir, what, needed) + then)
+
+
+def save_adapter(model, processor, run_dir: Path, info: dict) -> Path:
+    """<run>/adapter, written into a hidden sibling and renamed when complete: a full disk never leaves an
+    adapter folder that looks complete, and an older adapter there stays until the new one is whole."""
+    from .disk import is_disk_full
+
+    adapter_dir, partial = run_dir / "adapter", run_dir / ".adapter.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        model.save_pretrained(partial)
+        processor.save_pretrained(partial)
+        (partial / "unsloth_med.json").write_text(json.dumps(info, indent=1))
+    except Exception as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        if is_disk_full(exc, run_dir):
+            raise disk_full_error(run_dir, "the trained adapter") from exc
+        raise
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    os.replace(partial, adapter_dir)
+    return adapter_dir
+
+
 def _sft_trainer_class():
     from transformers import Trainer
     from trl import SFTTrainer
@@ -207,14 +310,19 @@ def build_trainer(model, processor, train_dataset, collator, training_args, run_
 
         raise ConfigError(f"train_sampling_strategy={training_args.train_sampling_strategy} needs a 'length' column: "
                           "prepare the images first (data.prepare.prepare_images), or use 'random'.")
-    return _sft_trainer_class()(
+    trainer = _sft_trainer_class()(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         data_collator=collator,
         processing_class=processor,
-        callbacks=[JsonlLogCallback(run_dir / "train_log.jsonl"), StepStatsCallback(run_dir / "train_stats.json")],
+        callbacks=[JsonlLogCallback(run_dir / "train_log.jsonl"), StepStatsCallback(run_dir / "train_stats.json"),
+                   ProgressLineCallback()],
     )
+    # Our progress line replaces transformers' bar and its raw dict printing (the dicts are in train_log.jsonl).
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def train(trainer, *, resume_from: str | None = None) -> list[dict]:

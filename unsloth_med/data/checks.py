@@ -2,14 +2,21 @@
 
 Leakage: a test image that is a copy of a training image (renamed, re-encoded, lightly recompressed)
 measures memory, not skill. Each image is reduced to a 64x64 grayscale thumbnail and compared with
-every training thumbnail by mean absolute pixel difference (MAD, 0..1); a test image whose closest
+training thumbnails by mean absolute pixel difference (MAD, 0..1); a test image whose closest
 training image is under `threshold` (default 2/255, i.e. two grey levels on average) is leaked.
 
 Why not a perceptual hash: a 64-bit difference hash only keeps the sign of neighbouring-pixel
 differences, and on X-rays (dark background, one bright bone) unrelated images share a hash at
-distance 0. Here every reported pair is confirmed by the pixel difference itself. To stay fast, 16x16
-block means are compared first: their MAD is a lower bound of the 64x64 MAD (triangle inequality on
-each block), so pruning with it never drops a true pair; only the survivors get the exact comparison.
+distance 0. Here every reported pair is confirmed by the pixel difference itself.
+
+At scale (100,000 training images) the search is exact and near-linear, and memory holds the test
+thumbnails only: the training thumbnails are streamed, chunk by chunk, past an index of the test set.
+The index is a k-d tree over each test thumbnail's 4x4 block means (16 numbers). The L1 distance of two
+images' block means, divided by 16, is a lower bound of their MAD (the mean of a block's differences is
+at most the mean of their absolute values), so a radius query of 16 x threshold returns every pair that
+can be under the threshold, and never drops a true one. Only those candidates get the exact comparison,
+in integers (sum of absolute differences of the 8-bit thumbnails). Ties keep the first training image,
+as a scan in training order would.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -28,23 +35,25 @@ from .images import load_image, raw_image_column
 log = logging.getLogger(__name__)
 
 THUMB = 64  # thumbnail side for the exact comparison
-COARSE = 16  # block-mean side for the lower-bound prefilter
+BLOCKS = 4  # block means per side for the index (16 numbers per image)
 DEFAULT_THRESHOLD = 2 / 255
+TRAIN_CHUNK = 2048  # training thumbnails in memory at a time (8 MiB)
 
 
 # ----------------------------------------------------------------------------- thumbnails
 def thumbnail(source: Any) -> np.ndarray:
-    """A 64x64 grayscale thumbnail in [0, 1] (float32) of anything `load_image` accepts.
+    """A 64x64 grayscale thumbnail (uint8) of anything `load_image` accepts.
 
     The full image is decoded (no reduced-scale JPEG decoding: on copies that differ by one pixel
     of width it moves the difference by more than half a grey level) and box-filtered down.
     """
     small = load_image(source).convert("L").resize((THUMB, THUMB), Image.Resampling.BOX)
-    return np.asarray(small, dtype=np.float32) / 255.0
+    return np.asarray(small, dtype=np.uint8)
 
 
-def thumbnails(sources: Sequence[Any], *, workers: int | None = None) -> tuple[np.ndarray, list[str | None]]:
-    """Thumbnails as an [n, 64*64] array (rows of unreadable images are NaN) and the error per image."""
+def thumbnails(sources: Sequence[Any], *,
+               workers: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """Thumbnails as a uint8 [n, 64*64] array, a mask of the readable ones, and the error per image."""
     def one(source):
         try:
             return thumbnail(source).reshape(-1), None
@@ -56,18 +65,26 @@ def thumbnails(sources: Sequence[Any], *, workers: int | None = None) -> tuple[n
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(pool.map(one, sources))
-    out = np.full((len(sources), THUMB * THUMB), np.nan, dtype=np.float32)
-    errors: list[str | None] = []
-    for i, (arr, err) in enumerate(results):
+    out = np.zeros((len(sources), THUMB * THUMB), dtype=np.uint8)
+    ok = np.zeros(len(sources), dtype=bool)
+    for i, (arr, _) in enumerate(results):
         if arr is not None:
-            out[i] = arr
-        errors.append(err)
-    return out, errors
+            out[i], ok[i] = arr, True
+    return out, ok, [err for _, err in results]
 
 
-def _coarse(thumbs: np.ndarray) -> np.ndarray:
-    k = THUMB // COARSE
-    return thumbs.reshape(-1, COARSE, k, COARSE, k).mean(axis=(2, 4)).reshape(len(thumbs), -1)
+def _streamed_thumbnails(sources: Sequence[Any], workers: int | None,
+                         chunk: int = TRAIN_CHUNK) -> Iterator[tuple[int, np.ndarray, np.ndarray, int]]:
+    """(offset, thumbnails, readable mask, unreadable count) per chunk of `sources`, one chunk in memory at a time."""
+    for start in range(0, len(sources), chunk):
+        thumbs, ok, errors = thumbnails(sources[start:start + chunk], workers=workers)
+        yield start, thumbs, ok, sum(e is not None for e in errors)
+
+
+def _block_means(thumbs: np.ndarray) -> np.ndarray:
+    k = THUMB // BLOCKS
+    sums = thumbs.reshape(-1, BLOCKS, k, BLOCKS, k).sum(axis=(2, 4), dtype=np.int32).reshape(len(thumbs), -1)
+    return sums / (k * k * 255.0)
 
 
 def _name(source: Any, index: int, prefix: str = "") -> str:
@@ -79,29 +96,43 @@ def _name(source: Any, index: int, prefix: str = "") -> str:
 
 
 # ----------------------------------------------------------------------------- leakage
-def closest_pairs(train: np.ndarray, test: np.ndarray, threshold: float, *, chunk: int = 64) -> list[tuple[int, int, float]]:
-    """(test index, closest train index, MAD) for every test thumbnail within `threshold` of a training one."""
-    train_ok = ~np.isnan(train).any(axis=1)
-    test_ok = ~np.isnan(test).any(axis=1)
-    train_idx = np.flatnonzero(train_ok)
-    if not len(train_idx):
-        return []
-    train_v = train[train_idx]
-    train_c = _coarse(train_v)
-    pairs = []
-    tests = np.flatnonzero(test_ok)
-    for start in range(0, len(tests), chunk):
-        idx = tests[start:start + chunk]
-        lower = np.abs(_coarse(test[idx])[:, None, :] - train_c[None, :, :]).mean(axis=2)  # <= true MAD
-        for row, i in enumerate(idx):
-            candidates = np.flatnonzero(lower[row] < threshold + 1e-7)
-            if not len(candidates):
-                continue
-            mads = np.abs(train_v[candidates] - test[i]).mean(axis=1)
-            best = int(np.argmin(mads))
-            if mads[best] < threshold:
-                pairs.append((int(i), int(train_idx[candidates[best]]), float(mads[best])))
-    return pairs
+class LeakSearch:
+    """Exact nearest training thumbnail under `threshold` for every test thumbnail, fed training chunks in order."""
+
+    def __init__(self, test: np.ndarray, test_ok: np.ndarray, threshold: float):
+        from scipy.spatial import cKDTree
+
+        self.test, self.test_ids = test, np.flatnonzero(test_ok)
+        self.tree = cKDTree(_block_means(test[self.test_ids])) if len(self.test_ids) else None
+        # Integer sums of absolute differences: a pair is leaked when its sum is below this (MAD < threshold).
+        self.limit = threshold * THUMB * THUMB * 255
+        self.radius = BLOCKS * BLOCKS * threshold * (1 + 1e-9) + 1e-12  # L1 on block means: <= 16 x MAD
+        self.best_sum = np.full(len(test), np.inf)
+        self.best_train = np.full(len(test), -1, dtype=np.int64)
+        self.candidates = 0
+
+    def add(self, offset: int, train: np.ndarray, train_ok: np.ndarray) -> None:
+        rows = np.flatnonzero(train_ok)
+        if self.tree is None or not len(rows):
+            return
+        hits = self.tree.query_ball_point(_block_means(train[rows]), r=self.radius, p=1)
+        lengths = np.fromiter((len(h) for h in hits), dtype=np.int64, count=len(hits))
+        if not lengths.sum():
+            return
+        train_rows = np.repeat(rows, lengths)
+        test_rows = self.test_ids[np.concatenate([np.asarray(h, dtype=np.int64) for h in hits if h])]
+        self.candidates += len(train_rows)
+        for s in range(0, len(train_rows), 4096):  # 4096 pairs x 4096 pixels x 2 bytes: 32 MiB at a time
+            a, b = train_rows[s:s + 4096], test_rows[s:s + 4096]
+            sums = np.abs(train[a].astype(np.int16) - self.test[b].astype(np.int16)).sum(axis=1, dtype=np.int64)
+            close = np.flatnonzero(sums < self.limit)  # rare: the near-copies themselves
+            for j, i, total in zip(a[close], b[close], sums[close]):  # training order: the first of equals wins
+                if total < self.best_sum[i]:
+                    self.best_sum[i], self.best_train[i] = total, offset + j
+
+    def pairs(self) -> list[tuple[int, int, float]]:
+        found = np.flatnonzero(self.best_train >= 0)
+        return [(int(i), int(self.best_train[i]), float(self.best_sum[i] / (THUMB * THUMB * 255))) for i in found]
 
 
 def find_leaked_test_images(train_paths: Sequence[Any], test_paths: Sequence[Any], *,
@@ -114,14 +145,21 @@ def find_leaked_test_images(train_paths: Sequence[Any], test_paths: Sequence[Any
     scale, so 2/255 is two grey levels), plus "test_id"/"train_id" when ids are given. Unreadable images
     are skipped (the validation step reports them).
     """
-    train_thumbs, train_errors = thumbnails(train_paths, workers=workers)
-    test_thumbs, test_errors = thumbnails(test_paths, workers=workers)
-    bad = sum(e is not None for e in train_errors) + sum(e is not None for e in test_errors)
+    test_thumbs, test_ok, test_errors = thumbnails(test_paths, workers=workers)
+    search = LeakSearch(test_thumbs, test_ok, threshold)
+    bad = sum(e is not None for e in test_errors)
+    if test_ok.any():
+        for offset, train_thumbs, train_ok, unreadable in _streamed_thumbnails(train_paths, workers):
+            search.add(offset, train_thumbs, train_ok)
+            bad += unreadable
     if bad:
         log.warning("leakage check: %d unreadable images skipped", bad)
+    log.info("leakage check: %d train x %d test images, %d candidate pairs compared exactly",
+             len(train_paths), len(test_paths), search.candidates)
     leaks = []
-    for i, j, mad in closest_pairs(train_thumbs, test_thumbs, threshold):
-        entry = {"test": _name(test_paths[i], i, "test"), "train": _name(train_paths[j], j, "train"), "mad": round(mad, 6)}
+    for i, j, mad in search.pairs():
+        entry = {"test": _name(test_paths[i], i, "test"), "train": _name(train_paths[j], j, "train"),
+                 "mad": round(mad, 6)}
         if test_ids is not None:
             entry["test_id"] = str(test_ids[i])
         if train_ids is not None:

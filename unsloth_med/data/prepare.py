@@ -16,6 +16,7 @@ import hashlib
 import io
 import logging
 import os
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -73,13 +74,21 @@ def _prepare_one(source: Any, fit: ImageFit, cache_root: Path) -> tuple[str, tup
     out.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)  # fast to write, lossless
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(out)  # atomic: a killed run never leaves a half-written cached image
+    # A temporary name of its own (not just the pid: threads of one process share it), then an atomic rename:
+    # a killed run never leaves a half-written cached image, and two writers of one image never collide.
+    handle, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.stem, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(buffer.getvalue())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return str(out), image.size, False
 
 
-def prepare_images(dataset, fit: ImageFit, cache_root: str | Path | None = None, *, num_proc: int | None = None):
+def prepare_images(dataset, fit: ImageFit, cache_root: str | Path | None = None, *, num_proc: int | None = None,
+                   workers: int | None = None):
     """`dataset` (a datasets.Dataset of {image, target, ...} rows) with every image decoded, sized and cached.
 
     Returns (prepared dataset, stats). The images must already be validated (`data.validate`): a bad one
@@ -98,12 +107,19 @@ def prepare_images(dataset, fit: ImageFit, cache_root: str | Path | None = None,
     if isinstance(dataset.features.get("image"), datasets.Image):
         dataset = dataset.cast_column("image", datasets.Image(decode=False))
 
-    workers = min(8, (os.cpu_count() or 2) * 2)
+    workers = workers or min(8, (os.cpu_count() or 2) * 2)
 
     def prepare(batch: dict) -> dict:
+        # An image that several rows share (VQA: many questions per image) is prepared once per batch.
+        distinct: dict[str, Any] = {}
+        keys = [_source_key(source) for source in batch["image"]]
+        for key, source in zip(keys, batch["image"]):
+            distinct.setdefault(key, source)
         # Threads: PIL decodes, resizes and encodes outside the GIL.
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            done = list(pool.map(lambda source: _prepare_one(source, fit, cache_root), batch["image"]))
+            results = dict(zip(distinct, pool.map(lambda source: _prepare_one(source, fit, cache_root),
+                                                  distinct.values())))
+        done = [results[key] for key in keys]
         answers = batch.get("target") or [""] * len(done)
         return {"_prepared": [path for path, _, _ in done],
                 "length": [sample_length(fit, size, answer) for (_, size, _), answer in zip(done, answers)],

@@ -1,0 +1,125 @@
+"""One run per run folder: a lock file that names its owner (pid, host) and dies with it.
+
+The lock is an advisory `flock` on <run>/.unsloth_med.lock, held for the whole run. The kernel drops it
+when the owning process ends in any way (kill -9, out of memory, power loss of a local machine), so a
+lock left behind by a crash is recognised as stale: the file is still there, its owner's lock is not.
+The file holds {"pid", "host", "since"} only to say who owns a live lock, and whose stale lock was taken
+over. Where the filesystem has no flock (some network mounts), the owner's pid is checked instead when
+it ran on this host; a lock from another host is then never taken over silently.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from .errors import ConfigError
+
+log = logging.getLogger("unsloth_med")
+LOCK_NAME = ".unsloth_med.lock"
+
+
+class RunFolderBusy(ConfigError):
+    """Another live process holds the run folder."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _read_owner(fd: int) -> dict | None:
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 4096).decode(errors="replace").strip()
+    try:
+        return json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return {"unreadable": text[:80]}
+
+
+def _describe(owner: dict | None) -> str:
+    if not owner:
+        return "an unknown process"
+    if "unreadable" in owner:
+        return f"an unreadable lock ({owner['unreadable']!r})"
+    return f"pid {owner.get('pid')} on host {owner.get('host')} (since {owner.get('since')})"
+
+
+class RunLock:
+    """Held while a run writes into `run_dir`; `release()` (or process exit) frees it."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.fd: int | None = None
+        self.took_over: dict | None = None  # the stale owner replaced, if any
+
+    def acquire(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):  # retries only when the lock file was replaced under us
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                owner = _read_owner(fd)
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise self._busy(owner) from None
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                fd = self._without_flock(owner)  # no flock here: judge by the owner's pid
+            if not self._same_file(fd):  # the previous owner removed the file between our open and flock
+                os.close(fd)
+                continue
+            owner = _read_owner(fd)
+            if owner and owner.get("pid") != os.getpid():
+                self.took_over = owner
+                message = (f"Run folder {self.path.parent}: taking over a stale lock left by {_describe(owner)}; "
+                           "that process is gone (crashed or killed).")
+                log.warning(message)
+                print(message, flush=True)
+            me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, json.dumps(me).encode())
+            os.fsync(fd)
+            self.fd = fd
+            return self
+        raise RunFolderBusy(f"Run folder {self.path.parent}: its lock file keeps changing; another run is starting "
+                            "there. Use another --output_dir.")
+
+    def _same_file(self, fd: int) -> bool:
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
+
+    def _without_flock(self, owner: dict | None) -> int:
+        if owner and owner.get("pid") is not None and owner.get("pid") != os.getpid():
+            if owner.get("host") != socket.gethostname() or _pid_alive(int(owner["pid"])):
+                raise self._busy(owner, unverifiable=owner.get("host") != socket.gethostname())
+        return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def _busy(self, owner: dict | None, unverifiable: bool = False) -> RunFolderBusy:
+        hint = (f" If you are sure it is no longer running, delete {self.path}." if unverifiable else
+                " Wait for it to finish, or use another --output_dir.")
+        return RunFolderBusy(f"Run folder {self.path.parent} is in use by another run: {_describe(owner)}.{hint}")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            if self._same_file(self.fd):
+                self.path.unlink(missing_ok=True)  # unlink while still holding: no one locks a file being removed
+        finally:
+            os.close(self.fd)
+            self.fd = None
