@@ -21,7 +21,8 @@ from unsloth_med.recipes.bone_fracture import RECIPE
 IMAGE_SIZE = 64
 FAKE_SECRETS = {"HF_TOKEN": "hf_FAKEtokenForTestsOnly0123456789abcd", "KAGGLE_KEY": "kagglefakekey0123456789abcdef",
                 "HUGGING_FACE_HUB_TOKEN": "hf_FAKEsecondTokenForTests987654321zz"}
-MARKERS = {"mistral3": "[INST]", "mllama": "<|start_header_id|>user<|end_header_id|>", "qwen2_5_vl": "<|im_start|>user"}
+MARKERS = {"mistral3": "[INST]", "mllama": "<|start_header_id|>user<|end_header_id|>", "qwen2_5_vl": "<|im_start|>user",
+           "gemma3": "<start_of_turn>user"}
 
 
 def _rows(n=3):
@@ -85,7 +86,7 @@ def _logits(model, batch):
     return model(**batch).logits[batch["attention_mask"].bool()]
 
 
-@pytest.fixture(scope="module", params=["mistral3", "mllama", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["mistral3", "mllama", "qwen2_5_vl", "gemma3"])
 def exported(request, tiny_path, tmp_path_factory):
     backend, model, processor, base = _tuned(tiny_path, request.param)
     out = tmp_path_factory.mktemp(f"run-{request.param}") / "merged"

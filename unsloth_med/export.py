@@ -37,7 +37,6 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -690,7 +689,8 @@ def export_run(run_dir, *, format: str = "merged-16bit", out: str | None = None,
     adapter_dir = run_dir / "adapter"
     if format == "adapter":
         return export_adapter(adapter_dir, Path(out) if out else run_dir / "adapter-export", recipe=recipe,
-                              base_model=base_model, image_size=image_size, run_dir=run_dir, model_name=meta.get("model"))
+                              base_model=base_model, image_size=image_size, run_dir=run_dir,
+                              model_name=meta.get("model"))
 
     model_args = _model_args(config)
     chosen = pick_backend(backend or model_args.backend or "auto")

@@ -209,7 +209,8 @@ def model_card(recipe, *, base_model: str, export_format: str = "merged-16bit", 
     if adapter:
         what = "a LoRA adapter (load it on top of the base model with peft)"
     else:
-        what = f"{weights or 'merged 16-bit weights (the LoRA adapter folded into the base model)'}; loads with plain transformers"
+        merged = weights or "merged 16-bit weights (the LoRA adapter folded into the base model)"
+        what = f"{merged}; loads with plain transformers"
     loadable = named if _is_hub_id(named) else base_model  # a name from_pretrained accepts
     tiny = " (a tiny random-weight model that unsloth-med builds offline)" if str(named).startswith("tiny:") else ""
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {title}", "",

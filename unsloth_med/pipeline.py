@@ -215,8 +215,8 @@ def run(recipe: Recipe, config: Config) -> dict:
         adapter_dir = run_dir / "adapter"
         model.save_pretrained(adapter_dir)
         processor.save_pretrained(adapter_dir)
-        (adapter_dir / "unsloth_med.json").write_text(json.dumps({**recipe_record(recipe), "model": named_model,
-                                                                   "base_model": model_name, **fit_record(fit)}, indent=1))
+        record = {**recipe_record(recipe), "model": named_model, "base_model": model_name, **fit_record(fit)}
+        (adapter_dir / "unsloth_med.json").write_text(json.dumps(record, indent=1))
         _write_status(run_dir, stage="eval_after")
         after = None
         if config.eval.eval_after:

@@ -55,7 +55,8 @@ def recipe_record(recipe: Recipe) -> dict:
     """What a run records of the recipe it resolved and trained with (unsloth_med.json): everything a model card
     or a report says about it, so describing the run never needs to import or re-resolve the recipe again."""
     source = recipe.source
-    return {"recipe": recipe.name, "task": recipe.task, "instruction": recipe.instruction, "labels": list(recipe.labels),
+    return {"recipe": recipe.name, "task": recipe.task, "instruction": recipe.instruction,
+            "labels": list(recipe.labels),
             "data_source": {"kind": source.kind, "id": source.id, "attribution": source.attribution}}
 
 
