@@ -160,20 +160,25 @@ def test_interrupted_export_leaves_no_complete_looking_folder(tiny_path, tmp_pat
     assert json.loads((out / "export.json").read_text()) == {"previous": True}
 
 
-def test_an_unmerged_adapter_fails_verification_loudly(tiny_path, tmp_path, monkeypatch):
-    """The most reported merged-export bug: base weights saved without the LoRA merged."""
-    backend, model, processor, base = _tuned(tiny_path, "mllama")
+def _tamper_with_the_merge(monkeypatch, change):
+    """The export merges an adapter whose lora_B weights went through `change` (a merge bug, simulated)."""
     real = export_mod._merge_on_16bit_base
 
-    def forgetful(model, base_model, dtype, recipe):
+    def tampered(model, base_model, dtype, recipe):
         peft_model, name = real(model, base_model, dtype, recipe)
         with torch.no_grad():
             for n, w in peft_model.named_parameters():
                 if "lora_B" in n:
-                    w.zero_()
+                    change(w)
         return peft_model, name
 
-    monkeypatch.setattr(export_mod, "_merge_on_16bit_base", forgetful)
+    monkeypatch.setattr(export_mod, "_merge_on_16bit_base", tampered)
+
+
+def test_an_unmerged_adapter_fails_verification_loudly(tiny_path, tmp_path, monkeypatch):
+    """The most reported merged-export bug: base weights saved without the LoRA merged."""
+    backend, model, processor, base = _tuned(tiny_path, "mllama")
+    _tamper_with_the_merge(monkeypatch, lambda w: w.zero_())
     with pytest.raises(ExportError, match="disagrees"):
         export_merged(backend, model, processor, RECIPE, _rows(), tmp_path / "merged", image_size=IMAGE_SIZE, base_model=base)
     assert list(tmp_path.iterdir()) == []
@@ -286,17 +291,7 @@ def test_export_of_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
 def test_greedy_answers_that_differ_fail_the_check_even_within_the_logit_tolerance(tiny_path, tmp_path, monkeypatch):
     """`passed` needs the greedy answers to agree too (README: both are compared), not only the logits."""
     backend, model, processor, base = _tuned(tiny_path, "mistral3")
-    real = export_mod._merge_on_16bit_base
-
-    def wrong_adapter(model, base_model, dtype, recipe):
-        peft_model, name = real(model, base_model, dtype, recipe)
-        with torch.no_grad():
-            for n, w in peft_model.named_parameters():
-                if "lora_B" in n:
-                    w.mul_(-40)  # a badly merged adapter: the answers change
-        return peft_model, name
-
-    monkeypatch.setattr(export_mod, "_merge_on_16bit_base", wrong_adapter)
+    _tamper_with_the_merge(monkeypatch, lambda w: w.mul_(-40))  # a badly merged adapter: the answers change
     with pytest.raises(ExportError, match="greedy answers agree on") as info:
         export_merged(backend, model, processor, RECIPE, _rows(), tmp_path / "merged", image_size=IMAGE_SIZE,
                       base_model=base, tolerance=1e9)  # no logit difference can fail this tolerance
