@@ -346,3 +346,19 @@ def test_full_fine_tune_export_says_one_thing_in_the_cli_export_json_and_model_c
     assert "verification passed" in printed and "greedy answers agree on 3 of 3" in printed
     # The model as the user named it, never the local cache folder it was built in.
     assert "A fine-tune of `tiny:mistral3`" in card and base not in card
+
+
+def test_export_of_a_run_credits_the_data_the_run_recorded_and_the_model_as_named(tiny_path, tmp_path):
+    """A run on other data than the recipe's default (the demo's generated images): its export says so."""
+    import dataclasses
+
+    from unsloth_med.recipes import recipe_record
+
+    backend, model, processor, base = _tuned(tiny_path, "mistral3")
+    run = _fake_run(tmp_path, model, processor, base)
+    used = dataclasses.replace(RECIPE, source=dataclasses.replace(RECIPE.source, id="", attribution="Generated X-rays."))
+    (run / "adapter" / "unsloth_med.json").write_text(json.dumps({**recipe_record(used), "model": "tiny:mistral3",
+                                                                  "base_model": base, "image_size": IMAGE_SIZE}))
+    card = Path(export_run(run, format="adapter")["path"], "README.md").read_text()
+    assert "Generated X-rays." in card and "Kaggle" not in card and "pkdarabi" not in card
+    assert "A fine-tune of `tiny:mistral3`" in card
