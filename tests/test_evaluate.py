@@ -101,9 +101,7 @@ def test_caption_metrics_on_hand_made_strings():
     partial = caption_metrics(["the cat on the mat"], refs[:1])
     assert partial["rougeL"] == pytest.approx(10 / 11)
     assert 0 < partial["bleu"] < 100
-    assert partial["bertscore"] is None or 0 < partial["bertscore"] <= 1
-    if partial["bertscore"] is None:
-        assert "BERTScore" in partial["bertscore_note"]
+    assert set(partial) == {"n", "bleu", "rougeL"}  # no metric that is claimed but never computed
 
 
 # ----------------------------------------------------------------------------- label scoring
@@ -213,7 +211,6 @@ def test_captioning_evaluation_runs_end_to_end(tiny_path):
     m = result["metrics"]
     assert m["n"] == 3 and m["mode"] == "generate" and m["max_new_tokens"] == 6
     assert 0 <= m["bleu"] <= 100 and 0 <= m["rougeL"] <= 1
-    assert m["bertscore"] is not None or "BERTScore" in m["bertscore_note"]
     assert [p["id"] for p in result["predictions"]] == ["c0", "c1", "c2"]
 
 

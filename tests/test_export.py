@@ -21,7 +21,8 @@ from unsloth_med.recipes.bone_fracture import RECIPE
 IMAGE_SIZE = 64
 FAKE_SECRETS = {"HF_TOKEN": "hf_FAKEtokenForTestsOnly0123456789abcd", "KAGGLE_KEY": "kagglefakekey0123456789abcdef",
                 "HUGGING_FACE_HUB_TOKEN": "hf_FAKEsecondTokenForTests987654321zz"}
-MARKERS = {"mistral3": "[INST]", "mllama": "<|start_header_id|>user<|end_header_id|>", "qwen2_5_vl": "<|im_start|>user"}
+MARKERS = {"mistral3": "[INST]", "mllama": "<|start_header_id|>user<|end_header_id|>", "qwen2_5_vl": "<|im_start|>user",
+           "gemma3": "<start_of_turn>user"}
 
 
 def _rows(n=3):
@@ -85,7 +86,7 @@ def _logits(model, batch):
     return model(**batch).logits[batch["attention_mask"].bool()]
 
 
-@pytest.fixture(scope="module", params=["mistral3", "mllama", "qwen2_5_vl"])
+@pytest.fixture(scope="module", params=["mistral3", "mllama", "qwen2_5_vl", "gemma3"])
 def exported(request, tiny_path, tmp_path_factory):
     backend, model, processor, base = _tuned(tiny_path, request.param)
     out = tmp_path_factory.mktemp(f"run-{request.param}") / "merged"
@@ -159,20 +160,25 @@ def test_interrupted_export_leaves_no_complete_looking_folder(tiny_path, tmp_pat
     assert json.loads((out / "export.json").read_text()) == {"previous": True}
 
 
-def test_an_unmerged_adapter_fails_verification_loudly(tiny_path, tmp_path, monkeypatch):
-    """The most reported merged-export bug: base weights saved without the LoRA merged."""
-    backend, model, processor, base = _tuned(tiny_path, "mllama")
+def _tamper_with_the_merge(monkeypatch, change):
+    """The export merges an adapter whose lora_B weights went through `change` (a merge bug, simulated)."""
     real = export_mod._merge_on_16bit_base
 
-    def forgetful(model, base_model, dtype, recipe):
+    def tampered(model, base_model, dtype, recipe):
         peft_model, name = real(model, base_model, dtype, recipe)
         with torch.no_grad():
             for n, w in peft_model.named_parameters():
                 if "lora_B" in n:
-                    w.zero_()
+                    change(w)
         return peft_model, name
 
-    monkeypatch.setattr(export_mod, "_merge_on_16bit_base", forgetful)
+    monkeypatch.setattr(export_mod, "_merge_on_16bit_base", tampered)
+
+
+def test_an_unmerged_adapter_fails_verification_loudly(tiny_path, tmp_path, monkeypatch):
+    """The most reported merged-export bug: base weights saved without the LoRA merged."""
+    backend, model, processor, base = _tuned(tiny_path, "mllama")
+    _tamper_with_the_merge(monkeypatch, lambda w: w.zero_())
     with pytest.raises(ExportError, match="disagrees"):
         export_merged(backend, model, processor, RECIPE, _rows(), tmp_path / "merged", image_size=IMAGE_SIZE, base_model=base)
     assert list(tmp_path.iterdir()) == []
@@ -280,3 +286,79 @@ def test_export_of_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
         export_run(tmp_path, format="adapter")
     with pytest.raises(ExportError, match="does not exist"):
         export_run(tmp_path / "missing")
+
+
+def test_greedy_answers_that_differ_fail_the_check_even_within_the_logit_tolerance(tiny_path, tmp_path, monkeypatch):
+    """`passed` needs the greedy answers to agree too (README: both are compared), not only the logits."""
+    backend, model, processor, base = _tuned(tiny_path, "mistral3")
+    _tamper_with_the_merge(monkeypatch, lambda w: w.mul_(-40))  # a badly merged adapter: the answers change
+    with pytest.raises(ExportError, match="greedy answers agree on") as info:
+        export_merged(backend, model, processor, RECIPE, _rows(), tmp_path / "merged", image_size=IMAGE_SIZE,
+                      base_model=base, tolerance=1e9)  # no logit difference can fail this tolerance
+    assert "(not on a near-tie)" in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verdict_passes_fails_or_says_not_verified_never_passed_without_a_comparison():
+    from unsloth_med.export import verdict
+
+    close = {"max_abs_logit_diff": 1e-5, "greedy_agreement": 1.0}
+    assert verdict(close, 1e-4, [], strict=True, base_model="b") == {"status": "passed", "passed": True}
+    tie = [{"row": 0, "first_differing_token": 2, "reference_margin": 5e-5, "near_tie": True}]
+    assert verdict({**close, "greedy_agreement": 2 / 3}, 1e-4, tie, strict=True, base_model="b")["passed"] is True
+    split = [{**tie[0], "reference_margin": 0.3, "near_tie": False}]
+    assert verdict({**close, "greedy_agreement": 2 / 3}, 1e-4, split, strict=True, base_model="b")["status"] == "failed"
+    assert verdict({**close, "max_abs_logit_diff": 1e-3}, 1e-4, [], strict=True, base_model="b")["passed"] is False
+    unknown = verdict(close, 1e-4, [], strict=False, base_model="org/model-bnb-4bit")
+    assert unknown["status"] == "not verified" and unknown["passed"] is None and unknown["reference"] is None
+    assert "16-bit original of org/model-bnb-4bit is unknown" in unknown["reason"]
+
+
+def test_not_verified_reads_the_same_in_the_cli_line_and_the_model_card():
+    from unsloth_med.export import verdict, verification_summary
+    from unsloth_med.hub import model_card
+
+    check = {"max_abs_logit_diff": 0.4, "max_abs_logit": 3.0, "greedy_agreement": 1.0}
+    verification = {"rows": 3, "dtype": "bfloat16", "tolerance": 0.11, **check,
+                    **verdict(check, 0.11, [], strict=False, base_model="org/model-bnb-4bit")}
+    line = verification_summary(verification)
+    card = model_card(RECIPE, base_model="org/model-bnb-4bit", verification=verification)
+    assert line.startswith("NOT VERIFIED: the 16-bit original of org/model-bnb-4bit is unknown")
+    assert "**Not verified.**" in card and "16-bit original of org/model-bnb-4bit is unknown" in card
+    assert "passed" not in line.lower() and "Result: passed" not in card
+
+
+def test_full_fine_tune_export_says_one_thing_in_the_cli_export_json_and_model_card(tiny_path, tmp_path, capsys):
+    """A full fine-tune (the demo) in float32 is no 'merged 16-bit' export: the three places say what it is."""
+    backend = HFBackend()
+    base = str(tiny_path("mistral3"))
+    model, processor = backend.load(base, ModelArgs())  # no adapter: the weights are the model itself
+    result = export_merged(backend, model, processor, RECIPE, _rows(), tmp_path / "merged", image_size=IMAGE_SIZE,
+                           base_model=base, model_name="tiny:mistral3")
+    printed = capsys.readouterr().out
+    export = json.loads((tmp_path / "merged" / "export.json").read_text())
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert export["weights"] == result["weights"] == "full fine-tuned weights in float32 (no adapter to merge)"
+    assert export["dtype"] == "float32" and export["method"].startswith("full fine-tune")
+    assert f"Exported {export['weights']}: {tmp_path / 'merged'}" in printed
+    assert f"exported as {export['weights']}" in card
+    assert "16-bit" not in printed and "merged 16-bit" not in card
+    assert "verification passed" in printed and "greedy answers agree on 3 of 3" in printed
+    # The model as the user named it, never the local cache folder it was built in.
+    assert "A fine-tune of `tiny:mistral3`" in card and base not in card
+
+
+def test_export_of_a_run_credits_the_data_the_run_recorded_and_the_model_as_named(tiny_path, tmp_path):
+    """A run on other data than the recipe's default (the demo's generated images): its export says so."""
+    import dataclasses
+
+    from unsloth_med.recipes import recipe_record
+
+    backend, model, processor, base = _tuned(tiny_path, "mistral3")
+    run = _fake_run(tmp_path, model, processor, base)
+    used = dataclasses.replace(RECIPE, source=dataclasses.replace(RECIPE.source, id="", attribution="Generated X-rays."))
+    (run / "adapter" / "unsloth_med.json").write_text(json.dumps({**recipe_record(used), "model": "tiny:mistral3",
+                                                                  "base_model": base, "image_size": IMAGE_SIZE}))
+    card = Path(export_run(run, format="adapter")["path"], "README.md").read_text()
+    assert "Generated X-rays." in card and "Kaggle" not in card and "pkdarabi" not in card
+    assert "A fine-tune of `tiny:mistral3`" in card

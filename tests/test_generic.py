@@ -297,8 +297,7 @@ def test_recipe_registry_and_presets():
     assert get_recipe("product_catalog").name == "product_catalog"
     for name in ("classify", "caption", "product_catalog"):
         assert (presets_dir() / name / "quick.yaml").is_file()
-    if not all(hasattr(DataArgs(), f) for f in ("labels", "instruction", "image_column", "target_column")):
-        pytest.skip("config.DataArgs has no generic-recipe fields yet (hand-off of issue 6)")
+    assert all(hasattr(DataArgs(), f) for f in ("labels", "instruction", "image_column", "target_column"))
     for path in sorted((presets_dir()).glob("c*/*.yaml")) + sorted(presets_dir().glob("product_catalog/*.yaml")):
         read_yaml_tree(path)  # every preset is valid against the config tree
     assert get_recipe("classify").name == "classify" and get_recipe("caption").task == "captioning"
@@ -345,5 +344,4 @@ def test_classify_trains_a_tiny_model_on_the_real_bone_break_csv(bone_break_dir,
 
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["run"]["recipe"] == "classify" and config["data"]["data_dir"].endswith("labels.csv")
-    if "labels" in config["data"]:  # recorded once config.DataArgs has the generic fields
-        assert config["data"]["labels"] == sorted(CLASSES)
+    assert config["data"]["labels"] == sorted(CLASSES)

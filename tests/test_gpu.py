@@ -3,9 +3,9 @@
 Run on a GPU machine with unsloth installed:   python -m pytest tests/test_gpu.py -m gpu -v
 Everything here is skipped where CUDA or unsloth is missing (CI, laptops).
 
-Tiny models come from `unsloth_med.models.tiny.tiny_model_path(family)`; where that factory does not
-know a family, a folder `$UNSLOTH_MED_TINY_DIR/tiny-<family>` is used if present, else the family is
-skipped. Images are generated (two visually distinct classes), so no dataset is needed.
+Tiny models come from `unsloth_med.models.tiny.tiny_model_path(family)` for every listed family; a
+factory error fails the test (it is never turned into a skip). Images are generated (two visually
+distinct classes), so no dataset is needed.
 """
 from __future__ import annotations
 
@@ -35,10 +35,11 @@ if CUDA and HAS_UNSLOTH:  # unsloth patches transformers/trl/peft: import it bef
     import_unsloth()
 
 from unsloth_med.config import LoraArgs, ModelArgs  # noqa: E402
-from unsloth_med.models import prompting  # noqa: E402
 from unsloth_med.data.prepare import prepare_images  # noqa: E402
+from unsloth_med.models import prompting  # noqa: E402
 from unsloth_med.models.families import family_of, image_fit, module_kind  # noqa: E402
 from unsloth_med.recipes.base import DataSource, Recipe  # noqa: E402
+
 
 def _grouped(*families):
     """Family parameters grouped by family, so `pytest -n 4 --dist loadgroup` trains each family once."""
@@ -46,7 +47,7 @@ def _grouped(*families):
 
 
 FAMILIES = _grouped("mistral3", "mllama", "qwen2_5_vl", "gemma3")
-TINY_FAMILIES = _grouped("mistral3", "mllama", "qwen2_5_vl")
+TINY_FAMILIES = FAMILIES  # every listed family has a tiny builder (models/tiny.py)
 LABELS = ("fractured", "not fractured")
 RECIPE = Recipe(
     name="gpu_test",
@@ -71,27 +72,11 @@ FLAG_CASES = {
 
 # ----------------------------------------------------------------------------- fixtures and helpers
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    cache: dict[str, Path] = {}
+def tiny_model():
+    """family -> the tiny model's folder. A factory error is a test failure, never a skip."""
+    from unsloth_med.models.tiny import tiny_model_path
 
-    def get(family: str) -> Path:
-        if family in cache:
-            return cache[family]
-        path = None
-        try:
-            from unsloth_med.models.tiny import tiny_model_path
-
-            path = Path(tiny_model_path(family))
-        except Exception as exc:  # factory missing, or it does not build this family
-            fallback = Path(os.environ.get("UNSLOTH_MED_TINY_DIR", "")) / f"tiny-{family}"
-            if os.environ.get("UNSLOTH_MED_TINY_DIR") and fallback.is_dir():
-                path = fallback
-            else:
-                pytest.skip(f"no tiny {family} model ({type(exc).__name__}: {str(exc)[:120]})")
-        cache[family] = path
-        return path
-
-    return get
+    return lambda family: Path(tiny_model_path(family))
 
 
 def _backend():
@@ -114,17 +99,66 @@ def _lora_module_names(model) -> set[str]:
             if hasattr(module, "lora_A") and len(getattr(module, "lora_A", {})) > 0}
 
 
-def _expected_targets(model, family, lora) -> set[str]:
-    """The package's own reading of the flags (the same rule the hf backend uses)."""
+# Every linear layer of each tiny model, listed by hand from the architectures (N: a layer number), with the
+# LoRA flags that select it: written down independently of the package's rule (families.module_kind and
+# is_vision_module), which the tests below check against this list. lm_head is never adapted.
+_LAYER = r"\.\d+\."
+LINEARS = {
+    "mistral3": {
+        ("vision", "attention"): [r"model\.vision_tower\.transformer\.layers" + _LAYER + r"attention\.[qkvo]_proj"],
+        ("vision", "mlp"): [r"model\.vision_tower\.transformer\.layers" + _LAYER + r"feed_forward\.(gate|up|down)_proj",
+                            r"model\.multi_modal_projector\.(linear_1|linear_2|patch_merger\.merging_layer)"],
+        ("language", "attention"): [r"model\.language_model\.layers" + _LAYER + r"self_attn\.[qkvo]_proj"],
+        ("language", "mlp"): [r"model\.language_model\.layers" + _LAYER + r"mlp\.(gate|up|down)_proj"],
+    },
+    "mllama": {
+        ("vision", "attention"): [r"model\.vision_model\.(global_)?transformer\.layers" + _LAYER
+                                  + r"self_attn\.[qkvo]_proj"],
+        ("vision", "mlp"): [r"model\.vision_model\.(global_)?transformer\.layers" + _LAYER + r"mlp\.fc[12]",
+                            r"model\.multi_modal_projector"],
+        ("language", "attention"): [r"model\.language_model\.layers" + _LAYER + r"(self|cross)_attn\.[qkvo]_proj"],
+        ("language", "mlp"): [r"model\.language_model\.layers" + _LAYER + r"mlp\.(gate|up|down)_proj"],
+    },
+    "qwen2_5_vl": {
+        ("vision", "attention"): [r"model\.visual\.blocks" + _LAYER + r"attn\.(qkv|proj)"],
+        ("vision", "mlp"): [r"model\.visual\.blocks" + _LAYER + r"mlp\.(gate|up|down)_proj",
+                            r"model\.visual\.merger\.mlp\.[02]"],
+        ("language", "attention"): [r"model\.language_model\.layers" + _LAYER + r"self_attn\.[qkvo]_proj"],
+        ("language", "mlp"): [r"model\.language_model\.layers" + _LAYER + r"mlp\.(gate|up|down)_proj"],
+    },
+    "gemma3": {
+        ("vision", "attention"): [r"model\.vision_tower\.encoder\.layers" + _LAYER
+                                  + r"self_attn\.([qkv]_proj|out_proj)"],
+        ("vision", "mlp"): [r"model\.vision_tower\.encoder\.layers" + _LAYER + r"mlp\.fc[12]"],
+        ("language", "attention"): [r"model\.language_model\.layers" + _LAYER + r"self_attn\.[qkvo]_proj"],
+        ("language", "mlp"): [r"model\.language_model\.layers" + _LAYER + r"mlp\.(gate|up|down)_proj"],
+    },
+}
+
+
+def _linear_names(model) -> set[str]:
     names = set()
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or "lm_head" in name or module_kind(name) is None:
-            continue
-        side = lora.finetune_vision_layers if family.is_vision_module(name) else lora.finetune_language_layers
-        kind = lora.finetune_attention_modules if module_kind(name) == "attention" else lora.finetune_mlp_modules
-        if side and kind:
-            names.add(_strip(name))
+        name = _strip(name)
+        if isinstance(module, torch.nn.Linear) and ".lora_" not in name and not name.endswith("lm_head"):
+            names.add(name[: -len(".base_layer")] if name.endswith(".base_layer") else name)
     return names
+
+
+def _listed(family: str, side: str, kind: str, names: set[str]) -> set[str]:
+    return {n for n in names if any(re.fullmatch(p, n) for p in LINEARS[family][(side, kind)])}
+
+
+def _expected_targets(model, family: str, lora) -> set[str]:
+    """The linear layers the flags select, from the hand-written list (which must cover every linear layer)."""
+    names = _linear_names(model)
+    groups = {(side, kind): _listed(family, side, kind, names)
+              for side in ("vision", "language") for kind in ("attention", "mlp")}
+    unlisted = names - set().union(*groups.values())
+    assert not unlisted, f"linear layers missing from LINEARS[{family!r}]: {sorted(unlisted)[:5]}"
+    wanted = {"vision": lora.finetune_vision_layers, "language": lora.finetune_language_layers,
+              "attention": lora.finetune_attention_modules, "mlp": lora.finetune_mlp_modules}
+    return set().union(*(group for (side, kind), group in groups.items() if wanted[side] and wanted[kind]))
 
 
 def _make_rows(tmp: Path, n: int = 8) -> list[dict]:
@@ -245,14 +279,7 @@ def test_all_flags_on_adapt_every_attention_and_mlp_layer(trained, family):
     model = t["model"]
     fam = family_of(model.config)
     got = _lora_module_names(model)
-    expected = set()
-    for name, module in model.named_modules():
-        name = _strip(name)
-        if ".lora_" in name or not isinstance(module, torch.nn.Linear):
-            continue
-        name = name[: -len(".base_layer")] if name.endswith(".base_layer") else name
-        if "lm_head" not in name and module_kind(name) is not None:
-            expected.add(name)
+    expected = _expected_targets(model, family, _lora())
     counts = {}
     for name in got:
         key = ("vision" if fam.is_vision_module(name) else "language") + "-" + module_kind(name)
@@ -262,14 +289,75 @@ def test_all_flags_on_adapt_every_attention_and_mlp_layer(trained, family):
     assert got == expected, (sorted(expected - got)[:5], sorted(got - expected)[:5])
 
 
+def _first_answer_token(processor, row) -> int:
+    """The token that starts the trained answer right after the prompt (prompt and full text share a prefix)."""
+    prompt = prompting.render(processor, RECIPE.prompt(), add_generation_prompt=True)
+    full = prompting.render(processor, RECIPE.to_conversation(row))
+    assert full.startswith(prompt)
+    tokenizer = processor.tokenizer
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    assert full_ids[: len(prompt_ids)] == prompt_ids
+    return full_ids[len(prompt_ids)]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generation_after_training(trained, family):
+    """Unsloth's inference path generates what the model's own forward pass ranks first, and training moved
+    that next token toward the trained answers (compared with the same model with its adapter off)."""
     t = trained(family)
-    t["backend"].for_inference(t["model"])
-    new, texts = _generate(t["model"], t["processor"], t["rows"][:2])
-    raw = [t["processor"].tokenizer.decode(ids) for ids in new]
+    model, processor, rows = t["model"], t["processor"], t["rows"][:2]
+    t["backend"].for_inference(model)
+    new, texts = _generate(model, processor, rows)
+    raw = [processor.tokenizer.decode(ids) for ids in new]
     print(f"\n{family} generations: {texts} (with special tokens: {raw})")
-    assert new.shape[0] == 2 and new.shape[1] >= 1 and all(raw)
+    assert new.shape[0] == 2 and new.shape[1] >= 1
+    prompt = _prompt_batch(processor, rows, with_answer=False)  # left-padded: the last position ends each prompt
+    next_logits = _logits(model, prompt)[:, -1]
+    top = next_logits.topk(2, dim=-1)
+    for i in range(len(rows)):
+        margin = (top.values[i, 0] - top.values[i, 1]).item()
+        if margin > 0.05 * max(1.0, top.values[i, 0].abs().item()):  # a near-tie may flip in bf16 either way
+            assert new[i, 0].item() == top.indices[i, 0].item(), (family, i, margin)
+    with model.disable_adapter():
+        base_logits = _logits(model, prompt)[:, -1]
+    for i, row in enumerate(rows):
+        answer = _first_answer_token(processor, row)
+        tuned_lp = next_logits[i].log_softmax(-1)[answer].item()
+        base_lp = base_logits[i].log_softmax(-1)[answer].item()
+        print(f"{family} row {i}: log p(first answer token) base {base_lp:.3f} -> tuned {tuned_lp:.3f}")
+        assert tuned_lp > base_lp + 0.5, (family, i, base_lp, tuned_lp)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unsloth_collator_labels_only_the_answer(tiny_model, family, tmp_path):
+    """Real labels from UnslothVisionDataCollator (through the backend's collator): everything up to and
+    including the family's response marker is masked, image tokens are masked, and what is left is the
+    answer (then the end-of-turn tokens), equal to the input ids there."""
+    backend = _backend()
+    model, processor = backend.load(str(tiny_model(family)), ModelArgs(load_in_4bit=True))
+    model = backend.add_adapters(model, _lora(), ModelArgs(), seed=0)
+    fam = family_of(model.config)
+    rows = _make_rows(tmp_path / "images", n=2)
+    collator = backend.collator(model, processor, RECIPE, image_size=image_fit(model.config, IMAGE_SIZE, buckets=True),
+                                max_seq_length=4096)
+    batch = collator(rows)
+    tokenizer = processor.tokenizer
+    marker = tokenizer(fam.response_part, add_special_tokens=False)["input_ids"]
+    image_ids = {getattr(model.config, key, None) for key in ("image_token_index", "image_token_id")} - {None}
+    for i, row in enumerate(rows):
+        ids, labels, mask = batch["input_ids"][i], batch["labels"][i], batch["attention_mask"][i].bool()
+        kept = (labels != -100).nonzero().flatten()
+        assert len(kept) > 0, f"{family} row {i}: every label is masked"
+        assert torch.equal(labels[kept], ids[kept]) and bool(mask[kept].all())
+        ends = [j + len(marker) for j in range(len(ids) - len(marker) + 1)
+                if ids[j: j + len(marker)].tolist() == marker]
+        assert ends, f"{family}: the response marker {fam.response_part!r} is not in the input ids"
+        assert kept.min().item() >= ends[0], (family, i, kept.min().item(), ends[0])
+        assert not any(ids[j].item() in image_ids for j in kept.tolist())
+        answer = tokenizer.decode(labels[kept], skip_special_tokens=True).strip()
+        print(f"\n{family} row {i}: {len(kept)} of {int(mask.sum())} tokens labelled: {answer!r}")
+        assert answer == row["target"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -358,7 +446,7 @@ def test_finetune_flags_put_lora_exactly_where_they_say(tiny_model, family, case
     model, _ = backend.load(str(tiny_model(family)), ModelArgs(load_in_4bit=True))
     fam = family_of(model.config)
     lora = _lora(vision, language, attention, mlp)
-    expected = _expected_targets(model, fam, lora)
+    expected = _expected_targets(model, family, lora)
     model = backend.add_adapters(model, lora, ModelArgs(), seed=0)
     got = _lora_module_names(model)
     counts = {(side, kind): 0 for side in ("vision", "language") for kind in ("attention", "mlp")}
@@ -394,21 +482,33 @@ def test_memory_cap_keeps_the_effective_batch_and_refuses_an_impossible_cap(tiny
     model = backend.add_adapters(model, _lora(), ModelArgs(), seed=0)
     backend.for_training(model)
     fit = image_fit(model.config, IMAGE_SIZE, buckets=True)
-    train_set, _ = prepare_images(datasets.Dataset.from_list(_make_rows(tmp_path / "images")), fit, tmp_path / "prep")
+    rows = _make_rows(tmp_path / "images", n=128)
+    train_set, _ = prepare_images(datasets.Dataset.from_list(rows), fit, tmp_path / "prep")
     collator = backend.collator(model, processor, RECIPE, image_size=fit, max_seq_length=4096)
+    effective = 128  # large enough that the full batch's activations are well above allocator granularity
     args = _training_args(tmp_path / "run", steps=2)
-    args.per_device_train_batch_size, args.gradient_accumulation_steps = 6, 1
+    args.per_device_train_batch_size, args.gradient_accumulation_steps = effective, 1
     trainer = build_trainer(model, processor, train_set, collator, args, tmp_path)
     try:
         roomy = fit_micro_batch(trainer, train_set, max_memory_gib=40)
-        assert roomy["micro_batch"] == 6 and roomy["gradient_accumulation_steps"] == 1
-        assert roomy["probe_peak_allocated_gib"] < 40
-        trainer.train()  # trains under the cap with what was chosen
+        assert roomy["micro_batch"] == effective and roomy["gradient_accumulation_steps"] == 1
+        # A cap half way from what is in use now to the full batch's peak: the full micro-batch cannot fit,
+        # so the accumulation path must run (smaller micro-batch, same effective batch).
+        in_use = torch.cuda.memory_allocated() / 2**30
+        cap = in_use + (roomy["probe_peak_allocated_gib"] - in_use) / 2
+        args.per_device_train_batch_size, args.gradient_accumulation_steps = effective, 1
+        capped = fit_micro_batch(trainer, train_set, max_memory_gib=cap)
+        print(f"\nmemory fit: roomy {roomy}\ncapped at {cap:.4f} GiB: {capped}")
+        assert capped["micro_batch"] < effective and capped["gradient_accumulation_steps"] > 1
+        assert capped["micro_batch"] * capped["gradient_accumulation_steps"] == effective
+        assert args.per_device_train_batch_size == capped["micro_batch"]
+        assert args.gradient_accumulation_steps == capped["gradient_accumulation_steps"]
+        assert capped["probe_peak_allocated_gib"] <= cap
+        trainer.train()  # trains under the cap with what was chosen: micro-batches plus accumulation
         assert trainer.state.global_step == 2
         used = torch.cuda.memory_allocated() / 2**30
         with pytest.raises(BackendError, match="max_memory_gib"):
             fit_micro_batch(trainer, train_set, max_memory_gib=max(0.01, used * 0.5))
-        print(f"\nmemory fit: {roomy}")
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
 

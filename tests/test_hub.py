@@ -188,3 +188,72 @@ def test_model_card_tells_how_images_were_sized():
                        config={"data": {"image_size": 512, "image_buckets": False}})
     assert "padded with black into the nearest fixed shape" in bucketed and "512 px" in bucketed
     assert "at most 512 px" in plain and "padded" not in plain
+
+
+# ----------------------------------------------------------------------------- the card from what the run recorded
+def _export_folder(tmp_path, recipe, **extra):
+    from unsloth_med.recipes import recipe_record
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "unsloth_med.json").write_text(json.dumps({**recipe_record(recipe), "base_model": "a/b",
+                                                         "image_size": 64, "format": "adapter", **extra}))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["classify", "caption"])
+def test_card_of_a_generic_recipe_run_names_its_instruction_labels_and_data(kind, run_dir, tmp_path):
+    from unsloth_med.recipes.generic import build_generic_recipe
+
+    recipe = build_generic_recipe(kind, data_source="/data/own/labels.csv",
+                                  labels=["normal", "pneumonia"] if kind == "classify" else None,
+                                  attribution="Chest X-rays of the Example Hospital, CC BY 4.0.")
+    folder = _export_folder(tmp_path, recipe)
+    card = hub.write_model_card(folder, run_dir=run_dir, repo_id="me/model").read_text()
+    assert "{labels}" not in card
+    assert f'Instruction given with each image: "{recipe.instruction}"' in card
+    assert f"instruction = {json.dumps(recipe.instruction)}" in card  # the usage snippet
+    assert "Chest X-rays of the Example Hospital, CC BY 4.0." in card
+    if kind == "classify":
+        assert "Classes (2): normal, pneumonia" in card and "normal, pneumonia" in recipe.instruction
+
+
+def test_card_of_a_custom_recipe_module_needs_no_import_of_it(run_dir, tmp_path, monkeypatch):
+    """The push machine need not have the user's recipe module: the card comes from the run's record."""
+    import sys
+
+    (tmp_path / "my_fracture_recipe.py").write_text(
+        "from unsloth_med.recipes.base import DataSource, Recipe\n"
+        "RECIPE = Recipe(name='fracture_yes_no', task='classification', labels=('fractured', 'not fractured'),\n"
+        "                instruction='Is there a fracture? Reply fractured or not fractured.',\n"
+        "                source=DataSource(kind='class_folders', attribution='Our own wrist X-rays, internal use.'),\n"
+        "                default_model='unsloth/Ministral-3-3B-Instruct-2512')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = get_recipe("my_fracture_recipe")
+    folder = _export_folder(tmp_path, recipe)
+    monkeypatch.delitem(sys.modules, "my_fracture_recipe")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(tmp_path)])
+    card = hub.write_model_card(folder, run_dir=run_dir).read_text()
+    assert "- Recipe: `fracture_yes_no` (classification)" in card
+    assert "Classes (2): fractured, not fractured" in card and "Is there a fracture?" in card
+    assert "Our own wrist X-rays, internal use." in card
+
+
+def test_card_of_an_old_export_whose_recipe_cannot_be_rebuilt_says_why(run_dir, tmp_path):
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / "unsloth_med.json").write_text(json.dumps({"recipe": "no_such_recipe_module", "base_model": "a/b"}))
+    with pytest.raises(ExportError, match="Unknown recipe 'no_such_recipe_module'.*Export the run again"):
+        hub.write_model_card(folder, run_dir=run_dir)
+
+
+def test_a_recipe_modules_own_import_error_is_reported_with_its_cause(tmp_path, monkeypatch):
+    (tmp_path / "recipe_needing_a_package.py").write_text("import package_that_is_not_installed_xyz\nRECIPE = None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError) as info:
+        get_recipe("recipe_needing_a_package")
+    message = str(info.value)
+    assert "failed to import" in message and "package_that_is_not_installed_xyz" in message
+    assert "Unknown recipe" not in message
+    with pytest.raises(ConfigError, match="Unknown recipe 'recipe_that_does_not_exist_xyz'"):
+        get_recipe("recipe_that_does_not_exist_xyz")

@@ -123,6 +123,5 @@ def test_product_catalog_runs_end_to_end_on_a_generated_catalog(tiny_path, tmp_p
     scores = RECIPE.score_text([p["prediction"] for p in predictions], [p["target"] for p in predictions])
     assert scores["n"] == 4 and 0.0 <= scores["exact_match"] <= 1.0 and "price_mae" in scores
     assert "bleu" in after["metrics"] and "rougeL" in after["metrics"]
-    if "price_mae" in after["metrics"]:  # once the captioning evaluation calls recipe.score_text
-        assert after["metrics"]["exact_match"] == scores["exact_match"]
+    assert after["metrics"]["exact_match"] == scores["exact_match"] and "price_mae" in after["metrics"]
     assert sum("loss" in json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()) == 3

@@ -174,8 +174,12 @@ def _config_section(config: dict | None) -> str | None:
 
 def model_card(recipe, *, base_model: str, export_format: str = "merged-16bit", run_dir: str | Path | None = None,
                metrics: dict | None = None, config: dict | None = None, image_size: int | None = None,
-               verification: dict | None = None, license: str | None = None, repo_id: str | None = None) -> str:
+               verification: dict | None = None, license: str | None = None, repo_id: str | None = None,
+               weights: str | None = None, model_name: str | None = None) -> str:
     """README.md text for an exported folder (merged 16-bit weights or a LoRA adapter).
+
+    `weights`: what a merged-format export holds, as export.json words it (e.g. a full fine-tune in float32);
+    `model_name`: the model as the user named it (default `base_model`, the checkpoint that was loaded).
 
     `metrics` and `config` default to the run folder's metrics.json (or eval_before/eval_after.json)
     and config.yaml. The text passes through `redact`, so no secret can reach the card.
@@ -186,23 +190,31 @@ def model_card(recipe, *, base_model: str, export_format: str = "merged-16bit", 
     adapter = export_format == "adapter"
     name = getattr(recipe, "name", "custom")
 
+    named = model_name or base_model
     meta: dict[str, Any] = {}
-    if _is_hub_id(base_model):
+    if _is_hub_id(named):
+        meta["base_model"] = named
+    elif _is_hub_id(base_model):
         meta["base_model"] = base_model
     meta["library_name"] = "peft" if adapter else "transformers"
     meta["pipeline_tag"] = "image-text-to-text"
-    meta["license"] = license or base_model_license(base_model)
+    meta["license"] = license or base_model_license(named if _is_hub_id(named) else base_model)
     if source is not None and source.kind == "hf" and _is_hub_id(source.id):
         meta["datasets"] = [source.id]
     tags = ["unsloth-med", "unsloth", "medical", "medical-imaging", "vision-language-model", "image-text-to-text",
             "trl", "sft", "lora" if adapter else "merged-lora", name.replace("_", "-")]
     meta["tags"] = list(dict.fromkeys(tags))
 
-    title = repo_id.split("/")[-1] if repo_id else f"{name} fine-tune of {Path(str(base_model)).name}"
-    what = "a LoRA adapter (load it on top of the base model with peft)" if adapter else \
-        "merged 16-bit weights (the LoRA adapter folded into the base model; loads with plain transformers)"
+    title = repo_id.split("/")[-1] if repo_id else f"{name} fine-tune of {Path(str(named)).name}"
+    if adapter:
+        what = "a LoRA adapter (load it on top of the base model with peft)"
+    else:
+        merged = weights or "merged 16-bit weights (the LoRA adapter folded into the base model)"
+        what = f"{merged}; loads with plain transformers"
+    loadable = named if _is_hub_id(named) else base_model  # a name from_pretrained accepts
+    tiny = " (a tiny random-weight model that unsloth-med builds offline)" if str(named).startswith("tiny:") else ""
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {title}", "",
-             f"A fine-tune of `{base_model}` for the **{name}** recipe of unsloth-med (Unsloth / transformers, "
+             f"A fine-tune of `{named}`{tiny} for the **{name}** recipe of unsloth-med (Unsloth / transformers, "
              f"TRL and PEFT), exported as {what}.", "",
              f"> {DISCLAIMER}", ""]
 
@@ -241,7 +253,7 @@ def model_card(recipe, *, base_model: str, export_format: str = "merged-16bit", 
     if adapter:
         lines += ["from peft import PeftModel", "",
                   f'processor = AutoProcessor.from_pretrained("{target}")',
-                  f'base = AutoModelForImageTextToText.from_pretrained("{base_model}", dtype="auto")',
+                  f'base = AutoModelForImageTextToText.from_pretrained("{loadable}", dtype="auto")',
                   f'model = PeftModel.from_pretrained(base, "{target}")']
     else:
         lines += ["", f'processor = AutoProcessor.from_pretrained("{target}")',
@@ -257,18 +269,7 @@ def model_card(recipe, *, base_model: str, export_format: str = "merged-16bit", 
               "The processor carries the chat template the model was trained with; keep it (and the instruction above).", ""]
 
     if verification:
-        def num(key: str) -> str:
-            value = verification.get(key)
-            return f"{value:.2g}" if _number(value) else "?"
-
-        agree = verification.get("greedy_agreement")
-        rows = verification.get("rows", "?")
-        agreeing = round(agree * rows) if _number(agree) and _number(rows) else "?"
-        lines += ["## Export check", "",
-                  f"After export the folder was reloaded with plain transformers ({verification.get('dtype', '?')}) and "
-                  f"compared with {verification.get('reference', 'the tuned model')} on {rows} test images: max abs "
-                  f"logit difference {num('max_abs_logit_diff')} (tolerance {num('tolerance')}); the greedy answers "
-                  f"agree on {agreeing} of {rows}.", ""]
+        lines += ["## Export check", "", _verification_text(verification), ""]
 
     lines += ["## Limitations", "",
               "- Trained and evaluated on one public dataset; performance on other hospitals, scanners, populations or "
@@ -279,23 +280,51 @@ def model_card(recipe, *, base_model: str, export_format: str = "merged-16bit", 
     return redact("\n".join(lines))
 
 
+def _verification_text(verification: dict) -> str:
+    """The card's account of the reload check: what was compared and found, or that nothing could be compared."""
+    if verification.get("status") == "not verified":
+        return (f"**Not verified.** The folder was reloaded with plain transformers, but {verification.get('reason')}. "
+                "Check its answers yourself before relying on it.")
+
+    def num(key: str) -> str:
+        value = verification.get(key)
+        return f"{value:.2g}" if _number(value) else "?"
+
+    agree, rows = verification.get("greedy_agreement"), verification.get("rows", "?")
+    agreeing = round(agree * rows) if _number(agree) and _number(rows) else "?"
+    ties = sum(bool(d.get("near_tie")) for d in verification.get("greedy_disagreements") or ())
+    return (f"After export the folder was reloaded with plain transformers ({verification.get('dtype', '?')}) and "
+            f"compared with {verification.get('reference', 'the tuned model')} on {rows} test images: max abs logit "
+            f"difference {num('max_abs_logit_diff')} (tolerance {num('tolerance')}); the greedy answers agree on "
+            f"{agreeing} of {rows}" + (f" ({ties} differ from a near-tie on)" if ties else "")
+            + f". Result: {verification.get('status', 'passed' if verification.get('passed') else 'failed')}.")
+
+
 def write_model_card(folder: str | Path, *, run_dir: str | Path | None = None, repo_id: str | None = None) -> Path:
     """(Re)write folder/README.md from its unsloth_med.json (+ export.json) and the run's metrics, atomically.
 
     Useful after the run's metrics.json exists (the pipeline exports before it writes the report).
     """
-    from .recipes import get_recipe
+    from .recipes import get_recipe, recorded_recipe
 
     folder = Path(folder)
     info = json.loads((folder / "unsloth_med.json").read_text())
     export = json.loads((folder / "export.json").read_text()) if (folder / "export.json").is_file() else {}
-    try:
-        recipe = get_recipe(info["recipe"])
-    except Exception:
-        recipe = None
+    if "data_source" in info:  # the recipe as the run resolved it: instruction, labels, data actually used
+        recipe = recorded_recipe(info)
+    else:  # written by an older unsloth-med: rebuild it from the run's config; say why when that fails
+        from .recipes.generic import resolve_recipe
+
+        try:
+            recipe = resolve_recipe(get_recipe(info["recipe"]), {**((read_run_config(run_dir) or {}).get("data") or {}),
+                                                                 **{k: info[k] for k in ("labels", "instruction")
+                                                                    if info.get(k)}})
+        except ConfigError as exc:
+            raise ExportError(f"Could not rebuild the recipe of {folder} for its model card: {exc}. Export the run "
+                              "again (unsloth-med export RUN_DIR), which records the recipe in the export.") from exc
     text = model_card(recipe, base_model=info.get("base_model", "?"), export_format=info.get("format", "merged-16bit"),
                       run_dir=run_dir, image_size=info.get("image_size"), verification=export.get("verification"),
-                      repo_id=repo_id)
+                      repo_id=repo_id, weights=export.get("weights"), model_name=info.get("model"))
     tmp = folder / ".README.md.tmp"
     tmp.write_text(text)
     os.replace(tmp, folder / "README.md")

@@ -6,7 +6,7 @@ one. It runs under `torch.inference_mode()`, one batch at a time, keeping only p
 
 - classification, mode "score": every class ranked by its log-likelihood as the answer
   (classify.py); mode "generate": greedy decoding matched to a class, unparseable answers counted.
-- captioning: greedy generation scored with BLEU, ROUGE-L and, when available, BERTScore (caption.py).
+- captioning: greedy generation scored with BLEU and ROUGE-L (caption.py).
 - vqa: per answer type, closed accuracy (generation and label scoring), open exact match, recall, token
   F1, BLEU-1 (vqa.py).
 

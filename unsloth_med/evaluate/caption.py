@@ -1,4 +1,4 @@
-"""Greedy generation over a test split, and the captioning metrics (BLEU, ROUGE-L, BERTScore).
+"""Greedy generation over a test split, and the captioning metrics (BLEU, ROUGE-L).
 
 Generation is shared with classification's "generate" mode: prompts are the training conversation
 cut just before the answer (so evaluation sees exactly the text the model was trained on), batched
@@ -19,7 +19,6 @@ from ..models.families import Family, family_of
 log = logging.getLogger(__name__)
 
 _SENTINEL = "\x00UNSLOTH_MED_ANSWER\x00"
-BERTSCORE_MODEL = "roberta-large"  # bert_score's default English model
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -146,8 +145,11 @@ def generate_all(model, processor, recipe, dataset, *, max_new_tokens: int, batc
 
 
 # ----------------------------------------------------------------------------- metrics
-def caption_metrics(predictions: Sequence[str], references: Sequence[str], *, bertscore: bool = True) -> dict:
-    """Corpus BLEU (sacrebleu, 0-100), mean ROUGE-L F-measure (0-1), and BERTScore F1 when its model is local."""
+def caption_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict:
+    """Corpus BLEU (sacrebleu, 0-100) and mean ROUGE-L F-measure (0-1).
+
+    No BERTScore: its model (roberta-large) cannot be fetched offline and nothing here tests it, so it is
+    not offered. A recipe's `score_text` can add it (or any metric) where its model is available."""
     import sacrebleu
     from rouge_score import rouge_scorer
 
@@ -157,36 +159,13 @@ def caption_metrics(predictions: Sequence[str], references: Sequence[str], *, be
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     metrics: dict[str, Any] = {"n": len(predictions)}
     if not predictions:
-        metrics.update(bleu=0.0, rougeL=0.0, bertscore=None)
+        metrics.update(bleu=0.0, rougeL=0.0)
         return metrics
     metrics["bleu"] = float(sacrebleu.corpus_bleu(predictions, [references]).score)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
     metrics["rougeL"] = float(sum(scores) / len(scores))
-    value, note = _bertscore(predictions, references) if bertscore else (None, "BERTScore not requested.")
-    metrics["bertscore"] = value
-    if note:
-        metrics["bertscore_note"] = note
     return metrics
-
-
-def _bertscore(predictions: list[str], references: list[str]) -> tuple[float | None, str | None]:
-    """BERTScore F1 only when bert_score is installed and its model is already on disk (no download)."""
-    try:
-        import bert_score
-    except ImportError:
-        return None, "BERTScore skipped: the bert-score package is not installed (pip install bert-score)."
-    try:
-        from huggingface_hub import snapshot_download
-
-        snapshot_download(BERTSCORE_MODEL, local_files_only=True)
-    except Exception:
-        return None, f"BERTScore skipped: its model '{BERTSCORE_MODEL}' is not in the local Hugging Face cache."
-    try:
-        _, _, f1 = bert_score.score(predictions, references, model_type=BERTSCORE_MODEL, verbose=False)
-    except Exception as exc:  # a broken local copy must not sink the whole evaluation
-        return None, f"BERTScore failed ({type(exc).__name__}: {str(exc)[:200]})."
-    return float(f1.mean()), None
 
 
 def evaluate_captioning(model, processor, recipe, dataset, *, batch_size: int = 8, max_new_tokens: int | None = None,

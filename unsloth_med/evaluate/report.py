@@ -114,6 +114,15 @@ def _plt():
     return plt
 
 
+def moving_average_label(steps, points: int) -> str:
+    """The legend of a moving average over `points` logged losses: in steps too when losses are logged every N steps."""
+    gaps = sorted(b - a for a, b in zip(steps, steps[1:]))
+    every = gaps[len(gaps) // 2] if gaps else 1
+    if every <= 1:
+        return f"moving average ({points} steps)"
+    return f"moving average ({points} logged points, {points * every} steps)"
+
+
 def plot_loss(log_history: Iterable[dict], path: Path) -> Path | None:
     points = [(e["step"], e["loss"]) for e in log_history
               if isinstance(e, dict) and "loss" in e and "step" in e and e["loss"] is not None]
@@ -127,7 +136,7 @@ def plot_loss(log_history: Iterable[dict], path: Path) -> Path | None:
     if len(points) >= 10:  # a moving average reads better than noisy per-step values
         k = max(3, len(points) // 10)
         smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
-        ax.plot(steps, smooth, linewidth=2, label=f"moving average ({k} steps)")
+        ax.plot(steps, smooth, linewidth=2, label=moving_average_label(steps, k))
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("Training loss")

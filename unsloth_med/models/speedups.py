@@ -84,18 +84,23 @@ def _run_group(self, pixel_values, size, kwargs) -> list[torch.Tensor]:
 
 
 def skip_frozen_vision_backward(model) -> bool:
-    """Detach the vision tower's output while none of its parameters trains; returns whether a hook was set."""
+    """Detach the vision tower's output while none of its parameters trains.
+
+    Returns whether the backward through the tower is skipped: False when the tower trains (adapters on it,
+    or a full fine-tune), as the hook then passes its output through untouched. Call it after the adapters
+    are added, so train_stats.json records what the run does."""
     tower = _vision_tower(model)
-    if tower is None or getattr(tower, "_unsloth_med_detach_hook", None) is not None:
+    if tower is None:
         return False
+    if getattr(tower, "_unsloth_med_detach_hook", None) is None:
+        tower._unsloth_med_detach_hook = tower.register_forward_hook(_detach_when_frozen)
+    return not any(p.requires_grad for p in tower.parameters())
 
-    def hook(module, args, output):
-        if any(p.requires_grad for p in module.parameters()):
-            return output
-        return _detached(output)
 
-    tower._unsloth_med_detach_hook = tower.register_forward_hook(hook)
-    return True
+def _detach_when_frozen(module, args, output):
+    if any(p.requires_grad for p in module.parameters()):  # checked per call: freezing can change after setup
+        return output
+    return _detached(output)
 
 
 def _vision_tower(model):

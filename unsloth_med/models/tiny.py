@@ -14,6 +14,7 @@ it like any hub checkpoint.
   tokens (+4 row-break/end tokens).
 - mllama: MllamaForConditionalGeneration (Llama 3.2 Vision layout, cross-attention image path).
 - qwen2_5_vl: Qwen2_5_VLForConditionalGeneration.
+- gemma3: Gemma3ForConditionalGeneration (SigLIP vision tower, 64 px -> 16 image tokens).
 
 Hidden sizes are multiples of 64 so bitsandbytes 4-bit blocks divide every weight. Weights are
 saved in float32 (the CPU trains in fp32). Building is deterministic for a seed.
@@ -29,7 +30,7 @@ from typing import Any, Callable
 from ..errors import UnsupportedModelError
 from .families import FAMILIES
 
-TINY_FAMILIES = ("mistral3", "mllama", "qwen2_5_vl")
+TINY_FAMILIES = ("mistral3", "mllama", "qwen2_5_vl", "gemma3")
 TINY_VERSION = 1  # bump when a tiny model's architecture, tokenizer or processor changes
 
 VOCAB = 1024  # model vocabulary; the trained tokenizer is padded with reserved tokens up to it
@@ -70,7 +71,7 @@ def _corpus() -> list[str]:
 
 
 def _tokenizer(special_tokens: list[str], *, bos: str | None, eos: str, pad: str, unk: str | None,
-               chat_template: str):
+               chat_template: str, named_tokens: dict[str, str] | None = None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -82,7 +83,8 @@ def _tokenizer(special_tokens: list[str], *, bos: str | None, eos: str, pad: str
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
+                                   **({"extra_special_tokens": named_tokens} if named_tokens else {}))
     if len(fast) < VOCAB:
         fast.add_tokens([f"<|reserved_{i}|>" for i in range(VOCAB - len(fast))], special_tokens=True)
     assert len(fast) == VOCAB, (len(fast), VOCAB)
@@ -211,7 +213,43 @@ def _build_qwen2_5_vl(out_dir: Path) -> None:
     _finish(model, processor, out_dir, ids["<|endoftext|>"])
 
 
+def _build_gemma3(out_dir: Path) -> None:
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+
+    try:
+        import torchvision  # noqa: F401
+        from transformers import Gemma3ImageProcessor as ImageProcessor
+    except Exception:
+        from transformers import Gemma3ImageProcessorPil as ImageProcessor
+
+    template = FAMILIES["gemma3"].chat_template
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                "<end_of_image>", "<image_soft_token>"]
+    # Gemma3Processor reads the image markers from the tokenizer's named special tokens.
+    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tok = _tokenizer(specials, bos="<bos>", eos="<end_of_turn>", pad="<pad>", unk="<unk>", chat_template=template,
+                     named_tokens=named)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    # SigLIP on 64 px with 8 px patches: 8x8 patches, pooled to 4x4 -> 16 image tokens (as the mistral3 demo model).
+    size, patch, image_tokens = 64, 8, 16
+    vision = dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, patch_size=patch, image_size=size, vision_use_head=False)
+    text = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, sliding_window=512,
+                bos_token_id=ids["<bos>"], eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
+                pad_token_id=ids["<pad>"], tie_word_embeddings=True)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=image_tokens,
+                          boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+                          image_token_index=ids["<image_soft_token>"])
+    model = Gemma3ForConditionalGeneration(config)
+    image_processor = ImageProcessor(size={"height": size, "width": size}, do_pan_and_scan=False)
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok, chat_template=template,
+                                image_seq_length=image_tokens)
+    _finish(model, processor, out_dir, ids["<pad>"])
+
+
 _BUILDERS: dict[str, Callable[[Path], None]] = {
+    "gemma3": _build_gemma3,
     "mistral3": _build_mistral3,
     "mllama": _build_mllama,
     "qwen2_5_vl": _build_qwen2_5_vl,
