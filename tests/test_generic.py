@@ -16,8 +16,9 @@ from unsloth_med.data import tables
 from unsloth_med.data.sources import load_recipe_data
 from unsloth_med.data.tables import load_folders, load_table, stratified_split
 from unsloth_med.errors import ConfigError, DataError, NetworkError
-from unsloth_med.recipes.generic import (CLASSIFY_INSTRUCTION, TableSource, build_generic_recipe, main,
-                                         parse_labels, placeholder, record_resolved, resolve_recipe)
+from unsloth_med.cli import generic_main as main
+from unsloth_med.recipes.generic import (CLASSIFY_INSTRUCTION, TableSource, build_generic_recipe, parse_labels,
+                                         placeholder, record_resolved, resolve_recipe)
 
 COLOURS = {"cat": (200, 30, 30), "dog": (30, 200, 30), "fox": (30, 30, 200)}
 

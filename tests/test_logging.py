@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from unsloth_med.recipes.generic import main
+from unsloth_med.cli import generic_main as main
 
 STEPS = 2
 

@@ -12,7 +12,8 @@ across sections, so the flags are flat). Values are applied in this order, later
 
     package defaults  <  the recipe's defaults  <  presets (--demo, --quick)  <  --config FILE  <  flags
 
-Parsing is TRL's `TrlParser` (an `HfArgumentParser`), so `--help` lists every option with its help.
+Parsing is TRL's `TrlParser` (an `HfArgumentParser`); `--help` prints the short grouped help of
+options.py, `--help-all` every option with its help.
 """
 from __future__ import annotations
 
@@ -212,10 +213,10 @@ def trl_sft_config() -> type:
 
 
 def _section_fields() -> dict[str, set[str]]:
-    SFTConfig = trl_sft_config()
+    from .options import TRAINER_OPTIONS  # the names only: no TRL import, so a bad file fails at once
 
     fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
-    fields["training"] = {f.name for f in dataclasses.fields(SFTConfig)}
+    fields["training"] = set(TRAINER_OPTIONS)
     return fields
 
 
@@ -291,19 +292,38 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 }
 
 
-def build_parser():
+def _raise_config_error(message: str):
+    raise ConfigError(message)
+
+
+def build_parser(prog: str = "unsloth-med train"):
+    """The full parser (TRL's TrlParser over every section); its errors raise ConfigError (one `error:` style)."""
     from trl import TrlParser
 
-    return TrlParser((RunArgs, ModelArgs, LoraArgs, DataArgs, trl_sft_config(), EvalArgs, ExportArgs))
+    parser = TrlParser((RunArgs, ModelArgs, LoraArgs, DataArgs, trl_sft_config(), EvalArgs, ExportArgs), prog=prog)
+    parser.error = _raise_config_error
+    return parser
 
 
-def parse_config(argv: list[str] | None, recipe=None) -> Config:
-    """Resolve the config from defaults, the recipe, presets, --config and flags."""
+def parse_config(argv: list[str] | None, recipe=None, *, prog: str = "unsloth-med train") -> Config:
+    """Resolve the config from defaults, the recipe, presets, --config and flags.
+
+    `--help` (short, grouped) and `--help-all` print and exit; an unknown flag is an error before anything
+    heavy (torch, TRL) is imported."""
     import argparse
     import sys
 
+    from .options import check_known_options, short_help
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    if "-h" in argv or "--help" in argv:
+        print(short_help(prog, recipe_given=recipe is not None))
+        raise SystemExit(0)
+    if "--help-all" in argv:
+        print(build_parser(prog).format_help())
+        raise SystemExit(0)
+    check_known_options(argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     pre.add_argument("--recipe")
     pre.add_argument("--demo", nargs="?", const="true")
@@ -326,7 +346,7 @@ def parse_config(argv: list[str] | None, recipe=None) -> Config:
     if known.config:
         layers.append(read_yaml_tree(known.config))
 
-    parser = build_parser()
+    parser = build_parser(prog)
     for layer in layers:
         parser.set_defaults_with_config(**layer)
     args = [a for a in argv if a != "--config"]
@@ -335,7 +355,7 @@ def parse_config(argv: list[str] | None, recipe=None) -> Config:
     try:
         run, model, lora, data, training, eval_, export = parser.parse_args_into_dataclasses(args=args)
     except ValueError as exc:  # TrainingArguments validation, e.g. bf16 without a GPU
-        raise ConfigError(f"Invalid training option: {exc}") from exc
+        raise ConfigError(f"invalid training option: {exc}") from exc
     if run.recipe is None:
         raise ConfigError("No recipe given. Use `python -m unsloth_med.recipes.bone_fracture` or --recipe NAME.")
     if training.output_dir in (None, "", "trainer_output"):
