@@ -91,7 +91,8 @@ def check_known_options(argv: Iterable[str]) -> None:
             continue
         close = difflib.get_close_matches(name, sorted(n for n in known if not n.startswith("no_") or
                                                        name.startswith("no_")), n=1, cutoff=0.75)
-        hint = f" (did you mean --{close[0]}?)" if close else " (--help lists the options, --help-all every one)"
+        suggestion = close[0].replace("_", "-") if close and "-" in flag else (close[0] if close else "")
+        hint = f" (did you mean --{suggestion}?)" if close else " (--help lists the options, --help-all every one)"
         raise ConfigError(f"unknown option --{flag}{hint}")
 
 
