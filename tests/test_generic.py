@@ -12,13 +12,20 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
+from unsloth_med.cli import generic_main as main
 from unsloth_med.data import tables
 from unsloth_med.data.sources import load_recipe_data
 from unsloth_med.data.tables import load_folders, load_table, stratified_split
 from unsloth_med.errors import ConfigError, DataError, NetworkError
-from unsloth_med.cli import generic_main as main
-from unsloth_med.recipes.generic import (CLASSIFY_INSTRUCTION, TableSource, build_generic_recipe, parse_labels,
-                                         placeholder, record_resolved, resolve_recipe)
+from unsloth_med.recipes.generic import (
+    CLASSIFY_INSTRUCTION,
+    TableSource,
+    build_generic_recipe,
+    parse_labels,
+    placeholder,
+    record_resolved,
+    resolve_recipe,
+)
 
 COLOURS = {"cat": (200, 30, 30), "dog": (30, 200, 30), "fox": (30, 30, 200)}
 
@@ -346,6 +353,7 @@ def test_real_bone_break_csv_matches_the_folder_layout(bone_break_dir):
             sorted(zip(from_folders[split]["image"], from_folders[split]["target"]))
 
 
+@pytest.mark.slow
 def test_classify_trains_a_tiny_model_on_the_real_bone_break_csv(bone_break_dir, tiny_path, tmp_path):
     """The whole job from the command line: CSV listing -> data checks -> eval -> 3 steps -> eval -> report."""
     tiny_path("mistral3")  # build once, outside the timed run

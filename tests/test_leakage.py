@@ -114,6 +114,7 @@ def test_leaked_images_can_be_dropped_from_the_test_split(tmp_path):
     assert [r["id"] for r in drop_leaked(test.to_list(), leaks)] == ["te1", "te2"]
 
 
+@pytest.mark.slow
 def test_check_data_command_writes_the_summary_json(bone_break_dir, tmp_path):
     import json
     import subprocess

@@ -11,6 +11,8 @@ from PIL import Image
 
 from unsloth_med.cli import generic_main as main
 
+pytestmark = pytest.mark.slow  # whole-job runs with each logger; CI runs them
+
 STEPS = 2
 
 

@@ -6,7 +6,7 @@
     unsloth-med predict --model RUN_OR_MODEL IMAGE...                            one answer per image
     unsloth-med export RUN_DIR --format adapter|merged-16bit [--out DIR]
     unsloth-med push DIR OWNER/NAME [--public]
-    unsloth-med check-data --recipe R [--data_dir D] [--json FILE]
+    unsloth-med check-data --recipe R [--data_dir D] [train's data options] [--json FILE]
     unsloth-med bench ...
 
 `python -m unsloth_med.recipes.<name> [options]` is `unsloth-med train --recipe <name> [options]`.
@@ -104,7 +104,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("unsloth_med.commands:predict_command", "answer for each image (class + probabilities, or caption)"),
     "export": ("unsloth_med.commands:export_command", "export a run: adapter or merged 16-bit weights, verified"),
     "push": ("unsloth_med.commands:push_command", "push an exported folder to the Hugging Face Hub"),
-    "check-data": ("unsloth_med.commands:check_data_command", "validate a dataset, summarize it, find train/test leaks"),
+    "check-data": ("unsloth_med.commands:check_data_command",
+                   "validate a dataset, summarize it, find train/test leaks"),
     "bench": ("unsloth_med.commands:bench_command", "side-by-side speed/memory benchmark of the training paths"),
 }
 

@@ -33,9 +33,9 @@ from .secrets import is_secret_key
 
 @dataclass
 class ModelArgs:
-    model: str | None = field(default=None, metadata={"help": "Checkpoint: a hub id, a local folder, or tiny:<family> "
-                                                          "(a tiny random model built offline). Default: the recipe's model "
-                                                          "(its 4-bit variant on the unsloth backend)."})
+    model: str | None = field(default=None, metadata={
+        "help": "Checkpoint: a hub id, a local folder, or tiny:<family> (a tiny random model built offline). "
+                "Default: the recipe's model (its 4-bit variant on the unsloth backend)."})
     backend: Literal["auto", "unsloth", "hf"] = field(default="auto", metadata={
         "help": "auto = unsloth when a CUDA GPU and unsloth are available, else hf (transformers + peft)."})
     load_in_4bit: bool | None = field(default=None, metadata={
@@ -92,7 +92,8 @@ class DataArgs:
         "help": "Decode and size every image once before training (cached as PNG under the cache folder) instead "
                 "of in every batch of every epoch. Same pixels either way."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training examples."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many test examples."})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "Evaluate on at most this many test examples."})
     max_bad_fraction: float = field(default=0.05, metadata={
         "help": "Stop before training when more than this fraction of a split's images cannot be decoded "
                 "(fewer are skipped and listed in skipped_images.json)."})
@@ -148,10 +149,13 @@ class ExportArgs:
 
 @dataclass
 class RunArgs:
-    recipe: str | None = field(default=None, metadata={"help": "Recipe name (implied by `python -m unsloth_med.recipes.X`)."})
+    recipe: str | None = field(default=None, metadata={
+        "help": "Recipe name (implied by `python -m unsloth_med.recipes.X`)."})
     demo: bool = field(default=False, metadata={
-        "help": "Offline demo: tiny Ministral-3-family model + generated fracture X-rays; no GPU, network or credentials."})
-    quick: bool = field(default=False, metadata={"help": "Quick trial: exactly 30 training steps (recipes/<recipe>/quick.yaml)."})
+        "help": "Offline demo: tiny Ministral-3-family model + generated fracture X-rays; no GPU, network or "
+                "credentials."})
+    quick: bool = field(default=False, metadata={
+        "help": "Quick trial: exactly 30 training steps (recipes/<recipe>/quick.yaml)."})
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output_dir."})
 
 
@@ -242,7 +246,8 @@ def read_yaml_tree(path: str | Path) -> dict[str, Any]:
             if key not in fields[section]:
                 close = difflib.get_close_matches(key, sorted(fields[section]), n=1)
                 owner = next((s for s, names in fields.items() if key in names), None)
-                hint = f" It belongs in section '{owner}'." if owner else (f" Did you mean '{close[0]}'?" if close else "")
+                hint = (f" It belongs in section '{owner}'." if owner
+                        else f" Did you mean '{close[0]}'?" if close else "")
                 raise ConfigError(f"{path}: '{key}' is not an option of section '{section}'.{hint}")
             flat[key] = value
     return flat

@@ -97,8 +97,7 @@ def check_known_options(argv: Iterable[str]) -> None:
 
 
 def _metavar(field: dataclasses.Field) -> str:
-    kind = field.type if not isinstance(field.type, str) else field.type
-    text = str(kind)
+    text = str(field.type)
     if "Literal" in text:
         choices = text[text.index("[") + 1:text.rindex("]")].replace("'", "").replace('"', "").replace(" ", "")
         return "{" + choices + "}"
@@ -117,7 +116,9 @@ def _summary(text: str, room: int) -> str:
         return text
     cuts = [text.rfind(mark, 0, room) for mark in ("; ", ": ", " (", ", ")]
     cut = max(cuts)
-    return text[:cut].removesuffix(" e.g.").rstrip(",") if cut > room // 3 else text[:room - 3].rsplit(" ", 1)[0] + " ..."
+    if cut > room // 3:
+        return text[:cut].removesuffix(" e.g.").rstrip(",")
+    return text[:room - 3].rsplit(" ", 1)[0] + " ..."
 
 
 COLUMN = 40  # where the help text starts
@@ -140,7 +141,8 @@ def short_help(prog: str, *, recipe_given: bool = False, width: int = 120) -> st
     for section, cls in _run_sections().items():
         if section == "eval":
             lines += ["", "training (TRL's SFTConfig; --help-all lists all of its options):"]
-            lines += [_option_line(name, metavar, help_, width) for name, (metavar, help_) in ESSENTIAL_TRAINING.items()]
+            lines += [_option_line(name, metavar, help_, width)
+                      for name, (metavar, help_) in ESSENTIAL_TRAINING.items()]
         skip = ("recipe",) if recipe_given else ()
         lines += ["", f"{section}:"] + section_lines(cls, width, skip=skip)
     lines += ["", "  -h, --help".ljust(COLUMN) + "this help",
