@@ -93,7 +93,7 @@ def generic_main(argv: list[str] | None = None) -> int:
 def demo_command(argv: list[str]) -> int:
     from .recipes import get_recipe
 
-    return train_command(["--demo", *argv], get_recipe("bone_fracture"))
+    return train_command(["--demo", *argv], get_recipe("bone_fracture"), prog="unsloth-med demo")
 
 
 COMMANDS: dict[str, tuple[str, str]] = {
