@@ -96,10 +96,15 @@ def test_a_bad_value_is_one_error_line(capsys):
     assert "\n" not in err and "usage:" not in err
 
 
-def test_unknown_command_and_generic_kind_use_the_same_error_style(capsys):
+def test_unknown_command_and_other_commands_use_the_same_error_style(capsys):
     with pytest.raises(SystemExit):
         main(["trian"])
     assert capsys.readouterr().err.startswith("error: unknown command 'trian'")
+    with pytest.raises(SystemExit) as exit:
+        main(["predict", "image.png"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: the following arguments are required: --model "
+                                               "(see unsloth-med predict --help)")
 
 
 # ----------------------------------------------------------------------------- check-data

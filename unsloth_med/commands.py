@@ -8,11 +8,18 @@ from pathlib import Path
 from .errors import ConfigError
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are ConfigError: printed as one `error: ...` line like every other error."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
 def evaluate_command(argv: list[str]) -> int:
     from .evaluate.report import format_table
     from .predict import evaluate_saved_model
 
-    parser = argparse.ArgumentParser(prog="unsloth-med evaluate", description="Evaluate a run folder or a model "
+    parser = ArgumentParser(prog="unsloth-med evaluate", description="Evaluate a run folder or a model "
                                      "on a recipe's test split, without training.")
     parser.add_argument("--model", required=True, help="run folder, merged model folder, hub id or tiny:<family>")
     parser.add_argument("--recipe", help="recipe name (default: the one recorded in the run/merged folder)")
@@ -33,7 +40,7 @@ def evaluate_command(argv: list[str]) -> int:
 def predict_command(argv: list[str]) -> int:
     from .predict import format_predictions, predict
 
-    parser = argparse.ArgumentParser(prog="unsloth-med predict", description="The model's answer for each image.")
+    parser = ArgumentParser(prog="unsloth-med predict", description="The model's answer for each image.")
     parser.add_argument("--model", required=True, help="run folder or merged model folder")
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--top_k", "--top-k", type=int, default=3)
