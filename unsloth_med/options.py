@@ -145,6 +145,9 @@ def short_help(prog: str, *, recipe_given: bool = False, width: int = 120) -> st
                       for name, (metavar, help_) in ESSENTIAL_TRAINING.items()]
         skip = ("recipe",) if recipe_given else ()
         lines += ["", f"{section}:"] + section_lines(cls, width, skip=skip)
+        if section == "run":
+            lines.append(_option_line("config", "FILE", "A YAML file of these sections (examples: recipes/*/*.yaml).",
+                                      width))
     lines += ["", "  -h, --help".ljust(COLUMN) + "this help",
               _option_line("help-all", "", "Every option, with the trainer's own help (slower: imports TRL).", width)]
     return "\n".join(lines)
