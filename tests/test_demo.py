@@ -13,6 +13,8 @@ from PIL import Image
 
 from unsloth_med.recipes.bone_fracture import CLASSES
 
+pytestmark = pytest.mark.slow  # the whole demo job (about 2 min on 2 cores); CI runs it
+
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):

@@ -12,12 +12,20 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
+from unsloth_med.cli import generic_main as main
 from unsloth_med.data import tables
 from unsloth_med.data.sources import load_recipe_data
 from unsloth_med.data.tables import load_folders, load_table, stratified_split
 from unsloth_med.errors import ConfigError, DataError, NetworkError
-from unsloth_med.recipes.generic import (CLASSIFY_INSTRUCTION, TableSource, build_generic_recipe, main,
-                                         parse_labels, placeholder, record_resolved, resolve_recipe)
+from unsloth_med.recipes.generic import (
+    CLASSIFY_INSTRUCTION,
+    TableSource,
+    build_generic_recipe,
+    parse_labels,
+    placeholder,
+    record_resolved,
+    resolve_recipe,
+)
 
 COLOURS = {"cat": (200, 30, 30), "dog": (30, 200, 30), "fox": (30, 30, 200)}
 
@@ -290,17 +298,41 @@ def test_other_recipes_only_take_an_instruction_override():
 
 
 def test_recipe_registry_and_presets():
-    from unsloth_med.config import DataArgs, presets_dir, read_yaml_tree
+    from unsloth_med.config import presets_dir
     from unsloth_med.recipes import BUILTIN, get_recipe
 
     assert {"classify", "caption", "product_catalog"} <= set(BUILTIN)
     assert get_recipe("product_catalog").name == "product_catalog"
-    for name in ("classify", "caption", "product_catalog"):
+    for name in BUILTIN:
         assert (presets_dir() / name / "quick.yaml").is_file()
     assert all(hasattr(DataArgs(), f) for f in ("labels", "instruction", "image_column", "target_column"))
-    for path in sorted((presets_dir()).glob("c*/*.yaml")) + sorted(presets_dir().glob("product_catalog/*.yaml")):
-        read_yaml_tree(path)  # every preset is valid against the config tree
     assert get_recipe("classify").name == "classify" and get_recipe("caption").task == "captioning"
+    assert {p.parent.name for p in SHIPPED_CONFIGS} <= set(BUILTIN)  # every preset folder names a recipe
+
+
+SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_parses_through_the_real_loader(path, tmp_path):
+    """Each preset and config goes through parse_config (TRL's parser and TrainingArguments' checks), and
+    every value it sets arrives in the resolved config unchanged."""
+    import yaml
+
+    from unsloth_med.config import parse_config
+    from unsloth_med.recipes import get_recipe
+
+    config = parse_config(["--config", str(path), "--output_dir", str(tmp_path / "run")], get_recipe(path.parent.name))
+    resolved = config.to_dict()
+    for section, values in yaml.safe_load(path.read_text()).items():
+        for key, value in values.items():
+            got = resolved[section][key]
+            assert got == value or got == [value] or (isinstance(value, float) and got == pytest.approx(value)), \
+                f"{path.name}: {section}.{key} = {value!r} resolved to {got!r}"
+
+
+def test_shipped_configs_are_found():
+    assert len(SHIPPED_CONFIGS) >= 10 and any(p.name == "demo.yaml" for p in SHIPPED_CONFIGS)
 
 
 def test_command_line_usage():
@@ -322,6 +354,7 @@ def test_real_bone_break_csv_matches_the_folder_layout(bone_break_dir):
             sorted(zip(from_folders[split]["image"], from_folders[split]["target"]))
 
 
+@pytest.mark.slow
 def test_classify_trains_a_tiny_model_on_the_real_bone_break_csv(bone_break_dir, tiny_path, tmp_path):
     """The whole job from the command line: CSV listing -> data checks -> eval -> 3 steps -> eval -> report."""
     tiny_path("mistral3")  # build once, outside the timed run

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from unsloth_med.data.checks import check_data, drop_leaked, find_leaked_test_images, leaked_test_images
+from unsloth_med.recipes import get_recipe
 
 THRESHOLD = 2 / 255
 
@@ -106,7 +107,7 @@ def test_real_bone_break_data_has_exactly_the_15_leaked_test_images(real_leaks):
 
 def test_check_data_reports_the_same_leaks_with_labels(bone_break_dir, real_leaks):
     leaks = real_leaks[0]
-    summary = check_data("bone_fracture", str(bone_break_dir))
+    summary = check_data(get_recipe("bone_fracture"), str(bone_break_dir))
     assert summary["sizes"] == {"train": 989, "test": 140}
     assert summary["leaked_count"] == len(summary["leaked_test_images"]) == len(leaks)
     assert {e["test"] for e in summary["leaked_test_images"]} == {e["test"] for e in leaks}
@@ -170,6 +171,7 @@ def test_leaked_images_can_be_dropped_from_the_test_split(tmp_path):
     assert [r["id"] for r in drop_leaked(test.to_list(), leaks)] == ["te1", "te2"]
 
 
+@pytest.mark.slow
 def test_check_data_command_writes_the_summary_json(bone_break_dir, tmp_path):
     import json
     import subprocess

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from unsloth_med.recipes.generic import main
+from unsloth_med.cli import generic_main as main
+
+pytestmark = pytest.mark.slow  # whole-job runs with each logger; CI runs them
 
 STEPS = 2
 

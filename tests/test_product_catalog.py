@@ -104,6 +104,7 @@ def test_default_dataset_offline_says_how_to_get_it(monkeypatch):
         load_recipe_data(RECIPE)
 
 
+@pytest.mark.slow
 def test_product_catalog_runs_end_to_end_on_a_generated_catalog(tiny_path, tmp_path):
     from unsloth_med.cli import train_command
 

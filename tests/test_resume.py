@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # three training runs, one killed with -9; CI runs it
+
 ARGS = ["--model", "tiny:mistral3", "--max_steps", "9", "--save_steps", "3", "--save_total_limit", "5",
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3",
         "--max_train_samples", "40", "--max_eval_samples", "4", "--eval_before", "false", "--eval_after", "false",

@@ -125,6 +125,7 @@ def _run(args, cwd, env_extra=None, timeout=900):
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_pipeline_records_prepared_images_and_step_stats(bone_break_dir, tmp_path):
     run = tmp_path / "run"
     proc = _run(["unsloth_med.recipes.bone_fracture", "--data_dir", str(bone_break_dir), "--model", "tiny:mistral3",
@@ -158,6 +159,7 @@ def test_group_by_length_without_prepared_lengths_is_refused_early(tmp_path):
     assert capped.returncode != 0 and "no CUDA GPU" in capped.stderr and "Traceback" not in capped.stderr
 
 
+@pytest.mark.slow
 def test_bench_cli_runs_a_path_and_writes_json_and_table(bone_break_dir, tmp_path):
     """The bench's plumbing on the CPU (hf-bf16 path, tiny model): real steps, FLOPs, profile, JSON, table."""
     from unsloth_med.models.tiny import tiny_model_path
@@ -312,6 +314,7 @@ def test_one_batch_of_each_kind_covers_every_kind_of_batch_in_every_epoch():
             assert epoch_kinds == set(warm_kinds)
 
 
+@pytest.mark.slow
 def test_trainer_feeds_one_image_shape_per_micro_batch_and_warms_up_each_shape(bone_train, tmp_path):
     """group_by_length over bucketed, prepared images: the real trainer's data loader yields same-shape
     micro-batches, and the shape warm-up runs a real step per shape without changing any weight."""
@@ -356,6 +359,7 @@ def test_trainer_feeds_one_image_shape_per_micro_batch_and_warms_up_each_shape(b
     assert callbacks.index(callback) < next(i for i, c in enumerate(callbacks) if isinstance(c, StepStatsCallback))
 
 
+@pytest.mark.slow
 def test_bench_speedups_time_same_shape_batches_after_each_shape_warmed_up(bone_break_dir, tmp_path):
     from unsloth_med.models.tiny import tiny_model_path
 

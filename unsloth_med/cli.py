@@ -6,7 +6,7 @@
     unsloth-med predict --model RUN_OR_MODEL IMAGE...                            one answer per image
     unsloth-med export RUN_DIR --format adapter|merged-16bit [--out DIR]
     unsloth-med push DIR OWNER/NAME [--public]
-    unsloth-med check-data --recipe R [--data_dir D] [--json FILE]
+    unsloth-med check-data --recipe R [--data_dir D] [train's data options] [--json FILE]
     unsloth-med bench ...
 
 `python -m unsloth_med.recipes.<name> [options]` is `unsloth-med train --recipe <name> [options]`.
@@ -34,27 +34,66 @@ def _friendly(fn: Callable[[], int | None]) -> int:
         return 130
 
 
-def train_command(argv: list[str], recipe=None) -> int:
+def train_command(argv: list[str], recipe=None, *, prog: str = "unsloth-med train") -> int:
     from .config import parse_config
+
+    config = parse_config(argv, recipe, prog=prog)  # before the pipeline's imports: typos fail at once
     from .pipeline import run
     from .recipes import get_recipe
 
-    config = parse_config(argv, recipe)
     run(recipe or get_recipe(config.run.recipe), config)
     return 0
 
 
 def recipe_main(recipe, argv: list[str] | None = None) -> None:
-    """Entry point of `python -m unsloth_med.recipes.<name>`."""
+    """Entry point of `python -m unsloth_med.recipes.<name>` (the recipe's one-line `__main__`)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    sys.exit(_friendly(lambda: train_command(argv, recipe)))
+    prog = f"python -m unsloth_med.recipes.{recipe.name}"
+    sys.exit(_friendly(lambda: train_command(argv, recipe, prog=prog)))
+
+
+GENERIC_USAGE = """usage: python -m unsloth_med.recipes.generic {classify,caption} --data_dir DATA [options]
+
+  classify: DATA is a CSV/JSONL listing (path,label[,split]), or a folder of class folders.
+  caption:  DATA is a CSV/JSONL listing (image,text) or a Hugging Face dataset (name or save_to_disk folder).
+Every option of `unsloth-med train --help` works here too."""
+
+
+def generic_main(argv: list[str] | None = None) -> int:
+    """`python -m unsloth_med.recipes.generic classify|caption [options]`: the whole job on a generic recipe.
+
+    Lives here, not in recipes/generic.py: a recipe module never imports the CLI, config parser or pipeline."""
+    from .recipes.generic import TASK_ALIASES, placeholder, record_resolved, resolve_recipe
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    asked_help = bool(argv) and argv[0] in ("-h", "--help")
+    kind = TASK_ALIASES.get(argv[0].strip().lower()) if argv else None
+    if asked_help or kind is None:
+        print(GENERIC_USAGE if asked_help else f"error: expected classify or caption first.\n{GENERIC_USAGE}",
+              file=sys.stdout if asked_help else sys.stderr)
+        return 0 if asked_help else 2
+
+    def job() -> int:
+        from .config import parse_config
+
+        base = placeholder(kind)
+        config = parse_config(argv[1:], base, prog=f"python -m unsloth_med.recipes.generic {kind}")
+        recipe = resolve_recipe(base, config)
+        record_resolved(config, recipe)
+        from .pipeline import run
+
+        run(recipe, config)
+        return 0
+
+    return _friendly(job)
 
 
 def demo_command(argv: list[str]) -> int:
     from .recipes import get_recipe
 
-    return train_command(["--demo", *argv], get_recipe("bone_fracture"))
+    return train_command(["--demo", *argv], get_recipe("bone_fracture"), prog="unsloth-med demo")
 
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -65,7 +104,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("unsloth_med.commands:predict_command", "answer for each image (class + probabilities, or caption)"),
     "export": ("unsloth_med.commands:export_command", "export a run: adapter or merged 16-bit weights, verified"),
     "push": ("unsloth_med.commands:push_command", "push an exported folder to the Hugging Face Hub"),
-    "check-data": ("unsloth_med.commands:check_data_command", "validate a dataset, summarize it, find train/test leaks"),
+    "check-data": ("unsloth_med.commands:check_data_command",
+                   "validate a dataset, summarize it, find train/test leaks"),
     "bench": ("unsloth_med.commands:bench_command", "side-by-side speed/memory benchmark of the training paths"),
 }
 

@@ -6,12 +6,21 @@ import json
 import sys
 from pathlib import Path
 
+from .errors import ConfigError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are ConfigError: printed as one `error: ...` line like every other error."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
 
 def evaluate_command(argv: list[str]) -> int:
     from .evaluate.report import format_table
     from .predict import evaluate_saved_model
 
-    parser = argparse.ArgumentParser(prog="unsloth-med evaluate", description="Evaluate a run folder or a model "
+    parser = ArgumentParser(prog="unsloth-med evaluate", description="Evaluate a run folder or a model "
                                      "on a recipe's test split, without training.")
     parser.add_argument("--model", required=True, help="run folder, merged model folder, hub id or tiny:<family>")
     parser.add_argument("--recipe", help="recipe name (default: the one recorded in the run/merged folder)")
@@ -32,7 +41,7 @@ def evaluate_command(argv: list[str]) -> int:
 def predict_command(argv: list[str]) -> int:
     from .predict import format_predictions, predict
 
-    parser = argparse.ArgumentParser(prog="unsloth-med predict", description="The model's answer for each image.")
+    parser = ArgumentParser(prog="unsloth-med predict", description="The model's answer for each image.")
     parser.add_argument("--model", required=True, help="run folder or merged model folder")
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--top_k", "--top-k", type=int, default=3)
@@ -50,21 +59,62 @@ def predict_command(argv: list[str]) -> int:
 
 
 def check_data_command(argv: list[str]) -> int:
+    from .config import parse_config
     from .data.checks import check_data
+    from .options import check_data_help
+    from .recipes import get_recipe
+    from .recipes.generic import resolve_recipe
 
-    parser = argparse.ArgumentParser(prog="unsloth-med check-data", description="Validate a recipe's dataset: "
-                                     "decode every image, count classes, find test images leaked from train "
-                                     "(a training run drops them with --drop_leaked_test_images).")
-    parser.add_argument("--recipe", required=True)
-    parser.add_argument("--data_dir", "--data-dir")
-    parser.add_argument("--json", help="write the summary as JSON to this file")
-    args = parser.parse_args(argv)
-    summary = check_data(args.recipe, args.data_dir)
-    print(json.dumps({k: v for k, v in summary.items() if k != "leaked_test_images"}, indent=1))
-    print(f"leaked test images: {len(summary.get('leaked_test_images', []))}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=1))
+    if "-h" in argv or "--help" in argv:
+        print(check_data_help())
+        return 0
+    argv = list(argv)
+    json_path = None
+    if "--json" in argv:  # check-data's own option; the rest is train's config
+        at = argv.index("--json")
+        if at + 1 >= len(argv):
+            raise ConfigError("--json needs a file name: --json summary.json")
+        json_path = argv.pop(at + 1)
+        argv.pop(at)
+    config = parse_config(argv, prog="unsloth-med check-data")
+    recipe = resolve_recipe(get_recipe(config.run.recipe), config)
+    summary = check_data(recipe, config.data.data_dir, image_size=config.data.image_size)
+    print(format_check(summary, data_dir=config.data.data_dir, json_path=json_path))
+    if json_path:
+        Path(json_path).write_text(json.dumps(summary, indent=1))
     return 0
+
+
+def format_check(summary: dict, *, data_dir: str | None = None, json_path: str | None = None, shown: int = 5) -> str:
+    """check-data's summary for a person: sizes, classes per split, unusable images, the first leaked pairs."""
+    sizes = summary.get("sizes", {})
+    lines = [f"check-data: recipe {summary.get('recipe')}, data {data_dir or '(the recipe default)'}, "
+             f"images sized to {summary.get('image_size')} px",
+             "  " + ", ".join(f"{name}: {n} images" for name, n in sizes.items())]
+    counts = summary.get("class_counts")
+    if counts:
+        names = list(counts)
+        classes = sorted({c for per in counts.values() for c in per})
+        width = max(len(c) for c in classes) + 2
+        lines.append(f"  {'class':<{width}}" + "".join(f"{n:>8}" for n in names))
+        lines += [f"  {c:<{width}}" + "".join(f"{counts[n].get(c, 0):>8}" for n in names) for c in classes]
+    more = f" (all in {json_path})" if json_path else " (--json FILE lists all)"
+    skipped = summary.get("skipped_images", [])
+    lines.append(f"unusable images: {len(skipped)}" + (more if len(skipped) > shown else ""))
+    lines += [f"  {s.get('split')}: {s.get('image')}: {s.get('reason')}" for s in skipped[:shown]]
+    leaks = summary.get("leaked_test_images", [])
+    lines.append(f"leaked test images: {len(leaks)}" + (" (near-identical copies of training images)" if leaks else "")
+                 + (more if len(leaks) > shown else ""))
+    for leak in leaks[:shown]:
+        labels = (f"  [labels differ: {leak.get('test_label')} / {leak.get('train_label')}]"
+                  if leak.get("test_label") != leak.get("train_label") else "")
+        lines.append(f"  test {leak.get('test')}  =  train {leak.get('train')}{labels}")
+    if len(leaks) > shown:
+        lines.append(f"  ... and {len(leaks) - shown} more")
+    if leaks:
+        lines.append("hint: remove them from the test split, or train with --drop_leaked_test_images to evaluate "
+                     "without them.")
+    return "\n".join(lines)
 
 
 def export_command(argv: list[str]) -> int:

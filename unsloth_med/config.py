@@ -12,7 +12,8 @@ across sections, so the flags are flat). Values are applied in this order, later
 
     package defaults  <  the recipe's defaults  <  presets (--demo, --quick)  <  --config FILE  <  flags
 
-Parsing is TRL's `TrlParser` (an `HfArgumentParser`), so `--help` lists every option with its help.
+Parsing is TRL's `TrlParser` (an `HfArgumentParser`); `--help` prints the short grouped help of
+options.py, `--help-all` every option with its help.
 """
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ from .secrets import is_secret_key
 
 @dataclass
 class ModelArgs:
-    model: str | None = field(default=None, metadata={"help": "Checkpoint: a hub id, a local folder, or tiny:<family> "
-                                                          "(a tiny random model built offline). Default: the recipe's model "
-                                                          "(its 4-bit variant on the unsloth backend)."})
+    model: str | None = field(default=None, metadata={
+        "help": "Checkpoint: a hub id, a local folder, or tiny:<family> (a tiny random model built offline). "
+                "Default: the recipe's model (its 4-bit variant on the unsloth backend)."})
     backend: Literal["auto", "unsloth", "hf"] = field(default="auto", metadata={
         "help": "auto = unsloth when a CUDA GPU and unsloth are available, else hf (transformers + peft)."})
     load_in_4bit: bool | None = field(default=None, metadata={
@@ -91,7 +92,8 @@ class DataArgs:
         "help": "Decode and size every image once before training (cached as PNG under the cache folder) instead "
                 "of in every batch of every epoch. Same pixels either way."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training examples."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many test examples."})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "Evaluate on at most this many test examples."})
     max_bad_fraction: float = field(default=0.05, metadata={
         "help": "Stop before training when more than this fraction of a split's images cannot be decoded "
                 "(fewer are skipped and listed in skipped_images.json)."})
@@ -156,10 +158,13 @@ class ExportArgs:
 
 @dataclass
 class RunArgs:
-    recipe: str | None = field(default=None, metadata={"help": "Recipe name (implied by `python -m unsloth_med.recipes.X`)."})
+    recipe: str | None = field(default=None, metadata={
+        "help": "Recipe name (implied by `python -m unsloth_med.recipes.X`)."})
     demo: bool = field(default=False, metadata={
-        "help": "Offline demo: tiny Ministral-3-family model + generated fracture X-rays; no GPU, network or credentials."})
-    quick: bool = field(default=False, metadata={"help": "Quick trial: exactly 30 training steps (recipes/<recipe>/quick.yaml)."})
+        "help": "Offline demo: tiny Ministral-3-family model + generated fracture X-rays; no GPU, network or "
+                "credentials."})
+    quick: bool = field(default=False, metadata={
+        "help": "Quick trial: exactly 30 training steps (recipes/<recipe>/quick.yaml)."})
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output_dir."})
 
 
@@ -221,10 +226,10 @@ def trl_sft_config() -> type:
 
 
 def _section_fields() -> dict[str, set[str]]:
-    SFTConfig = trl_sft_config()
+    from .options import TRAINER_OPTIONS  # the names only: no TRL import, so a bad file fails at once
 
     fields = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
-    fields["training"] = {f.name for f in dataclasses.fields(SFTConfig)}
+    fields["training"] = set(TRAINER_OPTIONS)
     return fields
 
 
@@ -250,7 +255,8 @@ def read_yaml_tree(path: str | Path) -> dict[str, Any]:
             if key not in fields[section]:
                 close = difflib.get_close_matches(key, sorted(fields[section]), n=1)
                 owner = next((s for s, names in fields.items() if key in names), None)
-                hint = f" It belongs in section '{owner}'." if owner else (f" Did you mean '{close[0]}'?" if close else "")
+                hint = (f" It belongs in section '{owner}'." if owner
+                        else f" Did you mean '{close[0]}'?" if close else "")
                 raise ConfigError(f"{path}: '{key}' is not an option of section '{section}'.{hint}")
             flat[key] = value
     return flat
@@ -300,19 +306,38 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 }
 
 
-def build_parser():
+def _raise_config_error(message: str):
+    raise ConfigError(message)
+
+
+def build_parser(prog: str = "unsloth-med train"):
+    """The full parser (TRL's TrlParser over every section); its errors raise ConfigError (one `error:` style)."""
     from trl import TrlParser
 
-    return TrlParser((RunArgs, ModelArgs, LoraArgs, DataArgs, trl_sft_config(), EvalArgs, ExportArgs))
+    parser = TrlParser((RunArgs, ModelArgs, LoraArgs, DataArgs, trl_sft_config(), EvalArgs, ExportArgs), prog=prog)
+    parser.error = _raise_config_error
+    return parser
 
 
-def parse_config(argv: list[str] | None, recipe=None) -> Config:
-    """Resolve the config from defaults, the recipe, presets, --config and flags."""
+def parse_config(argv: list[str] | None, recipe=None, *, prog: str = "unsloth-med train") -> Config:
+    """Resolve the config from defaults, the recipe, presets, --config and flags.
+
+    `--help` (short, grouped) and `--help-all` print and exit; an unknown flag is an error before anything
+    heavy (torch, TRL) is imported."""
     import argparse
     import sys
 
+    from .options import check_known_options, short_help
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
+    if "-h" in argv or "--help" in argv:
+        print(short_help(prog, recipe_given=recipe is not None))
+        raise SystemExit(0)
+    if "--help-all" in argv:
+        print(build_parser(prog).format_help())
+        raise SystemExit(0)
+    check_known_options(argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     pre.add_argument("--recipe")
     pre.add_argument("--demo", nargs="?", const="true")
@@ -335,7 +360,7 @@ def parse_config(argv: list[str] | None, recipe=None) -> Config:
     if known.config:
         layers.append(read_yaml_tree(known.config))
 
-    parser = build_parser()
+    parser = build_parser(prog)
     for layer in layers:
         parser.set_defaults_with_config(**layer)
     args = [a for a in argv if a != "--config"]
@@ -344,7 +369,7 @@ def parse_config(argv: list[str] | None, recipe=None) -> Config:
     try:
         run, model, lora, data, training, eval_, export = parser.parse_args_into_dataclasses(args=args)
     except ValueError as exc:  # TrainingArguments validation, e.g. bf16 without a GPU
-        raise ConfigError(f"Invalid training option: {exc}") from exc
+        raise ConfigError(f"invalid training option: {exc}") from exc
     if run.recipe is None:
         raise ConfigError("No recipe given. Use `python -m unsloth_med.recipes.bone_fracture` or --recipe NAME.")
     if training.output_dir in (None, "", "trainer_output"):

@@ -206,14 +206,13 @@ def check_data(recipe, data_dir: str | None = None, *, threshold: float = DEFAUL
                image_size: int | None = None, out_dir: str | Path | None = None) -> dict:
     """Everything `unsloth-med check-data` reports: sizes, class counts, unusable images, leaked test images.
 
-    `recipe` is a Recipe or a recipe name. Nothing is dropped here; the summary lists what a run would skip.
+    `recipe` is a Recipe (the command resolves names: data/ never imports recipes). Nothing is dropped here;
+    the summary lists what a run would skip.
     """
-    from ..recipes import Recipe, get_recipe
     from .sources import load_recipe_data
     from .summary import summarize
     from .validate import validate_splits
 
-    recipe = recipe if isinstance(recipe, Recipe) else get_recipe(recipe)
     image_size = image_size or recipe.image_size
     splits = load_recipe_data(recipe, data_dir)
     clean, skipped = validate_splits(dict(splits), image_size=image_size, max_bad_fraction=1.0)

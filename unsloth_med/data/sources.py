@@ -28,7 +28,8 @@ def cache_dir() -> Path:
 
 
 # ----------------------------------------------------------------------------- class folders
-def find_class_root(root: Path, layout: tuple[str, ...], split_names: tuple[str, str]) -> Path:
+def find_class_root(root: Path, layout: tuple[str, ...], split_names: tuple[str, str], *,
+                    downloadable: bool = False) -> Path:
     """The folder that holds one sub-folder per class.
 
     Accepts the download root (Kaggle layout below it), any folder part-way down the layout, or the
@@ -37,7 +38,8 @@ def find_class_root(root: Path, layout: tuple[str, ...], split_names: tuple[str,
     if not root.exists():
         raise DataError(
             f"Data folder not found: {root}. Pass --data_dir pointing at the dataset (the folder that contains "
-            f"'{'/'.join(layout) or '<class folders>'}'), or leave it out to download the recipe's default dataset."
+            f"'{'/'.join(layout) or '<class folders>'}')"
+            + (", or leave it out to download the recipe's default dataset." if downloadable else ".")
         )
     candidates = [root / Path(*layout[i:]) for i in range(len(layout))] + [root]
     for candidate in candidates:
@@ -65,13 +67,15 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def load_class_folders(
-    root: Path, *, layout: tuple[str, ...] = (), labels: tuple[str, ...] = (), split_names=("Train", "Test")
+    root: Path, *, layout: tuple[str, ...] = (), labels: tuple[str, ...] = (), split_names=("Train", "Test"),
+    downloadable: bool = False,
 ) -> dict[str, list[dict]]:
     """Rows per split from `<class>/{Train,Test}/*` (or `<class>/*` with no splits: all go to 'train').
 
     With `labels`, the folders must be exactly those classes; otherwise the folder names are the labels.
+    `downloadable`: the recipe has a default dataset to download (a missing folder's message says so).
     """
-    class_root = find_class_root(Path(root), layout, split_names)
+    class_root = find_class_root(Path(root), layout, split_names, downloadable=downloadable)
     folders = sorted(p for p in class_root.iterdir() if p.is_dir() and not p.name.startswith("."))
     names = [p.name for p in folders]
     if labels:
@@ -208,7 +212,8 @@ def load_recipe_data(recipe: "Recipe", data_dir: str | None = None, *, seed: int
                 raise DataError(f"Recipe '{recipe.name}' needs --data_dir (a folder with one sub-folder per class).")
             data_dir = str(download_kaggle(source.id))
         rows = load_class_folders(Path(data_dir), layout=source.layout, labels=recipe.labels,
-                                  split_names=(source.train_split, source.test_split))
+                                  split_names=(source.train_split, source.test_split),
+                                  downloadable=source.kind == "kaggle_folders" and bool(source.id))
         if not rows["test"]:
             raise DataError(
                 f"No test images under {data_dir} (expected '{source.test_split}' folders beside '{source.train_split}'). "

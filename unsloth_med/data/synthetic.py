@@ -36,10 +36,24 @@ LAYOUT = ("Bone Break Classification", "Bone Break Classification")
 SUPERSAMPLE = 4  # draw at 4x and downscale: smooth edges and thin lines that stay visible
 
 
-def _classes() -> tuple[str, ...]:
-    from ..recipes.bone_fracture import CLASSES
+# The fracture types this generator can draw: the folder names of the Kaggle bone-break dataset, so the
+# bone_fracture recipe trains on generated data unchanged (tests/test_layering.py checks they agree).
+FRACTURE_CLASSES = (
+    "Avulsion fracture",
+    "Comminuted fracture",
+    "Fracture Dislocation",
+    "Greenstick fracture",
+    "Hairline Fracture",
+    "Impacted fracture",
+    "Longitudinal fracture",
+    "Oblique fracture",
+    "Pathological fracture",
+    "Spiral Fracture",
+)
 
-    return CLASSES
+
+def _classes() -> tuple[str, ...]:
+    return FRACTURE_CLASSES
 
 
 class _Canvas:

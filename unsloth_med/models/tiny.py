@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from ..data.synthetic import FRACTURE_CLASSES
 from ..errors import UnsupportedModelError
 from .families import FAMILIES
 
@@ -44,10 +45,19 @@ MISTRAL3_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2
                      num_key_value_heads=2, head_dim=32)
 
 
-def _corpus() -> list[str]:
-    """Text the tiny tokenizers learn from: the recipes' instructions, labels, and radiology words."""
-    from ..recipes.bone_fracture import CLASSES, INSTRUCTION
+# The demo's prompt (the bone_fracture recipe's instruction, over the generated X-rays' classes), so it
+# becomes few tokens. Kept here, not imported from the recipe: models/ never imports a recipe.
+# tests/test_layering.py checks it still equals the recipe's instruction.
+DEMO_INSTRUCTION = (
+    "You are an expert radiologist. Look at this X-ray and classify the bone fracture into exactly ONE "
+    f"of these classes: {', '.join(FRACTURE_CLASSES)}. Reply with ONLY the class name, exactly as written above: "
+    "no explanations, no markdown, no punctuation."
+)
+CAPTION_INSTRUCTION = "You are an expert radiographer. Describe accurately what you see in this image."
 
+
+def _corpus() -> list[str]:
+    """Text the tiny tokenizers learn from: the demo's instruction and labels, a caption prompt, radiology words."""
     general = (
         "The radiograph shows a fracture of the distal radius. No fracture is seen. "
         "Chest X-ray: heart size normal, lungs clear, no pleural effusion. No acute cardiopulmonary "
@@ -60,14 +70,9 @@ def _corpus() -> list[str]:
     )
     # Labels appear both at the start of a line (the answer right after the prompt) and after a space
     # (inside the instruction), so both forms become few tokens.
-    labels = "\n".join(CLASSES) + "\n" + " ".join(CLASSES) + "\n"
-    try:
-        from ..recipes import radiology_caption
-
-        general += getattr(radiology_caption, "INSTRUCTION", "") + "\n"
-    except Exception:  # the caption recipe is optional for the tokenizer
-        pass
-    return [INSTRUCTION + "\n"] * 20 + [labels] * 60 + [general] * 20
+    labels = "\n".join(FRACTURE_CLASSES) + "\n" + " ".join(FRACTURE_CLASSES) + "\n"
+    general += CAPTION_INSTRUCTION + "\n"
+    return [DEMO_INSTRUCTION + "\n"] * 20 + [labels] * 60 + [general] * 20
 
 
 def _tokenizer(special_tokens: list[str], *, bos: str | None, eos: str, pad: str, unk: str | None,

@@ -40,7 +40,7 @@ from .base import DataSource, Recipe
 log = logging.getLogger(__name__)
 
 GENERIC_KINDS = {"classify": "classification", "caption": "captioning"}
-_TASK_ALIASES = {"classify": "classify", "classification": "classify", "caption": "caption", "captioning": "caption"}
+TASK_ALIASES = {"classify": "classify", "classification": "classify", "caption": "caption", "captioning": "caption"}
 
 DEFAULT_MODEL = "unsloth/Ministral-3-3B-Instruct-2512"
 DEFAULT_MODEL_4BIT = "unsloth/Ministral-3-3B-Instruct-2512-unsloth-bnb-4bit"
@@ -107,7 +107,7 @@ def fill_instruction(instruction: str, labels: Sequence[str]) -> str:
 
 
 def _kind(kind: str) -> str:
-    key = _TASK_ALIASES.get(str(kind).strip().lower())
+    key = TASK_ALIASES.get(str(kind).strip().lower())
     if key is None:
         raise ConfigError(f"Unknown generic recipe kind '{kind}': use classify or caption.")
     return key
@@ -242,38 +242,7 @@ def record_resolved(config: Any, recipe: Recipe) -> None:
         data.instruction = recipe.instruction
 
 
-# ----------------------------------------------------------------------------- command line
-USAGE = """usage: python -m unsloth_med.recipes.generic {classify,caption} --data_dir DATA [options]
+if __name__ == "__main__":  # the command lives in cli.py: a recipe never imports the CLI or the pipeline
+    from ..cli import generic_main
 
-  classify: DATA is a CSV/JSONL listing (path,label[,split]), or a folder of class folders.
-  caption:  DATA is a CSV/JSONL listing (image,text) or a Hugging Face dataset (name or save_to_disk folder).
-Every option of `unsloth-med train --help` works here too."""
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m unsloth_med.recipes.generic classify|caption [options]`: the whole job on a generic recipe."""
-    from ..cli import _friendly
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0].lower() not in _TASK_ALIASES:
-        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    kind, rest = _kind(argv[0]), argv[1:]
-
-    def job() -> int:
-        from ..config import parse_config
-        from ..pipeline import run
-
-        base = placeholder(kind)
-        config = parse_config(rest, base)
-        recipe = resolve_recipe(base, config)
-        record_resolved(config, recipe)
-        run(recipe, config)
-        return 0
-
-    return _friendly(job)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(generic_main())

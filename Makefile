@@ -1,0 +1,35 @@
+# The README's commands. On a fresh machine the first `make demo` or `make test` creates .venv and installs
+# the package from this repository's files (CPU torch from requirements-cpu.txt, then `pip install -e .[test]`).
+#
+#   make demo       the offline demo (tiny model, generated X-rays; CPU, no network)
+#   make test       the fast tests (-m "not slow": what a developer runs before each commit)
+#   make test-all   every test, slow ones too (what CI runs)
+#   make lint       ruff
+#
+# CI installs into its own interpreter and reuses the same commands: make test-all lint PY=python3 SETUP=
+PYTHON ?= python3
+VENV ?= .venv
+PY ?= $(VENV)/bin/python
+SETUP ?= $(VENV)/.installed
+
+.PHONY: setup demo test test-all lint
+
+$(VENV)/.installed: requirements-cpu.txt pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q -r requirements-cpu.txt
+	$(VENV)/bin/python -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(SETUP)
+
+demo: $(SETUP)
+	$(PY) -m unsloth_med.recipes.bone_fracture --demo
+
+test: $(SETUP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(SETUP)
+	$(PY) -m pytest -q
+
+lint: $(SETUP)
+	$(PY) -m ruff check .

@@ -1,0 +1,151 @@
+"""The command line a newcomer meets: a short grouped --help, --help-all, and typos that fail at once."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unsloth_med.cli import main
+from unsloth_med.errors import ConfigError
+from unsloth_med.options import TRAINER_OPTIONS, check_known_options, option_names, short_help
+
+PROBE = """
+import sys
+from unsloth_med.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exit:
+    heavy = [name for name in ("torch", "transformers", "trl", "datasets") if name in sys.modules]
+    print("exit", exit.code, "heavy", ",".join(heavy) or "none")
+"""
+
+
+def _run(*argv: str, code: str = PROBE) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+
+
+def test_a_typo_fails_at_once_naming_the_option_it_meant():
+    started = time.perf_counter()
+    done = _run("train", "--recipe", "bone_fracture", "--demo", "--max_stesp", "30")
+    seconds = time.perf_counter() - started
+    assert done.stderr.strip() == "error: unknown option --max_stesp (did you mean --max_steps?)"
+    assert done.stdout.split() == ["exit", "2", "heavy", "none"]  # before torch, transformers, TRL
+    assert seconds < 10, seconds  # measured 0.4 s on 2 busy cores; the bound only guards against a hang
+    recipe = subprocess.run([sys.executable, "-m", "unsloth_med.recipes.bone_fracture", "--max-stesp", "3"],
+                            capture_output=True, text=True, timeout=120)
+    assert recipe.returncode == 2
+    assert recipe.stderr.strip() == "error: unknown option --max-stesp (did you mean --max-steps?)"
+
+
+def test_known_options_pass_the_early_check():
+    check_known_options(["--max-steps", "3", "--lora_r=8", "--no_eval_before", "--labels", "a", "-1", "--demo"])
+    with pytest.raises(ConfigError, match=r"unknown option --lora_alpah \(did you mean --lora_alpha\?\)"):
+        check_known_options(["--lora_alpah", "8"])
+    with pytest.raises(ConfigError, match=r"unknown option --zzz \(--help lists"):
+        check_known_options(["--zzz"])
+
+
+def test_the_trainer_option_list_is_trls():
+    """options.TRAINER_OPTIONS (used before TRL is imported) must be exactly SFTConfig's fields."""
+    from unsloth_med.config import trl_sft_config
+
+    assert TRAINER_OPTIONS == {f.name for f in dataclasses.fields(trl_sft_config())}
+
+
+def test_short_help_is_grouped_and_short():
+    done = _run("train", "--help")
+    text = done.stdout.rsplit("exit", 1)[0]
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("usage: unsloth-med train --recipe NAME")
+    headers = [line.split(" (")[0].rstrip(":") for line in lines
+               if line.endswith(":") and " " not in line or line.startswith("training (")]
+    assert headers == ["run", "model", "lora", "data", "training", "eval", "export"]
+    assert len(lines) < 100 and max(map(len, lines)) <= 120
+    assert "--optim NAME" in text and "adamw_hf" not in text  # no 40 inline choices
+    assert done.stdout.split()[-3:] == ["0", "heavy", "none"]
+    flags = {line.split()[0].lstrip("-") for line in lines if line.startswith("  --")}
+    assert flags - {"help-all"} <= option_names()  # every option shown is a real one
+
+
+def test_a_recipe_module_help_names_the_module():
+    text = short_help("python -m unsloth_med.recipes.bone_fracture", recipe_given=True)
+    assert text.startswith("usage: python -m unsloth_med.recipes.bone_fracture [--config FILE]")
+    assert "--recipe" not in text
+
+
+def test_help_all_lists_every_trainer_option(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["train", "--help-all"])
+    assert exit.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: unsloth-med train")
+    assert all(f"--{name}" in text for name in ("max_steps", "optim", "lora_r", "ddp_timeout", "neftune_noise_alpha"))
+
+
+def test_a_bad_value_is_one_error_line(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["train", "--recipe", "bone_fracture", "--max_steps", "many"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: argument --max_steps") and "invalid int value: 'many'" in err
+    assert "\n" not in err and "usage:" not in err
+
+
+def test_unknown_command_and_other_commands_use_the_same_error_style(capsys):
+    with pytest.raises(SystemExit):
+        main(["trian"])
+    assert capsys.readouterr().err.startswith("error: unknown command 'trian'")
+    with pytest.raises(SystemExit) as exit:
+        main(["predict", "image.png"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: the following arguments are required: --model "
+                                               "(see unsloth-med predict --help)")
+
+
+# ----------------------------------------------------------------------------- check-data
+def _listing(folder):
+    """A CSV listing with its own column names; one test image is a copy of a training image."""
+    rng = np.random.default_rng(0)
+    rows = ["file,diagnosis,split"]
+    for i in range(16):
+        split, label = ("train" if i < 12 else "test"), ("normal", "broken")[i % 2]
+        name = f"{split[:2]}{i}.png"
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / name)
+        rows.append(f"{name},{label},{split}")
+    Image.open(folder / "tr4.png").save(folder / "te_copy.png")
+    rows.append("te_copy.png,normal,test")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder / "labels.csv"
+
+
+def test_check_data_takes_train_data_options_and_lists_leaked_pairs(tmp_path, capsys):
+    import json
+
+    listing = _listing(tmp_path)
+    out = tmp_path / "summary.json"
+    with pytest.raises(SystemExit) as exit:
+        main(["check-data", "--recipe", "classify", "--data_dir", str(listing), "--image_column", "file",
+              "--target_column", "diagnosis", "--labels", "normal,broken", "--json", str(out)])
+    assert exit.value.code == 0
+    text = capsys.readouterr().out
+    assert "train: 12 images, test: 5 images" in text
+    assert "leaked test images: 1" in text and "te_copy.png" in text and "tr4.png" in text
+    assert "--drop_leaked_test_images" in text and not text.lstrip().startswith("{")  # readable, not a JSON dump
+    summary = json.loads(out.read_text())
+    assert summary["class_counts"]["train"] == {"broken": 6, "normal": 6}
+    assert [leak["test_id"] for leak in summary["leaked_test_images"]] and summary["leaked_count"] == 1
+
+
+def test_check_data_help_and_errors(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["check-data", "--help"])
+    assert exit.value.code == 0 and "--target_column" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit:
+        main(["check-data", "--recipe", "classify", "--taget_column", "x"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: unknown option --taget_column (did you mean --target_column?)"
