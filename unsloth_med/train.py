@@ -187,7 +187,8 @@ def _sft_trainer_class():
                     "image_shape" in getattr(dataset, "column_names", []):
                 from .data.batching import SameShapeSampler
 
-                return SameShapeSampler(dataset["image_shape"], self._train_batch_size, seed=self.args.seed)
+                return SameShapeSampler(dataset["image_shape"], self._train_batch_size, seed=self.args.seed,
+                                        world_size=self.args.world_size)
             return super()._get_train_sampler(train_dataset)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -227,9 +228,13 @@ def _step_without_update(trainer, rows: list[dict]) -> None:
     """One real forward and backward (the trainer's own loss) on `rows`, no optimizer step, gradients cleared."""
     if not hasattr(trainer, "current_gradient_accumulation_steps"):  # set by Trainer.train; training_step reads it
         trainer.current_gradient_accumulation_steps = 1
+    # No collective in a step of one rank alone: TRL gathers its token metrics across the ranks, and under DDP
+    # a rank that ran out of memory (or probes one more size) would leave the others waiting in that gather.
+    trainer.accelerator.gather_for_metrics = lambda value, **_: value
     try:
         trainer.training_step(trainer.model, trainer.data_collator(rows))
     finally:
+        del trainer.accelerator.gather_for_metrics
         trainer.model.zero_grad(set_to_none=True)
 
 
@@ -246,6 +251,7 @@ def fit_micro_batch(trainer, dataset, max_memory_gib: float) -> dict:
     import torch
     from accelerate.utils import find_executable_batch_size
 
+    from .distributed import current as current_ranks
     from .errors import BackendError
 
     if not torch.cuda.is_available():
@@ -259,7 +265,7 @@ def fit_micro_batch(trainer, dataset, max_memory_gib: float) -> dict:
     # The cap limits what the allocator may reserve; memory it cached earlier (a previous run, a probe)
     # would otherwise be reused beyond it.
     torch.cuda.empty_cache()
-    total = torch.cuda.get_device_properties(0).total_memory
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gib * 2**30 / total))
     torch.cuda.reset_peak_memory_stats()  # probe_peak_allocated_gib: the probe's own peak
     sizes = [d for d in range(effective, 0, -1) if effective % d == 0]
@@ -288,6 +294,7 @@ def fit_micro_batch(trainer, dataset, max_memory_gib: float) -> dict:
             raise
         raise BackendError(f"Not even one sample fits in --max_memory_gib {max_memory_gib}: lower --image_size, load in "
                            "4-bit, or raise the cap.") from exc
+    micro = current_ranks().min(micro)  # under DDP every rank probes its own GPU; all train with what all can fit
     peak = torch.cuda.max_memory_allocated() / 2**30
     args.per_device_train_batch_size = micro
     args.gradient_accumulation_steps = effective // micro
@@ -320,7 +327,7 @@ def warm_up_shapes(trainer, dataset) -> dict:
     shapes = dataset["image_shape"]
     batch = trainer._train_batch_size or trainer.args.per_device_train_batch_size
     # The sampler's own order (SameShapeSampler, seeded by args.seed), so the kinds are the epoch's kinds.
-    batches = one_batch_of_each_kind(shapes, batch, trainer.args.seed)
+    batches = one_batch_of_each_kind(shapes, batch, trainer.args.seed, trainer.args.world_size)
     short = len(dataset) % batch
     started = time.perf_counter()
     seconds = {}
