@@ -79,7 +79,7 @@ class StepStatsCallback(TrainerCallback):
 
         steady = self.times[self.warmup:] or self.times
         waits = self.waits[self.warmup:] or self.waits
-        samples = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size  # all ranks
         median = statistics.median(steady) if steady else None
         wait = statistics.median(waits) if waits else None
         stats = {
@@ -91,6 +91,7 @@ class StepStatsCallback(TrainerCallback):
             "data_share": round(wait / (wait + median), 4) if median and wait is not None else None,
             "samples_per_step": samples,
             "micro_batch": args.per_device_train_batch_size,
+            "world_size": args.world_size,
             "samples_per_second": round(samples / median, 3) if median else None,
             # The rate an epoch runs at: batches of different shapes differ in cost, so the median alone flatters.
             "samples_per_second_all_steps": round(samples * len(steady) / sum(steady), 3) if median else None,
@@ -103,6 +104,11 @@ class StepStatsCallback(TrainerCallback):
         if torch.cuda.is_available():
             stats["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             stats["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+            if args.world_size > 1:  # every rank calls this at the same steps: one gather, each GPU's peak
+                from .distributed import current, gather_in_order
+
+                ranks = current()
+                stats["peak_reserved_gib_per_rank"] = gather_in_order([stats["peak_reserved_gib"]], [ranks.rank])
         if state.is_world_process_zero:  # keeps what the run wrote before (the memory fit, the warm-up)
             update_json(self.path, stats)
 
