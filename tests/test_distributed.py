@@ -232,6 +232,9 @@ def test_resume_under_ddp_after_sigkill_of_the_whole_job(tmp_path, bone_break_di
     assert json.loads((crashed / "run.json").read_text())["complete"] is True
     expected, got = _losses(straight, 6), _losses(crashed, 6)
     assert sorted(got) == list(range(1, 7))
+    # Both ranks trained (40 samples / (2 x 2 x 2 ranks) = 5 steps an epoch), and rank 1 logged apart.
+    state = json.loads((crashed / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["epoch"] == pytest.approx(6 / 5) and (crashed / "rank1.log").is_file()
     for step in (4, 5, 6):
         assert got[step] == pytest.approx(expected[step], rel=1e-3, abs=1e-4), (step, got[step], expected[step])
 
