@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from . import distributed
 from .config import Config, save_config
 from .errors import BackendError, ConfigError, ExportError
 from .recipes.base import Recipe
@@ -24,8 +26,8 @@ log = logging.getLogger("unsloth_med")
 LOGGERS = ("unsloth_med", "transformers", "trl", "peft", "huggingface_hub")
 
 
-def _setup_logging(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "run.log")
+def _setup_logging(run_dir: Path, name: str = "run.log") -> logging.Handler:
+    handler = logging.FileHandler(run_dir / name)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter())
     for name in LOGGERS:
@@ -35,6 +37,8 @@ def _setup_logging(run_dir: Path) -> logging.Handler:
 
 
 def _write_status(run_dir: Path, **fields) -> None:
+    if not distributed.current().is_main:  # under DDP rank 0 alone writes the run folder
+        return
     path = run_dir / "run.json"
     status = json.loads(path.read_text()) if path.exists() else {}
     status.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -162,14 +166,17 @@ def run(recipe: Recipe, config: Config) -> dict:
                           "--train_sampling_strategy random.")
     if config.model.max_memory_gib and not torch.cuda.is_available():
         raise ConfigError("--max_memory_gib caps GPU memory, and no CUDA GPU is visible: leave it unset on a CPU.")
-    run_dir, lock = prepare_run_dir(config)
-    handler = _setup_logging(run_dir)
+    ranks = distributed.start(config.training)  # torchrun / accelerate launch; one process: rank 0 of 1
+    run_dir, lock = prepare_run_dir(config) if ranks.is_main else (Path(config.training.output_dir), None)
+    ranks.barrier()  # the other ranks start once rank 0 has checked, locked and made the run folder
+    handler = _setup_logging(run_dir, ranks.log_name)
+    files = ranks.files_dir(run_dir)  # side files: the run folder on rank 0, scratch on the others
     try:
         backend = pick_backend(config.model.backend)
         data_dir = config.data.data_dir
         demo_data = config.run.demo and data_dir is None  # the generated images, not the recipe's data
         if demo_data:
-            data_dir = str(demo_data_dir(recipe))
+            data_dir = str(ranks.main_first(demo_data_dir, recipe))
         config.data.data_dir = data_dir
         recipe = resolve_recipe(recipe, config)  # generic recipes: labels, instruction, columns from the config
         if demo_data:  # reports and model cards credit the data actually used
@@ -187,9 +194,9 @@ def run(recipe: Recipe, config: Config) -> dict:
         train_set = subsample(splits["train"], config.data.max_train_samples, seed)
         test_set = subsample(splits["test"], config.data.max_eval_samples, seed)
         checked, skipped = validate_splits({"train": train_set, "test": test_set}, image_size=image_size,
-                                           max_bad_fraction=config.data.max_bad_fraction, run_dir=run_dir)
+                                           max_bad_fraction=config.data.max_bad_fraction, run_dir=files)
         train_set, test_set = checked["train"], checked["test"]
-        summary = summarize(recipe, {"train": train_set, "test": test_set}, run_dir, image_size=image_size)
+        summary = summarize(recipe, {"train": train_set, "test": test_set}, files, image_size=image_size)
         summary["skipped_images"] = len(skipped)
         # Test images that are copies of training images measure memory, not skill: always reported.
         leaks = leaked_test_images({"train": train_set, "test": test_set})
@@ -207,29 +214,29 @@ def run(recipe: Recipe, config: Config) -> dict:
         print(f"Data: {summary['sizes']['train']} train / {summary['sizes']['test']} test examples")
 
         named_model = config.model.model or resolve_model_name(None, recipe, backend.name)  # as the user named it
-        model_name = resolve_model_name(config.model.model, recipe, backend.name)
+        model_name = ranks.main_first(resolve_model_name, config.model.model, recipe, backend.name)  # built once
         config.model.model = model_name
         record_resolved(config, recipe)  # config.yaml alone rebuilds it later (predict, export)
-        save_config(config, run_dir / "config.yaml")
+        save_config(config, files / "config.yaml")
         _write_status(run_dir, model=model_name)
         log.info("recipe=%s backend=%s model=%s run_dir=%s", recipe.name, backend.name, model_name, run_dir)
         # One sizing rule for training, evaluation and export (longest side, patch grid, buckets), read from the
         # model's config alone, so that preparation and the image-token check also run before the model loads.
         fit = image_fit(AutoConfig.from_pretrained(model_name), image_size, buckets=config.data.image_buckets)
         if config.data.preprocess_images:
-            train_set, summary["prepared_images"] = prepare_images(train_set, fit)
-            test_set, _ = prepare_images(test_set, fit)
+            train_set, summary["prepared_images"] = ranks.share_then_all(prepare_images, train_set, fit)
+            test_set, _ = ranks.share_then_all(prepare_images, test_set, fit)
             check_image_tokens(train_set, config.model.max_seq_length, fit)  # before any GPU time is spent
 
         model, processor = backend.load(model_name, config.model)
         eval_kw = dict(mode=config.eval.eval_mode, batch_size=config.eval.eval_batch_size,
                        max_new_tokens=config.eval.max_new_tokens, image_size=fit)
         before = None
-        resume_from = last_checkpoint(run_dir) if config.run.resume else None
+        resume_from = ranks.broadcast(last_checkpoint(run_dir) if config.run.resume else None)  # rank 0's view
         if config.eval.eval_before and not resume_from:
             _write_status(run_dir, stage="eval_before")
             before = evaluate(backend.for_inference(model), processor, recipe, test_set, **eval_kw)
-            (run_dir / "eval_before.json").write_text(json.dumps(before, indent=1))
+            (files / "eval_before.json").write_text(json.dumps(before, indent=1))
         elif resume_from and (run_dir / "eval_before.json").exists():
             before = json.loads((run_dir / "eval_before.json").read_text())
 
@@ -250,7 +257,7 @@ def run(recipe: Recipe, config: Config) -> dict:
             warm_up = config.model.warm_up_shapes
             if warm_up or (warm_up is None and torch.cuda.is_available()):
                 warm_up_when_training_starts(trainer, train_set)  # records "shape_warmup" in train_stats.json
-            (run_dir / "train_stats.json").write_text(json.dumps(pre_train, indent=1))
+            (files / "train_stats.json").write_text(json.dumps(pre_train, indent=1))
             history = train(trainer, resume_from=resume_from)
         except torch.OutOfMemoryError as exc:
             raise out_of_memory_error(config, run_dir) from exc
@@ -261,12 +268,15 @@ def run(recipe: Recipe, config: Config) -> dict:
         model = trainer.model
 
         record = {**recipe_record(recipe), "model": named_model, "base_model": model_name, **fit_record(fit)}
-        save_adapter(model, processor, run_dir, record)
+        save_adapter(model, processor, files, record)
         _write_status(run_dir, stage="eval_after")
         after = None
         if config.eval.eval_after:
             after = evaluate(backend.for_inference(model), processor, recipe, test_set, **eval_kw)
-            (run_dir / "eval_after.json").write_text(json.dumps(after, indent=1))
+            (files / "eval_after.json").write_text(json.dumps(after, indent=1))
+        ranks.finish()  # the last step all ranks take together: export, report and push are rank 0's
+        if not ranks.is_main:
+            return {}
 
         exported, export_error = None, None
         if config.export.export == "merged-16bit":
@@ -294,8 +304,14 @@ def run(recipe: Recipe, config: Config) -> dict:
         if config.export.push_to_hub_id:
             _push(run_dir, config)
         return metrics
+    except BaseException as exc:
+        ranks.report_failure(exc)
+        raise
     finally:
         for name in LOGGERS:
             logging.getLogger(name).removeHandler(handler)
         handler.close()
-        lock.release()
+        if lock is not None:
+            lock.release()
+        if files != run_dir:
+            shutil.rmtree(files, ignore_errors=True)

@@ -141,7 +141,7 @@ class StepStatsCallback(TrainerCallback):
 
         steady = self.times[self.warmup:] or self.times
         waits = self.waits[self.warmup:] or self.waits
-        samples = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size  # all ranks
         median = statistics.median(steady) if steady else None
         wait = statistics.median(waits) if waits else None
         stats = {
@@ -153,6 +153,7 @@ class StepStatsCallback(TrainerCallback):
             "data_share": round(wait / (wait + median), 4) if median and wait is not None else None,
             "samples_per_step": samples,
             "micro_batch": args.per_device_train_batch_size,
+            "world_size": args.world_size,
             "samples_per_second": round(samples / median, 3) if median else None,
             # The rate an epoch runs at: batches of different shapes differ in cost, so the median alone flatters.
             "samples_per_second_all_steps": round(samples * len(steady) / sum(steady), 3) if median else None,
@@ -165,6 +166,11 @@ class StepStatsCallback(TrainerCallback):
         if torch.cuda.is_available():
             stats["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             stats["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+            if args.world_size > 1:  # every rank calls this at the same steps: one gather, each GPU's peak
+                from .distributed import current, gather_in_order
+
+                ranks = current()
+                stats["peak_reserved_gib_per_rank"] = gather_in_order([stats["peak_reserved_gib"]], [ranks.rank])
         if state.is_world_process_zero:  # keeps what the run wrote before (the memory fit, the warm-up)
             update_json(self.path, stats)
 
@@ -290,7 +296,8 @@ def _sft_trainer_class():
                     "image_shape" in getattr(dataset, "column_names", []):
                 from .data.batching import SameShapeSampler
 
-                return SameShapeSampler(dataset["image_shape"], self._train_batch_size, seed=self.args.seed)
+                return SameShapeSampler(dataset["image_shape"], self._train_batch_size, seed=self.args.seed,
+                                        world_size=self.args.world_size)
             return super()._get_train_sampler(train_dataset)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -335,9 +342,13 @@ def _step_without_update(trainer, rows: list[dict]) -> None:
     """One real forward and backward (the trainer's own loss) on `rows`, no optimizer step, gradients cleared."""
     if not hasattr(trainer, "current_gradient_accumulation_steps"):  # set by Trainer.train; training_step reads it
         trainer.current_gradient_accumulation_steps = 1
+    # No collective in a step of one rank alone: TRL gathers its token metrics across the ranks, and under DDP
+    # a rank that ran out of memory (or probes one more size) would leave the others waiting in that gather.
+    trainer.accelerator.gather_for_metrics = lambda value, **_: value
     try:
         trainer.training_step(trainer.model, trainer.data_collator(rows))
     finally:
+        del trainer.accelerator.gather_for_metrics
         trainer.model.zero_grad(set_to_none=True)
 
 
@@ -354,6 +365,7 @@ def fit_micro_batch(trainer, dataset, max_memory_gib: float) -> dict:
     import torch
     from accelerate.utils import find_executable_batch_size
 
+    from .distributed import current as current_ranks
     from .errors import BackendError
 
     if not torch.cuda.is_available():
@@ -367,7 +379,7 @@ def fit_micro_batch(trainer, dataset, max_memory_gib: float) -> dict:
     # The cap limits what the allocator may reserve; memory it cached earlier (a previous run, a probe)
     # would otherwise be reused beyond it.
     torch.cuda.empty_cache()
-    total = torch.cuda.get_device_properties(0).total_memory
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gib * 2**30 / total))
     torch.cuda.reset_peak_memory_stats()  # probe_peak_allocated_gib: the probe's own peak
     sizes = [d for d in range(effective, 0, -1) if effective % d == 0]
@@ -396,6 +408,7 @@ def fit_micro_batch(trainer, dataset, max_memory_gib: float) -> dict:
             raise
         raise BackendError(f"Not even one sample fits in --max_memory_gib {max_memory_gib}: lower --image_size, load in "
                            "4-bit, or raise the cap.") from exc
+    micro = current_ranks().min(micro)  # under DDP every rank probes its own GPU; all train with what all can fit
     peak = torch.cuda.max_memory_allocated() / 2**30
     args.per_device_train_batch_size = micro
     args.gradient_accumulation_steps = effective // micro
@@ -428,7 +441,7 @@ def warm_up_shapes(trainer, dataset) -> dict:
     shapes = dataset["image_shape"]
     batch = trainer._train_batch_size or trainer.args.per_device_train_batch_size
     # The sampler's own order (SameShapeSampler, seeded by args.seed), so the kinds are the epoch's kinds.
-    batches = one_batch_of_each_kind(shapes, batch, trainer.args.seed)
+    batches = one_batch_of_each_kind(shapes, batch, trainer.args.seed, trainer.args.world_size)
     short = len(dataset) % batch
     started = time.perf_counter()
     seconds = {}

@@ -14,6 +14,7 @@ import torch
 
 from ..data import samples
 from ..data.images import load_image
+from ..distributed import device_map
 from ..errors import BackendError
 from ..models import prompting
 from ..models.families import Family, family_of, module_kind
@@ -91,11 +92,11 @@ class HFBackend:
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=kwargs["dtype"], llm_int8_skip_modules=["lm_head", "multi_modal_projector"])
-            kwargs["device_map"] = {"": 0}
+            kwargs["device_map"] = device_map()  # this rank's own GPU (the first one without DDP)
         processor = AutoProcessor.from_pretrained(model_name)
         model = AutoModelForImageTextToText.from_pretrained(model_name, **kwargs)
         if cuda and not four_bit:
-            model = model.to("cuda")
+            model = model.to(f"cuda:{device_map()['']}")
         family = family_of(model.config, model_name)
         prompting.prepare_processor(processor, family)
         return model, processor

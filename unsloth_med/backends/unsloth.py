@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..distributed import device_map, launched_world_size
 from ..errors import BackendError
 from ..models import prompting
 from ..models.families import family_of, image_fit
@@ -187,6 +188,8 @@ class UnslothBackend:
             use_gradient_checkpointing=gc,
             max_seq_length=model_args.max_seq_length,
         )
+        if launched_world_size() > 1:  # under DDP each rank loads the whole model on its own GPU
+            kwargs["device_map"] = device_map()
         if model_args.full_finetune:
             kwargs.update(load_in_4bit=False, full_finetuning=True)
         elif not four_bit:

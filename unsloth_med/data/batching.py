@@ -9,6 +9,10 @@ straddle shapes at every chunk boundary; this order makes the grouping exact.
 The order: each shape's samples shuffled and cut into full micro-batches; what is left of every shape
 (fewer than a micro-batch each) is put together, by shape, into a few mixed batches; all the batches
 shuffled; the one short batch, if the data does not divide evenly, last. A new seed per epoch.
+
+With several ranks (DDP) the order is made for batches of micro-batch x world size: the data loader hands
+the consecutive micro-batches of one such batch to the ranks of one step, so all ranks run one image
+shape in a step (no rank compiles a shape while the others wait for it in the gradient all-reduce).
 """
 from __future__ import annotations
 
@@ -52,14 +56,16 @@ def describe_kind(kind: tuple[tuple[str, int], ...]) -> str:
     return " + ".join(f"{count}x {shape}" for shape, count in kind)
 
 
-def one_batch_of_each_kind(shapes: Sequence[str], batch_size: int, seed: int) -> list[list[int]]:
+def one_batch_of_each_kind(shapes: Sequence[str], batch_size: int, seed: int,
+                           world_size: int = 1) -> list[list[int]]:
     """The first batch of every kind (`batch_kind`) in the epoch `same_shape_order` gives, in epoch order:
     each shape's full batches, the mixed batches of the shapes' remainders and the short last batch.
+    With `world_size` ranks, the micro-batches of every rank (`SameShapeSampler`), the same list on each.
 
     Which kinds an epoch holds does not depend on the seed (the remainders are each shape's count modulo
     the batch size, packed in shape order), so warming these up covers every epoch.
     """
-    order = same_shape_order(shapes, batch_size, seed)
+    order = same_shape_order(shapes, batch_size * world_size, seed)
     kinds: dict[tuple, list[int]] = {}
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
@@ -68,10 +74,14 @@ def one_batch_of_each_kind(shapes: Sequence[str], batch_size: int, seed: int) ->
 
 
 class SameShapeSampler(torch.utils.data.Sampler):
-    """The training sampler for bucketed images: `same_shape_order`, reshuffled every epoch."""
+    """The training sampler for bucketed images: `same_shape_order`, reshuffled every epoch.
 
-    def __init__(self, shapes: Sequence[str], batch_size: int, seed: int = 0):
-        self.shapes, self.batch_size, self.seed, self.epoch = list(shapes), batch_size, seed, 0
+    `batch_size` is the micro-batch of one rank; the order is made for the step's micro-batches of all
+    `world_size` ranks together, which accelerate's data loader then deals out (rank r: the r-th of each).
+    """
+
+    def __init__(self, shapes: Sequence[str], batch_size: int, seed: int = 0, world_size: int = 1):
+        self.shapes, self.batch_size, self.seed, self.epoch = list(shapes), batch_size * world_size, seed, 0
 
     def set_epoch(self, epoch: int) -> None:  # called by accelerate's data loader at every epoch
         self.epoch = epoch

@@ -13,6 +13,7 @@ import torch
 
 from ..data import samples
 from ..data.images import load_image
+from ..distributed import gather_in_order, my_shard
 from ..models import prompting
 from ..models.families import Family, family_of
 
@@ -172,11 +173,13 @@ def evaluate_captioning(model, processor, recipe, dataset, *, batch_size: int = 
                         image_size: int | None = None, progress: bool = True) -> dict:
     """Greedy captions for the whole split, scored against the references."""
     max_new_tokens = max_new_tokens or recipe.max_new_tokens
+    dataset, rows = my_shard(dataset, batch_size)  # under DDP: this rank's batches; all gathered below
     predictions = []
     for row, answer in generate_all(model, processor, recipe, dataset, max_new_tokens=max_new_tokens,
                                     batch_size=batch_size, image_size=image_size, progress=progress,
                                     desc="evaluate (captions)"):
         predictions.append({"id": str(row.get("id", len(predictions))), "target": recipe.target(row), "prediction": answer})
+    predictions = gather_in_order(predictions, rows)
     metrics = caption_metrics([p["prediction"] for p in predictions], [p["target"] for p in predictions])
     score_text = getattr(recipe, "score_text", None)  # recipe-specific metrics (product_catalog: fields, price MAE)
     if callable(score_text):

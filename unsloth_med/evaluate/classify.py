@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..distributed import gather_in_order, my_shard
 from ..errors import DataError
 from ..models import prompting
 from ..models.families import Family, family_of
@@ -257,7 +258,8 @@ def agreement(pred_a: Sequence, pred_b: Sequence) -> float:
 def evaluate_classification(model, processor, recipe, dataset, *, mode: str = "score", batch_size: int = 8,
                             max_new_tokens: int | None = None, image_size: int | None = None, progress: bool = True,
                             strategy: str = "cache") -> dict:
-    labels = dataset_labels(recipe, dataset)
+    labels = dataset_labels(recipe, dataset)  # the whole split's classes, also when this rank scores a part of it
+    dataset, rows = my_shard(dataset, batch_size)  # under DDP: this rank's batches; all gathered below
     if mode == "score":
         predictions = list(_iter_scored(model, processor, recipe, dataset, labels, batch_size=batch_size,
                                         image_size=image_size, progress=progress, strategy=strategy))
@@ -272,6 +274,7 @@ def evaluate_classification(model, processor, recipe, dataset, *, mode: str = "s
                                 "prediction": label, "answer": answer, "parsed": label is not None})
     else:
         raise ValueError(f"unknown evaluation mode {mode!r}: use 'score' or 'generate'")
+    predictions = gather_in_order(predictions, rows)
     metrics = classification_metrics([p["target"] for p in predictions], [p["prediction"] for p in predictions],
                                      labels, mode=mode)
     if mode == "generate":
