@@ -109,8 +109,7 @@ def test_snap_image_gives_patch_multiples_within_the_limit(size):
 def test_image_factor_per_family():
     from types import SimpleNamespace as NS
 
-    from unsloth_med.models.families import image_factor
-    from unsloth_med.models.families import FAMILIES
+    from unsloth_med.models.families import FAMILIES, image_factor
 
     pixtral = NS(model_type="mistral3", spatial_merge_size=2, vision_config=NS(patch_size=14))
     qwen = NS(model_type="qwen2_5_vl", vision_config=NS(patch_size=14, spatial_merge_size=2))

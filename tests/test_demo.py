@@ -91,9 +91,9 @@ def test_label_scoring_and_generation_agree(demo_run):
 
 
 def test_predict_prints_a_class_with_probabilities(demo_run):
-    from unsloth_med.predict import predict
-
     import yaml
+
+    from unsloth_med.predict import predict
 
     out, _, _ = demo_run
     data_dir = Path(yaml.safe_load((out / "config.yaml").read_text())["data"]["data_dir"])

@@ -298,7 +298,7 @@ def test_other_recipes_only_take_an_instruction_override():
 
 
 def test_recipe_registry_and_presets():
-    from unsloth_med.config import presets_dir
+    from unsloth_med.config import DataArgs, presets_dir
     from unsloth_med.recipes import BUILTIN, get_recipe
 
     assert {"classify", "caption", "product_catalog"} <= set(BUILTIN)

@@ -8,8 +8,14 @@ import pytest
 
 from unsloth_med.data.sources import load_recipe_data
 from unsloth_med.errors import NetworkError
-from unsloth_med.recipes.product_catalog import (RECIPE, TEMPLATE, catalog_metrics, parse_catalog_text, parse_price,
-                                                 write_demo_catalog)
+from unsloth_med.recipes.product_catalog import (
+    RECIPE,
+    TEMPLATE,
+    catalog_metrics,
+    parse_catalog_text,
+    parse_price,
+    write_demo_catalog,
+)
 
 
 def test_parse_catalog_text_cuts_at_field_labels():

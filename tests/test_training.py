@@ -72,7 +72,7 @@ def test_a_few_sft_steps_lower_the_loss(tiny_path, rows, family, tmp_path):
     trainer.train()
     after = _fixed_batch_loss(model, fixed)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert len(losses) == 20 and all(l == l for l in losses)
+    assert len(losses) == 20 and all(loss == loss for loss in losses)
     assert after < 0.8 * before, (before, after)  # LoRA on a random tiny model: a clear, not a total, drop
     assert (tmp_path / "train_log.jsonl").read_text().count('"loss"') == 20
 

@@ -140,24 +140,31 @@ def run(recipe: Recipe, config: Config) -> dict:
     from transformers import AutoConfig
 
     from .backends import pick_backend
-    from .data.sources import load_recipe_data, subsample
     from .data.checks import drop_leaked, leak_counts, leak_message, leaked_test_images
+    from .data.images import fit_record
+    from .data.prepare import check_image_tokens, prepare_images
     from .data.samples import check_placeholders
+    from .data.sources import load_recipe_data, subsample
     from .data.splits import split_by_image
     from .data.summary import summarize
     from .data.validate import validate_splits
+    from .disk import is_disk_full
     from .evaluate import evaluate
     from .evaluate.report import format_table, write_report
     from .models import resolve_model_name
-    from .recipes import recipe_record
-    from .recipes.generic import record_resolved, resolve_recipe
-    from .data.images import fit_record
-    from .data.prepare import check_image_tokens, prepare_images
     from .models.families import image_fit
     from .models.speedups import apply_training_speedups
-    from .disk import is_disk_full
-    from .train import (build_trainer, disk_full_error, fit_micro_batch, last_checkpoint, save_adapter, train,
-                        warm_up_when_training_starts)
+    from .recipes import recipe_record
+    from .recipes.generic import record_resolved, resolve_recipe
+    from .train import (
+        build_trainer,
+        disk_full_error,
+        fit_micro_batch,
+        last_checkpoint,
+        save_adapter,
+        train,
+        warm_up_when_training_starts,
+    )
 
     started = time.time()
     if not config.data.preprocess_images and config.training.train_sampling_strategy in ("group_by_length", "batch_rebalance"):

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .classify import agreement, classification_metrics, evaluate_classification, match_label
 from .caption import caption_metrics, evaluate_captioning
+from .classify import agreement, classification_metrics, evaluate_classification, match_label
 from .vqa import evaluate_vqa, vqa_metrics
 
 MODES = ("score", "generate")

@@ -22,8 +22,17 @@ from ..distributed import gather_in_order, my_shard
 from ..errors import DataError
 from ..models import prompting
 from ..models.families import Family, family_of
-from .caption import (batches, eval_mode, generate_all, model_device_dtype, progress_bar, prompt_text, row_images,
-                      row_prompts, to_model)
+from .caption import (
+    batches,
+    eval_mode,
+    generate_all,
+    model_device_dtype,
+    progress_bar,
+    prompt_text,
+    row_images,
+    row_prompts,
+    to_model,
+)
 
 log = logging.getLogger(__name__)
 
