@@ -139,14 +139,15 @@ def _interrupting_save(error):
     return save
 
 
-@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
-def test_interrupted_export_leaves_no_complete_looking_folder(tiny_path, tmp_path, monkeypatch, error):
+@pytest.mark.parametrize("error, raised", [(OSError(28, "No space left on device"), ExportError),  # a full disk: our error
+                                           (KeyboardInterrupt(), KeyboardInterrupt)])
+def test_interrupted_export_leaves_no_complete_looking_folder(tiny_path, tmp_path, monkeypatch, error, raised):
     backend, model, processor, base = _tuned(tiny_path, "mistral3")
     out = tmp_path / "merged"
     stale = tmp_path / ".merged.partial-999999999-0123abcd"  # left by an export killed earlier (no such pid)
     stale.mkdir()
     monkeypatch.setattr(processor, "save_pretrained", _interrupting_save(error))
-    with pytest.raises(type(error)):
+    with pytest.raises(raised):
         export_merged(backend, model, processor, RECIPE, _rows(), out, image_size=IMAGE_SIZE, base_model=base)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == [], "partial folders must be removed"
@@ -154,7 +155,7 @@ def test_interrupted_export_leaves_no_complete_looking_folder(tiny_path, tmp_pat
     # A previous, complete export stays untouched when a new one fails.
     out.mkdir()
     (out / "export.json").write_text('{"previous": true}')
-    with pytest.raises(type(error)):
+    with pytest.raises(raised):
         export_merged(backend, model, processor, RECIPE, _rows(), out, image_size=IMAGE_SIZE, base_model=base)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
     assert json.loads((out / "export.json").read_text()) == {"previous": True}
