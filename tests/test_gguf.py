@@ -33,7 +33,7 @@ def llama_cpp_dir():
         missing = llamacpp.missing_toolchain()
         if missing:
             pytest.skip(f"building llama.cpp needs {missing} (not on PATH)")
-    llamacpp.ensure_built()
+    llamacpp.ensure_built(llamacpp.LIBRARIES + ("llama-quantize",))
     return llamacpp.root()
 
 
@@ -146,6 +146,18 @@ def test_gguf_q8_0_export_keeps_argmax_and_labels(llama_cpp_dir, tiny_path, tmp_
     assert q8["verification"]["tolerance_rule"].startswith("0.05")
 
 
+@pytest.mark.slow
+def test_converter_fixes_let_the_tiny_mistral3_convert(tiny_path, tmp_path):
+    """Only the converter (no build): a 2-layer vision tower, a locally trained BPE tokenizer, [IMG_BREAK]."""
+    os.environ.setdefault("UNSLOTH_MED_LLAMA_CPP_DIR", str(PERSISTENT_BUILD))
+    gguf_export.convert(Path(tiny_path("mistral3")), tmp_path / "text.gguf", tmp_path / "mmproj.gguf", "f16")
+    text, mmproj = (tmp_path / "text.gguf").read_bytes(), (tmp_path / "mmproj.gguf").read_bytes()
+    assert b"tokenizer.ggml.pre" in text and b"gpt-2" in text and b"tokenizer.chat_template" in text
+    assert b"[INST]" in text  # the family's training template, applied by llama.cpp with --jinja
+    assert b"mm.2.weight" in mmproj  # multi_modal_projector.linear_2 mapped although the tower has 2 layers
+    assert b"v.token_embd.img_break" in mmproj
+
+
 def test_mllama_run_is_refused_with_a_clear_message_before_any_work(tiny_path, tmp_path):
     run = _tuned_run(tmp_path, tiny_path, "mllama", None)
     with pytest.raises(ExportError, match="Llama 3.2 Vision .mllama. cannot be exported to GGUF"):
@@ -181,5 +193,5 @@ def test_missing_toolchain_says_what_and_gives_the_build_commands(tmp_path, monk
         llamacpp.ensure_built()
     message = str(info.value)
     assert "cmake" in message and "apt-get install cmake build-essential" in message
-    assert f"cmake --build {tmp_path / 'llama.cpp' / 'build'} --target llama-mtmd-cli llama-quantize -j 2" in message
+    assert f"cmake --build {tmp_path / 'llama.cpp' / 'build'} --target mtmd -j 2" in message
     assert shutil.which("cmake") is None

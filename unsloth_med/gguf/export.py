@@ -118,7 +118,7 @@ def convert(merged_dir: Path, text_out: Path, mmproj_out: Path, quant: str) -> d
     timings = {"convert_s": round(time.time() - started, 1)}
     if quant != "f16":
         started = time.time()
-        quantize = llamacpp.ensure_built() / "llama-quantize"
+        quantize = llamacpp.ensure_built(("llama-quantize",)) / "llama-quantize"
         _run([str(quantize), str(f16_text), str(text_out), QUANTIZE_TYPE[quant]], f"llama-quantize to {quant}")
         f16_text.unlink()
         timings["quantize_s"] = round(time.time() - started, 1)

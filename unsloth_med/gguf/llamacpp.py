@@ -8,7 +8,7 @@ that match those sources exactly (used by the verification, see `verify.py`).
 
 Everything lives in one folder keyed by the pin, built once and reused:
 `$UNSLOTH_MED_LLAMA_CPP_DIR`, default `<cache_dir()>/llama.cpp-0.3.36/` with `src/` (llama.cpp),
-`python/llama_cpp/` (bindings), `build/bin/` (shared libraries, `llama-mtmd-cli`, `llama-quantize`).
+`python/llama_cpp/` (bindings), `build/bin/` (shared libraries, `llama-quantize`, `llama-mtmd-cli`).
 `$UNSLOTH_MED_LLAMA_CPP_SDIST` may point at an already downloaded sdist (offline machines).
 """
 from __future__ import annotations
@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"  # vendor/llama.cpp in that sdist
-BUILD_TARGETS = ("llama-mtmd-cli", "llama-quantize")  # + the shared libraries they link (libllama, libmtmd, ggml)
+# Built only when needed, each once: the shared libraries for the verification (mtmd pulls in llama and ggml),
+# llama-quantize for q8_0 / q4_k_m, llama-mtmd-cli for the model card's command.
+LIBRARIES = ("mtmd",)
+BUILD_TARGETS = ("mtmd", "llama-quantize", "llama-mtmd-cli")
 BUILD_JOBS = 2
 CMAKE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
@@ -153,26 +156,32 @@ def ensure_sources() -> Path:
     return source_dir()
 
 
+def _artifact(target: str) -> Path:
+    if target in LIBRARIES:
+        return bin_dir() / f"lib{target}{'.dylib' if sys.platform == 'darwin' else '.so'}"
+    return bin_dir() / target
+
+
 def _built(targets) -> bool:
     return _stamp().is_file() and set(targets) <= set(_stamp().read_text().split()) and \
-        all((bin_dir() / t).is_file() for t in targets)
+        all(_artifact(t).is_file() for t in targets)
 
 
-def _toolchain_message(missing: str) -> str:
+def _toolchain_message(missing: str, targets) -> str:
     return (f"Building llama.cpp for the GGUF export needs {missing}, not found on PATH. Install them (Debian/Ubuntu: "
             "`sudo apt-get install cmake build-essential`; macOS: `xcode-select --install && brew install cmake`), "
             "then export again; or build it yourself once:\n  " + " ".join(configure_command()) + "\n  "
-            + " ".join(build_command()) + f"\nand touch {_stamp()} with the target names in it.")
+            + " ".join(build_command(targets)) + f"\nand write the target names into {_stamp()}.")
 
 
-def ensure_built(targets=BUILD_TARGETS) -> Path:
-    """The bin folder of the pinned llama.cpp build with `targets` (built once, -j2, a few minutes)."""
+def ensure_built(targets=LIBRARIES) -> Path:
+    """The bin folder of the pinned llama.cpp build with `targets` (each built once, -j2, minutes)."""
     ensure_sources()
     if _built(targets):
         return bin_dir()
     missing = missing_toolchain()
     if missing:
-        raise ExportError(_toolchain_message(missing))
+        raise ExportError(_toolchain_message(missing, targets))
     with _locked():
         if _built(targets):
             return bin_dir()
@@ -184,6 +193,7 @@ def ensure_built(targets=BUILD_TARGETS) -> Path:
             if done.returncode != 0:
                 raise ExportError(f"Building llama.cpp failed (exit {done.returncode}) at `{' '.join(command)}`:\n"
                                   f"{(done.stdout + done.stderr).strip()[-1500:]}")
-        _stamp().write_text("\n".join(sorted(targets)) + "\n")
+        done_before = set(_stamp().read_text().split()) if _stamp().is_file() else set()
+        _stamp().write_text("\n".join(sorted(done_before | set(targets))) + "\n")
         log.warning("llama.cpp built in %.0f s", time.time() - started)
     return bin_dir()
