@@ -49,18 +49,9 @@ def demo_data(tmp_path_factory):
 
 def _tuned_run(tmp_path, tiny_path, family, data_dir) -> Path:
     """A run folder as the pipeline leaves it, with a LoRA adapter whose B weights are random (non-zero)."""
-    from unsloth_med.backends.hf import HFBackend
-    from unsloth_med.config import LoraArgs, ModelArgs
+    from test_export import _build_tuned  # the same tuned tiny model the merged-export tests use
 
-    backend = HFBackend()
-    base = str(tiny_path(family))
-    model, processor = backend.load(base, ModelArgs())
-    model = backend.add_adapters(model, LoraArgs(), ModelArgs(), seed=0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if "lora_B" in name:
-                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.05)
+    _, model, processor, base = _build_tuned(tiny_path, family)
     run = tmp_path / f"run-{family}"
     model.save_pretrained(run / "adapter")
     processor.save_pretrained(run / "adapter")
