@@ -260,9 +260,16 @@ def usage_lines(text_name: str, mmproj_name: str, instruction: str, bounds: dict
     }
 
 
-def modelfile(text_name: str, mmproj_name: str) -> str:
+# Ollama's Go-template form of each family's training template (one user turn, then the answer).
+OLLAMA_TEMPLATES = {"mistral3": ("[INST]{{ .Prompt }}[/INST]", "</s>"),
+                    "qwen2_5_vl": ("<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>")}
+
+
+def modelfile(text_name: str, mmproj_name: str, family_name: str) -> str:
+    """Both files as FROM lines (Ollama's way of importing a vision GGUF with its projector)."""
+    template, stop = OLLAMA_TEMPLATES[family_name]
     return (f"# Ollama Modelfile: `ollama create NAME -f Modelfile` in this folder.\nFROM ./{text_name}\n"
-            f"FROM ./{mmproj_name}\nPARAMETER temperature 0\n")
+            f'FROM ./{mmproj_name}\nTEMPLATE """{template}"""\nPARAMETER stop "{stop}"\nPARAMETER temperature 0\n')
 
 
 def model_card_section(usage: dict, verification: dict, quant: str, family_name: str) -> str:
@@ -361,7 +368,7 @@ def export_gguf(run_dir, *, out: str | None = None, quant: str = "f16", threads:
                               + "; ".join(verification["problems"]) + f". Nothing was kept at {out_dir}.")
         instruction = next(c["text"] for c in recipe.prompt()[0]["content"] if c.get("type") == "text")
         usage = usage_lines(text_name, mmproj_name, instruction, bounds, name.lower())
-        (tmp / "Modelfile").write_text(modelfile(text_name, mmproj_name))
+        (tmp / "Modelfile").write_text(modelfile(text_name, mmproj_name, family.name))
         card = f"# {name} (GGUF)\n\nGGUF files of the merged fine-tune in `{merged}` (its model card has the " \
                "metrics, data and training details).\n\n" + model_card_section(usage, verification, quant, family.name)
         (tmp / "README.md").write_text(card)
