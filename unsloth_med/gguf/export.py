@@ -35,9 +35,10 @@ QUANTIZE_TYPE = {"q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}
 # Logit tolerance = atol + rtol * max|reference logit|, per text-weight type. f16 rounding of the weights keeps
 # logits within ~1e-3; q8_0 and q4_k_m change them by design, so only agreement (argmax, labels) is strict there.
 TOLERANCES = {"f16": (1e-3, 1e-3), "q8_0": (5e-2, 2e-2), "q4_k_m": (0.5, 0.1)}
-# Qwen2-VL's vision graph in llama.cpp uses a fixed RMS-norm epsilon, not the file's: on the tiny test model that
-# alone moves logits by ~3e-3 (negligible on real checkpoints, whose activations are larger).
-QWEN_F16_ATOL = 5e-3
+# Qwen2-VL in llama.cpp uses a fixed RMS-norm epsilon, not the file's (the feasibility probe): on the tiny test
+# model (text rms_norm_eps 1e-5) logits then differ by 1.07e-2 at f16, with identical argmax, top-5 and labels.
+# Real checkpoints use the epsilon llama.cpp fixes. Argmax, prompt tokens and labels stay strict.
+QWEN_F16_ATOL = 2e-2
 TOP_K = 5
 MEDIA_MARKER = "<__media__>"  # mtmd_default_marker(): where llama.cpp puts the image in a prompt
 # What the family's chat template renders for one image; llama.cpp's mtmd writes those tokens itself.
