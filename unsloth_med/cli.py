@@ -4,7 +4,7 @@
     unsloth-med demo [--output_dir DIR]                                         offline demo
     unsloth-med evaluate --model RUN_OR_MODEL --recipe R [--data_dir D]          no training
     unsloth-med predict --model RUN_OR_MODEL IMAGE...                            one answer per image
-    unsloth-med export RUN_DIR --format adapter|merged-16bit [--out DIR]
+    unsloth-med export RUN_DIR --format adapter|merged-16bit|gguf [--quant f16|q8_0|q4_k_m] [--out DIR]
     unsloth-med push DIR OWNER/NAME [--public]
     unsloth-med check-data --recipe R [--data_dir D] [train's data options] [--json FILE]
     unsloth-med bench ...
@@ -102,7 +102,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("unsloth_med.cli:demo_command", "offline demo on a tiny model and generated X-rays (CPU, no network)"),
     "evaluate": ("unsloth_med.commands:evaluate_command", "evaluate a model or run folder on a recipe's test split"),
     "predict": ("unsloth_med.commands:predict_command", "answer for each image (class + probabilities, or caption)"),
-    "export": ("unsloth_med.commands:export_command", "export a run: adapter or merged 16-bit weights, verified"),
+    "export": ("unsloth_med.commands:export_command", "export a run: adapter, merged 16-bit weights or GGUF, verified"),
     "push": ("unsloth_med.commands:push_command", "push an exported folder to the Hugging Face Hub"),
     "check-data": ("unsloth_med.commands:check_data_command",
                    "validate a dataset, summarize it, find train/test leaks"),

@@ -147,9 +147,10 @@ class EvalArgs:
 
 @dataclass
 class ExportArgs:
-    export: Literal["adapter", "merged-16bit"] = field(default="adapter", metadata={
+    export: Literal["adapter", "merged-16bit", "gguf"] = field(default="adapter", metadata={
         "help": "What the run leaves besides the adapter: 'merged-16bit' also writes merged weights to merged/, "
-                "verified by reloading them with plain transformers."})
+                "verified by reloading them with plain transformers; 'gguf' also writes f16 text + mmproj GGUF "
+                "files for llama.cpp / Ollama to gguf/, verified in llama.cpp."})
     push_to_hub_id: str | None = field(default=None, metadata={
         "help": "After the run, push the export (merged/ or the adapter) to this Hub repo, OWNER/NAME. Token: "
                 "HF_TOKEN or `hf auth login`; never printed or saved."})

@@ -48,7 +48,7 @@ from .secrets import redact
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("merged-16bit", "adapter")
+FORMATS = ("merged-16bit", "adapter", "gguf")
 VERIFY_ROWS = 3  # rows in the fixed verification batch
 LOGIT_POSITIONS = 64  # compare the logits of the last N tokens of each row (the instruction tail and the answer)
 MAX_VERIFY_NEW_TOKENS = 24
@@ -679,7 +679,8 @@ def _verification_dataset(recipe, config: dict):
     return None
 
 
-def export_run(run_dir, *, format: str = "merged-16bit", out: str | None = None, backend: str | None = None) -> dict:
+def export_run(run_dir, *, format: str = "merged-16bit", out: str | None = None, backend: str | None = None,
+               quant: str = "f16") -> dict:
     """Export a finished run folder: `adapter` (copy + card) or `merged-16bit` (base + adapter, merged, verified).
 
     Default destinations: RUN_DIR/merged and RUN_DIR/adapter-export.
@@ -688,6 +689,10 @@ def export_run(run_dir, *, format: str = "merged-16bit", out: str | None = None,
 
     if format not in FORMATS:
         raise ExportError(f"Unknown export format '{format}'. Choose {' or '.join(FORMATS)}.")
+    if format == "gguf":  # llama.cpp text + mmproj GGUF from the merged weights: unsloth_med/gguf/
+        from .gguf import export_gguf
+
+        return export_gguf(run_dir, out=out, quant=quant)
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ExportError(f"Run folder {run_dir} does not exist.")
@@ -722,7 +727,10 @@ def export_command(argv: list[str]) -> int:
                     "transformers (verified by reloading them). Optionally push the result to the Hugging Face Hub.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `unsloth-med train`")
     parser.add_argument("--format", choices=FORMATS, default="merged-16bit",
-                        help="merged-16bit (default): base + adapter merged; adapter: the LoRA adapter + processor")
+                        help="merged-16bit (default): base + adapter merged; adapter: the LoRA adapter + processor; "
+                             "gguf: text + mmproj GGUF for llama.cpp / Ollama (from merged/), verified in llama.cpp")
+    parser.add_argument("--quant", choices=("f16", "q8_0", "q4_k_m"), default="f16",
+                        help="with --format gguf: the text weights' type (the mmproj stays f16)")
     parser.add_argument("--out", metavar="DIR", help="destination (default RUN_DIR/merged or RUN_DIR/adapter-export)")
     parser.add_argument("--backend", choices=("auto", "unsloth", "hf"), default=None,
                         help="backend that reloads the run for a merged export (default: the run's)")
@@ -731,7 +739,7 @@ def export_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.public and not args.push_to_hub:
         parser.error("--public only makes sense with --push-to-hub OWNER/NAME")
-    result = export_run(args.run_dir, format=args.format, out=args.out, backend=args.backend)
+    result = export_run(args.run_dir, format=args.format, out=args.out, backend=args.backend, quant=args.quant)
     if args.push_to_hub:
         from .hub import push, write_model_card
 

@@ -286,13 +286,17 @@ def run(recipe: Recipe, config: Config) -> dict:
             return {}
 
         exported, export_error = None, None
-        if config.export.export == "merged-16bit":
+        if config.export.export in ("merged-16bit", "gguf"):
             from .export import export_merged
 
             _write_status(run_dir, stage="export")
             try:
                 exported = export_merged(backend, model, processor, recipe, test_set, run_dir / "merged",
                                          image_size=fit, base_model=model_name, model_name=named_model)
+                if config.export.export == "gguf":  # converted from merged/, verified in llama.cpp
+                    from .gguf import export_gguf
+
+                    exported = {"merged": exported, "gguf": export_gguf(run_dir)}
             except ExportError as exc:  # keep the evaluation results: write the report, then fail
                 exported, export_error = {"ok": False, "error": str(exc)}, exc
 
