@@ -61,7 +61,8 @@ def test_misnamed_class_folder_is_named_in_the_error(tmp_path):
     names = list(CLASSES)
     names[3] = "Greenstik fracture"  # a typo
     _fake_class_root(tmp_path, names)
-    with pytest.raises(DataError, match=r"Unknown folders: \['Greenstik fracture'\].*Missing classes: \['Greenstick fracture'\]"):
+    with pytest.raises(DataError, match=r"Unknown folders: \['Greenstik fracture'\].*"
+                                        r"Missing classes: \['Greenstick fracture'\]"):
         load_recipe_data(RECIPE, str(tmp_path))
 
 

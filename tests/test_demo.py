@@ -21,7 +21,8 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     started = time.time()
-    done = subprocess.run([sys.executable, "-m", "unsloth_med.recipes.bone_fracture", "--demo", "--output_dir", str(out)],
+    done = subprocess.run([sys.executable, "-m", "unsloth_med.recipes.bone_fracture", "--demo",
+                           "--output_dir", str(out)],
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done.stdout, time.time() - started
@@ -72,7 +73,8 @@ def test_merged_export_reloads_with_plain_transformers(demo_run):
     model = AutoModelForImageTextToText.from_pretrained(out / "merged", dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(out / "merged")
     assert model.config.model_type == "mistral3"
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],
+    text = processor.apply_chat_template([{"role": "user",
+                                           "content": [{"type": "image"}, {"type": "text", "text": "x"}]}],
                                          tokenize=False)
     assert text.startswith("<s>[INST][IMG]")  # the short Ministral template travelled with the export
 
@@ -113,7 +115,8 @@ def test_evaluate_command_scores_a_run_folder_without_training(demo_run, tmp_pat
     out, _, _ = demo_run
     result = tmp_path / "eval.json"
     done = subprocess.run([sys.executable, "-m", "unsloth_med.cli", "evaluate", "--model", str(out),
-                           "--max_eval_samples", "30", "--output", str(result)], capture_output=True, text=True, timeout=300)
+                           "--max_eval_samples", "30", "--output", str(result)],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Accuracy" in done.stdout
     metrics = json.loads(result.read_text())["metrics"]

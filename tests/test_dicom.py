@@ -114,7 +114,8 @@ def test_monochrome1_is_inverted(tmp_path):
 
 
 def test_colour_files_become_rgb():
-    for name in ("SC_rgb_rle_16bit.dcm", "SC_ybr_full_422_uncompressed.dcm", "examples_palette.dcm", "ExplVR_BigEnd.dcm"):
+    for name in ("SC_rgb_rle_16bit.dcm", "SC_ybr_full_422_uncompressed.dcm", "examples_palette.dcm",
+                 "ExplVR_BigEnd.dcm"):
         img = load_dicom(_file(name))
         assert img.mode == "RGB", name
     sixteen = np.asarray(load_dicom(_file("SC_rgb_rle_16bit.dcm")))

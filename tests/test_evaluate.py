@@ -85,7 +85,8 @@ def test_agreement_by_id_and_by_position():
     a = [{"id": "1", "prediction": "x"}, {"id": "2", "prediction": "y"}, {"id": "3", "prediction": None}]
     b = [{"id": "3", "prediction": None}, {"id": "2", "prediction": "y"}, {"id": "1", "prediction": "z"}]
     assert agreement(a, b) == pytest.approx(1 / 3)  # an unparseable answer never agrees
-    assert agreement({"predictions": a}, {"predictions": a[:2] + [{"id": "3", "prediction": "w"}]}) == pytest.approx(2 / 3)
+    assert agreement({"predictions": a},
+                     {"predictions": a[:2] + [{"id": "3", "prediction": "w"}]}) == pytest.approx(2 / 3)
     assert agreement(["x", "y"], ["x", "y"]) == 1.0
     with pytest.raises(ValueError):
         agreement(["x"], ["x", "y"])
@@ -230,7 +231,8 @@ def test_predict_on_a_run_folder_gives_a_class_and_probabilities_summing_to_one(
     base = str(tiny_path("mistral3"))
     model, processor = HFBackend().load(base, ModelArgs())
     torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             init_lora_weights=False))
     run = tmp_path / "run"
     model.save_pretrained(run / "adapter")
     processor.save_pretrained(run / "adapter")

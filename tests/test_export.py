@@ -139,8 +139,9 @@ def _interrupting_save(error):
     return save
 
 
-@pytest.mark.parametrize("error, raised", [(OSError(28, "No space left on device"), ExportError),  # a full disk: our error
-                                           (KeyboardInterrupt(), KeyboardInterrupt)])
+@pytest.mark.parametrize("error, raised",
+                         [(OSError(28, "No space left on device"), ExportError),  # a full disk: our error
+                          (KeyboardInterrupt(), KeyboardInterrupt)])
 def test_interrupted_export_leaves_no_complete_looking_folder(tiny_path, tmp_path, monkeypatch, error, raised):
     backend, model, processor, base = _tuned(tiny_path, "mistral3")
     out = tmp_path / "merged"
@@ -181,7 +182,8 @@ def test_an_unmerged_adapter_fails_verification_loudly(tiny_path, tmp_path, monk
     backend, model, processor, base = _tuned(tiny_path, "mllama")
     _tamper_with_the_merge(monkeypatch, lambda w: w.zero_())
     with pytest.raises(ExportError, match="disagrees"):
-        export_merged(backend, model, processor, RECIPE, _rows(), tmp_path / "merged", image_size=IMAGE_SIZE, base_model=base)
+        export_merged(backend, model, processor, RECIPE, _rows(), tmp_path / "merged", image_size=IMAGE_SIZE,
+                      base_model=base)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -220,7 +222,8 @@ def test_no_secret_reaches_exported_or_logged_files(tiny_path, tmp_path, monkeyp
     try:
         backend, model, processor, base = _tuned(tiny_path, "mistral3")
         run = _fake_run(tmp_path, model, processor, base)
-        export_merged(backend, model, processor, RECIPE, _rows(), run / "merged", image_size=IMAGE_SIZE, base_model=base)
+        export_merged(backend, model, processor, RECIPE, _rows(), run / "merged", image_size=IMAGE_SIZE,
+                      base_model=base)
         with pytest.raises(NetworkError) as info:
             export_command([str(run), "--format", "adapter", "--push-to-hub", "someone/bone-fracture-tiny"])
     finally:
@@ -229,7 +232,8 @@ def test_no_secret_reaches_exported_or_logged_files(tiny_path, tmp_path, monkeyp
             lg.setLevel(level)
         handler.close()
     message = str(info.value)
-    assert "saved locally" in message and f"unsloth-med push {run / 'adapter-export'} someone/bone-fracture-tiny" in message
+    assert ("saved locally" in message
+            and f"unsloth-med push {run / 'adapter-export'} someone/bone-fracture-tiny" in message)
     out, err = capsys.readouterr()
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert {run / "merged" / "export.json", run / "adapter-export" / "README.md", log_file} <= set(files)
@@ -357,7 +361,8 @@ def test_export_of_a_run_credits_the_data_the_run_recorded_and_the_model_as_name
 
     backend, model, processor, base = _tuned(tiny_path, "mistral3")
     run = _fake_run(tmp_path, model, processor, base)
-    used = dataclasses.replace(RECIPE, source=dataclasses.replace(RECIPE.source, id="", attribution="Generated X-rays."))
+    used = dataclasses.replace(RECIPE,
+                               source=dataclasses.replace(RECIPE.source, id="", attribution="Generated X-rays."))
     (run / "adapter" / "unsloth_med.json").write_text(json.dumps({**recipe_record(used), "model": "tiny:mistral3",
                                                                   "base_model": base, "image_size": IMAGE_SIZE}))
     card = Path(export_run(run, format="adapter")["path"], "README.md").read_text()

@@ -262,7 +262,8 @@ def test_caption_recipe_defaults_and_bad_values():
         resolve_recipe(placeholder("classify"), {"instruction": "One of {labels}"})
     with pytest.raises(ConfigError, match="no labels are known"):
         resolve_recipe(__import__("unsloth_med.recipes.bone_fracture", fromlist=["x"]).RECIPE.__class__(
-            name="x", task="captioning", instruction="", source=TableSource(), default_model=""), {"instruction": "{labels}"})
+            name="x", task="captioning", instruction="", source=TableSource(), default_model=""),
+                       {"instruction": "{labels}"})
 
 
 def test_parse_labels_forms():
@@ -285,7 +286,8 @@ def test_resolve_recipe_from_config_values(listing):
     record_resolved(config, recipe)
     assert config.data.labels == ["cat", "dog", "fox"] and config.data.instruction == recipe.instruction
     # Rebuilt later from the recorded values alone (no data needed): what predict does with config.yaml.
-    again = resolve_recipe(placeholder("classify"), {"labels": config.data.labels, "instruction": config.data.instruction})
+    again = resolve_recipe(placeholder("classify"),
+                           {"labels": config.data.labels, "instruction": config.data.instruction})
     assert again.labels == recipe.labels and again.instruction == recipe.instruction
 
 

@@ -395,7 +395,8 @@ def test_merged_16bit_export_reloads_with_plain_transformers(trained, family):
     plain = AutoModelForImageTextToText.from_pretrained(merged, dtype=torch.bfloat16).to("cuda").eval()
     assert not [n for n, m in plain.named_modules() if "4bit" in type(m).__name__]
     reprocessor = AutoProcessor.from_pretrained(merged)
-    rebatch = _prompt_batch(prompting.prepare_processor(reprocessor, family_of(plain.config)), rows[:2], with_answer=True)
+    rebatch = _prompt_batch(prompting.prepare_processor(reprocessor, family_of(plain.config)), rows[:2],
+                            with_answer=True)
     assert torch.equal(rebatch["input_ids"], batch["input_ids"])
     reloaded = _logits(plain, batch)
     mask = batch["attention_mask"].bool()

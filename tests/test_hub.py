@@ -121,7 +121,8 @@ def no_offline(monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
 
 
-def test_push_without_network_says_the_export_is_saved_and_how_to_push_later(export_dir, monkeypatch, no_offline, caplog):
+def test_push_without_network_says_the_export_is_saved_and_how_to_push_later(export_dir, monkeypatch, no_offline,
+                                                                             caplog):
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     started = time.time()
     with pytest.raises(NetworkError) as info:

@@ -92,7 +92,8 @@ def test_loader_returns_bounded_rgb_or_raises_its_own_error(tmp_path, mode, w, h
     rng = np.random.default_rng(seed)
     base = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
     try:
-        img = base.convert(mode) if mode not in ("I;16",) else Image.fromarray(rng.integers(0, 65535, (h, w), dtype=np.uint16))
+        img = (base.convert(mode) if mode not in ("I;16",)
+               else Image.fromarray(rng.integers(0, 65535, (h, w), dtype=np.uint16)))
         buf = io.BytesIO()
         img.save(buf, fmt)
     except (OSError, ValueError, KeyError):

@@ -165,7 +165,8 @@ def test_leaked_images_can_be_dropped_from_the_test_split(tmp_path):
                                        {"image": images[2], "target": "a", "id": "te1"},
                                        {"image": images[3], "target": "b", "id": "te2"}])
     leaks = leaked_test_images({"train": train, "test": test})
-    assert [(e["test_id"], e["train_id"], e["test_label"], e["train_label"]) for e in leaks] == [("te0", "tr1", "a", "b")]
+    assert ([(e["test_id"], e["train_id"], e["test_label"], e["train_label"]) for e in leaks]
+            == [("te0", "tr1", "a", "b")])
     kept = drop_leaked(test, leaks)
     assert kept["id"] == ["te1", "te2"]
     assert [r["id"] for r in drop_leaked(test.to_list(), leaks)] == ["te1", "te2"]
@@ -179,7 +180,8 @@ def test_check_data_command_writes_the_summary_json(bone_break_dir, tmp_path):
 
     out = tmp_path / "summary.json"
     done = subprocess.run([sys.executable, "-m", "unsloth_med.cli", "check-data", "--recipe", "bone_fracture",
-                           "--data_dir", str(bone_break_dir), "--json", str(out)], capture_output=True, text=True, timeout=300)
+                           "--data_dir", str(bone_break_dir), "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(out.read_text())
     assert summary["sizes"] == {"train": 989, "test": 140}

@@ -72,7 +72,8 @@ def test_generate_mode_confusion_shows_unparseable_answers(tmp_path):
 
 
 def test_captioning_report_has_examples_and_no_confusion(tmp_path):
-    preds = [{"id": f"c{i}", "target": f"reference caption {i}", "prediction": f"predicted caption {i}"} for i in range(3)]
+    preds = [{"id": f"c{i}", "target": f"reference caption {i}", "prediction": f"predicted caption {i}"}
+             for i in range(3)]
     before = {"metrics": {"n": 3, "mode": "generate", "bleu": 1.5, "rougeL": 0.1, "bertscore": None,
                           "bertscore_note": "BERTScore skipped: not installed."}, "predictions": preds}
     after = {"metrics": {"n": 3, "mode": "generate", "bleu": 21.25, "rougeL": 0.42, "bertscore": None},
@@ -95,6 +96,8 @@ def test_format_table(before_after):
     assert any(line.startswith("Accuracy") and line.split()[1:] == ["0.1000", "0.8000", "+0.7000"] for line in lines)
     assert any(line.startswith("Macro-F1") for line in lines)
     only_after = format_table(None, after["metrics"])  # bare metrics dicts work too
-    assert any(line.startswith("Accuracy") and line.split()[1:] == ["-", "0.8000", "-"] for line in only_after.splitlines())
+    assert any(line.startswith("Accuracy") and line.split()[1:] == ["-", "0.8000", "-"]
+               for line in only_after.splitlines())
     generated = format_table(None, _result([None, LABELS[1]], mode="generate"))
-    assert any(line.startswith("Unparseable answers") and line.split()[-2:] == ["1", "-"] for line in generated.splitlines())
+    assert any(line.startswith("Unparseable answers") and line.split()[-2:] == ["1", "-"]
+               for line in generated.splitlines())

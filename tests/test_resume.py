@@ -49,7 +49,8 @@ def test_kill_dash_nine_then_resume_matches_an_uninterrupted_run(bone_break_dir,
     assert not any(s in done.stdout + done.stderr for s in secrets)
 
     crashed = tmp_path / "crashed"
-    proc = subprocess.Popen(_cmd(bone_break_dir, crashed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cmd(bone_break_dir, crashed), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (crashed / "checkpoint-3" / "trainer_state.json").exists():
         assert proc.poll() is None, "the run ended before its first checkpoint"

@@ -91,7 +91,8 @@ def test_prepared_images_are_cached_and_identical_to_fitting_on_the_fly(bone_tra
         assert prepared["length"] == sample_length(fit, size, prepared["target"])
         assert prepared["length"] == (size[0] // 28) * (size[1] // 28) + 32
     # A different fit or a changed source file is prepared afresh, never served stale.
-    assert prepared_path(tmp_path, subset[0]["image"], fit) != prepared_path(tmp_path, subset[0]["image"], ImageFit(512, 28, True))
+    assert (prepared_path(tmp_path, subset[0]["image"], fit)
+            != prepared_path(tmp_path, subset[0]["image"], ImageFit(512, 28, True)))
     copy = tmp_path / "copy.jpg"
     copy.write_bytes(Path(subset[0]["image"]).read_bytes())
     before = prepared_path(tmp_path, str(copy), fit)
@@ -122,7 +123,8 @@ def test_hf_dataset_images_are_prepared_too(tmp_path):
 
 def _run(args, cwd, env_extra=None, timeout=900):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 @pytest.mark.slow
@@ -131,12 +133,14 @@ def test_pipeline_records_prepared_images_and_step_stats(bone_break_dir, tmp_pat
     proc = _run(["unsloth_med.recipes.bone_fracture", "--data_dir", str(bone_break_dir), "--model", "tiny:mistral3",
                  "--max_steps", "6", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
                  "--max_train_samples", "48", "--max_eval_samples", "4", "--eval_before", "false",
-                 "--image_size", "64", "--save_strategy", "no", "--warm_up_shapes", "true", "--output_dir", str(run)], REPO)
+                 "--image_size", "64", "--save_strategy", "no", "--warm_up_shapes", "true",
+                 "--output_dir", str(run)], REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = json.loads((run / "train_stats.json").read_text())
     # The warm-up ran inside Trainer.train (where Unsloth keeps its compiled graphs) and recorded itself.
     warm = stats["shape_warmup"]
-    assert warm["micro_batch"] == 4 and warm["batch_kinds"] == len(warm["seconds_per_batch_kind"]) >= warm["shapes"] >= 1
+    assert (warm["micro_batch"] == 4
+            and warm["batch_kinds"] == len(warm["seconds_per_batch_kind"]) >= warm["shapes"] >= 1)
     assert stats["steps_timed"] == 6 and stats["samples_per_step"] == 4 and len(stats["step_seconds"]) == 6
     steady = stats["step_seconds"][3:]
     assert stats["samples_per_second_all_steps"] == pytest.approx(4 * len(steady) / sum(steady), rel=0.01)
@@ -150,7 +154,8 @@ def test_pipeline_records_prepared_images_and_step_stats(bone_break_dir, tmp_pat
 
 def test_group_by_length_without_prepared_lengths_is_refused_early(tmp_path):
     proc = _run(["unsloth_med.recipes.bone_fracture", "--demo", "--preprocess_images", "false",
-                 "--train_sampling_strategy", "group_by_length", "--output_dir", str(tmp_path / "r")], REPO, timeout=300)
+                 "--train_sampling_strategy", "group_by_length", "--output_dir", str(tmp_path / "r")],
+                REPO, timeout=300)
     assert proc.returncode != 0 and "preprocess_images" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()
     # No GPU visible (also on a GPU machine): a memory cap has nothing to cap and is refused.
@@ -271,7 +276,8 @@ def test_frozen_vision_tower_gets_no_backward_and_lora_gradients_are_unchanged()
 def test_images_too_large_for_max_seq_length_are_refused_before_training(bone_break_dir, tmp_path):
     run = tmp_path / "run"
     proc = _run(["unsloth_med.recipes.bone_fracture", "--data_dir", str(bone_break_dir), "--model", "tiny:mistral3",
-                 "--max_train_samples", "8", "--max_eval_samples", "2", "--image_size", "256", "--max_seq_length", "100",
+                 "--max_train_samples", "8", "--max_eval_samples", "2", "--image_size", "256",
+                 "--max_seq_length", "100",
                  "--eval_before", "false", "--output_dir", str(run)], REPO, timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "image tokens" in proc.stderr and "--image_size (now 256)" in proc.stderr
@@ -392,7 +398,8 @@ def test_bench_speedups_time_same_shape_batches_after_each_shape_warmed_up(bone_
     assert bench_command(["--merge", str(here), str(elsewhere), "--tag", "merged", "--out", str(out)]) == 0
     written = sorted(p.name for p in out.glob("merged_*.json"))
     assert written == [f"merged_{model.name}_hf-bf16-speedups-unchecked1-b4.json", f"merged_{model.name}_summary.json"]
-    assert [r["batch_size"] for r in json.loads((out / f"merged_{model.name}_summary.json").read_text())["rows"]] == [2, 4]
+    assert [r["batch_size"]
+            for r in json.loads((out / f"merged_{model.name}_summary.json").read_text())["rows"]] == [2, 4]
 
 
 def test_checkpoint_fewer_layers_keeps_gradients_identical():

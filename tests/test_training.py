@@ -38,7 +38,8 @@ def test_labels_cover_exactly_the_answer(tiny_path, rows, family):
         from unsloth_med.data.images import load_image
 
         prompt_text = prompting.render(processor, RECIPE.prompt(), add_generation_prompt=True)
-        prompt_len = prompting.encode(processor, [prompt_text], [load_image(row["image"], IMAGE_SIZE)])["input_ids"].shape[1]
+        prompt_len = prompting.encode(processor, [prompt_text],
+                                      [load_image(row["image"], IMAGE_SIZE)])["input_ids"].shape[1]
         answer = prompting.answer_ids(processor, fam, row["target"])
         labelled = (batch["labels"][i] != -100).nonzero().flatten().tolist()
         assert labelled == list(range(prompt_len, prompt_len + len(answer)))

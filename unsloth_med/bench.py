@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unsloth-med bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="ministral3-14b",
-                   help="A shape name (ministral3-14b, ministral3-3b, llama32-11b-vision) or a local checkpoint folder.")
+                   help="A shape name (ministral3-14b, ministral3-3b, llama32-11b-vision) "
+                        "or a local checkpoint folder.")
     p.add_argument("--models_dir", default=None, help="Where shapes are built (default: <cache>/shapes).")
     p.add_argument("--recipe", default="bone_fracture")
     p.add_argument("--data_dir", default=None, help="Local copy of the recipe's dataset (needed offline).")
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="Timed steps per batch size (after warm-up).")
     p.add_argument("--warmup", type=int, default=2, help="Warm-up steps per batch size (compilation; excluded).")
     p.add_argument("--lora_r", type=int, default=16)
-    p.add_argument("--finetune_vision_layers", default="false", help="LoRA on the vision tower too (default: language only).")
+    p.add_argument("--finetune_vision_layers", default="false",
+                   help="LoRA on the vision tower too (default: language only).")
     p.add_argument("--learning_rate", type=float, default=2e-4)
     p.add_argument("--max_memory_gib", type=float, default=None,
                    help="Cap GPU memory per process and find the largest batch that fits (accelerate).")
@@ -74,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sdpa", default="default", choices=("default", "flash", "cudnn"),
                    help="Attention kernel for SDPA: PyTorch's choice, or only FlashAttention / only cuDNN.")
     p.add_argument("--speedups", action="store_true",
-                   help="The package's own training speedups on top of the path: batches of same-size images (as length "
-                        "grouping makes them), the vision tower run as a batch, no backward through a frozen vision "
-                        "tower (models/speedups.py). Off: the path as the ecosystem runs it.")
+                   help="The package's own training speedups on top of the path: batches of same-size images "
+                        "(as length grouping makes them), the vision tower run as a batch, no backward through a "
+                        "frozen vision tower (models/speedups.py). Off: the path as the ecosystem runs it.")
     p.add_argument("--profile", action="store_true",
                    help="Profile one more step per batch size: GPU-busy share of the step and the top kernels.")
     p.add_argument("--out", default="benchmarks/results")
@@ -103,7 +105,8 @@ def bench_command(argv: list[str]) -> int:
     import torch
 
     if DEVICE == "cuda" and not torch.cuda.is_available():
-        raise BackendError("unsloth-med bench measures GPU training: it needs an NVIDIA GPU with CUDA, and none is visible.")
+        raise BackendError("unsloth-med bench measures GPU training: it needs an NVIDIA GPU with CUDA, "
+                           "and none is visible.")
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     unknown = [p for p in paths if p not in PATHS]
     if unknown:
@@ -119,7 +122,8 @@ def bench_command(argv: list[str]) -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     model_dir, shape_info = resolve_model(args.model, args.models_dir)
-    rows_file, data_info = prepare_rows(args, model_dir, work, max(batch_sizes + [args.start_batch if args.max_memory_gib else 0]))
+    rows_file, data_info = prepare_rows(args, model_dir, work,
+                                        max(batch_sizes + [args.start_batch if args.max_memory_gib else 0]))
     model_name = Path(args.model).name if not shape_info else args.model
     results = []
     for path in paths:
@@ -159,7 +163,8 @@ def bench_command(argv: list[str]) -> int:
                       command="unsloth-med bench " + " ".join(argv), settings=_settings(args, path))
         results.append(result)
         (out / f"{tag}_{_slug(model_name)}_{_variant(result)}.json").write_text(json.dumps(result, indent=1))
-        print(f"[bench] {path}: done in {time.time() - t0:.0f} s" + (f" ({result['error']})" if "error" in result else ""),
+        print(f"[bench] {path}: done in {time.time() - t0:.0f} s"
+              + (f" ({result['error']})" if "error" in result else ""),
               flush=True)
     fill_missing_flops(results)
     rows = table_rows(results)
@@ -220,7 +225,8 @@ def _settings(args, path: str) -> dict:
 
 def _variant(result: dict, sep: str = "-") -> str:
     """The result file's name part (sep "-") or the table's row label (sep " +"): the path and what was changed."""
-    s = result.get("settings") or {"speedups": bool(result.get("speedups")), "max_memory_gib": result.get("max_memory_gib")}
+    s = result.get("settings") or {"speedups": bool(result.get("speedups")),
+                                   "max_memory_gib": result.get("max_memory_gib")}
     parts = [result["path"]]
     if s.get("speedups"):
         parts.append("speedups")
@@ -353,7 +359,8 @@ def table_rows(results: list[dict]) -> list[dict]:
                 "path": _variant(r, sep=" +"), "batch_size": b["batch_size"],
                 "error": b.get("error"),
                 "samples_per_s": b.get("samples_per_s"), "tokens_per_s": b.get("tokens_per_s"),
-                "samples_per_s_all_steps": b.get("samples_per_s_all_steps") or _all_steps_rate(b["batch_size"], b.get("step_s")),
+                "samples_per_s_all_steps": (b.get("samples_per_s_all_steps")
+                                            or _all_steps_rate(b["batch_size"], b.get("step_s"))),
                 "median_step_s": b.get("median_step_s"), "max_over_median": b.get("max_over_median"),
                 "peak_alloc_gib": b.get("peak_alloc_gib"), "peak_reserved_gib": b.get("peak_reserved_gib"),
                 "load_s": r.get("load_s"), "warmup_s": b.get("warmup_s"),
@@ -363,7 +370,8 @@ def table_rows(results: list[dict]) -> list[dict]:
                 "gpu_busy_share": (b.get("profile") or {}).get("gpu_busy_share"),
                 "gradient_checkpointing": r.get("gradient_checkpointing"),
             })
-    base = next((x for x in rows if x["path"] == "hf-bf16" and x.get("batch_size") == 2 and x.get("samples_per_s")), None)
+    base = next((x for x in rows if x["path"] == "hf-bf16" and x.get("batch_size") == 2 and x.get("samples_per_s")),
+                None)
     hf = [x for x in rows if x["path"].startswith("hf-") and x.get("samples_per_s")]
     for x in rows:
         if not x.get("samples_per_s"):
@@ -391,14 +399,16 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| path | cap GiB | batch | samples/s | samples/s all steps | tokens/s | median step s | max/median | peak alloc GiB | peak reserved GiB "
+    head = ("| path | cap GiB | batch | samples/s | samples/s all steps | tokens/s | median step s | max/median "
+            "| peak alloc GiB | peak reserved GiB "
             "| load s | warm-up s | TFLOPs/sample | MFU | MFU 6N | GPU busy | final loss | data share | × hf-bf16 b2 "
             "| × best HF ≤ mem |")
     lines = [head, "|" + "---|" * 20]
     for x in rows:
         cap = _fmt(x.get("memory_cap_gib"), "g")
         if x.get("error") and not x.get("samples_per_s"):
-            lines.append(f"| {x['path']} | {cap} | {x.get('batch_size', '—')} | failed: {str(x['error'])[:80]} |" + " |" * 16)
+            lines.append(f"| {x['path']} | {cap} | {x.get('batch_size', '—')} | failed: {str(x['error'])[:80]} |"
+                         + " |" * 16)
             continue
         lines.append("| " + " | ".join([
             x["path"], cap, str(x["batch_size"]), _fmt(x["samples_per_s"], ".2f"),
@@ -408,8 +418,10 @@ def markdown_table(rows: list[dict]) -> str:
             _fmt(x["flops_per_sample"] / 1e12 if x.get("flops_per_sample") else None, ".2f"),
             _fmt(x["mfu"] * 100 if x.get("mfu") else None, ".1f") + ("%" if x.get("mfu") else ""),
             _fmt(x["mfu_6n"] * 100 if x.get("mfu_6n") else None, ".1f") + ("%" if x.get("mfu_6n") else ""),
-            _fmt(x["gpu_busy_share"] * 100 if x.get("gpu_busy_share") else None, ".0f") + ("%" if x.get("gpu_busy_share") else ""),
-            _fmt(x["final_loss"], ".3f"), _fmt(x["data_share"] * 100 if x.get("data_share") is not None else None, ".1f")
+            _fmt(x["gpu_busy_share"] * 100 if x.get("gpu_busy_share") else None, ".0f")
+            + ("%" if x.get("gpu_busy_share") else ""),
+            _fmt(x["final_loss"], ".3f"),
+            _fmt(x["data_share"] * 100 if x.get("data_share") is not None else None, ".1f")
             + ("%" if x.get("data_share") is not None else ""),
             _fmt(x.get("x_hf_bf16_b2"), ".2f"), _fmt(x.get("x_best_hf_same_memory"), ".2f"),
         ]) + " |")
@@ -492,7 +504,8 @@ def _load_path(path: str, model_dir: str, lora, seed: int, gradient_checkpointin
         model.enable_input_require_grads()
         model.config.use_cache = False
         config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=0.0, bias="none",
-                            target_modules=lora_target_regex(model, family_of(model.config), lora), task_type="CAUSAL_LM")
+                            target_modules=lora_target_regex(model, family_of(model.config), lora),
+                            task_type="CAUSAL_LM")
         torch.manual_seed(lora.lora_random_state)
         model = get_peft_model(model, config)
         model.train()
@@ -578,7 +591,8 @@ def run_worker(args) -> dict:
         return out.loss.detach()
 
     def run_batch_size(bs: int) -> dict:
-        chunks, warm, timed_ids, extra = plan_batches(rows, bs, args.warmup, args.steps, not args.no_flops or args.profile,
+        chunks, warm, timed_ids, extra = plan_batches(rows, bs, args.warmup, args.steps,
+                                                      not args.no_flops or args.profile,
                                                       same_shape=args.speedups, seed=args.seed)
         batches, collate_s = [], []
         for chunk in chunks:

@@ -144,8 +144,9 @@ def _check_no_secrets(folder: Path) -> None:
 
     leaked = files_with_secrets(folder)
     if leaked:
-        raise ExportError(f"The export would contain the value of a secret environment variable in: {', '.join(leaked)}. "
-                          "Nothing was written. Remove the secret from the config or model files and export again.")
+        raise ExportError("The export would contain the value of a secret environment variable in: "
+                          f"{', '.join(leaked)}. Nothing was written. "
+                          "Remove the secret from the config or model files and export again.")
 
 
 # ----------------------------------------------------------------------------- models
@@ -391,10 +392,12 @@ def _check_processor(reloaded, processor, recipe, rows, image_size) -> dict:
     if not template_ok:
         raise ExportError("The exported processor lost the chat template the model was trained with "
                           "(chat_template.jinja missing or different).")
-    mine, theirs = _encode_rows(processor, recipe, rows[:1], image_size)[0], _encode_rows(reloaded, recipe, rows[:1], image_size)[0]
+    mine, theirs = (_encode_rows(processor, recipe, rows[:1], image_size)[0],
+                    _encode_rows(reloaded, recipe, rows[:1], image_size)[0])
     for a, b in zip(mine, theirs):
         for key in a:
-            if key not in b or not torch.is_tensor(a[key]) or a[key].shape != b[key].shape or not torch.equal(a[key], b[key]):
+            if (key not in b or not torch.is_tensor(a[key]) or a[key].shape != b[key].shape
+                    or not torch.equal(a[key], b[key])):
                 raise ExportError(f"The exported processor encodes the verification image differently ('{key}'): "
                                   "processor files are missing or incomplete in the export.")
     return {"chat_template": True, "inputs_identical": True, "class": type(reloaded).__name__}
@@ -475,7 +478,8 @@ def export_merged(backend, model, processor, recipe, dataset, out_dir, *, image_
                     "format": "merged-16bit", "dtype": str(saved_dtype).replace("torch.", ""), "trained_on": base_model}
             _write_json(tmp / "unsloth_med.json", info)
             processor_check = _check_processor(reloaded_processor, processor, recipe, rows, image_size)
-            new = _outputs(reloaded, reloaded_processor, _encode_rows(reloaded_processor, recipe, rows, image_size), max_new)
+            new = _outputs(reloaded, reloaded_processor, _encode_rows(reloaded_processor, recipe, rows, image_size),
+                           max_new)
             del reloaded
             gc.collect()
             check = _compare(reference, new)
@@ -486,7 +490,8 @@ def export_merged(backend, model, processor, recipe, dataset, out_dir, *, image_
             tol = tolerance if tolerance is not None else dtype_tol
             disagreements = _disagreements(reference, new, dtype_tol)  # a near-tie is judged by the dtype's rounding
             verification = {
-                "reference": reference_name, "rows": len(rows), "row_ids": [str(r.get("id", i)) for i, r in enumerate(rows)],
+                "reference": reference_name, "rows": len(rows),
+                "row_ids": [str(r.get("id", i)) for i, r in enumerate(rows)],
                 "logit_positions_per_row": min(LOGIT_POSITIONS, *(e[0]["input_ids"].shape[1] for e in encoded)),
                 **check, "tolerance": tol, "dtype": str(saved_dtype).replace("torch.", ""),
                 "greedy_disagreements": disagreements,
@@ -500,7 +505,8 @@ def export_merged(backend, model, processor, recipe, dataset, out_dir, *, image_
                                                             "not an export error; informational"}
                 if vs["greedy_agreement"] < 0.5:
                     log.warning("The merged 16-bit model answers differently from the 4-bit tuned model on %d of %d "
-                                "verification images (4-bit rounding).", round((1 - vs["greedy_agreement"]) * len(rows)), len(rows))
+                                "verification images (4-bit rounding).",
+                                round((1 - vs["greedy_agreement"]) * len(rows)), len(rows))
             log.info("Export check: max abs logit diff %.3g (tolerance %.3g), greedy agreement %.2f",
                      check["max_abs_logit_diff"], tol, check["greedy_agreement"])
             if verification["status"] == "failed":
@@ -513,7 +519,8 @@ def export_merged(backend, model, processor, recipe, dataset, out_dir, *, image_
                 )
             weights = describe_weights(method, verification["dtype"])
             (tmp / "README.md").write_text(model_card(recipe, base_model=merged_from, export_format="merged-16bit",
-                                                      run_dir=run_dir or out_dir.parent, image_size=fit_record(image_size)["image_size"],
+                                                      run_dir=run_dir or out_dir.parent,
+                                                      image_size=fit_record(image_size)["image_size"],
                                                       verification=verification, weights=weights,
                                                       model_name=model_name))
             files, size = _folder_listing(tmp)
@@ -578,10 +585,12 @@ def export_adapter(adapter_dir, out_dir, *, recipe, base_model: str, image_size,
         for path in sorted(adapter_dir.iterdir()):
             if path.is_file() and path.name not in ("README.md", "export.json"):
                 shutil.copy2(path, tmp / path.name)
-        sources = {p.name: _sha256(p) for p in adapter_dir.iterdir() if p.is_file() and p.name not in ("README.md", "export.json")}
+        sources = {p.name: _sha256(p) for p in adapter_dir.iterdir()
+                   if p.is_file() and p.name not in ("README.md", "export.json")}
         copied = {name: _sha256(tmp / name) for name in sources}
         if copied != sources:
-            raise ExportError(f"Copying {adapter_dir} to {out_dir} changed files: {sorted(n for n in sources if copied[n] != sources[n])}")
+            raise ExportError(f"Copying {adapter_dir} to {out_dir} changed files: "
+                              f"{sorted(n for n in sources if copied[n] != sources[n])}")
         PeftConfig.from_pretrained(str(tmp))
         from safetensors import safe_open
 
@@ -592,15 +601,17 @@ def export_adapter(adapter_dir, out_dir, *, recipe, base_model: str, image_size,
             raise ExportError(f"{weights} holds no LoRA weights.")
         processor = AutoProcessor.from_pretrained(tmp)
         if not getattr(processor, "chat_template", None):
-            raise ExportError(f"The processor in {adapter_dir} has no chat template: the run saved an incomplete processor.")
+            raise ExportError(f"The processor in {adapter_dir} has no chat template: "
+                              "the run saved an incomplete processor.")
         text = processor.apply_chat_template(recipe.prompt(), tokenize=False, add_generation_prompt=True)
         info = {**_recipe_info(recipe, model_name), "base_model": base_model, "image_size": image_size,
                 "format": "adapter"}
         _write_json(tmp / "unsloth_med.json", info)
         verification = {"files_identical_to_run": True, "lora_tensors": sum("lora_" in k for k in keys),
-                        "peft_config": True, "processor": {"class": type(processor).__name__, "chat_template": bool(text)}}
-        (tmp / "README.md").write_text(model_card(recipe, base_model=base_model, export_format="adapter", run_dir=run_dir,
-                                                  image_size=image_size, model_name=model_name))
+                        "peft_config": True,
+                        "processor": {"class": type(processor).__name__, "chat_template": bool(text)}}
+        (tmp / "README.md").write_text(model_card(recipe, base_model=base_model, export_format="adapter",
+                                                  run_dir=run_dir, image_size=image_size, model_name=model_name))
         files, size = _folder_listing(tmp)
         _check_no_secrets(tmp)
         result = {"format": "adapter", "base_model": base_model, "recipe": recipe.name, "image_size": image_size,

@@ -141,8 +141,10 @@ def _metrics_section(metrics: dict | None) -> list[str]:
     if not (before or after):
         return ["No evaluation metrics were recorded for this run."]
     counts = {name for name, _ in _COUNT_KEYS}
-    keys = [k for k in dict.fromkeys([*before, *after]) if k not in counts and (_number(before.get(k)) or _number(after.get(k)))]
-    lines = ["Evaluated on the recipe's held-out test split: the base model before training, the tuned model after.", ""]
+    keys = [k for k in dict.fromkeys([*before, *after])
+            if k not in counts and (_number(before.get(k)) or _number(after.get(k)))]
+    lines = ["Evaluated on the recipe's held-out test split: the base model before training, "
+             "the tuned model after.", ""]
     shown = set()
     for key, label in _COUNT_KEYS:
         value = metrics.get(key, after.get(key, before.get(key)))
@@ -165,7 +167,8 @@ def _config_section(config: dict | None) -> str | None:
     if config.get("lora") and not model.get("full_finetune"):
         shown["lora"] = dict(config["lora"])
     data = config.get("data") or {}
-    shown["data"] = {k: data[k] for k in ("image_size", "max_train_samples", "max_eval_samples") if data.get(k) is not None}
+    shown["data"] = {k: data[k] for k in ("image_size", "max_train_samples", "max_eval_samples")
+                     if data.get(k) is not None}
     training = config.get("training") or {}
     shown["training"] = {k: training[k] for k in CARD_TRAINING_KEYS if k in training}
     shown = {k: v for k, v in shown.items() if v}
@@ -227,9 +230,9 @@ def model_card(recipe, *, base_model: str, export_format: str = "merged-16bit", 
         lines.append(f"- Instruction given with each image: \"{recipe.instruction}\"")
     size = image_size or (((config or {}).get("data") or {}).get("image_size")) or getattr(recipe, "image_size", None)
     if size and recorded_buckets(None, config):
-        lines.append(f"- Images were scaled so the longest side is {size} px (down to the vision patch grid) and padded "
-                     "with black into the nearest fixed shape (square, 3:4, 1:2, 1:3); size images the same way at "
-                     "inference (`unsloth-med predict` does).")
+        lines.append(f"- Images were scaled so the longest side is {size} px (down to the vision patch grid) "
+                     "and padded with black into the nearest fixed shape (square, 3:4, 1:2, 1:3); size images "
+                     "the same way at inference (`unsloth-med predict` does).")
     elif size:
         lines.append(f"- Images are resized so the longest side is at most {size} px; use the same size at inference.")
     lines.append("")
@@ -266,7 +269,8 @@ def model_card(recipe, *, base_model: str, export_format: str = "merged-16bit", 
               "output = model.generate(**inputs, max_new_tokens=32, do_sample=False)",
               'print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
               "```", "",
-              "The processor carries the chat template the model was trained with; keep it (and the instruction above).", ""]
+              "The processor carries the chat template the model was trained with; "
+              "keep it (and the instruction above).", ""]
 
     if verification:
         lines += ["## Export check", "", _verification_text(verification), ""]
@@ -387,7 +391,8 @@ def push(folder: str | Path, repo_id: str, *, private: bool = True) -> str:
     from huggingface_hub.errors import HfHubHTTPError
 
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise NetworkError("HF_HUB_OFFLINE is set, so nothing can be uploaded. " + _push_later(folder, repo_id, private))
+        raise NetworkError("HF_HUB_OFFLINE is set, so nothing can be uploaded. "
+                           + _push_later(folder, repo_id, private))
     if not huggingface_hub.get_token():
         raise CredentialsError("No Hugging Face token found. Set HF_TOKEN (a token with write access, from "
                                "https://huggingface.co/settings/tokens) or run `hf auth login`. "

@@ -100,7 +100,8 @@ def out_of_memory_error(config: Config, run_dir: Path) -> BackendError:
         "CUDA out of memory while training. Lower what drives memory, most effective first: --image_size "
         f"(now {config.data.image_size or 'the recipe default'}; image tokens grow with its square), "
         f"--per_device_train_batch_size (now {config.training.per_device_train_batch_size}; raise "
-        f"--gradient_accumulation_steps, now {config.training.gradient_accumulation_steps}, to keep the effective batch), "
+        f"--gradient_accumulation_steps, now {config.training.gradient_accumulation_steps}, "
+        "to keep the effective batch), "
         "--load_in_4bit true, --finetune_vision_layers false, --lora_r. "
         + (f"Then continue from {checkpoint} with --resume --output_dir {run_dir}." if checkpoint
            else "No checkpoint was written yet; start again with the smaller settings.")
@@ -167,7 +168,8 @@ def run(recipe: Recipe, config: Config) -> dict:
     )
 
     started = time.time()
-    if not config.data.preprocess_images and config.training.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
+    if (not config.data.preprocess_images
+            and config.training.train_sampling_strategy in ("group_by_length", "batch_rebalance")):
         raise ConfigError(f"--train_sampling_strategy {config.training.train_sampling_strategy} needs each sample's "
                           "length, which image preparation records: drop --preprocess_images false, or add "
                           "--train_sampling_strategy random.")
@@ -301,7 +303,8 @@ def run(recipe: Recipe, config: Config) -> dict:
                 exported, export_error = {"ok": False, "error": str(exc)}, exc
 
         metrics = write_report(run_dir, recipe, before, after, log_history=history,
-                               extra={"data": summary, "export": exported, "train_stats": _read_json(run_dir / "train_stats.json"),
+                               extra={"data": summary, "export": exported,
+                                      "train_stats": _read_json(run_dir / "train_stats.json"),
                                       "wall_seconds": round(time.time() - started, 1)})
         if export_error is not None:
             raise export_error

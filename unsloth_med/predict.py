@@ -200,11 +200,13 @@ def predict_loaded(loaded: Loaded, images: Sequence[str], *, top_k: int = 3, bat
                 for row, p in zip(chunk, probs):
                     order = torch.argsort(p, descending=True).tolist()
                     top = [{"label": rec.labels[i], "probability": float(p[i])} for i in order[:max(1, top_k)]]
-                    results.append({"image": row["image"], "label": top[0]["label"], "probability": top[0]["probability"],
-                                    "top": top, "probabilities": {rec.labels[i]: float(p[i]) for i in range(len(p))}})
+                    results.append({"image": row["image"], "label": top[0]["label"],
+                                    "probability": top[0]["probability"], "top": top,
+                                    "probabilities": {rec.labels[i]: float(p[i]) for i in range(len(p))}})
             else:
                 answers = generate_texts(loaded.model, loaded.processor, rec, chunk,
-                                         max_new_tokens=max_new_tokens or rec.max_new_tokens, image_size=loaded.image_size)
+                                         max_new_tokens=max_new_tokens or rec.max_new_tokens,
+                                         image_size=loaded.image_size)
                 key = "answer" if rec.is_vqa else "caption"
                 results += [{"image": row["id"], **({"question": question} if rec.is_vqa else {}), key: answer}
                             for row, answer in zip(chunk, answers)]

@@ -374,8 +374,8 @@ def fit_micro_batch(trainer, dataset, max_memory_gib: float) -> dict:
     effective = args.per_device_train_batch_size * args.gradient_accumulation_steps
     in_use = torch.cuda.memory_allocated() / 2**30
     if in_use >= max_memory_gib:
-        raise BackendError(f"--max_memory_gib {max_memory_gib:g} is below the {in_use:.1f} GiB the model already occupies "
-                           "on the GPU: raise the cap, or load in 4-bit / a smaller model.")
+        raise BackendError(f"--max_memory_gib {max_memory_gib:g} is below the {in_use:.1f} GiB the model already "
+                           "occupies on the GPU: raise the cap, or load in 4-bit / a smaller model.")
     # The cap limits what the allocator may reserve; memory it cached earlier (a previous run, a probe)
     # would otherwise be reused beyond it.
     torch.cuda.empty_cache()
@@ -406,8 +406,8 @@ def fit_micro_batch(trainer, dataset, max_memory_gib: float) -> dict:
     except RuntimeError as exc:
         if "No executable batch size" not in str(exc):
             raise
-        raise BackendError(f"Not even one sample fits in --max_memory_gib {max_memory_gib}: lower --image_size, load in "
-                           "4-bit, or raise the cap.") from exc
+        raise BackendError(f"Not even one sample fits in --max_memory_gib {max_memory_gib}: lower --image_size, "
+                           "load in 4-bit, or raise the cap.") from exc
     micro = current_ranks().min(micro)  # under DDP every rank probes its own GPU; all train with what all can fit
     peak = torch.cuda.max_memory_allocated() / 2**30
     args.per_device_train_batch_size = micro

@@ -83,7 +83,8 @@ class HFBackend:
 
         cuda = torch.cuda.is_available()
         four_bit = cuda if model_args.load_in_4bit is None else model_args.load_in_4bit
-        kwargs: dict[str, Any] = {"dtype": (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32)}
+        kwargs: dict[str, Any] = {"dtype": (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported()
+                                            else torch.float32)}
         if four_bit:
             if not cuda:
                 raise BackendError("--load_in_4bit needs a CUDA GPU (bitsandbytes). On CPU, leave it off.")
@@ -119,7 +120,8 @@ class HFBackend:
         return get_peft_model(model, config)
 
     def collator(self, model, processor, recipe, *, image_size, max_seq_length):
-        return VisionCollator(processor, family_of(model.config), recipe, image_size=image_size, max_seq_length=max_seq_length)
+        return VisionCollator(processor, family_of(model.config), recipe, image_size=image_size,
+                              max_seq_length=max_seq_length)
 
     def for_training(self, model):
         model.train()

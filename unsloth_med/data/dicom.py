@@ -86,7 +86,8 @@ def load_dicom(source: Any, *, multiframe: str | None = None) -> Image.Image:
     try:
         if photometric in ("MONOCHROME1", "MONOCHROME2"):
             if arr.ndim != 2:
-                raise ImageError(f"{name}: grayscale DICOM with pixel array of shape {arr.shape}; expected rows x columns.")
+                raise ImageError(f"{name}: grayscale DICOM with pixel array of shape {arr.shape}; "
+                                 "expected rows x columns.")
             gray = to_display_gray(arr, ds)
             return Image.fromarray(gray, "L")
         if photometric == "PALETTE COLOR":

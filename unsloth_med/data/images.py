@@ -68,7 +68,8 @@ def load_image(source: Any, max_side: "int | ImageFit | None" = None) -> Image.I
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"{name}: cannot decode image ({exc}). Re-export the file or remove it from the dataset.") from exc
+        raise ImageError(f"{name}: cannot decode image ({exc}). "
+                         "Re-export the file or remove it from the dataset.") from exc
     if max_side and max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     return img
@@ -216,7 +217,8 @@ def _open(source: Any, name: str) -> Image.Image:
     except ImageError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc}). Remove it from the dataset.") from exc
+        raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc}). "
+                         "Remove it from the dataset.") from exc
 
 
 def _check_size(img: Image.Image, name: str) -> None:

@@ -92,7 +92,8 @@ def load_class_folders(
     skipped = 0
     for folder in folders:
         has_splits = any((folder / s).is_dir() for s in split_names)
-        parts = [(split, folder / name) for split, name in zip(("train", "test"), split_names)] if has_splits else [("train", folder)]
+        parts = ([(split, folder / name) for split, name in zip(("train", "test"), split_names)] if has_splits
+                 else [("train", folder)])
         for split, where in parts:
             if not where.is_dir():
                 continue
@@ -177,14 +178,16 @@ def load_hf(name_or_path: str, *, image_column: str, target_column: str, splits=
     for column in (image_column, target_column):
         if column not in loaded[next(iter(loaded))].column_names:
             raise DataError(
-                f"Dataset '{name_or_path}' has no column '{column}' (columns: {loaded[next(iter(loaded))].column_names}). "
+                f"Dataset '{name_or_path}' has no column '{column}' "
+                f"(columns: {loaded[next(iter(loaded))].column_names}). "
                 "Set --image_column / --target_column to the right names."
             )
     train_name, test_name = splits
     if test_name not in loaded:
         parts = loaded[train_name].train_test_split(test_size=0.1, seed=seed)
         loaded = datasets.DatasetDict({train_name: parts["train"], test_name: parts["test"]})
-        log.warning("Dataset '%s' has no '%s' split: holding out 10%% of '%s' (seed %d)", name_or_path, test_name, train_name, seed)
+        log.warning("Dataset '%s' has no '%s' split: holding out 10%% of '%s' (seed %d)",
+                    name_or_path, test_name, train_name, seed)
     out = datasets.DatasetDict()
     for split, name in (("train", train_name), ("test", test_name)):
         part = loaded[name].select_columns([image_column, target_column])
@@ -216,7 +219,8 @@ def load_recipe_data(recipe: "Recipe", data_dir: str | None = None, *, seed: int
                                   downloadable=source.kind == "kaggle_folders" and bool(source.id))
         if not rows["test"]:
             raise DataError(
-                f"No test images under {data_dir} (expected '{source.test_split}' folders beside '{source.train_split}'). "
+                f"No test images under {data_dir} "
+                f"(expected '{source.test_split}' folders beside '{source.train_split}'). "
                 "Evaluation needs a test split: add one, or use the generic `classify` recipe, which can hold one out."
             )
         return datasets.DatasetDict({split: datasets.Dataset.from_list(r) for split, r in rows.items()})

@@ -229,7 +229,8 @@ def write_synthetic_fractures(root: str | Path, *, train_per_class: int = 120, t
             rng = np.random.default_rng([seed, k, offset])
             stem = label.lower().replace(" ", "_")
             for i in range(count):
-                draw_fracture(label, rng, size, pose_jitter=pose_jitter).save(folder / f"{stem}_{split.lower()}_{i:04d}.png", optimize=False)
+                draw_fracture(label, rng, size, pose_jitter=pose_jitter).save(
+                    folder / f"{stem}_{split.lower()}_{i:04d}.png", optimize=False)
     return root
 
 

@@ -144,7 +144,8 @@ def _check_template(template: str, columns: Sequence[str], aliases: Mapping[str,
             missing.append(field if len(options) == 1 else f"{field} (or {', '.join(options[1:])})")
     if missing:
         raise DataError(f"{where}: the target template {template!r} needs columns that are missing: "
-                        f"{', '.join(missing)} (columns: {', '.join(columns)}). Rename the columns or change the template.")
+                        f"{', '.join(missing)} (columns: {', '.join(columns)}). "
+                        "Rename the columns or change the template.")
 
 
 # ----------------------------------------------------------------------------- reading listings
@@ -166,7 +167,8 @@ def read_listing(path: str | os.PathLike) -> list[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg}). Each line must be one JSON object.") from exc
+                raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg}). "
+                                "Each line must be one JSON object.") from exc
             if not isinstance(row, dict):
                 raise DataError(f"{path}, line {number}: a JSON {type(row).__name__}, not an object with named fields.")
             rows.append(row)
@@ -242,7 +244,8 @@ def _assign_splits(rows: list[dict], *, where: str, stratify: bool, test_fractio
                         "or remove the split column to hold out a test split automatically.")
     train += by_split[None]
     if val and test:
-        log.warning("%s: %d validation rows are not used (evaluation uses the %d test rows).", where, len(val), len(test))
+        log.warning("%s: %d validation rows are not used (evaluation uses the %d test rows).",
+                    where, len(val), len(test))
     elif val:
         log.info("%s: no test rows; the %d validation rows are the test split.", where, len(val))
         test = val
@@ -568,11 +571,13 @@ def find_folder_root(root: Path) -> Path:
     return folder
 
 
-def folder_rows(root: str | os.PathLike, *, train_split: str = "train", test_split: str = "test") -> tuple[list[dict], bool, Path]:
+def folder_rows(root: str | os.PathLike, *, train_split: str = "train",
+                test_split: str = "test") -> tuple[list[dict], bool, Path]:
     """Rows {image, target, id, split} from class folders; returns (rows, has_split_folders, class root)."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(f"Data folder not found: {root}. Pass --data_dir: a folder of class folders, or a CSV/JSONL listing.")
+        raise DataError(f"Data folder not found: {root}. "
+                        "Pass --data_dir: a folder of class folders, or a CSV/JSONL listing.")
     base = find_folder_root(root)
     top = _subdirs(base)
     split_first = [d for d in top if _split_of(d.name, (train_split,), (test_split,))]
@@ -601,12 +606,14 @@ def folder_rows(root: str | os.PathLike, *, train_split: str = "train", test_spl
         found = ", ".join(p.name for p in sorted(base.iterdir())[:12]) or "nothing"
         raise DataError(
             f"No images found in class folders under {base} (it contains: {found}). Expected '<class>/*.png', "
-            f"'<class>/{{train,test}}/*.png' or '{{train,test}}/<class>/*.png' (extensions: {', '.join(IMAGE_EXTENSIONS)}), "
+            f"'<class>/{{train,test}}/*.png' or '{{train,test}}/<class>/*.png' "
+            f"(extensions: {', '.join(IMAGE_EXTENSIONS)}), "
             "or pass a CSV/JSONL listing instead."
         )
     if has_splits and any(r["split"] is None for r in rows):
         loose = sum(r["split"] is None for r in rows)
-        log.warning("%s: %d images sit directly in class folders that also have split folders; they go to train.", base, loose)
+        log.warning("%s: %d images sit directly in class folders that also have split folders; they go to train.",
+                    base, loose)
         for r in rows:
             r["split"] = r["split"] or "train"
     return rows, has_splits, base
@@ -624,7 +631,8 @@ def load_folders(root: str | os.PathLike, *, labels: Sequence[str] = (), test_fr
 
 # ----------------------------------------------------------------------------- Hugging Face datasets
 def _is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and any((path / name).is_file() for name in ("dataset_dict.json", "state.json", "dataset_info.json"))
+    return path.is_dir() and any((path / name).is_file()
+                                 for name in ("dataset_dict.json", "state.json", "dataset_info.json"))
 
 
 def load_hf_table(name_or_path: str, *, task: str = "captioning", image_column: str | None = None,
@@ -640,7 +648,8 @@ def load_hf_table(name_or_path: str, *, task: str = "captioning", image_column: 
 
     aliases = dict(column_aliases or {})
     try:
-        loaded = datasets.load_from_disk(name_or_path) if Path(name_or_path).exists() else datasets.load_dataset(name_or_path)
+        loaded = (datasets.load_from_disk(name_or_path) if Path(name_or_path).exists()
+                  else datasets.load_dataset(name_or_path))
     except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as exc:
         raise NetworkError(
             f"Could not load the Hugging Face dataset '{name_or_path}' ({type(exc).__name__}: {_redact(exc)[:200]}). "
@@ -651,7 +660,8 @@ def load_hf_table(name_or_path: str, *, task: str = "captioning", image_column: 
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({train_split: loaded})
     names = list(loaded)
-    train_name = next((n for n in names if n == train_split), None) or next((n for n in names if _split_of(n, (train_split,), ()) == "train"), names[0])
+    train_name = (next((n for n in names if n == train_split), None)
+                  or next((n for n in names if _split_of(n, (train_split,), ()) == "train"), names[0]))
     test_name = (next((n for n in names if n == test_split), None)
                  or next((n for n in names if _split_of(n, (), (test_split,)) == "test"), None)
                  or next((n for n in names if _split_of(n, (), ()) == "val"), None))
@@ -716,12 +726,14 @@ def load_hf_table(name_or_path: str, *, task: str = "captioning", image_column: 
     if test_name is None:
         if task == "classification":
             rows = [dict(r, split=None) for r in train]
-            parts = _assign_splits(rows, where=where, stratify=True, test_fraction=test_fraction, seed=seed,
-                                   had_split_column=False) if not isinstance(train.features["image"], datasets.Image) else None
+            parts = (_assign_splits(rows, where=where, stratify=True, test_fraction=test_fraction, seed=seed,
+                                    had_split_column=False)
+                     if not isinstance(train.features["image"], datasets.Image) else None)
             if parts is not None:
                 return _to_datasetdict(parts)
         split = train.train_test_split(test_size=test_fraction, seed=seed)
-        log.warning("%s has no test split: holding out %.0f%% of '%s' (seed %d)", where, 100 * test_fraction, train_name, seed)
+        log.warning("%s has no test split: holding out %.0f%% of '%s' (seed %d)",
+                    where, 100 * test_fraction, train_name, seed)
         out = datasets.DatasetDict({"train": split["train"], "test": split["test"]})
     else:
         out = datasets.DatasetDict({"train": train, "test": convert(loaded[test_name], test_name)})

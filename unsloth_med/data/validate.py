@@ -35,7 +35,8 @@ def validate_split(dataset, split: str, *, image_size: int | None, max_bad_fract
     with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
         problems = list(pool.map(lambda s: _problem(s, image_size), sources))
     ids = dataset["id"]
-    skipped = [{"split": split, "id": ids[i], "image": sources[i] if isinstance(sources[i], str) else ids[i], "reason": p}
+    skipped = [{"split": split, "id": ids[i], "image": sources[i] if isinstance(sources[i], str) else ids[i],
+                "reason": p}
                for i, p in enumerate(problems) if p]
     if skipped:
         log.warning("%s: skipping %d of %d images that cannot be used", split, len(skipped), len(dataset))

@@ -134,7 +134,8 @@ def generate_texts(model, processor, recipe, rows: Sequence[dict], *, max_new_to
 
 
 def generate_all(model, processor, recipe, dataset, *, max_new_tokens: int, batch_size: int = 8,
-                 image_size: int | None = None, progress: bool = True, desc: str = "generate") -> Iterator[tuple[dict, str]]:
+                 image_size: int | None = None, progress: bool = True,
+                 desc: str = "generate") -> Iterator[tuple[dict, str]]:
     """(row, answer) for every row, one batch at a time; nothing but the answers is kept."""
     family = family_of(model.config)
     with eval_mode(model), progress_bar(len(dataset), desc, progress) as bar:
@@ -178,7 +179,8 @@ def evaluate_captioning(model, processor, recipe, dataset, *, batch_size: int = 
     for row, answer in generate_all(model, processor, recipe, dataset, max_new_tokens=max_new_tokens,
                                     batch_size=batch_size, image_size=image_size, progress=progress,
                                     desc="evaluate (captions)"):
-        predictions.append({"id": str(row.get("id", len(predictions))), "target": recipe.target(row), "prediction": answer})
+        predictions.append({"id": str(row.get("id", len(predictions))), "target": recipe.target(row),
+                            "prediction": answer})
     predictions = gather_in_order(predictions, rows)
     metrics = caption_metrics([p["prediction"] for p in predictions], [p["target"] for p in predictions])
     score_text = getattr(recipe, "score_text", None)  # recipe-specific metrics (product_catalog: fields, price MAE)

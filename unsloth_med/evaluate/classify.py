@@ -190,7 +190,8 @@ def _score_full(model, processor, recipe, family: Family, row: dict, image, labe
     for i, label in enumerate(labels):
         target = prompting.answer_ids(processor, family, label)
         trailing = prompting.trailing_ids(processor, family, texts[i])
-        spans.append((prompting.answer_span(batch["input_ids"][i].tolist(), lengths[i], target, trailing, label), target))
+        spans.append((prompting.answer_span(batch["input_ids"][i].tolist(), lengths[i], target, trailing, label),
+                      target))
     total = batch["input_ids"].shape[1]
     first = min(start for (start, _), _ in spans)
     keep = total - first + 1  # logits from the position before the earliest answer token onwards
@@ -251,9 +252,11 @@ def agreement(pred_a: Sequence, pred_b: Sequence) -> float:
     a, b = list(a), list(b)
     if a and isinstance(a[0], dict) and b and isinstance(b[0], dict):
         by_id = {str(p.get("id", i)): p.get("prediction") for i, p in enumerate(b)}
-        pairs = [(p.get("prediction"), by_id[str(p.get("id", i))]) for i, p in enumerate(a) if str(p.get("id", i)) in by_id]
+        pairs = [(p.get("prediction"), by_id[str(p.get("id", i))])
+                 for i, p in enumerate(a) if str(p.get("id", i)) in by_id]
         if len(pairs) != len(a) or len(by_id) != len(b):
-            raise ValueError(f"the two prediction lists cover different examples ({len(a)} vs {len(b)}, {len(pairs)} shared)")
+            raise ValueError("the two prediction lists cover different examples "
+                             f"({len(a)} vs {len(b)}, {len(pairs)} shared)")
     else:
         if len(a) != len(b):
             raise ValueError(f"the two prediction lists differ in length ({len(a)} vs {len(b)})")

@@ -135,7 +135,8 @@ def plot_loss(log_history: Iterable[dict], path: Path) -> Path | None:
     ax.plot(steps, losses, marker="o" if len(points) < 40 else None, markersize=3, linewidth=1.2, label="training loss")
     if len(points) >= 10:  # a moving average reads better than noisy per-step values
         k = max(3, len(points) // 10)
-        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
+        smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1])
+                  for i in range(len(losses))]
         ax.plot(steps, smooth, linewidth=2, label=moving_average_label(steps, k))
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
@@ -311,7 +312,8 @@ def _report_markdown(recipe, metrics: dict, before, after, plots: dict[str, Path
             lines.append(f"{len(leaks)} test images are near-identical copies of training images "
                          "(64x64 grayscale mean absolute difference under 2/255); scores on them measure memory:")
             lines += ["", "| test image | training image | MAD (grey levels) |", "|---|---|---:|"]
-            lines += [f"| {Path(str(e.get('test'))).name} | {Path(str(e.get('train'))).name} | {e.get('mad', 0) * 255:.2f} |"
+            lines += [f"| {Path(str(e.get('test'))).name} | {Path(str(e.get('train'))).name} "
+                      f"| {e.get('mad', 0) * 255:.2f} |"
                       for e in leaks[:50]]
         else:
             lines.append("No test image is a near-copy of a training image.")

@@ -27,7 +27,8 @@ def _pixtral_towers(model) -> list:
 
 
 def batch_same_size_images(model) -> int:
-    """Run each same-size group of a batch's images through Pixtral vision towers as a batch; returns how many towers."""
+    """Run each same-size group of a batch's images through Pixtral vision towers as a batch;
+    returns how many towers."""
     towers = _pixtral_towers(model)
     for tower in towers:
         if getattr(tower, "_unsloth_med_batched", False):
@@ -66,7 +67,8 @@ def _make_batched_forward(original):
 
 
 def _run_group(self, pixel_values, size, kwargs) -> list[torch.Tensor]:
-    """Images of one size through the tower as a batch: [embeddings, layer 1, ..., layer N], each (n, patches, hidden)."""
+    """Images of one size through the tower as a batch: [embeddings, layer 1, ..., layer N],
+    each (n, patches, hidden)."""
     rows, cols = size[0] // self.patch_size, size[1] // self.patch_size
     embeds = self.patch_conv(pixel_values.to(dtype=self.patch_conv.weight.dtype))[..., :rows, :cols]
     embeds = self.ln_pre(embeds.flatten(2).transpose(1, 2))

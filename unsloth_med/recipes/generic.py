@@ -91,7 +91,8 @@ def parse_labels(labels: Any) -> tuple[str, ...]:
     elif isinstance(labels, (list, tuple)):
         items = [x for item in labels for x in (str(item).split(",") if len(labels) == 1 else [str(item)])]
     else:
-        raise ConfigError(f"labels must be a list of class names or a comma-separated string (got {type(labels).__name__}).")
+        raise ConfigError("labels must be a list of class names or a comma-separated string "
+                          f"(got {type(labels).__name__}).")
     out = tuple(dict.fromkeys(s.strip() for s in items if str(s).strip()))
     return out
 
@@ -178,7 +179,8 @@ def is_generic(recipe: Recipe) -> bool:
 
 # ----------------------------------------------------------------------------- config values
 def _values(config_or_values: Any) -> dict[str, Any]:
-    """{field: value} from a Config (its data section), a DataArgs-like object, or a mapping (e.g. config.yaml's data)."""
+    """{field: value} from a Config (its data section), a DataArgs-like object, or a mapping
+    (e.g. config.yaml's data)."""
     if config_or_values is None:
         return {}
     data = getattr(config_or_values, "data", config_or_values)
@@ -203,7 +205,8 @@ def resolve_recipe(recipe: Recipe, config_or_values: Any = None, *, seed: int | 
         resolved = build_generic_recipe(
             recipe.name, data_source=values.get("data_dir") or src.id or None,
             instruction=values.get("instruction") or (None if "{labels}" in recipe.instruction
-                                                      or recipe.instruction in (CLASSIFY_INSTRUCTION, CAPTION_INSTRUCTION)
+                                                      or recipe.instruction in (CLASSIFY_INSTRUCTION,
+                                                                                CAPTION_INSTRUCTION)
                                                       else recipe.instruction),
             labels=values.get("labels") or recipe.labels or None,
             image_column=values.get("image_column") or src.image_column or None,
