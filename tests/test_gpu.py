@@ -374,9 +374,15 @@ def test_adapter_saves_and_reloads(trained, family):
     reloaded, _ = backend.load_adapter(t["base"], adapter, ModelArgs(load_in_4bit=True))
     after = _logits(reloaded, batch)
     diff = (before - after).abs().max().item()
-    agree = (before.argmax(-1) == after.argmax(-1)).float().mean().item()
-    print(f"\n{family} adapter reload: max |logit diff| = {diff:.4g}, argmax agreement = {agree:.3f}")
-    assert agree >= 0.99 and diff < 0.05 * max(1.0, before.abs().max().item())
+    tolerance = 0.05 * max(1.0, before.abs().max().item())
+    # A random tiny model has positions whose two best tokens are nearly tied; 4-bit noise may swap those, and
+    # only those. Every position decided by more than twice the tolerance must keep its argmax.
+    top2 = before.topk(2, dim=-1).values
+    decided = (top2[..., 0] - top2[..., 1]) > 2 * tolerance
+    same = (before.argmax(-1) == after.argmax(-1))[decided]
+    print(f"\n{family} adapter reload: max |logit diff| = {diff:.4g}, argmax kept at {int(same.sum())} of "
+          f"{int(decided.sum())} decided positions ({decided.numel()} in all)")
+    assert decided.any() and bool(same.all()) and diff < tolerance
     del reloaded
     torch.cuda.empty_cache()
 

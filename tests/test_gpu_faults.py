@@ -48,7 +48,8 @@ def _env(tmp_path: Path, cap_gib: float | None = None) -> dict:
     hook = tmp_path / "hook"
     hook.mkdir(exist_ok=True)
     (hook / "sitecustomize.py").write_text(CAP_HOOK)
-    env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{REPO}", "PYTHONUNBUFFERED": "1"}
+    path = os.pathsep.join(filter(None, [str(hook), str(REPO), os.environ.get("PYTHONPATH")]))  # keep the site's
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
     env.pop("UNSLOTH_MED_TEST_CAP_GIB", None)
     if cap_gib:
         env["UNSLOTH_MED_TEST_CAP_GIB"] = str(cap_gib)
@@ -70,28 +71,37 @@ def _losses(checkpoint: Path) -> dict[int, float]:
 def test_real_cuda_out_of_memory_stops_with_advice_and_the_advised_resume_finishes(data_dir, tmp_path):
     run_dir = tmp_path / "run"
     sizes = ["--image_size", "448", "--max_train_samples", "80"]
-    # Steps 1-2 at micro-batch 2 x 8 accumulation (fits), a checkpoint at step 2.
+    # Steps 1-2 at micro-batch 2 x 16 accumulation (fits), a checkpoint at step 2.
     first = subprocess.run(_cmd(data_dir, run_dir, *sizes, "--max_steps", "2", "--save_steps", "2",
-                                "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "8"),
+                                "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "16"),
                            env=_env(tmp_path), capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     peak = json.loads((run_dir / "train_stats.json").read_text())["peak_reserved_gib"]
+    # What micro-batch 32 needs, measured uncapped in a scratch folder: on a tiny model fixed costs dominate, so
+    # no fixed multiple of micro-batch 2's peak is sure to lie between the two.
+    probe = tmp_path / "probe-32"
+    measured = subprocess.run(_cmd(data_dir, probe, *sizes, "--max_steps", "1", "--save_strategy", "no",
+                                   "--per_device_train_batch_size", "32", "--gradient_accumulation_steps", "1"),
+                              env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    assert measured.returncode == 0, measured.stderr[-3000:]
+    peak_32 = json.loads((probe / "train_stats.json").read_text())["peak_reserved_gib"]
+    assert peak_32 > 1.2 * peak, (peak, peak_32)
 
-    # The same effective batch as one micro-batch of 16, under a cap of 1.5x what micro-batch 2 needed: a real OOM.
-    cap = round(1.5 * peak, 3)
+    # The same effective batch as one micro-batch of 32, under a cap half way between the two peaks: a real OOM.
+    cap = round((peak + peak_32) / 2, 3)
     oom = subprocess.run(_cmd(data_dir, run_dir, *sizes, "--max_steps", "4", "--save_steps", "2", "--resume",
-                              "--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "1"),
+                              "--per_device_train_batch_size", "32", "--gradient_accumulation_steps", "1"),
                          env=_env(tmp_path, cap), capture_output=True, text=True, timeout=900)
-    print(f"\npeak at micro-batch 2: {peak} GiB; cap {cap} GiB\n{oom.stderr[-1500:]}")
+    print(f"\npeak at micro-batch 2: {peak} GiB, at 32: {peak_32} GiB; cap {cap} GiB\n{oom.stderr[-1500:]}")
     assert oom.returncode == 2, oom.stderr[-3000:]
     message = oom.stderr.strip().splitlines()[-1]
-    assert "CUDA out of memory while training" in message and "--per_device_train_batch_size (now 16" in message
+    assert "CUDA out of memory while training" in message and "--per_device_train_batch_size (now 32" in message
     assert f"continue from {run_dir / 'checkpoint-2'} with --resume" in message
     assert "Traceback" not in oom.stderr
 
-    # The advice taken (micro-batch 2, accumulation 8: the same effective batch), same cap: it finishes.
+    # The advice taken (micro-batch 2, accumulation 16: the same effective batch), same cap: it finishes.
     resumed = subprocess.run(_cmd(data_dir, run_dir, *sizes, "--max_steps", "4", "--save_steps", "2", "--resume",
-                                  "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "8"),
+                                  "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "16"),
                              env=_env(tmp_path, cap), capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run_dir / "run.json").read_text())["complete"] is True
