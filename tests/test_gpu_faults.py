@@ -77,15 +77,15 @@ def test_real_cuda_out_of_memory_stops_with_advice_and_the_advised_resume_finish
                            env=_env(tmp_path), capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     peak = json.loads((run_dir / "train_stats.json").read_text())["peak_reserved_gib"]
-    # What micro-batch 32 needs, measured uncapped in a scratch folder: on a tiny model fixed costs dominate, so
-    # no fixed multiple of micro-batch 2's peak is sure to lie between the two.
+    # What micro-batch 32 needs, measured uncapped in a scratch folder: on a tiny model fixed costs dominate (CUDA
+    # context aside; seen on an H200: 0.09 GiB at micro-batch 2, 0.104 at 32), so no fixed multiple fits between.
     probe = tmp_path / "probe-32"
     measured = subprocess.run(_cmd(data_dir, probe, *sizes, "--max_steps", "1", "--save_strategy", "no",
                                    "--per_device_train_batch_size", "32", "--gradient_accumulation_steps", "1"),
                               env=_env(tmp_path), capture_output=True, text=True, timeout=900)
     assert measured.returncode == 0, measured.stderr[-3000:]
     peak_32 = json.loads((probe / "train_stats.json").read_text())["peak_reserved_gib"]
-    assert peak_32 > 1.2 * peak, (peak, peak_32)
+    assert peak_32 - peak >= 0.008, (peak, peak_32)
 
     # The same effective batch as one micro-batch of 32, under a cap half way between the two peaks: a real OOM.
     cap = round((peak + peak_32) / 2, 3)
