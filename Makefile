@@ -2,17 +2,17 @@
 # the package from this repository's files (CPU torch from requirements-cpu.txt, then `pip install -e .[test]`).
 #
 #   make demo       the offline demo (tiny model, generated X-rays; CPU, no network)
-#   make test       the fast tests (-m "not slow": what a developer runs before each commit)
-#   make test-all   every test, slow ones too (what CI runs)
+#   make test       every test, slow ones too (what CI runs), on 2 pytest-xdist workers
+#   make test-fast  the fast tests (-m "not slow": what a developer runs before each commit)
 #   make lint       ruff
 #
-# CI installs into its own interpreter and reuses the same commands: make test-all lint PY=python3 SETUP=
+# CI installs into its own interpreter and reuses the same commands: make test lint PY=python3 SETUP=
 PYTHON ?= python3
 VENV ?= .venv
 PY ?= $(VENV)/bin/python
 SETUP ?= $(VENV)/.installed
 
-.PHONY: setup demo test test-all lint
+.PHONY: setup demo test test-fast lint
 
 $(VENV)/.installed: requirements-cpu.txt pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,10 @@ demo: $(SETUP)
 	$(PY) -m unsloth_med.recipes.bone_fracture --demo
 
 test: $(SETUP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2
 
-test-all: $(SETUP)
-	$(PY) -m pytest -q
+test-fast: $(SETUP)
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 lint: $(SETUP)
 	$(PY) -m ruff check .
