@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from unsloth_med.cli import generic_main as main
-from unsloth_med.data import tables
 from unsloth_med.data.sources import load_recipe_data
-from unsloth_med.data.tables import load_folders, load_table, stratified_split
+from unsloth_med.data.tables import load_folders, load_table
+from unsloth_med.data.tables.holdout import stratified_split
+from unsloth_med.data.tables.locations import OFFLINE_ENV, url_cache_path
 from unsloth_med.errors import ConfigError, DataError, NetworkError
 from unsloth_med.recipes.generic import (
     CLASSIFY_INSTRUCTION,
@@ -154,7 +155,7 @@ def test_urls_without_network_are_a_clear_error(tmp_path, monkeypatch):
     csv = _csv(tmp_path / "u.csv", "imageurl,label", ["http://127.0.0.1:9/a.png,x", "http://127.0.0.1:9/b.png,y"])
     with pytest.raises(NetworkError, match="could not be downloaded.*list local paths"):
         load_table(csv)
-    monkeypatch.setenv(tables.OFFLINE_ENV, "1")
+    monkeypatch.setenv(OFFLINE_ENV, "1")
     with pytest.raises(NetworkError, match="UNSLOTH_MED_OFFLINE is set"):
         load_table(csv)
 
@@ -177,7 +178,7 @@ def test_urls_are_downloaded_once_into_the_cache(tmp_path, monkeypatch):
         server.server_close()
     images = list(splits["train"]["image"]) + list(splits["test"]["image"])
     assert len(images) == 6 and len(splits["test"]) == 4  # the 404 row is dropped with a warning
-    assert all(Path(p).is_file() and Path(p).is_relative_to(tables.url_cache_path("x").parent) for p in images)
+    assert all(Path(p).is_file() and Path(p).is_relative_to(url_cache_path("x").parent) for p in images)
     again = load_table(csv, test_fraction=0.5)  # the server is gone: the cache answers (404 row still dropped)
     assert sorted(list(again["train"]["image"]) + list(again["test"]["image"])) == sorted(images)
 

@@ -1,0 +1,43 @@
+"""Rows of a listing in a conversation format: LLaVA/ShareGPT `conversations` or OpenAI/HF `messages`
+(the per-row conversion is data/conversations.py).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ...errors import DataError
+from ..conversations import conversation_row
+from .columns import IMAGE_COLUMNS, _split_column, _split_of
+from .holdout import _dedupe_ids
+from .locations import resolve_image
+
+log = logging.getLogger(__name__)
+
+
+def _conversation_rows(records: Sequence[Mapping[str, Any]], columns: Sequence[str], chat_col: str, *, where: str,
+                       base_dir: Path | None, image_column: str | None, split_column: str | None,
+                       split_names: tuple[str, str]) -> tuple[list[dict], bool]:
+    """Rows of a LLaVA/ShareGPT `conversations` or OpenAI/HF `messages` listing (data/conversations.py)."""
+    image_col = next((c for c in ((image_column,) if image_column else IMAGE_COLUMNS) if c in columns), None)
+    split_col = _split_column(columns, split_column)
+    rows, dropped = [], 0
+    for number, record in enumerate(records, 1):
+        row = conversation_row(record, chat_col, image_col, f"{where}, row {number}")
+        if row is None:
+            dropped += 1
+            continue
+        if base_dir is not None:
+            row["image"] = resolve_image(row["image"], base_dir)
+            row["more_images"] = json.dumps([resolve_image(v, base_dir) for v in json.loads(row["more_images"])])
+        value = str(record.get(split_col) or "").strip() if split_col else ""
+        split = _split_of(value, split_names[:1], split_names[1:]) if value else None
+        rows.append({**row, "id": str(record.get("id") or f"{Path(row['image']).name}"), "split": split})
+    if dropped:
+        log.warning("%s: %d conversations without an image were skipped", where, dropped)
+    if not rows:
+        raise DataError(f"{where}: no conversation has an image.")
+    _dedupe_ids(rows)
+    return rows, split_col is not None

@@ -1,0 +1,139 @@
+"""Hugging Face datasets (a hub name or a `save_to_disk` folder) as train/test splits."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from ...errors import NetworkError
+from ..conversations import vqa_fields
+from .columns import (
+    IMAGE_COLUMNS,
+    LABEL_COLUMNS,
+    TEXT_COLUMNS,
+    _apply_aliases,
+    _check_template,
+    _format_target,
+    _pick_column,
+    _split_of,
+    _vqa_columns,
+)
+from .holdout import _assign_splits, _check_labels, _to_datasetdict
+from .locations import _localize, is_url
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+
+log = logging.getLogger(__name__)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / name).is_file()
+                                 for name in ("dataset_dict.json", "state.json", "dataset_info.json"))
+
+
+def load_hf_table(name_or_path: str, *, task: str = "captioning", image_column: str | None = None,
+                  target_column: str | None = None, target_template: str | None = None,
+                  column_aliases: Mapping[str, Sequence[str]] | None = None, labels: Sequence[str] = (),
+                  train_split: str = "train", test_split: str = "test", test_fraction: float = 0.1,
+                  seed: int = 3407, vqa: Mapping[str, str | None] | None = None) -> "DatasetDict":
+    """Train/test splits from a HF dataset (hub name or save_to_disk folder): image column (an Image feature,
+    paths or URLs) and a target column or template; a held-out test split when it has none."""
+    import datasets
+
+    from ..sources import _redact
+
+    aliases = dict(column_aliases or {})
+    try:
+        loaded = (datasets.load_from_disk(name_or_path) if Path(name_or_path).exists()
+                  else datasets.load_dataset(name_or_path))
+    except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as exc:
+        raise NetworkError(
+            f"Could not load the Hugging Face dataset '{name_or_path}' ({type(exc).__name__}: {_redact(exc)[:200]}). "
+            "Without network access, save it once with `datasets.load_dataset(...).save_to_disk(DIR)` on a "
+            "connected machine and pass --data_dir DIR, or export it to a CSV listing. (If you meant a local "
+            "folder or file: it does not exist.)"
+        ) from exc
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({train_split: loaded})
+    names = list(loaded)
+    train_name = (next((n for n in names if n == train_split), None)
+                  or next((n for n in names if _split_of(n, (train_split,), ()) == "train"), names[0]))
+    test_name = (next((n for n in names if n == test_split), None)
+                 or next((n for n in names if _split_of(n, (), (test_split,)) == "test"), None)
+                 or next((n for n in names if _split_of(n, (), ()) == "val"), None))
+    where = f"dataset '{name_or_path}'"
+    columns = loaded[train_name].column_names
+    image_col = _pick_column(columns, image_column or None, (*aliases.get("image", ()), *IMAGE_COLUMNS), "image",
+                             where, "--image_column")
+    vqa_cols = _vqa_columns(columns, vqa or {}, where) if task == "vqa" else None
+    target_column = vqa_cols["answer"] if vqa_cols else target_column
+    if target_template:
+        _check_template(target_template, columns, aliases, where)
+    else:
+        target_col = _pick_column(columns, target_column or None,
+                                  LABEL_COLUMNS if task == "classification" else TEXT_COLUMNS,
+                                  "label" if task == "classification" else "text", where, "--target_column")
+
+    def targets_of(part) -> list[str]:
+        text_cols = [c for c in part.column_names if c != image_col]
+        out = []
+        for record in part.select_columns(text_cols):
+            if target_template:
+                out.append(_format_target(target_template, _apply_aliases(record, aliases)))
+            else:
+                value = record[target_col]
+                if task == "classification" and isinstance(part.features[target_col], datasets.ClassLabel):
+                    value = part.features[target_col].int2str(value)
+                out.append("" if value is None else str(value).strip())
+        return out
+
+    def extras_of(part) -> dict[str, list[str]]:
+        """VQA: question, answer type (and image group) per row."""
+        if not vqa_cols:
+            return {}
+        text_cols = [c for c in (vqa_cols["question"], vqa_cols["answer"], vqa_cols["answer_type"],
+                                 vqa_cols["image_group"]) if c]
+        fields = [vqa_fields(record, **vqa_cols) for record in part.select_columns(text_cols)]
+        return {key: [str(f.get(key, "")) for f in fields] for key in ("question", "answer_type", "image_group")}
+
+    def convert(part, split_name: str) -> "datasets.Dataset":
+        targets = targets_of(part)
+        keep = [i for i, t in enumerate(targets) if t]
+        if len(keep) < len(targets):
+            log.warning("%s/%s: %d rows with an empty target were skipped", where, split_name, len(targets) - len(keep))
+            part, targets = part.select(keep), [targets[i] for i in keep]
+        extras = extras_of(part)
+        if isinstance(part.features[image_col], datasets.Image):
+            images = part.select_columns([image_col]).cast_column(image_col, datasets.Image(decode=False))
+            images = images.rename_column(image_col, "image") if image_col != "image" else images
+            images = images.add_column("target", targets)
+            images = images.add_column("id", [f"{split_name}/{i}" for i in range(len(part))])
+            for key, values in extras.items():
+                images = images.add_column(key, values)
+            return images
+        values = [str(v).strip() if v is not None else "" for v in part[image_col]]
+        rows = [{"image": v, "target": t, "id": v if not is_url(v) else f"{split_name}/{i}", "split": None,
+                 **{key: column[i] for key, column in extras.items()}}
+                for i, (v, t) in enumerate(zip(values, targets)) if v]
+        rows = _localize(rows, f"{where}/{split_name}")
+        return _to_datasetdict({"x": rows})["x"]
+
+    train = convert(loaded[train_name], train_name)
+    if test_name is None:
+        if task == "classification":
+            rows = [dict(r, split=None) for r in train]
+            parts = (_assign_splits(rows, where=where, stratify=True, test_fraction=test_fraction, seed=seed,
+                                    had_split_column=False)
+                     if not isinstance(train.features["image"], datasets.Image) else None)
+            if parts is not None:
+                return _to_datasetdict(parts)
+        split = train.train_test_split(test_size=test_fraction, seed=seed)
+        log.warning("%s has no test split: holding out %.0f%% of '%s' (seed %d)",
+                    where, 100 * test_fraction, train_name, seed)
+        out = datasets.DatasetDict({"train": split["train"], "test": split["test"]})
+    else:
+        out = datasets.DatasetDict({"train": train, "test": convert(loaded[test_name], test_name)})
+    if task == "classification" and labels:
+        _check_labels({k: [{"target": t} for t in v["target"]] for k, v in out.items()}, labels, where)
+    return out

@@ -1,0 +1,137 @@
+"""Where a listed image is: a path (relative to the listing's folder), a file:// URL, or an http(s) URL
+downloaded once into the cache (offline: a clear NetworkError).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable
+
+from ...errors import DataError, NetworkError
+from ..images import IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
+OFFLINE_ENV = "UNSLOTH_MED_OFFLINE"  # "1": never try to download image URLs
+URL_TIMEOUT_S = 20
+
+
+def is_url(value: Any) -> bool:
+    return isinstance(value, str) and value.strip().lower().startswith(("http://", "https://"))
+
+
+def resolve_image(value: Any, base_dir: Path) -> str:
+    """A listing's image value as a loadable location: URLs unchanged, relative paths against base_dir."""
+    text = str(value).strip()
+    if is_url(text):
+        return text
+    if text.lower().startswith("file://"):
+        text = urllib.parse.unquote(urllib.parse.urlparse(text).path)
+    path = Path(text).expanduser()
+    return str(path if path.is_absolute() else base_dir / path)
+
+
+def url_cache_path(url: str) -> Path:
+    from ..sources import cache_dir
+
+    suffix = Path(urllib.parse.urlparse(url).path).suffix.lower()
+    suffix = suffix if suffix in IMAGE_EXTENSIONS else ""
+    return cache_dir() / "images" / (hashlib.sha256(url.encode()).hexdigest()[:32] + (suffix or ".img"))
+
+
+def _download(url: str) -> Path:
+    dest = url_cache_path(url)
+    if dest.is_file() and dest.stat().st_size:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    request = urllib.request.Request(url, headers={"User-Agent": "unsloth-med"})
+    with urllib.request.urlopen(request, timeout=URL_TIMEOUT_S) as response:
+        data = response.read()
+    tmp = dest.with_suffix(dest.suffix + f".{os.getpid()}.part")
+    tmp.write_bytes(data)
+    tmp.replace(dest)
+    return dest
+
+
+def fetch_urls(urls: Iterable[str], *, where: str, workers: int = 8) -> dict[str, str | None]:
+    """{url: local cached path, or None when that URL failed}; NetworkError when there is no network at all."""
+    urls = sorted(set(urls))
+    if not urls:
+        return {}
+    cached = {u: str(url_cache_path(u)) for u in urls if url_cache_path(u).is_file()}
+    todo = [u for u in urls if u not in cached]
+    if not todo:
+        return cached
+    hint = ("Without network, download the images on a connected machine and list local paths instead "
+            "(a path column, relative to the listing's folder), or copy the cache folder "
+            f"{url_cache_path(todo[0]).parent} over.")
+    if os.environ.get(OFFLINE_ENV, "").lower() in ("1", "true", "yes"):
+        raise NetworkError(f"{where}: {len(todo)} images are URLs (e.g. {todo[0]}) and {OFFLINE_ENV} is set, so "
+                           f"nothing is downloaded. {hint}")
+    try:  # one probe: a missing network fails here once, not once per image
+        cached[todo[0]] = str(_download(todo[0]))
+    except urllib.error.HTTPError as exc:
+        log.warning("%s: could not download %s (HTTP %s)", where, todo[0], exc.code)
+        cached[todo[0]] = None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        if cached:  # most images came from the cache: train on those, say which could not be fetched
+            log.warning("%s: %d image URLs are not in the cache and cannot be downloaded now (%s: %s); those rows "
+                        "are dropped. First: %s", where, len(todo), type(exc).__name__, reason, todo[0])
+            return {**cached, **{u: None for u in todo}}
+        raise NetworkError(f"{where}: {len(todo)} images are URLs and the first one ({todo[0]}) could not be "
+                           f"downloaded ({type(exc).__name__}: {reason}). {hint}") from exc
+    log.info("%s: downloading %d images into %s", where, len(todo) - 1, url_cache_path(todo[0]).parent)
+
+    def one(url: str) -> tuple[str, str | None, str]:
+        try:
+            return url, str(_download(url)), ""
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            return url, None, f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+
+    failures = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for url, local, problem in pool.map(one, todo[1:]):
+            cached[url] = local
+            if local is None:
+                failures.append(f"{url} ({problem})")
+    if failures:
+        log.warning("%s: %d of %d image URLs could not be downloaded; those rows are dropped. First: %s",
+                    where, len(failures), len(urls), "; ".join(failures[:3]))
+    if len([u for u in urls if cached.get(u)]) == 0:
+        raise NetworkError(f"{where}: none of the {len(urls)} image URLs could be downloaded. {hint}")
+    return cached
+
+
+def _localize(rows: list[dict], where: str) -> list[dict]:
+    """Download URL images (cached) and drop rows whose download failed."""
+    urls = [r["image"] for r in rows if is_url(r["image"])]
+    if not urls:
+        return rows
+    local = fetch_urls(urls, where=where)
+    kept = []
+    for row in rows:
+        if is_url(row["image"]):
+            if not local.get(row["image"]):
+                continue
+            row["image"] = local[row["image"]]
+        kept.append(row)
+    return kept
+
+
+def _check_paths_exist(rows: list[dict], base_dir: Path, where: str) -> None:
+    """Fail early, with the resolution rule, when most listed paths do not exist (a wrong base folder)."""
+    sample = [r for r in rows if not is_url(r["image"])][:50]
+    missing = [r for r in sample if not Path(r["image"]).exists()]
+    if sample and len(missing) > len(sample) // 2:
+        example = missing[0]
+        raise DataError(
+            f"{where}: {len(missing)} of the first {len(sample)} listed images do not exist (e.g. '{example['id']}' -> "
+            f"{example['image']}). Relative paths are resolved against the listing's folder ({base_dir}); write "
+            "them relative to it, or absolute."
+        )
