@@ -15,7 +15,7 @@ from pydicom.sequence import Sequence  # noqa: E402
 
 from unsloth_med.data import dicom as dicom_mod  # noqa: E402
 from unsloth_med.data.dicom import apply_window, load_dicom  # noqa: E402
-from unsloth_med.data.images import load_image  # noqa: E402
+from unsloth_med.data.images import FileNotes, load_image  # noqa: E402
 from unsloth_med.errors import ImageError  # noqa: E402
 
 warnings.filterwarnings("ignore", module="pydicom")
@@ -126,7 +126,7 @@ def test_colour_files_become_rgb():
 # ----------------------------------------------------------------------------- multi-frame
 def test_multiframe_uses_the_first_frame_with_a_logged_note(caplog, monkeypatch):
     monkeypatch.delenv(dicom_mod.MULTIFRAME_ENV, raising=False)
-    monkeypatch.setattr(dicom_mod, "_noted_multiframe", set())
+    monkeypatch.setattr(dicom_mod, "multiframe_files", FileNotes(dicom_mod.log))
     path = _file("examples_ybr_color.dcm")  # 30 frames, YBR_FULL_422
     with caplog.at_level(logging.INFO, logger="unsloth_med.data.dicom"):
         img = load_dicom(path)
@@ -136,6 +136,22 @@ def test_multiframe_uses_the_first_frame_with_a_logged_note(caplog, monkeypatch)
     assert any("30 frames" in r.message and "first frame" in r.message for r in caplog.records)
     gray = load_dicom(_file("rtdose.dcm"))  # 15 frames, 32-bit grayscale
     assert gray.mode == "L" and gray.size == (10, 10)
+
+
+def test_the_multiframe_note_is_said_once_then_counted(caplog, monkeypatch):
+    """Validation, preparation and evaluation each decode a file: the note is one warning, not one per call,
+    and later multi-frame files are counted in debug lines."""
+    monkeypatch.delenv(dicom_mod.MULTIFRAME_ENV, raising=False)
+    monkeypatch.setattr(dicom_mod, "multiframe_files", FileNotes(dicom_mod.log))
+    with caplog.at_level(logging.DEBUG, logger="unsloth_med.data.dicom"):
+        for _ in range(3):
+            load_image(_file("examples_ybr_color.dcm"))
+            load_image(_file("rtdose.dcm"))
+    notes = [r for r in caplog.records if "multi-frame DICOM" in r.getMessage()]
+    assert [r.levelno for r in notes] == [logging.WARNING, logging.DEBUG]
+    assert "examples_ybr_color.dcm" in notes[0].getMessage() and "counted" in notes[0].getMessage()
+    assert "(file 2 like this)" in notes[1].getMessage()
+    assert dicom_mod.multiframe_files.count == 2
 
 
 def test_multiframe_can_be_refused(monkeypatch):
@@ -148,7 +164,7 @@ def test_multiframe_can_be_refused(monkeypatch):
 
 # ----------------------------------------------------------------------------- unusable files
 @pytest.mark.parametrize("name, message", [
-    ("MR_truncated.dcm", "truncated or corrupt"),
+    ("MR_truncated.dcm", "the file is truncated: its pixel data is cut short"),
     ("JPEG-lossy.dcm", "pip install pylibjpeg"),  # 12-bit JPEG: no decoder installed here
     ("test-SR.dcm", "holds no image"),
     ("rtplan.dcm", "holds no image"),
@@ -164,6 +180,25 @@ def test_unusable_dicom_raises_image_error_naming_the_file(name, message):
     with pytest.raises(ImageError, match=message) as info:
         load_image(path)
     assert name in str(info.value)
+
+
+def test_a_truncated_dicom_is_called_truncated_wherever_it_was_cut(tmp_path):
+    """Cut before the pixel data (it was reported as "no Pixel Data", as if it were no image object), inside a
+    header element, or inside the pixel data: each says the file is truncated, with its size, and the fix."""
+    data = open(_file("CT_small.dcm"), "rb").read()
+    pixel_tag = data.find(b"\xe0\x7f\x10\x00")  # (7FE0,0010) Pixel Data, little endian
+    cases = {800: "ends after 800 bytes, before its pixel data (CT Image Storage)",
+             pixel_tag: f"ends after {pixel_tag:,} bytes, before its pixel data (CT Image Storage, 128x128 pixels)",
+             pixel_tag + 10: f"ends after {pixel_tag + 10:,} bytes, inside its header",
+             pixel_tag + 5000: "its pixel data is cut short"}
+    for cut, message in cases.items():
+        path = tmp_path / f"cut{cut}.dcm"
+        path.write_bytes(data[:cut])
+        with pytest.raises(ImageError) as info:
+            load_image(path)
+        text = str(info.value)
+        assert text.startswith(f"{path}: the file is truncated") and message in text and "again" in text, text
+        assert "no Pixel Data" not in text
 
 
 def test_not_dicom_empty_and_missing_files(tmp_path):

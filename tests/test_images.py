@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import io
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -74,10 +79,67 @@ def test_unusable_files_raise_image_error_naming_the_file(tmp_path, case):
 
 
 def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
-    monkeypatch.setattr(images_mod, "MAX_PIXELS", 100 * 100)
+    monkeypatch.setattr(images_mod, "LARGE_MAX_PIXELS", 100 * 100)
     path = _save(Image.new("L", (101, 100)), tmp_path / "bomb.png")
     with pytest.raises(ImageError, match=r"bomb.png: 101x100 pixels is over the limit"):
         load_image(path)
+
+
+@pytest.mark.parametrize("mode, fmt", [("L", "PNG"), ("RGB", "JPEG"), ("P", "PNG"), ("I;16", "PNG"), ("RGBA", "TIFF")])
+def test_very_large_images_decode_downscaled_with_a_note_once(tmp_path, monkeypatch, caplog, mode, fmt):
+    """Over MAX_PIXELS (scaled down here): decoded with the longest side at most LARGE_IMAGE_SIDE, noted once per
+    file however often it is loaded, instead of refused."""
+    monkeypatch.setattr(images_mod, "MAX_PIXELS", 300 * 200 - 1)
+    monkeypatch.setattr(images_mod, "LARGE_IMAGE_SIDE", 64)
+    monkeypatch.setattr(images_mod, "large_images", images_mod.FileNotes(images_mod.log))
+    arr = (np.arange(200 * 300).reshape(200, 300) % 251).astype(np.uint16 if mode == "I;16" else np.uint8)
+    img = Image.fromarray(arr).convert(mode) if mode != "I;16" else Image.fromarray(arr)
+    path = _save(img, tmp_path / f"big.{fmt.lower()}", format=fmt)
+    with caplog.at_level(logging.DEBUG, logger="unsloth_med.data.images"):
+        loaded = [load_image(path) for _ in range(3)]
+    assert all(im.mode == "RGB" and max(im.size) <= 64 and im.size[0] > im.size[1] for im in loaded)
+    notes = [r for r in caplog.records if "decoded downscaled" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelno == logging.WARNING and "300x200" in notes[0].getMessage()
+    assert images_mod.large_images.count == 1
+
+
+def test_pils_own_bomb_warning_never_reaches_the_screen(tmp_path, recwarn):
+    """Between PIL's limit (89 MP) and ours, PIL warns with its own DecompressionBombWarning text; the
+    package checks sizes itself, so that text is never shown. The limit is PIL's again afterwards."""
+    path = _save(Image.new("L", (9500, 9500)), tmp_path / "scan.png", compress_level=1)  # 90 MP
+    before = Image.MAX_IMAGE_PIXELS
+    assert load_image(path, 64).size == (64, 64)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_a_14000_pixel_png_decodes_downscaled_in_bounded_memory(tmp_path):
+    """The real case: a valid 14000x14000 grayscale PNG (196 MP, over PIL's and the package's full-size limits) is
+    decoded downscaled, in a fresh process whose peak memory stays within the one full-size buffer of the file's
+    own mode plus a margin: no full-size RGB conversion (another 588 MB) happens."""
+    side = 14000
+    big = Image.new("L", (side, side), 0)
+    big.paste(255, (side // 4, side // 4, side // 2, side // 2))
+    path = _save(big, tmp_path / "huge.png", compress_level=1)
+    del big
+    script = (
+        "import logging, resource, sys, warnings\n"
+        "warnings.simplefilter('error')\n"
+        "logging.basicConfig(level=logging.WARNING, format='%(message)s')\n"
+        "from unsloth_med.data.images import load_image\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"img = load_image({str(path)!r}, 512)\n"
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(img.size, img.getpixel((200, 200)), img.getpixel((10, 10)), (peak - base) // 1024)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert result.returncode == 0, result.stderr
+    grown_mb = int(result.stdout.split()[-1])
+    assert result.stdout.startswith("(512, 512) (255, 255, 255) (0, 0, 0)"), result.stdout
+    assert "14000x14000 pixels (196 MP)" in result.stderr and "decoded downscaled, to 3500x3500" in result.stderr
+    assert "DecompressionBomb" not in result.stderr
+    assert grown_mb < side * side * 1.4 / 2**20, f"peak grew by {grown_mb} MB"  # one 187 MB buffer, not 4
 
 
 MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F"]

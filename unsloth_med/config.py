@@ -130,6 +130,9 @@ class DataArgs:
         "help": "vqa: closed/open per row (default answer_type when present; else yes/no answers are closed)."})
     image_group_column: str | None = field(default=None, metadata={
         "help": "vqa: rows with the same value show the same image (default image_group when present)."})
+    drop_duplicates: bool = field(default=False, metadata={
+        "help": "Listings: keep only the first of rows that repeat an earlier row (same image, answer and split); "
+                "without it they are counted in a warning and train twice."})
     split_by: Literal["row", "image"] = field(default="row", metadata={
         "help": "image: re-split so that no image (its group, else its content hash) is in both train and test."})
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,10 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ImageError
+from .images import FileNotes
 
 log = logging.getLogger(__name__)
+multiframe_files = FileNotes(log)  # the multi-frame note: once, then counted
 
 MULTIFRAME_ENV = "UNSLOTH_MED_DICOM_MULTIFRAME"
 MULTIFRAME_CHOICES = ("first", "error")
@@ -35,7 +38,6 @@ DECODER_HINT = (
     "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle (JPEG, JPEG 2000, RLE), "
     "or pip install python-gdcm"
 )
-_noted_multiframe: set[str] = set()
 
 
 class _DropDecoderTracebacks(logging.Filter):
@@ -68,7 +70,15 @@ def load_dicom(source: Any, *, multiframe: str | None = None) -> Image.Image:
     _quiet_pydicom_decoders()
     ds = _read(pydicom, InvalidDicomError, source, name)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        kind = getattr(ds.get("SOPClassUID"), "name", "") or ""
+        kind = (getattr(ds.get("SOPClassUID"), "name", "")
+                or getattr(getattr(ds, "file_meta", {}).get("MediaStorageSOPClassUID"), "name", "") or "")
+        if "Rows" in ds or "Columns" in ds or "Image Storage" in kind:
+            # An image object (it has image rows/columns or an image SOP class) without its pixels: the file
+            # was cut short before them (an interrupted copy or download), not a non-image object.
+            raise ImageError(
+                f"{name}: the file is truncated: it ends after {_size_of(source)}, before its pixel data "
+                f"({kind or 'an image'}{_shape_of(ds)}). Copy or export it again, or remove it from the dataset."
+            )
         raise ImageError(
             f"{name}: this DICOM file holds no image (no Pixel Data{'; it is a ' + kind if kind else ''}). "
             "Remove it from the dataset: only image objects can be used."
@@ -131,8 +141,28 @@ def _read(pydicom, InvalidDicomError, source: Any, name: str):
             return ds
     except ImageError:
         raise
+    except (EOFError, struct.error) as exc:  # the file ends inside a header element
+        raise ImageError(f"{name}: the file is truncated: it ends after {_size_of(source)}, inside its header "
+                         f"({type(exc).__name__}: {exc}). Copy or export it again, or remove it from the "
+                         "dataset.") from exc
     except Exception as exc:  # pydicom raises many kinds on corrupt headers
         raise ImageError(f"{name}: not a readable DICOM file ({type(exc).__name__}: {exc}).") from exc
+
+
+def _size_of(source: Any) -> str:
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            return f"{Path(source).stat().st_size:,} bytes"
+        if isinstance(source, (bytes, bytearray)):
+            return f"{len(source):,} bytes"
+    except OSError:
+        pass
+    return "too few bytes"
+
+
+def _shape_of(ds) -> str:
+    rows, columns = _int(ds.get("Rows"), 0), _int(ds.get("Columns"), 0)
+    return f", {columns}x{rows} pixels" if rows and columns else ""
 
 
 def _pixels(ds, name: str, *, first_frame_only: bool) -> np.ndarray:
@@ -150,6 +180,11 @@ def _pixels(ds, name: str, *, first_frame_only: bool) -> np.ndarray:
                 f"({type(exc).__name__}: {str(exc)[:160]}). Install a decoder: {DECODER_HINT}; if it still fails, "
                 "the file is corrupt: re-export it or remove it from the dataset."
             ) from exc
+        if "less than expected" in str(exc):  # pydicom: fewer pixel bytes than Rows x Columns x bits need
+            raise ImageError(
+                f"{name}: the file is truncated: its pixel data is cut short ({str(exc).split(' - ')[0]}). Copy or "
+                "export it again, or remove it from the dataset."
+            ) from exc
         raise ImageError(
             f"{name}: cannot decode its DICOM pixel data ({type(exc).__name__}: {str(exc)[:200]}); "
             "the file may be truncated or corrupt. Re-export it or remove it from the dataset."
@@ -164,12 +199,8 @@ def _pixels(ds, name: str, *, first_frame_only: bool) -> np.ndarray:
 
 
 def _note_multiframe(name: str, frames: int) -> None:
-    message = "%s: multi-frame DICOM (%d frames); using the first frame (set %s=error to refuse these files)"
-    if not _noted_multiframe:
-        log.warning(message, name, frames, MULTIFRAME_ENV)
-    else:
-        log.info(message, name, frames, MULTIFRAME_ENV)
-    _noted_multiframe.add(name)
+    multiframe_files.note(name, "%s: multi-frame DICOM (%d frames); using the first frame (set %s=error to refuse "
+                          "these files)", frames, MULTIFRAME_ENV)
 
 
 # ----------------------------------------------------------------------------- grayscale display pipeline

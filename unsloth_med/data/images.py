@@ -12,8 +12,12 @@ that batch shapes repeat (no recompilation per new shape, no padding inside a ba
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
+import math
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +27,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageError
 
-# Refuse decompression bombs: more pixels than this is no X-ray we can use (a 12k x 12k scan is 144 MP).
+log = logging.getLogger(__name__)
+
+# Decoded at full size up to MAX_PIXELS (a 12k x 12k scan is 144 MP). Larger files, up to LARGE_MAX_PIXELS
+# (20k x 20k), are decoded downscaled so that the longest side is at most LARGE_IMAGE_SIDE: JPEG straight at
+# 1/2..1/8 scale (PIL's draft, bounded by the smaller size), other formats once at full size in the file's own
+# mode (1 byte per pixel for grayscale, 3 for RGB) and reduced before any conversion, so the peak stays below
+# LARGE_MAX_PIXELS x bytes per pixel. Above LARGE_MAX_PIXELS: a decompression bomb, refused.
 MAX_PIXELS = 160_000_000
+LARGE_MAX_PIXELS = 400_000_000
+LARGE_IMAGE_SIDE = 4096
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm")
 
 
@@ -210,8 +222,10 @@ def _open(source: Any, name: str) -> Image.Image:
         if path.stat().st_size == 0:
             raise ImageError(f"{name}: the file is empty (0 bytes). Remove it or copy it again.")
     try:
-        with Image.open(source) as handle:
-            _check_size(handle, name)
+        with _package_size_limits(), Image.open(source) as handle:
+            _check_size(handle, name, LARGE_MAX_PIXELS)
+            if handle.width * handle.height > MAX_PIXELS:
+                return _decode_downscaled(handle, name)
             handle.load()
             return handle.copy() if handle.format != "MPO" else handle.convert(handle.mode)
     except ImageError:
@@ -221,10 +235,78 @@ def _open(source: Any, name: str) -> Image.Image:
                          "Remove it from the dataset.") from exc
 
 
-def _check_size(img: Image.Image, name: str) -> None:
-    if img.width * img.height > MAX_PIXELS:
+class FileNotes:
+    """A note about some files, said once: the first file's note is a warning, later files are counted (a debug line
+    each, with the running count), and the same file is never noted twice (validation, preparation and evaluation
+    each decode it)."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger, self.files, self._lock = logger, set(), threading.Lock()
+
+    def note(self, name: str, message: str, *args: Any) -> None:
+        with self._lock:
+            if name in self.files:
+                return
+            self.files.add(name)
+            count = len(self.files)
+        if count == 1:
+            self.logger.warning(message + " (later files like this are counted, not listed)", name, *args)
+        else:
+            self.logger.debug(message + " (file %d like this)", name, *args, count)
+
+    @property
+    def count(self) -> int:
+        return len(self.files)
+
+
+large_images = FileNotes(log)
+_limits_lock = threading.Lock()
+_limits_users = 0
+_pil_max_pixels: int | None = None
+
+
+@contextlib.contextmanager
+def _package_size_limits():
+    """PIL's own decompression-bomb check off while this module opens a file (its raw DecompressionBombWarning
+    over 89 MP, its error over 179 MP): `_check_size` applies this module's limits instead, from the header,
+    before any pixel is decoded. Counted, so that threads decoding at once restore PIL's value only at the end."""
+    global _limits_users, _pil_max_pixels
+    with _limits_lock:
+        if _limits_users == 0:
+            _pil_max_pixels, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        _limits_users += 1
+    try:
+        yield
+    finally:
+        with _limits_lock:
+            _limits_users -= 1
+            if _limits_users == 0:
+                Image.MAX_IMAGE_PIXELS = _pil_max_pixels
+
+
+def _decode_downscaled(handle: Image.Image, name: str) -> Image.Image:
+    """A very large image (over MAX_PIXELS), decoded with its longest side at most LARGE_IMAGE_SIDE (see MAX_PIXELS)."""
+    width, height = handle.size
+    factor = math.ceil(max(width, height) / LARGE_IMAGE_SIDE)
+    if handle.format == "JPEG":
+        handle.draft(handle.mode, (math.ceil(width / factor), math.ceil(height / factor)))  # DCT-scaled decode
+    handle.load()
+    factor = math.ceil(max(handle.size) / LARGE_IMAGE_SIDE)
+    try:
+        small = handle.reduce(factor) if factor > 1 else handle.copy()
+    except ValueError:  # modes reduce() does not take (palette, 1-bit): nearest neighbour keeps them exact
+        small = handle.resize((math.ceil(handle.width / factor), math.ceil(handle.height / factor)),
+                              Image.Resampling.NEAREST)
+    large_images.note(name, "%s: %dx%d pixels (%d MP) is over %d MP, so it is decoded downscaled, to %dx%d: a model "
+                      "sees a few hundred pixels a side", width, height, width * height // 1_000_000,
+                      MAX_PIXELS // 1_000_000, small.width, small.height)
+    return small
+
+
+def _check_size(img: Image.Image, name: str, limit: int = MAX_PIXELS) -> None:
+    if img.width * img.height > limit:
         raise ImageError(
-            f"{name}: {img.width}x{img.height} pixels is over the limit of {MAX_PIXELS:,} "
+            f"{name}: {img.width}x{img.height} pixels is over the limit of {limit:,} "
             "(a decompression bomb or an unusually large scan). Downscale it or remove it from the dataset."
         )
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CredentialsError, DataError, NetworkError
 from .images import IMAGE_EXTENSIONS
+from .tables.locations import absolute
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -75,7 +76,7 @@ def load_class_folders(
     With `labels`, the folders must be exactly those classes; otherwise the folder names are the labels.
     `downloadable`: the recipe has a default dataset to download (a missing folder's message says so).
     """
-    class_root = find_class_root(Path(root), layout, split_names, downloadable=downloadable)
+    class_root = find_class_root(absolute(root), layout, split_names, downloadable=downloadable)
     folders = sorted(p for p in class_root.iterdir() if p.is_dir() and not p.name.startswith("."))
     names = [p.name for p in folders]
     if labels:

@@ -54,7 +54,7 @@ CAPTION_INSTRUCTION = "Describe accurately what you see in this image."
 # The config values a generic recipe reads (data section); all optional.
 CONFIG_FIELDS = ("data_dir", "instruction", "labels", "image_column", "target_column", "target_template",
                  "split_column", "test_fraction", "data_format", "question_column", "answer_column",
-                 "answer_type_column", "image_group_column")
+                 "answer_type_column", "image_group_column", "drop_duplicates")
 VQA_FIELDS = ("question_column", "answer_column", "answer_type_column", "image_group_column")
 
 
@@ -79,6 +79,7 @@ class TableSource(DataSource):
     answer_column: str = "answer"
     answer_type_column: str = ""
     image_group_column: str = ""
+    drop_duplicates: bool = False  # listings: keep one of rows that repeat an earlier row
 
 
 # ----------------------------------------------------------------------------- building
@@ -121,7 +122,8 @@ def build_generic_recipe(kind: str, *, data_source: str | None = None, instructi
                          train_split: str = "train", test_split: str = "test", name: str | None = None,
                          default_model: str = DEFAULT_MODEL, default_model_4bit: str = DEFAULT_MODEL_4BIT,
                          image_size: int | None = None, max_new_tokens: int | None = None, attribution: str = "",
-                         discover_labels: bool = True, seed: int = 3407) -> Recipe:
+                         discover_labels: bool = True, seed: int = 3407,
+                         drop_duplicates: bool = False) -> Recipe:
     """A `classify` or `caption` recipe from plain values (see the module docstring for their meaning).
 
     `data_source` is the default data location (`--data_dir` still overrides it at load time). For
@@ -140,7 +142,7 @@ def build_generic_recipe(kind: str, *, data_source: str | None = None, instructi
         kind="auto", id=str(data_source or ""), image_column=image_column or "", target_column=target_column or "",
         train_split=train_split or "train", test_split=test_split or "test", data_format=fmt,
         target_template=target_template or "", split_column=split_column if split_column is not None else "split",
-        test_fraction=test_fraction,
+        test_fraction=test_fraction, drop_duplicates=bool(drop_duplicates),
         attribution=attribution or (f"Your own data ({data_source}): state its source, license and credit here."
                                     if data_source else "Your own data: state its source, license and credit here."),
     )
@@ -217,6 +219,7 @@ def resolve_recipe(recipe: Recipe, config_or_values: Any = None, *, seed: int | 
             data_format=values.get("data_format") or src.data_format,
             train_split=src.train_split, test_split=src.test_split, default_model=recipe.default_model,
             default_model_4bit=recipe.default_model_4bit, image_size=recipe.image_size, seed=seed,
+            drop_duplicates=values.get("drop_duplicates") or src.drop_duplicates,
         )
         if resolved.is_classification and not resolved.labels:
             raise ConfigError("The classify recipe needs its classes: pass --data_dir (the labels are read from the "
@@ -229,6 +232,8 @@ def resolve_recipe(recipe: Recipe, config_or_values: Any = None, *, seed: int | 
         columns = {k: values[k] for k in VQA_FIELDS if values.get(k)}
         if values.get("image_column"):
             columns["image_column"] = values["image_column"]
+        if values.get("drop_duplicates"):
+            columns["drop_duplicates"] = True
         recipe = dataclasses.replace(recipe, source=dataclasses.replace(recipe.source, **columns))
     return recipe
 

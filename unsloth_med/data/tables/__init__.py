@@ -100,7 +100,8 @@ def load_source(source, data_dir: str | None = None, *, labels: Sequence[str] = 
     if fmt == "table":
         return load_table(_listing_in(Path(location).expanduser()), task=task, image_column=image_column,
                           target_column=target_column, target_template=template, column_aliases=aliases,
-                          split_column=getattr(source, "split_column", "split"), labels=labels, **common)
+                          split_column=getattr(source, "split_column", "split"), labels=labels,
+                          drop_duplicates=bool(getattr(source, "drop_duplicates", False)), **common)
     if fmt == "class_folders":
         if task != "classification":
             common.pop("vqa", None)

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Sequence
 from ...errors import DataError
 from ..images import IMAGE_EXTENSIONS
 from .columns import _split_of
-from .holdout import _assign_splits, _check_labels, _to_datasetdict
+from .holdout import _assign_splits, _check_labels, _to_datasetdict, merge_label_variants
+from .locations import absolute
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -42,7 +43,7 @@ def find_folder_root(root: Path) -> Path:
 def folder_rows(root: str | os.PathLike, *, train_split: str = "train",
                 test_split: str = "test") -> tuple[list[dict], bool, Path]:
     """Rows {image, target, id, split} from class folders; returns (rows, has_split_folders, class root)."""
-    root = Path(root).expanduser()
+    root = absolute(root)
     if not root.is_dir():
         raise DataError(f"Data folder not found: {root}. "
                         "Pass --data_dir: a folder of class folders, or a CSV/JSONL listing.")
@@ -91,6 +92,7 @@ def load_folders(root: str | os.PathLike, *, labels: Sequence[str] = (), test_fr
                  seed: int = 3407, train_split: str = "train", test_split: str = "test") -> "DatasetDict":
     """Train/test splits from class folders, with or without split folders (see the module docstring)."""
     rows, has_splits, base = folder_rows(root, train_split=train_split, test_split=test_split)
+    merge_label_variants(rows, labels, str(base))
     splits = _assign_splits(rows, where=str(base), stratify=True, test_fraction=test_fraction, seed=seed,
                             had_split_column=has_splits)
     _check_labels(splits, labels, str(base))

@@ -109,3 +109,55 @@ def _to_datasetdict(splits: dict[str, list[dict]]) -> "DatasetDict":
         name: datasets.Dataset.from_dict({k: [str(r.get(k, "")) for r in rows] for k in names}, features=features)
         for name, rows in splits.items()
     })
+
+
+def label_key(label: str) -> str:
+    """What makes two labels the same class: case and spacing do not ('Normal', 'normal ', 'NORMAL')."""
+    return " ".join(str(label).split()).casefold()
+
+
+def merge_label_variants(rows: list[dict], labels: Sequence[str], where: str) -> None:
+    """Labels that differ only in case or spacing become one class, with a warning naming them.
+
+    The spelling kept is the configured one (--labels) when there is one, else the most frequent (ties: the
+    first in sorted order). Merging, not refusing: a listing typed by hand often has a stray 'normal ', and
+    it is plainly the same class; the warning names every variant so a real distinction can be restored."""
+    counts = Counter(r["target"] for r in rows)
+    by_key: dict[str, list[str]] = defaultdict(list)
+    for label in sorted(counts):
+        by_key[label_key(label)].append(label)
+    configured = {label_key(label): label for label in labels}
+    renamed: dict[str, str] = {}
+    for key, variants in by_key.items():
+        keep = configured.get(key) or sorted(variants, key=lambda v: (-counts[v], v))[0]
+        if len(variants) > 1 or variants[0] != keep:
+            renamed.update({v: keep for v in variants if v != keep})
+            log.warning("%s: labels that differ only in case or spacing are one class, '%s': %s. Fix the listing if "
+                        "they are meant to be different classes.", where, keep,
+                        ", ".join(f"{v!r} ({counts[v]})" for v in variants))
+    for row in rows:
+        row["target"] = renamed.get(row["target"], row["target"])
+
+
+def duplicate_rows(rows: list[dict], where: str, *, drop: bool) -> list[dict]:
+    """Rows that repeat an earlier row (same image, answer, split and other fields) would count twice in
+    training: warned with a count, or dropped with `drop` (--drop_duplicates)."""
+    seen: set[tuple] = set()
+    kept, repeats = [], []
+    for row in rows:
+        key = tuple(sorted((k, str(v)) for k, v in row.items() if k != "id"))
+        if key in seen:
+            repeats.append(row)
+            if drop:
+                continue
+        seen.add(key)
+        kept.append(row)
+    if repeats:
+        example = repeats[0]["id"].split("#")[0]
+        if drop:
+            log.warning("%s: dropped %d duplicate rows (same image and answer as an earlier row; e.g. '%s').",
+                        where, len(repeats), example)
+        else:
+            log.warning("%s: %d rows repeat an earlier row (same image and answer; e.g. '%s'), so they count twice "
+                        "in training. Pass --drop_duplicates to keep one of each.", where, len(repeats), example)
+    return kept

@@ -24,8 +24,8 @@ from .columns import (
     _vqa_columns,
 )
 from .conversation_rows import _conversation_rows
-from .holdout import _assign_splits, _check_labels, _dedupe_ids, _to_datasetdict
-from .locations import _check_paths_exist, _localize, resolve_image
+from .holdout import _assign_splits, _check_labels, _dedupe_ids, _to_datasetdict, duplicate_rows, merge_label_variants
+from .locations import _check_paths_exist, _localize, absolute, resolve_image
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -161,17 +161,20 @@ def load_table(path: str | os.PathLike, *, task: str = "classification", image_c
                column_aliases: Mapping[str, Sequence[str]] | None = None, split_column: str | None = "split",
                labels: Sequence[str] = (), test_fraction: float = 0.1, seed: int = 3407,
                train_split: str = "train", test_split: str = "test",
-               vqa: Mapping[str, str | None] | None = None) -> "DatasetDict":
+               vqa: Mapping[str, str | None] | None = None, drop_duplicates: bool = False) -> "DatasetDict":
     """Train/test splits from a CSV/TSV/JSONL/JSON listing (see the module docstring)."""
     path = Path(path).expanduser()
     where = str(path)
     records = read_listing(path)
-    rows, had_split = rows_from_records(records, where=where, base_dir=path.resolve().parent, task=task,
+    rows, had_split = rows_from_records(records, where=where, base_dir=absolute(path).parent, task=task,
                                         image_column=image_column, target_column=target_column,
                                         target_template=target_template, column_aliases=column_aliases,
                                         split_column=split_column, train_split=train_split, test_split=test_split,
                                         vqa=vqa)
-    _check_paths_exist(rows, path.resolve().parent, where)
+    _check_paths_exist(rows, absolute(path).parent, where)
+    if task == "classification":
+        merge_label_variants(rows, labels, where)
+    rows = duplicate_rows(rows, where, drop=drop_duplicates)
     rows = _localize(rows, where)
     splits = _assign_splits(rows, where=where, stratify=task == "classification", test_fraction=test_fraction,
                             seed=seed, had_split_column=had_split)

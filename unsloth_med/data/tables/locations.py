@@ -25,15 +25,25 @@ def is_url(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower().startswith(("http://", "https://"))
 
 
+def absolute(path: str | os.PathLike) -> Path:
+    """The one path rule of every loader (listings, class folders, recipe folders): absolute, '~' expanded,
+    '.' and '..' folded, symlinks kept as named. A listing and the class folders beside it then name each
+    image the same way, also when the data sits behind a symlink."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
 def resolve_image(value: Any, base_dir: Path) -> str:
-    """A listing's image value as a loadable location: URLs unchanged, relative paths against base_dir."""
+    """A listing's image value as a loadable location: URLs unchanged, relative paths against base_dir,
+    Windows separators (images\\x.png, written by a listing made on Windows) read as folders."""
     text = str(value).strip()
     if is_url(text):
         return text
     if text.lower().startswith("file://"):
         text = urllib.parse.unquote(urllib.parse.urlparse(text).path)
+    if "\\" in text and os.sep == "/" and not (base_dir / text).exists():
+        text = text.replace("\\", "/")
     path = Path(text).expanduser()
-    return str(path if path.is_absolute() else base_dir / path)
+    return str(absolute(path if path.is_absolute() else base_dir / path))
 
 
 def url_cache_path(url: str) -> Path:
