@@ -112,12 +112,16 @@ def test_a_recipe_main_block_is_a_one_line_call(path):
         assert len(calls) == 1 and isinstance(calls[0], ast.Expr), ast.unparse(block)
 
 
-def test_the_demo_data_and_tiny_tokenizer_match_the_bone_fracture_recipe():
-    """data/ and models/ keep their own copy of the demo's classes and prompt (they never import a recipe);
-    the demo trains the bone_fracture recipe on them, so they must agree."""
-    from unsloth_med.data.synthetic import FRACTURE_CLASSES
-    from unsloth_med.models.tiny import DEMO_INSTRUCTION
+def test_the_demo_data_tiny_tokenizer_and_recipe_share_one_copy_of_the_dataset_facts():
+    """The bone-break classes, layout and prompt live once, in data/bone_break.py: the recipe, the demo's generator
+    and the tiny tokenizer all use that copy (data/ and models/ never import a recipe)."""
+    from unsloth_med.data import bone_break, synthetic
+    from unsloth_med.models import tiny
     from unsloth_med.recipes.bone_fracture import RECIPE
 
-    assert FRACTURE_CLASSES == RECIPE.labels
-    assert DEMO_INSTRUCTION == RECIPE.instruction
+    assert RECIPE.labels is bone_break.CLASSES and RECIPE.instruction is bone_break.INSTRUCTION
+    assert RECIPE.source.layout is bone_break.LAYOUT and synthetic.LAYOUT is bone_break.LAYOUT
+    assert synthetic.CLASSES is bone_break.CLASSES and tiny.DEMO_INSTRUCTION is bone_break.INSTRUCTION
+    for module in ("recipes/bone_fracture.py", "data/synthetic.py", "models/tiny.py"):
+        source = (PACKAGE / module).read_text()
+        assert '"Avulsion fracture",\n    "Comminuted fracture"' not in source, module  # no second class tuple

@@ -32,28 +32,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-LAYOUT = ("Bone Break Classification", "Bone Break Classification")
+from .bone_break import CLASSES, LAYOUT
+
 SUPERSAMPLE = 4  # draw at 4x and downscale: smooth edges and thin lines that stay visible
 
-
-# The fracture types this generator can draw: the folder names of the Kaggle bone-break dataset, so the
-# bone_fracture recipe trains on generated data unchanged (tests/test_layering.py checks they agree).
-FRACTURE_CLASSES = (
-    "Avulsion fracture",
-    "Comminuted fracture",
-    "Fracture Dislocation",
-    "Greenstick fracture",
-    "Hairline Fracture",
-    "Impacted fracture",
-    "Longitudinal fracture",
-    "Oblique fracture",
-    "Pathological fracture",
-    "Spiral Fracture",
-)
-
-
-def _classes() -> tuple[str, ...]:
-    return FRACTURE_CLASSES
 
 
 class _Canvas:
@@ -108,7 +90,7 @@ def draw_fracture(label: str, rng: np.random.Generator, size: int, *, pose_jitte
     pose_jitter scales the random pose (mirror, rotation up to 25 degrees, shift, scale); 0 draws every
     bone upright and centred, which a tiny random-weight model learns far faster (see pipeline.DEMO_DATA).
     """
-    classes = _classes()
+    classes = CLASSES
     if label not in classes:
         raise ValueError(f"Unknown fracture class {label!r}; expected one of: {', '.join(classes)}")
     n = size * SUPERSAMPLE
@@ -222,7 +204,7 @@ def write_synthetic_fractures(root: str | Path, *, train_per_class: int = 120, t
     """Writes the Kaggle layout under root; returns root. Deterministic for a seed."""
     root = Path(root)
     class_root = root.joinpath(*LAYOUT)
-    for k, label in enumerate(_classes()):
+    for k, label in enumerate(CLASSES):  # the dataset's classes: the recipe trains on these unchanged
         for split, count, offset in (("Train", train_per_class, 0), ("Test", test_per_class, 1)):
             folder = class_root / label / split
             folder.mkdir(parents=True, exist_ok=True)
@@ -247,7 +229,7 @@ def write_fracture_vqa(fracture_root: str | Path, listing: str | Path, *, seed: 
 
     rng = random.Random(seed)
     class_root = Path(fracture_root).joinpath(*LAYOUT)
-    classes = _classes()
+    classes = CLASSES
     images = [(path, label, split) for label in classes for split in ("Train", "Test")
               for path in sorted((class_root / label / split).glob("*.png"))[:test_images_per_class
                                                                                if split == "Test" else None]]

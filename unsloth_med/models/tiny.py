@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from ..data.synthetic import FRACTURE_CLASSES
+from ..data.bone_break import CLASSES, INSTRUCTION
 from ..errors import UnsupportedModelError
 from .families import FAMILIES
 
@@ -45,14 +45,9 @@ MISTRAL3_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2
                      num_key_value_heads=2, head_dim=32)
 
 
-# The demo's prompt (the bone_fracture recipe's instruction, over the generated X-rays' classes), so it
-# becomes few tokens. Kept here, not imported from the recipe: models/ never imports a recipe.
-# tests/test_layering.py checks it still equals the recipe's instruction.
-DEMO_INSTRUCTION = (
-    "You are an expert radiologist. Look at this X-ray and classify the bone fracture into exactly ONE "
-    f"of these classes: {', '.join(FRACTURE_CLASSES)}. Reply with ONLY the class name, exactly as written above: "
-    "no explanations, no markdown, no punctuation."
-)
+# The demo's prompt (the bone_fracture recipe's instruction, from data/bone_break.py), trained into the tiny
+# tokenizer so that it becomes few tokens.
+DEMO_INSTRUCTION = INSTRUCTION
 CAPTION_INSTRUCTION = "You are an expert radiographer. Describe accurately what you see in this image."
 
 
@@ -70,7 +65,7 @@ def _corpus() -> list[str]:
     )
     # Labels appear both at the start of a line (the answer right after the prompt) and after a space
     # (inside the instruction), so both forms become few tokens.
-    labels = "\n".join(FRACTURE_CLASSES) + "\n" + " ".join(FRACTURE_CLASSES) + "\n"
+    labels = "\n".join(CLASSES) + "\n" + " ".join(CLASSES) + "\n"
     general += CAPTION_INSTRUCTION + "\n"
     return [DEMO_INSTRUCTION + "\n"] * 20 + [labels] * 60 + [general] * 20
 

@@ -1,42 +1,20 @@
 """Bone-fracture classification: which of 10 fracture types does this X-ray show?
 
 Data: Kaggle `pkdarabi/bone-break-classification-image-dataset` (989 train / 140 test X-rays,
-one folder per class). The instruction is strict because the metric is exact match on the class
-name: the base model must answer with the name and nothing else.
+one folder per class). The dataset's classes, layout and instruction live in data/bone_break.py, which
+the demo's generator and tiny models share.
 """
+from ..data.bone_break import ATTRIBUTION, CLASSES, INSTRUCTION, KAGGLE_ID, LAYOUT, SPLIT_FOLDERS
 from .base import DataSource, Recipe
-
-CLASSES = (
-    "Avulsion fracture",
-    "Comminuted fracture",
-    "Fracture Dislocation",
-    "Greenstick fracture",
-    "Hairline Fracture",
-    "Impacted fracture",
-    "Longitudinal fracture",
-    "Oblique fracture",
-    "Pathological fracture",
-    "Spiral Fracture",
-)
-
-INSTRUCTION = (
-    "You are an expert radiologist. Look at this X-ray and classify the bone fracture into exactly ONE "
-    f"of these classes: {', '.join(CLASSES)}. Reply with ONLY the class name, exactly as written above: "
-    "no explanations, no markdown, no punctuation."
-)
 
 SOURCE = DataSource(
     kind="kaggle_folders",
-    id="pkdarabi/bone-break-classification-image-dataset",
-    layout=("Bone Break Classification", "Bone Break Classification"),
+    id=KAGGLE_ID,
+    layout=LAYOUT,
     target_column="label",
-    train_split="Train",
-    test_split="Test",
-    attribution=(
-        "Bone Break Classification (Kaggle pkdarabi/bone-break-classification-image-dataset; "
-        "Roboflow Universe curso-rphcb/bone-break-classification), CC BY 4.0. Many images are "
-        "web-collected figures: use for research and evaluation only."
-    ),
+    train_split=SPLIT_FOLDERS[0],
+    test_split=SPLIT_FOLDERS[1],
+    attribution=ATTRIBUTION,
 )
 
 RECIPE = Recipe(
