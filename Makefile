@@ -2,7 +2,8 @@
 # the package from this repository's files (CPU torch from requirements-cpu.txt, then `pip install -e .[test]`).
 #
 #   make demo       the offline demo (tiny model, generated X-rays; CPU, no network)
-#   make test       every test, slow ones too (what CI runs), on 2 pytest-xdist workers
+#   make test       every test, slow ones too (what CI runs), on 2 pytest-xdist workers (--dist loadgroup:
+#                   tests that share one launched run through a module fixture stay on one worker)
 #   make test-fast  the fast tests (-m "not slow": what a developer runs before each commit)
 #   make lint       ruff
 #
@@ -26,10 +27,10 @@ demo: $(SETUP)
 	$(PY) -m unsloth_med.recipes.bone_fracture --demo
 
 test: $(SETUP)
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-fast: $(SETUP)
-	$(PY) -m pytest -q -n 2 -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
 
 lint: $(SETUP)
 	$(PY) -m ruff check .

@@ -109,21 +109,35 @@ def test_torchrun_demo_writes_one_complete_run_folder(tmp_path):
     assert "rank 1" not in done.stderr
 
 
-@pytest.mark.slow
-def test_accelerate_launch_trains_the_same_way(tmp_path, bone_break_dir):
-    out = tmp_path / "run"
+def _resume_args(data_dir: Path) -> list[str]:
+    """The run that the resume test crashes and resumes under torchrun, and that accelerate launches whole."""
+    return ["--data_dir", str(data_dir), *TINY_RUN, "--max_steps", "6", "--save_steps", "2", "--save_total_limit", "5"]
+
+
+@pytest.fixture(scope="module")
+def accelerate_run(tmp_path_factory, bone_break_dir) -> tuple[subprocess.CompletedProcess, Path]:
+    """One `accelerate launch` of the 6-step run, shared (every launch costs ~40 s of imports on 2 cores): its own
+    test checks the launcher, and the resume test takes it as the uninterrupted reference, which also shows that
+    both launchers train the same way (the same loss at every step)."""
+    out = tmp_path_factory.mktemp("accelerate") / "run"
     # --multi_gpu: accelerate's torchrun launcher (its --cpu flag starts one process unless through mpirun); on a
     # machine without CUDA the ranks run on the CPU with gloo.
     launch = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-    done = subprocess.run([*launch, *_recipe("--data_dir", str(bone_break_dir), "--output_dir", str(out), *TINY_RUN,
-                                              "--max_steps", "2", "--save_strategy", "no")],
+    done = subprocess.run([*launch, *_recipe(*_resume_args(bone_break_dir), "--output_dir", str(out))],
                           env=_env(), capture_output=True, text=True, timeout=900)
+    return done, out
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("accelerate_run")  # with make test's --dist loadgroup: one launch, not one per worker
+def test_accelerate_launch_trains_the_same_way(accelerate_run):
+    done, out = accelerate_run
     assert done.returncode == 0, done.stderr[-4000:]
     assert json.loads((out / "run.json").read_text())["complete"] is True
     assert (out / "rank1.log").is_file() and (out / "adapter" / "unsloth_med.json").is_file()
     logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert logged[-1]["epoch"] == pytest.approx(2 / 5, rel=1e-3)  # 40 samples / (2 x 2 x 2) = 5 steps an epoch
+    assert logged[-1]["epoch"] == pytest.approx(6 / 5, rel=1e-3)  # 40 samples / (2 x 2 x 2) = 5 steps an epoch
 
 
 @pytest.mark.slow
@@ -201,12 +215,10 @@ def _losses(run_dir: Path, step: int) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_resume_under_ddp_after_sigkill_of_the_whole_job(tmp_path, bone_break_dir):
-    args = ["--data_dir", str(bone_break_dir), *TINY_RUN, "--max_steps", "6", "--save_steps", "2",
-            "--save_total_limit", "5"]
-    straight = tmp_path / "straight"
-    done = subprocess.run(_torchrun(*_recipe(*args, "--output_dir", str(straight))), env=_env(), capture_output=True,
-                          text=True, timeout=900)
+@pytest.mark.xdist_group("accelerate_run")
+def test_resume_under_ddp_after_sigkill_of_the_whole_job(tmp_path, bone_break_dir, accelerate_run):
+    args = _resume_args(bone_break_dir)
+    done, straight = accelerate_run  # the same run, uninterrupted (launched by accelerate, which uses torchrun's way)
     assert done.returncode == 0, done.stderr[-4000:]
 
     crashed = tmp_path / "crashed"
