@@ -288,9 +288,28 @@ def _hashes(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _in_process(capsys, argv: list[str]) -> subprocess.CompletedProcess:
+    """`unsloth-med ARGV` in this process: the CLI's own entry and error handling (exit code, the one `error:`
+    line), without the ~30 s of imports that a fresh interpreter pays on 2 busy cores."""
+    from unsloth_med.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, exited.value.code, out, err)
+
+
 @pytest.mark.slow
-def test_a_disk_that_fills_during_a_checkpoint_and_during_export(small_disk, bone_break_dir):
+def test_a_disk_that_fills_during_a_checkpoint_and_during_export(small_disk, bone_break_dir, capsys):
+    """Three trainings and an export on a small real filesystem; run in this process (the full-disk handling is
+    the package's, not the interpreter's), which makes the test three times faster than four fresh processes."""
     run_dir = small_disk / "run"
+
+    def _train(run_dir: Path, data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+        return _in_process(capsys, ["train", "--recipe", "bone_fracture", "--data_dir", str(data_dir),
+                                    "--output_dir", str(run_dir), "--model", "tiny:mistral3", *extra])
+
     args = ["--max_train_samples", "8", "--max_eval_samples", "2", "--eval_before", "false", "--eval_after", "false",
             "--image_size", "64", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
             "--save_steps", "2", "--save_total_limit", "5", "--logging_steps", "1", "--seed", "3"]
@@ -319,8 +338,7 @@ def test_a_disk_that_fills_during_a_checkpoint_and_during_export(small_disk, bon
 
     # Export onto a full disk: a clear error, the adapter untouched, no folder that looks like an export.
     ballast = _fill(small_disk)
-    export = subprocess.run([sys.executable, "-m", "unsloth_med.cli", "export", str(run_dir), "--format",
-                             "merged-16bit"], env=_env(), capture_output=True, text=True, timeout=600)
+    export = _in_process(capsys, ["export", str(run_dir), "--format", "merged-16bit"])
     assert export.returncode == 2, export.stderr[-3000:]
     message = export.stderr.strip().splitlines()[-1]
     assert f"Disk full while writing the export merged into {run_dir}" in message and "it needs about" in message
