@@ -80,19 +80,30 @@ def _holder(run_dir: Path) -> subprocess.Popen:
     return proc
 
 
-def _train(run_dir: Path, data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "unsloth_med.recipes.bone_fracture", "--data_dir", str(data_dir), "--output_dir",
-           str(run_dir), "--model", "tiny:mistral3", *extra]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+def _in_process(capsys, argv: list[str]) -> subprocess.CompletedProcess:
+    """`unsloth-med ARGV` in this process: the CLI's own entry and error handling (exit code, the one `error:`
+    line), without the ~30 s of imports that a fresh interpreter pays on 2 busy cores."""
+    from unsloth_med.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, exited.value.code, out, err)
+
+
+def _train(capsys, run_dir: Path, data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return _in_process(capsys, ["train", "--recipe", "bone_fracture", "--data_dir", str(data_dir), "--output_dir",
+                                str(run_dir), "--model", "tiny:mistral3", *extra])
 
 
 @pytest.mark.slow
-def test_a_second_run_into_a_busy_folder_refuses_at_once_and_a_stale_lock_is_taken_over(tmp_path):
+def test_a_second_run_into_a_busy_folder_refuses_at_once_and_a_stale_lock_is_taken_over(tmp_path, capsys):
     run_dir, empty = tmp_path / "run", tmp_path / "no-data"
     empty.mkdir()
-    owner = _holder(run_dir)
+    owner = _holder(run_dir)  # another process holds the folder; the runs below are this process's
     try:
-        refused = _train(run_dir, empty)
+        refused = _train(capsys, run_dir, empty)
         assert refused.returncode == 2, refused.stderr[-2000:]
         assert f"in use by another run: pid {owner.pid} on host {socket.gethostname()}" in refused.stderr
         assert sorted(p.name for p in run_dir.iterdir()) == [".unsloth_med.lock"]  # nothing written: refused first
@@ -103,13 +114,13 @@ def test_a_second_run_into_a_busy_folder_refuses_at_once_and_a_stale_lock_is_tak
     # The owner died without cleaning up (kill -9): its lock file is still there, naming it; the next run takes
     # it over with a message, goes on (here to the data error), and leaves no lock behind.
     assert str(owner.pid) in (run_dir / ".unsloth_med.lock").read_text()
-    rerun = _train(run_dir, empty)
+    rerun = _train(capsys, run_dir, empty)
     assert f"taking over a stale lock left by pid {owner.pid} on host {socket.gethostname()}" in rerun.stdout
     assert rerun.returncode != 0 and "No class folders found" in rerun.stderr
     assert not (run_dir / ".unsloth_med.lock").exists()
 
     # #16.4: that failed run stopped before training, so a plain rerun is not blocked by what it left.
-    again = _train(run_dir, empty)
+    again = _train(capsys, run_dir, empty)
     assert "already holds a run" not in again.stderr and "No class folders found" in again.stderr
     assert "taking over" not in again.stdout
 
@@ -288,38 +299,21 @@ def _hashes(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _in_process(capsys, argv: list[str]) -> subprocess.CompletedProcess:
-    """`unsloth-med ARGV` in this process: the CLI's own entry and error handling (exit code, the one `error:`
-    line), without the ~30 s of imports that a fresh interpreter pays on 2 busy cores."""
-    from unsloth_med.cli import main
-
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exited:
-        main(argv)
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, exited.value.code, out, err)
-
-
 @pytest.mark.slow
 def test_a_disk_that_fills_during_a_checkpoint_and_during_export(small_disk, bone_break_dir, capsys):
     """Three trainings and an export on a small real filesystem; run in this process (the full-disk handling is
     the package's, not the interpreter's), which makes the test three times faster than four fresh processes."""
     run_dir = small_disk / "run"
-
-    def _train(run_dir: Path, data_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-        return _in_process(capsys, ["train", "--recipe", "bone_fracture", "--data_dir", str(data_dir),
-                                    "--output_dir", str(run_dir), "--model", "tiny:mistral3", *extra])
-
     args = ["--max_train_samples", "8", "--max_eval_samples", "2", "--eval_before", "false", "--eval_after", "false",
             "--image_size", "64", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
             "--save_steps", "2", "--save_total_limit", "5", "--logging_steps", "1", "--seed", "3"]
-    first = _train(run_dir, bone_break_dir, *args, "--max_steps", "2")
+    first = _train(capsys, run_dir, bone_break_dir, *args, "--max_steps", "2")
     assert first.returncode == 0, first.stderr[-3000:]
     checkpoint, adapter = _hashes(run_dir / "checkpoint-2"), _hashes(run_dir / "adapter")
 
     # The disk fills (another process took the space); continuing to step 4 must write checkpoint-4 and cannot.
     ballast = _fill(small_disk)
-    full = _train(run_dir, bone_break_dir, *args, "--max_steps", "4", "--resume")
+    full = _train(capsys, run_dir, bone_break_dir, *args, "--max_steps", "4", "--resume")
     assert full.returncode == 2, full.stderr[-3000:]
     message = full.stderr.strip().splitlines()[-1]
     assert f"Disk full while writing a checkpoint into {run_dir}" in message and "it needs about" in message
@@ -330,7 +324,7 @@ def test_a_disk_that_fills_during_a_checkpoint_and_during_export(small_disk, bon
 
     # Space freed: --resume finishes from checkpoint-2.
     ballast.unlink()
-    resumed = _train(run_dir, bone_break_dir, *args, "--max_steps", "4", "--resume")
+    resumed = _train(capsys, run_dir, bone_break_dir, *args, "--max_steps", "4", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     state = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
