@@ -51,9 +51,11 @@ def validate_split(dataset, split: str, *, image_size: int | None, max_bad_fract
     return (dataset.select(keep) if skipped else dataset), skipped
 
 
-def validate_splits(splits: dict, *, image_size: int | None, max_bad_fraction: float, run_dir: Path | None = None):
-    """Validate every split; writes skipped_images.json into run_dir (always, possibly empty)."""
-    clean, skipped_all = {}, []
+def validate_splits(splits: dict, *, image_size: int | None, max_bad_fraction: float, run_dir: Path | None = None,
+                    also_skipped=()):
+    """Validate every split; writes skipped_images.json into run_dir (always, possibly empty), listing
+    `also_skipped` (rows another check skipped, data/lazy.py) too."""
+    clean, skipped_all = {}, list(also_skipped)
     for name, dataset in splits.items():
         clean[name], skipped = validate_split(dataset, name, image_size=image_size, max_bad_fraction=max_bad_fraction)
         skipped_all += skipped
