@@ -84,6 +84,30 @@ def test_unusable_files_are_skipped_from_their_headers_and_the_rest_planned(tmp_
         scan_split(dataset, "train", max_bad_fraction=0.05)
 
 
+def test_the_lazy_collator_caches_as_it_goes_repeats_a_good_example_and_stops_past_the_bad_fraction(
+        tmp_path, monkeypatch):
+    """LazyImages around a collator (here one that returns the examples it is given, to show what the
+    wrapped collator receives): prepared paths in, bad images out, and the run's --max_bad_fraction kept."""
+    from unsloth_med.data.images import ImageFit
+    from unsloth_med.data.lazy import LazyImages, skipped_in_training
+    from unsloth_med.errors import DataError
+
+    monkeypatch.setenv("UNSLOTH_MED_CACHE", str(tmp_path / "cache"))
+    good = [{"image": str(_png(tmp_path / f"g{i}.png", (40, 80), i)), "id": f"g{i}"} for i in range(4)]
+    bad = [{"image": str(_truncated_png(tmp_path / f"b{i}.png", 10 + i)), "id": f"b{i}"} for i in range(2)]
+    lazy = LazyImages(lambda examples: examples, ImageFit(56, 28, True), tmp_path / "skipped.jsonl", 0.05)
+    batch = lazy([good[0], bad[0], good[1]])
+    assert [e["id"] for e in batch] == ["g0", "g1"]
+    assert all(Path(e["image"]).is_relative_to(tmp_path / "cache") for e in batch)  # the cache fills as it goes
+    assert len(list((tmp_path / "cache").rglob("*.png"))) == 2
+    assert [e["id"] for e in lazy([bad[1]])] == ["g1"]  # a batch of bad images only: the last good example again
+    assert (lazy.seen, lazy.skipped, skipped_in_training(tmp_path)) == (4, 2, 0)
+    assert len((tmp_path / "skipped.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(DataError, match="cannot be decoded, more than --max_bad_fraction=5%"):
+        for _ in range(40):  # 1 bad in 3 stops the run once 100 images have been met
+            lazy([good[2], good[3], bad[0]])
+
+
 @pytest.mark.slow
 def test_an_image_that_fails_to_decode_in_training_is_counted_skipped_and_logged(tiny_path, tmp_path):
     """--lazy_images_above 0 makes a 7-row listing lazy: the truncated PNG passes the header check, is met by
