@@ -273,6 +273,7 @@ def header_size(source: Any) -> tuple[int, int]:
 
 
 def _check_file(path: Path, name: str) -> None:
+    """The file checks of `_open` (which makes them inline), for `header_size`."""
     if not path.is_file():
         raise ImageError(f"{name}: file not found. Check the data folder or the path column of your listing.")
     if path.stat().st_size == 0:
@@ -287,7 +288,11 @@ def _open(source: Any, name: str) -> Image.Image:
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     elif isinstance(source, (str, os.PathLike)):
-        _check_file(Path(source), name)
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"{name}: file not found. Check the data folder or the path column of your listing.")
+        if path.stat().st_size == 0:
+            raise ImageError(f"{name}: the file is empty (0 bytes). Remove it or copy it again.")
     try:
         with Image.open(source) as handle:
             _check_size(handle, name)

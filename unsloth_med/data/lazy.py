@@ -33,6 +33,7 @@ from typing import Any
 from ..errors import DataError, ImageError
 from .images import ImageFit, column_values, header_size, raw_image_column
 from .prepare import prepare_image, sample_length
+from .validate import check_bad_fraction
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +83,7 @@ def scan_split(dataset, split: str, *, max_bad_fraction: float, workers: int | N
     ids = column_values(dataset, "id")
     skipped = [{"split": split, "id": ids[i], "image": _source_name(sources[i]), "reason": r}
                for i, r in enumerate(results) if isinstance(r, str)]
-    if skipped:
-        log.warning("%s: skipping %d of %d images whose files cannot be used", split, len(skipped), len(dataset))
-    if len(skipped) / len(dataset) > max_bad_fraction:
-        examples = "\n  ".join(f"{s['id']}: {s['reason']}" for s in skipped[:5])
-        raise DataError(
-            f"{len(skipped)} of {len(dataset)} {split} images ({len(skipped) / len(dataset):.1%}) cannot be used, more "
-            f"than --max_bad_fraction={max_bad_fraction:.0%}. First problems:\n  {examples}\n"
-            "Fix or remove those files, or raise --max_bad_fraction to train without them."
-        )
+    check_bad_fraction(skipped, len(dataset), split, max_bad_fraction)
     keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
     if skipped:
         dataset = dataset.select(keep)

@@ -38,17 +38,22 @@ def validate_split(dataset, split: str, *, image_size: int | None, max_bad_fract
     skipped = [{"split": split, "id": ids[i], "image": sources[i] if isinstance(sources[i], str) else ids[i],
                 "reason": p}
                for i, p in enumerate(problems) if p]
+    check_bad_fraction(skipped, len(dataset), split, max_bad_fraction)
+    keep = [i for i, p in enumerate(problems) if not p]
+    return (dataset.select(keep) if skipped else dataset), skipped
+
+
+def check_bad_fraction(skipped: list[dict], total: int, split: str, max_bad_fraction: float) -> None:
+    """Warn about the skipped rows of a split; stop (DataError, with the first problems) above max_bad_fraction."""
     if skipped:
-        log.warning("%s: skipping %d of %d images that cannot be used", split, len(skipped), len(dataset))
-    if len(dataset) and len(skipped) / len(dataset) > max_bad_fraction:
+        log.warning("%s: skipping %d of %d images that cannot be used", split, len(skipped), total)
+    if total and len(skipped) / total > max_bad_fraction:
         examples = "\n  ".join(f"{s['id']}: {s['reason']}" for s in skipped[:5])
         raise DataError(
-            f"{len(skipped)} of {len(dataset)} {split} images ({len(skipped) / len(dataset):.1%}) cannot be used, more "
+            f"{len(skipped)} of {total} {split} images ({len(skipped) / total:.1%}) cannot be used, more "
             f"than --max_bad_fraction={max_bad_fraction:.0%}. First problems:\n  {examples}\n"
             "Fix or remove those files, or raise --max_bad_fraction to train without them."
         )
-    keep = [i for i, p in enumerate(problems) if not p]
-    return (dataset.select(keep) if skipped else dataset), skipped
 
 
 def validate_splits(splits: dict, *, image_size: int | None, max_bad_fraction: float, run_dir: Path | None = None,
