@@ -111,7 +111,9 @@ def test_the_lazy_collator_caches_as_it_goes_repeats_a_good_example_and_stops_pa
 @pytest.mark.slow
 def test_an_image_that_fails_to_decode_in_training_is_counted_skipped_and_logged(tiny_path, tmp_path):
     """--lazy_images_above 0 makes a 7-row listing lazy: the truncated PNG passes the header check, is met by
-    the collator in the first epoch, and is skipped with a warning instead of crashing the processor."""
+    the collator in the first epoch, and is skipped with a warning instead of crashing the processor. With the
+    GPU defaults: 2 data loader workers (the collator, its skip file and its log line in other processes) and
+    same-shape batches from the header sizes."""
     from unsloth_med.cli import generic_main
 
     tiny_path("mistral3")
@@ -125,7 +127,8 @@ def test_an_image_that_fails_to_decode_in_training_is_counted_skipped_and_logged
     argv = ["classify", "--data_dir", str(root / "listing.csv"), "--model", "tiny:mistral3",
             "--lazy_images_above", "0", "--max_steps", "4", "--image_size", "64", "--per_device_train_batch_size",
             "2", "--gradient_accumulation_steps", "1", "--save_strategy", "no", "--eval_before", "false",
-            "--eval_after", "false", "--output_dir", str(out)]
+            "--eval_after", "false", "--dataloader_num_workers", "2", "--train_sampling_strategy", "group_by_length",
+            "--output_dir", str(out)]
     assert generic_main(argv) == 0
     skipped = [json.loads(line) for line in (out / "skipped_in_training.jsonl").read_text().splitlines()]
     assert {s["image"] for s in skipped} == {str(root / "img" / "cut.png")}  # met once per epoch (4 steps of 2)
