@@ -83,6 +83,14 @@ def test_unusable_files_are_skipped_from_their_headers_and_the_rest_planned(tmp_
     with pytest.raises(Exception, match="cannot be used, more than --max_bad_fraction"):
         scan_split(dataset, "train", max_bad_fraction=0.05)
 
+    # A Hugging Face dataset's images (bytes, no file): each row's own header.
+    in_memory = datasets.Dataset.from_dict({"image": [str(good[1]), str(good[2])], "target": ["a", "b"],
+                                            "id": ["1", "2"]}).cast_column("image", datasets.Image())
+    in_memory = in_memory.cast_column("image", datasets.Image(decode=False)).map(
+        lambda row: {"image": {"bytes": Path(row["image"]["path"]).read_bytes(), "path": None}})
+    scanned, _ = scan_split(in_memory.cast_column("image", datasets.Image()), "train", max_bad_fraction=0)
+    assert scanned["source_size"][:] == [[40, 80], [90, 30]]
+
 
 def test_the_lazy_collator_caches_as_it_goes_repeats_a_good_example_and_stops_past_the_bad_fraction(
         tmp_path, monkeypatch):

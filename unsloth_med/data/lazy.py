@@ -68,7 +68,8 @@ def scan_split(dataset, split: str, *, max_bad_fraction: float, workers: int | N
     if not len(dataset):
         return dataset, []
     sources = raw_image_column(dataset)
-    keys = [_source_name(s) if isinstance(s, (str, os.PathLike, dict)) else i for i, s in enumerate(sources)]
+    # Rows sharing a file path share one header read; in-memory images (HF datasets' bytes) are read each.
+    keys = [str(s) if isinstance(s, (str, os.PathLike)) else i for i, s in enumerate(sources)]
     distinct = dict(zip(keys, sources))
 
     def size_or_problem(source) -> tuple[int, int] | str:
