@@ -150,7 +150,7 @@ def test_an_image_that_fails_to_decode_in_training_is_counted_skipped_and_logged
     assert len(json.loads((out / "train_log.jsonl").read_text().splitlines()[-1]).keys()) > 1
 
 
-# Generous for a 2-core machine shared with other jobs (load 4-6): the same command took 45-71 s there.
+# Generous for a 2-core machine shared with other jobs (load 3-7): the same command took 45-72 s there.
 # Old main decoded all 100,000 rows twice (validation, leakage thumbnails) and prepared them before step 1.
 FIRST_STEP_LIMIT_S = 150
 
