@@ -91,6 +91,11 @@ class DataArgs:
     preprocess_images: bool = field(default=True, metadata={
         "help": "Decode and size every image once before training (cached as PNG under the cache folder) instead "
                 "of in every batch of every epoch. Same pixels either way."})
+    lazy_images_above: int = field(default=20_000, metadata={
+        "help": "A training split with more rows than this is not decoded before training: images are checked from "
+                "their headers (file, format, size), then decoded, sized and cached as batches first need them; an "
+                "image that fails then is skipped and logged (skipped_in_training.jsonl). The leakage check is left "
+                "to `unsloth-med check-data`. 0: always lazy."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training examples."})
     max_eval_samples: int | None = field(default=None, metadata={
         "help": "Evaluate on at most this many test examples."})

@@ -143,6 +143,7 @@ def run(recipe: Recipe, config: Config) -> dict:
     from .backends import pick_backend
     from .data.checks import drop_leaked, leak_counts, leak_message, leaked_test_images
     from .data.images import fit_record
+    from .data.lazy import SKIP_FILE, LazyImages, is_lazy, plan_images, scan_split, skipped_in_training
     from .data.prepare import check_image_tokens, prepare_images
     from .data.samples import check_placeholders
     from .data.sources import load_recipe_data, subsample
@@ -202,13 +203,23 @@ def run(recipe: Recipe, config: Config) -> dict:
         check_placeholders(recipe.instruction, splits["train"].column_names, data_dir or recipe.source.id)
         train_set = subsample(splits["train"], config.data.max_train_samples, seed)
         test_set = subsample(splits["test"], config.data.max_eval_samples, seed)
-        checked, skipped = validate_splits({"train": train_set, "test": test_set}, image_size=image_size,
-                                           max_bad_fraction=config.data.max_bad_fraction, run_dir=files)
-        train_set, test_set = checked["train"], checked["test"]
+        # A large training split is checked from image headers only and decoded as batches need it (data/lazy.py).
+        lazy = is_lazy(len(train_set), config.data.lazy_images_above)
+        if lazy:
+            train_set, lazy_skipped = scan_split(train_set, "train", max_bad_fraction=config.data.max_bad_fraction)
+        checked, skipped = validate_splits({"test": test_set} if lazy else {"train": train_set, "test": test_set},
+                                           image_size=image_size, max_bad_fraction=config.data.max_bad_fraction,
+                                           run_dir=files, also_skipped=lazy_skipped if lazy else ())
+        train_set, test_set = checked.get("train", train_set), checked["test"]
         summary = summarize(recipe, {"train": train_set, "test": test_set}, files, image_size=image_size)
         summary["skipped_images"] = len(skipped)
         # Test images that are copies of training images measure memory, not skill: always reported.
-        leaks = leaked_test_images({"train": train_set, "test": test_set})
+        leaks = (None if lazy and not config.data.drop_leaked_test_images  # decodes every image: check-data's job
+                 else leaked_test_images({"train": train_set, "test": test_set}))
+        if leaks is None:
+            log.warning("Leakage check skipped for %d training rows (more than --lazy_images_above): run "
+                        "`unsloth-med check-data` on this data to find test images copied from training",
+                        len(train_set))
         summary["leaked_test_images"] = leaks
         if leaks:
             summary["leak_counts"] = counts = leak_counts(test_set, leaks)
@@ -233,7 +244,8 @@ def run(recipe: Recipe, config: Config) -> dict:
         # model's config alone, so that preparation and the image-token check also run before the model loads.
         fit = image_fit(AutoConfig.from_pretrained(model_name), image_size, buckets=config.data.image_buckets)
         if config.data.preprocess_images:
-            train_set, summary["prepared_images"] = ranks.share_then_all(prepare_images, train_set, fit)
+            train_set, summary["prepared_images"] = (plan_images(train_set, fit) if lazy
+                                                     else ranks.share_then_all(prepare_images, train_set, fit))
             test_set, _ = ranks.share_then_all(prepare_images, test_set, fit)
             check_image_tokens(train_set, config.model.max_seq_length, fit)  # before any GPU time is spent
 
@@ -254,6 +266,9 @@ def run(recipe: Recipe, config: Config) -> dict:
         backend.for_training(model)
         collator = backend.collator(model, processor, recipe, image_size=fit,
                                     max_seq_length=config.model.max_seq_length)
+        if lazy:  # decodes, sizes and caches each image as a batch first needs it; skips (and logs) a bad one
+            collator = LazyImages(collator, fit if config.data.preprocess_images else None,
+                                  files / SKIP_FILE, config.data.max_bad_fraction)
         pre_train = {"speedups": apply_training_speedups(model) if config.model.training_speedups else None}
         trainer = build_trainer(model, processor, train_set, collator, config.training, run_dir)
         # Building the trainer can switch gradient checkpointing off again (seen with Unsloth: 0 of 40 layers
@@ -275,6 +290,8 @@ def run(recipe: Recipe, config: Config) -> dict:
                 raise disk_full_error(run_dir, "a checkpoint") from exc
             raise
         model = trainer.model
+        if lazy:
+            summary["skipped_in_training"] = skipped_in_training(files)
 
         record = {**recipe_record(recipe), "model": named_model, "base_model": model_name, **fit_record(fit)}
         save_adapter(model, processor, files, record)

@@ -296,7 +296,7 @@ def _sft_trainer_class():
                     "image_shape" in getattr(dataset, "column_names", []):
                 from .data.batching import SameShapeSampler
 
-                return SameShapeSampler(dataset["image_shape"], self._train_batch_size, seed=self.args.seed,
+                return SameShapeSampler(dataset["image_shape"][:], self._train_batch_size, seed=self.args.seed,
                                         world_size=self.args.world_size)
             return super()._get_train_sampler(train_dataset)
 
@@ -384,7 +384,7 @@ def fit_micro_batch(trainer, dataset, max_memory_gib: float) -> dict:
     torch.cuda.reset_peak_memory_stats()  # probe_peak_allocated_gib: the probe's own peak
     sizes = [d for d in range(effective, 0, -1) if effective % d == 0]
     smaller = iter(sizes[1:])
-    lengths = dataset["length"] if "length" in getattr(dataset, "column_names", []) else [0] * len(dataset)
+    lengths = dataset["length"][:] if "length" in getattr(dataset, "column_names", []) else [0] * len(dataset)
     longest = sorted(range(len(dataset)), key=lambda i: -lengths[i])
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     reserve_bytes = 8 * trainable  # AdamW's two fp32 moments, allocated at the first optimizer step
@@ -438,7 +438,7 @@ def warm_up_shapes(trainer, dataset) -> dict:
 
     if "image_shape" not in getattr(dataset, "column_names", []):
         return {"shapes": 0, "seconds": 0.0}
-    shapes = dataset["image_shape"]
+    shapes = dataset["image_shape"][:]
     batch = trainer._train_batch_size or trainer.args.per_device_train_batch_size
     # The sampler's own order (SameShapeSampler, seeded by args.seed), so the kinds are the epoch's kinds.
     batches = one_batch_of_each_kind(shapes, batch, trainer.args.seed, trainer.args.world_size)

@@ -142,15 +142,30 @@ class ImageFit:
             return self._into_bucket(image)
         return snap_image(image, self.factor, self.max_side)
 
+    def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The (width, height) this fit gives an image of `size`, without the image (a header's size is enough)."""
+        if self.factor <= 1 or not self.max_side:
+            return thumbnail_size(size, self.max_side) if self.max_side else tuple(size)
+        if self.buckets:
+            return self._bucket_box(size)
+        return snapped_size(size, self.factor, self.max_side)
+
+    def _bucket_box(self, size: tuple[int, int]) -> tuple[int, int]:
+        side = self.grid_side
+        w, h = size
+        aspect = min(w, h) / max(w, h)
+        # The narrowest box the image fits into without cropping.
+        shorts = sorted(s for (bw, bh) in self.bucket_boxes() for s in [min(bw, bh)] if max(bw, bh) == side)
+        short_box = next((s for s in shorts if s >= aspect * side - 0.5), side)
+        return (side, short_box) if w >= h else (short_box, side)
+
     def _into_bucket(self, image: Image.Image) -> Image.Image:
         side = self.grid_side
         w, h = image.size
         landscape = w >= h
         aspect = min(w, h) / max(w, h)
-        # The narrowest box the image fits into without cropping.
-        shorts = sorted(s for (bw, bh) in self.bucket_boxes() for s in [min(bw, bh)] if max(bw, bh) == side)
-        short_box = next((s for s in shorts if s >= aspect * side - 0.5), side)
-        box = (side, short_box) if landscape else (short_box, side)
+        box = self._bucket_box(image.size)
+        short_box = min(box)
         if image.size == box:
             return image
         short = max(1, min(short_box, int(round(aspect * side))))
@@ -193,7 +208,15 @@ def snap_image(image: Image.Image, factor: int, max_side: int | None) -> Image.I
     if max_side and max(image.size) > max_side:
         image = image.copy()
         image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-    w, h = image.size
+    size = snapped_size(image.size, factor, max_side)
+    if size == image.size:
+        return image
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def snapped_size(size: tuple[int, int], factor: int, max_side: int | None) -> tuple[int, int]:
+    """The size snap_image gives an image of `size`."""
+    w, h = thumbnail_size(size, max_side) if max_side else size
     limit = (max_side // factor) * factor if max_side else None
 
     def snap(x: int) -> int:
@@ -202,10 +225,78 @@ def snap_image(image: Image.Image, factor: int, max_side: int | None) -> Image.I
             s = max(factor, limit)
         return s
 
-    size = (snap(w), snap(h))
-    if size == (w, h):
-        return image
-    return image.resize(size, Image.Resampling.BICUBIC)
+    return snap(w), snap(h)
+
+
+def thumbnail_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """The size PIL's `thumbnail((max_side, max_side))` gives an image of `size` (its rounding, copied)."""
+    width, height = size
+    if max_side >= width and max_side >= height:
+        return width, height
+    aspect = width / height
+
+    def round_aspect(number: float, key) -> int:
+        return max(min(math.floor(number), math.ceil(number), key=key), 1)
+
+    if 1 >= aspect:
+        return round_aspect(max_side * aspect, key=lambda n: abs(aspect - n / max_side)), max_side
+    return max_side, round_aspect(max_side / aspect, key=lambda n: 0 if n == 0 else abs(aspect - max_side / n))
+
+
+# EXIF orientations that exif_transpose turns by 90 degrees (width and height swap).
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def header_size(source: Any) -> tuple[int, int]:
+    """An image's (width, height) as `load_image` will see it (EXIF rotation applied), from its header alone:
+    no pixel is decoded, so a truncated file passes here and fails at decoding. Raises ImageError naming
+    the file for a missing, empty, unidentifiable or oversized one. DICOM files are decoded."""
+    name = _describe(source)
+    original, orientation = source, None
+    if isinstance(source, (str, os.PathLike)) and str(source).lower().endswith(".dcm"):
+        return load_image(source).size
+    if isinstance(source, Image.Image):
+        return ImageOps.exif_transpose(source).size
+    if isinstance(source, dict):
+        source = source.get("bytes") or source.get("path")
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    elif isinstance(source, (str, os.PathLike)):
+        _check_file(Path(source), name)
+    try:
+        with _package_size_limits(), Image.open(source) as handle:
+            _check_size(handle, name, LARGE_MAX_PIXELS)
+            width, height = handle.size
+            if width * height > MAX_PIXELS:  # decoded downscaled (rare): its size is the decoded one
+                orientation = "large"
+            # PNG's getexif decodes the whole image (the eXIf chunk may follow the pixels): only its header's
+            # EXIF is read. JPEG, WebP and TIFF keep EXIF in the header.
+            elif handle.format == "PNG":
+                exif = Image.Exif()
+                if handle.info.get("exif"):
+                    exif.load(handle.info["exif"])
+            else:
+                exif = handle.getexif()
+            if orientation is None:
+                orientation = exif.get(0x0112)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc}). "
+                         "Remove it from the dataset.") from exc
+    if orientation == "large":
+        if isinstance(original, dict):
+            original = original.get("bytes") or original.get("path")
+        return load_image(bytes(original) if isinstance(original, bytearray) else original).size
+    return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
+
+
+def _check_file(path: Path, name: str) -> None:
+    """The file checks of `_open` (which makes them inline), for `header_size`."""
+    if not path.is_file():
+        raise ImageError(f"{name}: file not found. Check the data folder or the path column of your listing.")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{name}: the file is empty (0 bytes). Remove it or copy it again.")
 
 
 def _open(source: Any, name: str) -> Image.Image:
@@ -327,6 +418,12 @@ def raw_image_column(dataset) -> list:
         from datasets import Image as ImageFeature
 
         if isinstance(features.get("image"), ImageFeature):
-            return list(dataset.cast_column("image", ImageFeature(decode=False))["image"])
-        return list(dataset["image"])
+            return column_values(dataset.cast_column("image", ImageFeature(decode=False)), "image")
+        return column_values(dataset, "image")
     return [row["image"] for row in dataset]
+
+
+def column_values(dataset, name: str) -> list:
+    """A datasets.Dataset column as a list, read as one batch: datasets 4 returns a lazy Column, and iterating
+    it formats row by row (1.7 s instead of 0.02 s for 100,000 paths)."""
+    return list(dataset[name][:])

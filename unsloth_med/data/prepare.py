@@ -150,7 +150,7 @@ def check_image_tokens(dataset, max_seq_length: int, fit: ImageFit) -> None:
 
     if "image_tokens" not in getattr(dataset, "column_names", []):
         return
-    counts = dataset["image_tokens"]
+    counts = dataset["image_tokens"][:]  # one batch, not a lazy column read row by row
     over = [i for i, n in enumerate(counts) if n > max_seq_length]
     if over:
         ids = dataset.select(over[:3])["id"]
@@ -159,3 +159,14 @@ def check_image_tokens(dataset, max_seq_length: int, fit: ImageFit) -> None:
             f"alone (up to {max(counts[i] for i in over)}; e.g. {', '.join(map(str, ids))}). Lower --image_size (now "
             f"{fit.max_side}) or raise --max_seq_length."
         )
+
+
+def prepare_image(source: Any, fit: ImageFit, cache_root: str | Path | None = None) -> tuple[str, tuple[int, int]]:
+    """One image decoded, sized and cached (the lazy path, data/lazy.py): (prepared PNG's path, its size).
+    Raises ImageError naming the file when it cannot be decoded."""
+    if cache_root is None:
+        from .sources import cache_dir
+
+        cache_root = cache_dir() / "prepared-images"
+    path, size, _ = _prepare_one(source, fit, Path(cache_root))
+    return path, size

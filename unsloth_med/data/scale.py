@@ -89,3 +89,27 @@ def write_scale_set(root: str | Path, n_train: int, n_test: int, *, seed: int = 
     manifest = {"train": n_train, "test": n_test, "seed": seed, "leak_every": leak_every, "leaks": leaks}
     done.write_text(json.dumps(manifest, indent=0))
     return manifest
+
+
+def write_scale_listing(root: str | Path, n_rows: int, *, n_files: int = 2000, n_test_rows: int = 20, seed: int = 0,
+                        size: int = 64) -> Path:
+    """A CSV listing (path,label,split) of n_rows training rows + n_test_rows test rows, written once.
+
+    The training rows reuse `n_files` PNGs in turn (writing 100,000 files costs minutes; the rows, not
+    the files, are what a large listing costs up front); every test row has a file of its own. Returns the
+    listing's path; `.complete` marks a finished listing.
+    """
+    root = Path(root)
+    listing = root / "listing.csv"
+    if (root / ".complete").exists():
+        return listing
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    images = scale_images(np.random.default_rng([seed, 2]), n_files + n_test_rows, size)
+    for i, pixels in enumerate(images):
+        Image.fromarray(pixels).save(root / "img" / f"{i:06d}.png", compress_level=1)
+    lines = ["path,label,split"]
+    lines += [f"img/{i % n_files:06d}.png,class{i % n_files % CLASSES},train" for i in range(n_rows)]
+    lines += [f"img/{n_files + k:06d}.png,class{k % CLASSES},test" for k in range(n_test_rows)]
+    listing.write_text("\n".join(lines) + "\n")
+    (root / ".complete").write_text(json.dumps({"rows": n_rows, "files": n_files, "test_rows": n_test_rows}))
+    return listing

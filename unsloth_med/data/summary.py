@@ -5,11 +5,11 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from .images import load_image
+from .images import column_values, load_image
 
 
 def class_counts(dataset) -> dict[str, int]:
-    return dict(sorted(Counter(dataset["target"]).items()))
+    return dict(sorted(Counter(column_values(dataset, "target")).items()))
 
 
 def summarize(recipe, splits: dict, out_dir: Path | None = None, *, image_size: int | None = None) -> dict:
@@ -31,7 +31,7 @@ def sample_grid(recipe, dataset, path: Path, *, per_class: int = 3, max_images: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    targets = dataset["target"]
+    targets = column_values(dataset, "target")
     if recipe.is_classification:
         picks = [i for label in recipe.labels or sorted(set(targets))
                  for i in [j for j, t in enumerate(targets) if t == label][:per_class]]

@@ -38,22 +38,29 @@ def validate_split(dataset, split: str, *, image_size: int | None, max_bad_fract
     skipped = [{"split": split, "id": ids[i], "image": sources[i] if isinstance(sources[i], str) else ids[i],
                 "reason": p}
                for i, p in enumerate(problems) if p]
-    if skipped:
-        log.warning("%s: skipping %d of %d images that cannot be used", split, len(skipped), len(dataset))
-    if len(dataset) and len(skipped) / len(dataset) > max_bad_fraction:
-        examples = "\n  ".join(f"{s['id']}: {s['reason']}" for s in skipped[:5])
-        raise DataError(
-            f"{len(skipped)} of {len(dataset)} {split} images ({len(skipped) / len(dataset):.1%}) cannot be used, more "
-            f"than --max_bad_fraction={max_bad_fraction:.0%}. First problems:\n  {examples}\n"
-            "Fix or remove those files, or raise --max_bad_fraction to train without them."
-        )
+    check_bad_fraction(skipped, len(dataset), split, max_bad_fraction)
     keep = [i for i, p in enumerate(problems) if not p]
     return (dataset.select(keep) if skipped else dataset), skipped
 
 
-def validate_splits(splits: dict, *, image_size: int | None, max_bad_fraction: float, run_dir: Path | None = None):
-    """Validate every split; writes skipped_images.json into run_dir (always, possibly empty)."""
-    clean, skipped_all = {}, []
+def check_bad_fraction(skipped: list[dict], total: int, split: str, max_bad_fraction: float) -> None:
+    """Warn about the skipped rows of a split; stop (DataError, with the first problems) above max_bad_fraction."""
+    if skipped:
+        log.warning("%s: skipping %d of %d images that cannot be used", split, len(skipped), total)
+    if total and len(skipped) / total > max_bad_fraction:
+        examples = "\n  ".join(f"{s['id']}: {s['reason']}" for s in skipped[:5])
+        raise DataError(
+            f"{len(skipped)} of {total} {split} images ({len(skipped) / total:.1%}) cannot be used, more "
+            f"than --max_bad_fraction={max_bad_fraction:.0%}. First problems:\n  {examples}\n"
+            "Fix or remove those files, or raise --max_bad_fraction to train without them."
+        )
+
+
+def validate_splits(splits: dict, *, image_size: int | None, max_bad_fraction: float, run_dir: Path | None = None,
+                    also_skipped=()):
+    """Validate every split; writes skipped_images.json into run_dir (always, possibly empty), listing
+    `also_skipped` (rows another check skipped, data/lazy.py) too."""
+    clean, skipped_all = {}, list(also_skipped)
     for name, dataset in splits.items():
         clean[name], skipped = validate_split(dataset, name, image_size=image_size, max_bad_fraction=max_bad_fraction)
         skipped_all += skipped
