@@ -276,5 +276,5 @@ def test_two_gpus_each_rank_trains_on_its_own_gpu(tmp_path, bone_break_dir, back
     stats = json.loads((out / "train_stats.json").read_text())
     assert stats["world_size"] == 2 and stats["samples_per_step"] == 16
     assert len(stats["peak_reserved_gib_per_rank"]) == 2 and min(stats["peak_reserved_gib_per_rank"]) > 0
-    assert stats["memory_fit"]["micro_batch"] >= 1 and stats["shape_warmup"]["batch_kinds"] >= 1
+    assert stats["memory_plan"]["micro_batch"] >= 1 and stats["shape_warmup"]["batch_kinds"] >= 1
     assert len(json.loads((out / "eval_after.json").read_text())["predictions"]) == 20

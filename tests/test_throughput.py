@@ -137,6 +137,10 @@ def test_pipeline_records_prepared_images_and_step_stats(bone_break_dir, tmp_pat
                  "--output_dir", str(run)], REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = json.loads((run / "train_stats.json").read_text())
+    # The memory plan is printed and recorded; without a GPU the configured batch is kept, the effective batch exact.
+    plan = stats["memory_plan"]
+    assert "Memory plan: no GPU" in proc.stdout and "micro-batch 4 as configured (effective batch 4)" in proc.stdout
+    assert plan["micro_batch"] * plan["gradient_accumulation_steps"] == plan["effective_batch"] == 4
     # The warm-up ran inside Trainer.train (where Unsloth keeps its compiled graphs) and recorded itself.
     warm = stats["shape_warmup"]
     assert (warm["micro_batch"] == 4

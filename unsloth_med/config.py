@@ -44,8 +44,9 @@ class ModelArgs:
         "help": "Longest sample in tokens (image tokens + text). Longer samples are an error, never truncated."})
     full_finetune: bool = field(default=False, metadata={
         "help": "Train every weight instead of LoRA adapters. Only sensible for tiny models (the offline demo)."})
-    use_gradient_checkpointing: str = field(default="unsloth", metadata={
-        "help": "unsloth backend: 'unsloth' (offloaded, least memory), 'true' or 'false'."})
+    use_gradient_checkpointing: str = field(default="auto", metadata={
+        "help": "unsloth backend: 'auto' (on the GPU when the memory budget is at least 16 GiB, else offloaded), "
+                "'unsloth' (offloaded to CPU memory, least GPU memory), 'true' (on the GPU) or 'false'."})
     training_speedups: bool = field(default=True, metadata={
         "help": "Run each same-size group of a batch's images through the Pixtral vision tower as a batch (not one "
                 "block-masked sequence), and skip the backward of a frozen vision tower. Same results; off only to "
@@ -54,10 +55,15 @@ class ModelArgs:
         "help": "When training starts, run one forward and backward for every kind of micro-batch the epoch holds "
                 "(its image shapes and their counts; no optimizer step), so that compiling and planning kernels "
                 "happens up front, not as slow steps mid-training. Default: on a GPU."})
+    memory_plan: bool = field(default=True, metadata={
+        "help": "On a GPU, settle the micro-batch and the layers that keep their activations by real probe steps "
+                "within the memory budget (printed as 'Memory plan: ...'). false: train exactly the configured "
+                "micro-batch and checkpointing (--max_memory_gib then only picks the micro-batch)."})
     max_memory_gib: float | None = field(default=None, metadata={
-        "help": "Cap this run's GPU memory (GiB) and train with the largest micro-batch that fits under it: the "
-                "effective batch (per_device_train_batch_size x gradient_accumulation_steps) stays the same, the rest "
-                "becomes gradient accumulation. Set per_device_train_batch_size to the whole batch to let it search."})
+        "help": "GPU memory budget (GiB; default 92%% of the GPU's; 48 for an RTX A6000). Within it the run trains "
+                "with the largest micro-batch that fits (the effective batch, per_device_train_batch_size x "
+                "gradient_accumulation_steps, never changes: the rest becomes accumulation) and keeps the "
+                "activations of as many layers as fit instead of recomputing them (memory_plan.py)."})
 
 
 @dataclass
@@ -147,7 +153,9 @@ class EvalArgs:
     eval_mode: Literal["score", "generate"] = field(default="score", metadata={
         "help": "Classification: 'score' ranks every class by its likelihood (no parse failures); 'generate' "
                 "decodes greedily and matches the answer to a class. Captioning always generates."})
-    eval_batch_size: int = field(default=8, metadata={"help": "Images per evaluation batch."})
+    eval_batch_size: int | None = field(default=None, metadata={
+        "help": "Images per evaluation batch. Default: 32 on a GPU (inference needs little memory, and larger "
+                "batches keep the GPU busy), 8 on a CPU."})
     max_new_tokens: int | None = field(default=None, metadata={"help": "Generation budget. Default: the recipe's."})
     eval_before: bool = field(default=True, metadata={"help": "Evaluate the base model before training."})
     eval_after: bool = field(default=True, metadata={"help": "Evaluate the tuned model after training."})

@@ -50,8 +50,10 @@ ESSENTIAL_TRAINING = {  # name: (metavar, help)
     "output_dir": ("DIR", "Run folder (default: runs/<recipe>-<date>-<time>)."),
     "max_steps": ("N", "Stop after this many optimizer steps; -1 trains num_train_epochs (--quick: 30)."),
     "num_train_epochs": ("X", "Passes over the training split (default 1)."),
-    "per_device_train_batch_size": ("N", "Images per micro-batch (default 2)."),
-    "gradient_accumulation_steps": ("N", "Micro-batches per optimizer step (default 4; effective batch = both)."),
+    "per_device_train_batch_size": ("N", "Images per micro-batch (default 2; on a GPU the memory plan raises it "
+                                         "up to the effective batch when it fits)."),
+    "gradient_accumulation_steps": ("N", "Micro-batches per optimizer step (default 4; effective batch = both, "
+                                         "kept exact by the memory plan)."),
     "learning_rate": ("X", "Peak learning rate (default 2e-4)."),
     "lr_scheduler_type": ("NAME", "linear (default), cosine, constant, ..."),
     "warmup_steps": ("X", "Steps of linear warm-up (default 5; a value < 1 is a fraction of the steps)."),

@@ -153,15 +153,15 @@ def run(recipe: Recipe, config: Config) -> dict:
     from .disk import is_disk_full
     from .evaluate import evaluate
     from .evaluate.report import format_table, write_report
+    from .memory_plan import MemoryPlan, checkpointing_mode, gpu_budget, keep_planned_activations, plan_memory
     from .models import resolve_model_name
     from .models.families import image_fit
-    from .models.speedups import apply_training_speedups
+    from .models.speedups import apply_training_speedups, batch_same_size_images
     from .recipes import recipe_record
     from .recipes.generic import record_resolved, resolve_recipe
     from .train import (
         build_trainer,
         disk_full_error,
-        fit_micro_batch,
         last_checkpoint,
         save_adapter,
         train,
@@ -176,6 +176,7 @@ def run(recipe: Recipe, config: Config) -> dict:
                           "--train_sampling_strategy random.")
     if config.model.max_memory_gib and not torch.cuda.is_available():
         raise ConfigError("--max_memory_gib caps GPU memory, and no CUDA GPU is visible: leave it unset on a CPU.")
+    budget = gpu_budget(config.model.max_memory_gib)  # (GiB, why); None on a CPU
     ranks = distributed.start(config.training)  # torchrun / accelerate launch; one process: rank 0 of 1
     run_dir, lock = prepare_run_dir(config) if ranks.is_main else (Path(config.training.output_dir), None)
     ranks.barrier()  # the other ranks start once rank 0 has checked, locked and made the run folder
@@ -249,8 +250,13 @@ def run(recipe: Recipe, config: Config) -> dict:
             test_set, _ = ranks.share_then_all(prepare_images, test_set, fit)
             check_image_tokens(train_set, config.model.max_seq_length, fit)  # before any GPU time is spent
 
+        config.model.use_gradient_checkpointing = checkpointing_mode(config.model.use_gradient_checkpointing,
+                                                                      budget[0] if budget else None)
         model, processor = backend.load(model_name, config.model)
-        eval_kw = dict(mode=config.eval.eval_mode, batch_size=config.eval.eval_batch_size,
+        if config.model.training_speedups:  # evaluation before training runs the vision tower batched too
+            batch_same_size_images(model)
+        eval_batch = config.eval.eval_batch_size or (32 if torch.cuda.is_available() else 8)
+        eval_kw = dict(mode=config.eval.eval_mode, batch_size=eval_batch,
                        max_new_tokens=config.eval.max_new_tokens, image_size=fit)
         before = None
         resume_from = ranks.broadcast(last_checkpoint(run_dir) if config.run.resume else None)  # rank 0's view
@@ -276,8 +282,19 @@ def run(recipe: Recipe, config: Config) -> dict:
         # as training will, or the probe measures a model without checkpointing and picks a far smaller batch.
         backend.for_training(trainer.model)
         try:
-            if config.model.max_memory_gib:
-                pre_train["memory_fit"] = fit_micro_batch(trainer, train_set, config.model.max_memory_gib)
+            if budget and (config.model.memory_plan or config.model.max_memory_gib):
+                # The micro-batch and the layers that keep their activations, by real probe steps.
+                gc_mode = str(config.model.use_gradient_checkpointing).lower()
+                plan = plan_memory(trainer, train_set, *budget, keep_activations=config.model.memory_plan,
+                                   checkpointing="offload" if gc_mode == "unsloth" else "gpu")
+                keep_planned_activations(trainer, plan)  # Trainer.train would check every layer again
+            elif budget:
+                plan = MemoryPlan.as_configured(config.training, "--memory_plan false")
+            else:
+                plan = MemoryPlan.as_configured(config.training, "no GPU, so no memory budget to plan")
+            if ranks.is_main:
+                print(plan.line())
+            pre_train["memory_plan"] = plan.record()
             warm_up = config.model.warm_up_shapes
             if warm_up or (warm_up is None and torch.cuda.is_available()):
                 warm_up_when_training_starts(trainer, train_set)  # records "shape_warmup" in train_stats.json

@@ -163,6 +163,7 @@ class StepStatsCallback(TrainerCallback):
             "checkpointed_layers": self.checkpointed,
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         }
+        stats["compile_cache"] = compile_cache_counts()
         if torch.cuda.is_available():
             stats["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             stats["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
@@ -180,6 +181,19 @@ class StepStatsCallback(TrainerCallback):
 
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+
+
+def compile_cache_counts() -> dict:
+    """torch.compile's cache hits and misses in this process (FX graphs, AOT autograd), and where the cache is:
+    a second run of the same shapes should hit, not compile again."""
+    from torch._dynamo.utils import counters
+
+    inductor, aot = counters.get("inductor", {}), counters.get("aot_autograd", {})
+    return {"fxgraph_hits": int(inductor.get("fxgraph_cache_hit", 0)),
+            "fxgraph_misses": int(inductor.get("fxgraph_cache_miss", 0)),
+            "autograd_hits": int(aot.get("autograd_cache_hit", 0)),
+            "autograd_misses": int(aot.get("autograd_cache_miss", 0)),
+            "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
 
 
 def update_json(path: Path, fields: dict) -> None:
@@ -338,88 +352,16 @@ def train(trainer, *, resume_from: str | None = None) -> list[dict]:
     return list(trainer.state.log_history)
 
 
-def _step_without_update(trainer, rows: list[dict]) -> None:
-    """One real forward and backward (the trainer's own loss) on `rows`, no optimizer step, gradients cleared."""
-    if not hasattr(trainer, "current_gradient_accumulation_steps"):  # set by Trainer.train; training_step reads it
-        trainer.current_gradient_accumulation_steps = 1
-    # No collective in a step of one rank alone: TRL gathers its token metrics across the ranks, and under DDP
-    # a rank that ran out of memory (or probes one more size) would leave the others waiting in that gather.
-    trainer.accelerator.gather_for_metrics = lambda value, **_: value
-    try:
-        trainer.training_step(trainer.model, trainer.data_collator(rows))
-    finally:
-        del trainer.accelerator.gather_for_metrics
-        trainer.model.zero_grad(set_to_none=True)
-
-
 def fit_micro_batch(trainer, dataset, max_memory_gib: float) -> dict:
-    """Cap GPU memory at max_memory_gib and use the largest micro-batch that fits, keeping the effective batch.
+    """Cap GPU memory at max_memory_gib and use the largest micro-batch that fits, keeping the effective batch
+    (memory_plan.plan_memory without changing which layers are checkpointed)."""
+    from .memory_plan import plan_memory
 
-    The effective batch (per_device_train_batch_size x gradient_accumulation_steps) is a learning
-    setting, so it never changes: the micro-batch becomes the largest divisor of it that fits, the rest
-    gradient accumulation. Each candidate runs one real training step (the trainer's own loss and
-    backward) on the longest samples of the data, through accelerate's find_executable_batch_size,
-    with the optimizer's future state held in reserve. Transformers' `auto_find_batch_size` is not used:
-    it halves the micro-batch without raising accumulation, which changes the effective batch.
-    """
-    import torch
-    from accelerate.utils import find_executable_batch_size
-
-    from .distributed import current as current_ranks
-    from .errors import BackendError
-
-    if not torch.cuda.is_available():
-        raise BackendError("--max_memory_gib caps GPU memory and needs a CUDA GPU; leave it unset on CPU.")
-    args = trainer.args
-    effective = args.per_device_train_batch_size * args.gradient_accumulation_steps
-    in_use = torch.cuda.memory_allocated() / 2**30
-    if in_use >= max_memory_gib:
-        raise BackendError(f"--max_memory_gib {max_memory_gib:g} is below the {in_use:.1f} GiB the model already "
-                           "occupies on the GPU: raise the cap, or load in 4-bit / a smaller model.")
-    # The cap limits what the allocator may reserve; memory it cached earlier (a previous run, a probe)
-    # would otherwise be reused beyond it.
-    torch.cuda.empty_cache()
-    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, max_memory_gib * 2**30 / total))
-    torch.cuda.reset_peak_memory_stats()  # probe_peak_allocated_gib: the probe's own peak
-    sizes = [d for d in range(effective, 0, -1) if effective % d == 0]
-    smaller = iter(sizes[1:])
-    lengths = dataset["length"][:] if "length" in getattr(dataset, "column_names", []) else [0] * len(dataset)
-    longest = sorted(range(len(dataset)), key=lambda i: -lengths[i])
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    reserve_bytes = 8 * trainable  # AdamW's two fp32 moments, allocated at the first optimizer step
-    tried: list[int] = []
-
-    @find_executable_batch_size(starting_batch_size=sizes[0], reduce_batch_size_fn=lambda: next(smaller, 0))
-    def probe(batch_size: int) -> int:
-        tried.append(batch_size)
-        rows = [dataset[longest[i % len(longest)]] for i in range(batch_size)]
-        reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device="cuda")
-        try:
-            _step_without_update(trainer, rows)
-        finally:
-            del reserve
-        return batch_size
-
-    try:
-        micro = probe()
-    except RuntimeError as exc:
-        if "No executable batch size" not in str(exc):
-            raise
-        raise BackendError(f"Not even one sample fits in --max_memory_gib {max_memory_gib}: lower --image_size, "
-                           "load in 4-bit, or raise the cap.") from exc
-    micro = current_ranks().min(micro)  # under DDP every rank probes its own GPU; all train with what all can fit
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    args.per_device_train_batch_size = micro
-    args.gradient_accumulation_steps = effective // micro
-    trainer._train_batch_size = args.train_batch_size  # what Trainer's own auto_find_batch_size updates
-    torch.cuda.empty_cache()
-    fit = {"max_memory_gib": max_memory_gib, "effective_batch": effective, "micro_batch": micro,
-           "gradient_accumulation_steps": effective // micro, "micro_batches_tried": tried,
-           "probe_peak_allocated_gib": round(peak, 3)}
-    log.info("Memory cap %.1f GiB: micro-batch %d x %d accumulation (tried %s)", max_memory_gib, micro,
-             effective // micro, tried)
-    return fit
+    plan = plan_memory(trainer, dataset, max_memory_gib, f"--max_memory_gib {max_memory_gib:g}",
+                       keep_activations=False)
+    return {"max_memory_gib": max_memory_gib, "effective_batch": plan.effective_batch, "micro_batch": plan.micro_batch,
+            "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+            "micro_batches_tried": plan.micro_batches_tried, "probe_peak_allocated_gib": plan.probe_peak_allocated_gib}
 
 
 def warm_up_shapes(trainer, dataset) -> dict:
@@ -435,6 +377,7 @@ def warm_up_shapes(trainer, dataset) -> dict:
     import torch
 
     from .data.batching import batch_kind, describe_kind, one_batch_of_each_kind
+    from .memory_plan import step_without_update
 
     if "image_shape" not in getattr(dataset, "column_names", []):
         return {"shapes": 0, "seconds": 0.0}
@@ -447,7 +390,7 @@ def warm_up_shapes(trainer, dataset) -> dict:
     seconds = {}
     for indices in batches:
         t0 = time.perf_counter()
-        _step_without_update(trainer, [dataset[i] for i in indices])
+        step_without_update(trainer, [dataset[i] for i in indices])
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds[describe_kind(batch_kind([shapes[i] for i in indices]))] = round(time.perf_counter() - t0, 2)

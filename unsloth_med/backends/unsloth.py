@@ -34,13 +34,31 @@ PATCHED_BY_UNSLOTH = ("transformers", "trl", "peft")
 
 
 def _set_env_defaults() -> None:
-    """Keep unsloth's compiled-module cache out of the user's working directory."""
-    if "UNSLOTH_COMPILE_LOCATION" not in os.environ:
-        from ..data.sources import cache_dir
+    """Unsloth's compiled modules, its compile bundles and Triton's kernels in the package's cache folder (unless set),
+    not in the user's working directory or /tmp."""
+    from ..data.sources import cache_dir
 
-        location = cache_dir() / "unsloth_compiled_cache"
-        location.mkdir(parents=True, exist_ok=True)
-        os.environ["UNSLOTH_COMPILE_LOCATION"] = str(location)
+    for variable, name in (("UNSLOTH_COMPILE_LOCATION", "unsloth_compiled_cache"),
+                           ("UNSLOTH_MEGA_CACHE_DIR", "unsloth_mega_cache"), ("TRITON_CACHE_DIR", "triton")):
+        if variable not in os.environ:
+            location = cache_dir() / name
+            location.mkdir(parents=True, exist_ok=True)
+            os.environ[variable] = str(location)
+
+
+def _keep_inductor_cache(chosen: str | None) -> None:
+    """torch.compile's FX-graph and autograd caches in the package's cache folder (or where the user chose).
+
+    `import unsloth` removes TORCHINDUCTOR_CACHE_DIR (it must not be Unsloth's source folder), which sends torch's
+    caches to /tmp/torchinductor_<user>; set after the import, a second run of the same shapes finds the kernels the
+    first compiled under the package's cache (tests/test_gpu_speed.py)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from ..data.sources import cache_dir
+
+    if chosen and os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+        chosen = None  # written by `import torch._dynamo` itself, not chosen by the user
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = chosen or str(cache_dir() / "torchinductor")
 
 
 def import_unsloth():
@@ -51,6 +69,7 @@ def import_unsloth():
     if late:
         log.info("unsloth imported after %s; call import_unsloth_first() earlier for all optimizations", late)
     _set_env_defaults()
+    chosen_inductor_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     try:
         import unsloth  # noqa: F401  (patches transformers / trl / peft on import)
     except ImportError as exc:
@@ -63,6 +82,7 @@ def import_unsloth():
             f"unsloth could not start on this machine ({str(exc)[:300]}). It needs an NVIDIA GPU with CUDA; "
             "use --backend hf instead."
         ) from exc
+    _keep_inductor_cache(chosen_inductor_cache)
     return sys.modules["unsloth"]
 
 
@@ -100,11 +120,11 @@ def import_unsloth_first(argv: list[str] | None = None) -> bool:
 
 
 def gradient_checkpointing_value(setting: Any) -> Any:
-    """ModelArgs.use_gradient_checkpointing ('unsloth' | 'true' | 'false') as unsloth takes it."""
+    """ModelArgs.use_gradient_checkpointing ('auto' | 'unsloth' | 'true' | 'false') as unsloth takes it."""
     if isinstance(setting, bool) or setting is None:
         return bool(setting)
     text = str(setting).strip().lower()
-    if text == "unsloth":
+    if text in ("unsloth", "auto"):  # 'auto' is resolved against the memory budget first (memory_plan.py)
         return "unsloth"
     if text in ("true", "1", "yes", "on"):
         return True

@@ -14,6 +14,8 @@ Returns {"metrics": {...}, "predictions": [{"id", "target", "prediction", ...}, 
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .caption import caption_metrics, evaluate_captioning
@@ -23,12 +25,45 @@ from .vqa import evaluate_vqa, vqa_metrics
 MODES = ("score", "generate")
 
 
+def shape_order(dataset) -> list[int] | None:
+    """Row order that groups prepared images by shape (then length), or None when already grouped or unknown."""
+    columns = getattr(dataset, "column_names", None) or []
+    if "image_shape" not in columns or not hasattr(dataset, "select"):
+        return None
+    shapes = [str(s) for s in dataset["image_shape"][:]]  # [:]: one read of the column, not one row at a time
+    lengths = dataset["length"][:] if "length" in columns else [0] * len(shapes)
+    order = sorted(range(len(shapes)), key=lambda i: (shapes[i], lengths[i]))
+    return None if order == list(range(len(shapes))) else order
+
+
 def evaluate(model, processor, recipe, dataset, *, mode: str = "score", batch_size: int = 8,
              max_new_tokens: int | None = None, image_size: int | None = None, progress: bool = True) -> dict:
     """Evaluate a model on rows {image, target, id}; see the module docstring for what comes back."""
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}: use one of {', '.join(MODES)}")
     image_size = image_size or recipe.image_size
+    started = time.perf_counter()
+    result = _evaluate_grouped(model, processor, recipe, dataset, mode=mode, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, image_size=image_size, progress=progress)
+    seconds = time.perf_counter() - started
+    result["timing"] = {"seconds": round(seconds, 2), "batch_size": batch_size,
+                        "examples_per_second": round(len(dataset) / seconds, 2) if seconds > 0 else None}
+    return result
+
+
+def _evaluate_grouped(model, processor, recipe, dataset, **kw) -> dict:
+    order = shape_order(dataset)
+    if order is not None:  # batches of one image shape: no padding, the vision tower runs them as a batch
+        result = _evaluate_once(model, processor, recipe, dataset.select(order), **kw)
+        predictions = [None] * len(order)
+        for position, prediction in zip(order, result["predictions"]):
+            predictions[position] = prediction
+        return {**result, "predictions": predictions}  # the dataset's own order; metrics do not depend on it
+    return _evaluate_once(model, processor, recipe, dataset, **kw)
+
+
+def _evaluate_once(model, processor, recipe, dataset, *, mode, batch_size, max_new_tokens, image_size,
+                   progress) -> dict:
     with torch.inference_mode():
         if recipe.is_vqa:
             return evaluate_vqa(model, processor, recipe, dataset, batch_size=batch_size,

@@ -7,6 +7,10 @@ with left padding, decoded greedily, and stopped at the family's end-of-turn tok
 from __future__ import annotations
 
 import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
@@ -42,8 +46,78 @@ def row_prompts(processor: Any, recipe, rows: Sequence[dict], prompt: str | None
 
 
 def row_images(rows: Sequence[dict], image_size) -> list[list]:
-    """The decoded images of each row, in order."""
-    return [[load_image(ref, image_size) for ref in samples.image_refs(row)] for row in rows]
+    """The decoded images of each row, in order (decoded in threads on a machine with cores to spare: PIL releases
+    the GIL while it decodes)."""
+    refs = [samples.image_refs(row) for row in rows]
+    flat = [ref for row_refs in refs for ref in row_refs]
+    if len(flat) >= 8 and (os.cpu_count() or 1) > 4:
+        with ThreadPoolExecutor(max_workers=min(8, len(flat))) as pool:
+            decoded = iter(list(pool.map(lambda ref: load_image(ref, image_size), flat)))
+    else:
+        decoded = iter([load_image(ref, image_size) for ref in flat])
+    return [[next(decoded) for _ in row_refs] for row_refs in refs]
+
+
+def encode_rows(processor: Any, recipe, rows: Sequence[dict], image_size, prompt: str | None = None) -> dict:
+    """The prompts of `rows` with their images, tokenized and left-padded (on the CPU), ready for the model."""
+    return prompting.encode(processor, row_prompts(processor, recipe, rows, prompt), row_images(rows, image_size),
+                            padding_side="left")
+
+
+class Prefetch:
+    """`(item, prepare(item))` for each item, the next `ahead` prepared in a background thread while the caller
+    works (the GPU computes one batch while the CPU decodes and tokenizes the next). Order is kept. With
+    ahead=0 everything runs in the caller's thread (a CPU machine, where a second thread only competes).
+
+    `stats`: seconds spent preparing and seconds the caller waited for a prepared item; a wait close to the
+    preparation time means evaluation is bound by the CPU side, not the GPU."""
+
+    def __init__(self, items: Iterable, prepare, ahead: int = 2):
+        self.items, self.prepare, self.ahead = items, prepare, ahead
+        self.stats = {"prepare_s": 0.0, "waited_s": 0.0, "batches": 0}
+
+    def _timed(self, item):
+        started = time.perf_counter()
+        try:
+            return self.prepare(item)
+        finally:
+            self.stats["prepare_s"] += time.perf_counter() - started
+
+    def __iter__(self):
+        if self.ahead <= 0:
+            for item in self.items:
+                started = time.perf_counter()
+                prepared = self._timed(item)
+                self.stats["waited_s"] += time.perf_counter() - started
+                self.stats["batches"] += 1
+                yield item, prepared
+            return
+        with ThreadPoolExecutor(max_workers=self.ahead) as pool:
+            pending = deque()
+            source = iter(self.items)
+            for item in source:
+                pending.append((item, pool.submit(self._timed, item)))
+                if len(pending) > self.ahead:
+                    yield self._next(pending)
+            while pending:
+                yield self._next(pending)
+
+    def _next(self, pending):
+        item, future = pending.popleft()
+        started = time.perf_counter()
+        prepared = future.result()
+        self.stats["waited_s"] += time.perf_counter() - started
+        self.stats["batches"] += 1
+        return item, prepared
+
+    def summary(self) -> dict:
+        return {k: round(v, 2) if isinstance(v, float) else v for k, v in self.stats.items()}
+
+
+def prefetch_depth(model) -> int:
+    """Batches prepared ahead: 2 when the model runs on a GPU, none on a CPU."""
+    device, _ = model_device_dtype(model)
+    return 2 if device.type == "cuda" else 0
 
 
 def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
@@ -116,12 +190,12 @@ class eval_mode:
 @torch.inference_mode()
 def generate_texts(model, processor, recipe, rows: Sequence[dict], *, max_new_tokens: int,
                    image_size: int | None = None, family: Family | None = None,
-                   prompt: str | None = None) -> list[str]:
-    """Greedy answers for a batch of rows {image, ...}: left padding, new tokens only, special tokens dropped."""
+                   prompt: str | None = None, encoded: dict | None = None) -> list[str]:
+    """Greedy answers for a batch of rows {image, ...}: left padding, new tokens only, special tokens dropped.
+    `encoded`: the batch from `encode_rows`, when already prepared."""
     family = family or family_of(model.config)
     tokenizer = getattr(processor, "tokenizer", processor)
-    images = row_images(rows, image_size)
-    batch = prompting.encode(processor, row_prompts(processor, recipe, rows, prompt), images, padding_side="left")
+    batch = encoded if encoded is not None else encode_rows(processor, recipe, rows, image_size, prompt)
     device, dtype = model_device_dtype(model)
     inputs = to_model(batch, device, dtype)
     out = model.generate(
@@ -134,16 +208,24 @@ def generate_texts(model, processor, recipe, rows: Sequence[dict], *, max_new_to
 
 
 def generate_all(model, processor, recipe, dataset, *, max_new_tokens: int, batch_size: int = 8,
-                 image_size: int | None = None, progress: bool = True,
-                 desc: str = "generate") -> Iterator[tuple[dict, str]]:
-    """(row, answer) for every row, one batch at a time; nothing but the answers is kept."""
+                 image_size: int | None = None, progress: bool = True, desc: str = "generate",
+                 stats: dict | None = None) -> Iterator[tuple[dict, str]]:
+    """(row, answer) for every row, one batch at a time; nothing but the answers is kept. `stats` receives the
+    input pipeline's timings and the number of generated tokens."""
     family = family_of(model.config)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    feed = Prefetch(batches(dataset, batch_size), lambda rows: encode_rows(processor, recipe, rows, image_size),
+                    ahead=prefetch_depth(model))
+    tokens = 0
     with eval_mode(model), progress_bar(len(dataset), desc, progress) as bar:
-        for rows in batches(dataset, batch_size):
+        for rows, encoded in feed:
             answers = generate_texts(model, processor, recipe, rows, max_new_tokens=max_new_tokens,
-                                     image_size=image_size, family=family)
+                                     image_size=image_size, family=family, encoded=encoded)
+            tokens += sum(len(tokenizer(answer, add_special_tokens=False)["input_ids"]) for answer in answers)
             bar.update(len(rows))
             yield from zip(rows, answers)
+    if stats is not None:
+        stats.update(feed.summary(), generated_tokens=tokens)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -175,10 +257,11 @@ def evaluate_captioning(model, processor, recipe, dataset, *, batch_size: int = 
     """Greedy captions for the whole split, scored against the references."""
     max_new_tokens = max_new_tokens or recipe.max_new_tokens
     dataset, rows = my_shard(dataset, batch_size)  # under DDP: this rank's batches; all gathered below
-    predictions = []
+    predictions, stats = [], {}
+    started = time.perf_counter()
     for row, answer in generate_all(model, processor, recipe, dataset, max_new_tokens=max_new_tokens,
                                     batch_size=batch_size, image_size=image_size, progress=progress,
-                                    desc="evaluate (captions)"):
+                                    desc="evaluate (captions)", stats=stats):
         predictions.append({"id": str(row.get("id", len(predictions))), "target": recipe.target(row),
                             "prediction": answer})
     predictions = gather_in_order(predictions, rows)
@@ -187,7 +270,9 @@ def evaluate_captioning(model, processor, recipe, dataset, *, batch_size: int = 
     if callable(score_text):
         metrics.update(score_text([p["prediction"] for p in predictions], [p["target"] for p in predictions]))
     metrics.update(mode="generate", max_new_tokens=max_new_tokens)
-    return {"metrics": metrics, "predictions": predictions}
+    seconds = time.perf_counter() - started  # this rank's generation: its tokens over its time
+    stats["generated_tokens_per_second"] = round(stats.get("generated_tokens", 0) / seconds, 1) if seconds else None
+    return {"metrics": metrics, "predictions": predictions, "input_pipeline": stats}
 
 
 def examples_table(predictions: Iterable[dict], limit: int = 8, width: int = 160) -> str:

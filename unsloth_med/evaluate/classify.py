@@ -23,14 +23,16 @@ from ..errors import DataError
 from ..models import prompting
 from ..models.families import Family, family_of
 from .caption import (
+    Prefetch,
     batches,
+    encode_rows,
     eval_mode,
     generate_all,
     model_device_dtype,
+    prefetch_depth,
     progress_bar,
     prompt_text,
     row_images,
-    row_prompts,
     to_model,
 )
 
@@ -38,7 +40,8 @@ log = logging.getLogger(__name__)
 
 UNPARSEABLE = "(unparseable)"
 _MROPE_FAMILIES = ("qwen2_5_vl",)  # 3-D rotary positions the model derives itself from the image grid
-_MAX_CONTINUATION_ROWS = 16  # class continuations scored per forward (at least one image's classes)
+_MAX_CONTINUATION_ROWS = 16  # class continuations scored per forward on a CPU (at least one image's classes)
+_MAX_GPU_CONTINUATION_ROWS = 512
 
 
 # ----------------------------------------------------------------------------- labels
@@ -107,21 +110,21 @@ def score_rows(model, processor, recipe, rows: Sequence[dict], labels: Sequence[
     """Summed log-likelihood (float64, shape [len(rows), len(labels)]) of each class as the answer to each row."""
     family = family or family_of(model.config)
     ids = ids if ids is not None else label_token_ids(processor, family, labels)
-    images = row_images(rows, image_size)
     if strategy == "full":
         return torch.stack([_score_full(model, processor, recipe, family, row, image, labels)
-                            for row, image in zip(rows, images)])
+                            for row, image in zip(rows, row_images(rows, image_size))])
     if strategy != "cache":
         raise ValueError(f"unknown label-scoring strategy {strategy!r} (use 'cache' or 'full')")
-    return _score_cached(model, processor, family, row_prompts(processor, recipe, rows, prompt), images, ids)
+    return score_encoded(model, processor, family, encode_rows(processor, recipe, rows, image_size, prompt), ids)
 
 
-def _score_cached(model, processor, family: Family, prompts: Sequence[str], images: list,
-                  ids: Sequence[Sequence[int]]) -> torch.Tensor:
+def score_encoded(model, processor, family: Family, encoded: dict, ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """score_rows' cached strategy on a batch already encoded (`caption.encode_rows`)."""
     device, dtype = model_device_dtype(model)
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batch = to_model(prompting.encode(processor, list(prompts), images, padding_side="left"), device, dtype)
+    batch = to_model(encoded, device, dtype)
+    n_rows = int(batch["input_ids"].shape[0])
     mask = batch["attention_mask"]
     lengths = mask.long().sum(dim=1)
     mrope = family.name in _MROPE_FAMILIES
@@ -156,9 +159,9 @@ def _score_cached(model, processor, family: Family, prompts: Sequence[str], imag
     cross = batch.get("cross_attention_mask")  # mllama: which image tiles each token attends to
     steps = torch.arange(cont_len, device=device)
 
-    per_chunk = max(1, _MAX_CONTINUATION_ROWS // n_classes)
-    for start in range(0, len(images), per_chunk):
-        img = torch.arange(start, min(start + per_chunk, len(images)), device=device)
+    per_chunk = max(1, _continuation_rows(cache, n_rows, device) // n_classes)
+    for start in range(0, n_rows, per_chunk):
+        img = torch.arange(start, min(start + per_chunk, n_rows), device=device)
         row_img = img.repeat_interleave(n_classes)  # image of each row, classes consecutive
         kwargs: dict[str, Any] = dict(
             input_ids=cont.repeat(len(img), 1),
@@ -178,6 +181,23 @@ def _score_cached(model, processor, family: Family, prompts: Sequence[str], imag
         scores[img.to(scores.device)] += picked.view(len(img), n_classes).to(scores.device)
         del logits, kwargs
     return scores.cpu()
+
+
+def _continuation_rows(cache, batch: int, device) -> int:
+    """Class continuations scored per forward. Each one holds a copy of its image's prompt cache; on a GPU as
+    many as a quarter of the free memory allows (the prompt cache's size per row, measured), so a batch's
+    classes take one or two forwards, not one per image; on a CPU, _MAX_CONTINUATION_ROWS."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return _MAX_CONTINUATION_ROWS
+    per_row = sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", [])
+                  for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                  if isinstance(t, torch.Tensor)) / max(1, batch)
+    free, total = torch.cuda.mem_get_info(device)
+    share = getattr(torch.cuda, "get_per_process_memory_fraction", lambda *_: 1.0)(device)  # a memory budget's cap
+    free = min(free, share * total - torch.cuda.memory_allocated(device))
+    if per_row <= 0:
+        return _MAX_CONTINUATION_ROWS
+    return int(max(_MAX_CONTINUATION_ROWS, min(_MAX_GPU_CONTINUATION_ROWS, free * 0.25 // (per_row * 2))))
 
 
 def _score_full(model, processor, recipe, family: Family, row: dict, image, labels: Sequence[str]) -> torch.Tensor:
@@ -272,15 +292,16 @@ def evaluate_classification(model, processor, recipe, dataset, *, mode: str = "s
                             strategy: str = "cache") -> dict:
     labels = dataset_labels(recipe, dataset)  # the whole split's classes, also when this rank scores a part of it
     dataset, rows = my_shard(dataset, batch_size)  # under DDP: this rank's batches; all gathered below
+    stats: dict = {}  # the input pipeline: seconds preparing batches, seconds waiting for them
     if mode == "score":
         predictions = list(_iter_scored(model, processor, recipe, dataset, labels, batch_size=batch_size,
-                                        image_size=image_size, progress=progress, strategy=strategy))
+                                        image_size=image_size, progress=progress, strategy=strategy, stats=stats))
     elif mode == "generate":
         max_new_tokens = max_new_tokens or recipe.max_new_tokens
         predictions = []
         for row, answer in generate_all(model, processor, recipe, dataset, max_new_tokens=max_new_tokens,
                                         batch_size=batch_size, image_size=image_size, progress=progress,
-                                        desc="evaluate (generate)"):
+                                        desc="evaluate (generate)", stats=stats):
             label = match_label(answer, labels)
             predictions.append({"id": str(row.get("id", len(predictions))), "target": recipe.target(row),
                                 "prediction": label, "answer": answer, "parsed": label is not None})
@@ -291,19 +312,24 @@ def evaluate_classification(model, processor, recipe, dataset, *, mode: str = "s
                                      labels, mode=mode)
     if mode == "generate":
         metrics["max_new_tokens"] = max_new_tokens
-    return {"metrics": metrics, "predictions": predictions}
+    return {"metrics": metrics, "predictions": predictions, "input_pipeline": stats}
 
 
-def _iter_scored(model, processor, recipe, dataset, labels, *, batch_size, image_size, progress, strategy):
+def _iter_scored(model, processor, recipe, dataset, labels, *, batch_size, image_size, progress, strategy,
+                 stats: dict | None = None):
     family = family_of(model.config)
     ids = label_token_ids(processor, family, labels)
     if strategy == "cache" and len(dataset):  # the boundary is the same for every row: checked on the first
         first = dataset[0]
         check_label_tokenization(processor, family, recipe, prompt_text(processor, recipe, first), labels, ids, first)
+    cached = strategy == "cache"
+    feed = Prefetch(batches(dataset, batch_size), lambda rows: encode_rows(processor, recipe, rows, image_size)
+                    if cached else None, ahead=prefetch_depth(model) if cached else 0)
     with eval_mode(model), progress_bar(len(dataset), "evaluate (label scores)", progress) as bar:
-        for rows in batches(dataset, batch_size):
-            scores = score_rows(model, processor, recipe, rows, labels, image_size=image_size, strategy=strategy,
-                                family=family, ids=ids)
+        for rows, encoded in feed:
+            scores = (score_encoded(model, processor, family, encoded, ids) if cached else
+                      score_rows(model, processor, recipe, rows, labels, image_size=image_size, strategy=strategy,
+                                 family=family, ids=ids))
             probs = scores.softmax(dim=-1)
             for i, row in enumerate(rows):
                 best = int(scores[i].argmax())
@@ -311,3 +337,5 @@ def _iter_scored(model, processor, recipe, dataset, labels, *, batch_size, image
                        "probabilities": {label: round(float(p), 6) for label, p in zip(labels, probs[i])},
                        "log_likelihoods": {label: round(float(s), 4) for label, s in zip(labels, scores[i])}}
             bar.update(len(rows))
+    if stats is not None:
+        stats.update(feed.summary())

@@ -125,7 +125,7 @@ def _detached(output):
     return output
 
 
-def _decoder_layers(model, part: str) -> list:
+def decoder_layers(model, part: str) -> list:
     """The checkpointable transformer layers of the language model ("language") or the vision tower ("vision")."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -138,7 +138,7 @@ def _decoder_layers(model, part: str) -> list:
 def checkpointed_layers(model) -> dict:
     """How many language and vision layers recompute their forward in the backward (gradient checkpointing)."""
     return {part: f"{sum(bool(getattr(m, 'gradient_checkpointing', False)) for m in layers)}/{len(layers)}"
-            for part in ("language", "vision") for layers in [_decoder_layers(model, part)]}
+            for part in ("language", "vision") for layers in [decoder_layers(model, part)]}
 
 
 def checkpoint_fewer_layers(model, unchecked: int) -> int:
@@ -149,7 +149,7 @@ def checkpoint_fewer_layers(model, unchecked: int) -> int:
     and costs its activations. transformers checks each layer's own `gradient_checkpointing` flag
     (GradientCheckpointingLayer), so turning it off per layer is all it takes. Returns how many were turned off.
     """
-    layers = [m for m in _decoder_layers(model, "language") if getattr(m, "gradient_checkpointing", False)]
+    layers = [m for m in decoder_layers(model, "language") if getattr(m, "gradient_checkpointing", False)]
     for layer in layers[max(0, len(layers) - unchecked):] if unchecked > 0 else []:
         layer.gradient_checkpointing = False
     return min(max(unchecked, 0), len(layers))

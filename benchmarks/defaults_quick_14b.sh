@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Issue 15: what the recipe's DEFAULTS give (no expert flags) on a random-weight Ministral-3-14B shape with the
+# real bone-break X-rays at 512 px: the quick trial twice (first run: empty compile caches; second: warm),
+# then training-only runs under the memory budgets the issue names (vision + language LoRA within 24 GiB;
+# language-only LoRA within 48 and 24 GiB).
+# Usage: bash benchmarks/defaults_quick_14b.sh BONE_BREAK_DIR WORK_DIR OUT_DIR [RUN ...]   (CUDA machine, unsloth)
+# RUN: quick-first quick-second vision-language-24gib language-48gib language-24gib (default: all, in that order)
+set -euo pipefail
+data=${1:?bone-break dir}; work=${2:?work dir}; out=${3:?output dir}; shift 3
+runs=${*:-quick-first quick-second vision-language-24gib language-48gib language-24gib}
+mkdir -p "$work" "$out"
+export UNSLOTH_MED_CACHE="$work/cache"   # starts empty: the first run compiles, the second should not
+unset UNSLOTH_COMPILE_LOCATION TORCHINDUCTOR_CACHE_DIR TRITON_CACHE_DIR
+model="$work/ministral3-14b"
+[ -f "$model/config.json" ] || python3 -m unsloth_med.models.shapes build ministral3-14b "$model" | tail -1
+run() {  # name, then the recipe's flags
+    local name=$1; shift
+    local start; start=$(date +%s.%N)
+    python3 -m unsloth_med.recipes.bone_fracture --data_dir "$data" --model "$model" --image_size 512 \
+        --output_dir "$work/$name" "$@" > "$out/$name.log" 2>&1 || { tail -30 "$out/$name.log"; return 1; }
+    local wall; wall=$(python3 -c "import time; print(round(time.time() - $start, 1))")
+    python3 - "$work/$name" "$out/$name.json" "$wall" "$*" <<'PY'
+import json, sys
+from pathlib import Path
+run, dest, wall, flags = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+read = lambda name: json.loads((run / name).read_text()) if (run / name).is_file() else None
+stats, before, after, status = read("train_stats.json"), read("eval_before.json"), read("eval_after.json"), read("run.json")
+record = {"flags": flags, "command_to_run_folder_s": wall, "train_stats": stats, "run": status,
+          "eval_before_timing": (before or {}).get("timing"), "eval_after_timing": (after or {}).get("timing"),
+          "eval_before_input": (before or {}).get("input_pipeline"), "eval_after_input": (after or {}).get("input_pipeline")}
+dest.write_text(json.dumps(record, indent=1))
+s = stats or {}
+print(f"{run.name}: {wall:.0f} s command->run folder | plan: {(s.get('memory_plan') or {})} | "
+      f"{s.get('samples_per_second_all_steps')} samples/s all steps, median step {s.get('median_step_seconds')} s, "
+      f"peak {s.get('peak_allocated_gib')}/{s.get('peak_reserved_gib')} GiB | warm-up {(s.get('shape_warmup') or {}).get('seconds')} s"
+      f" | compile cache {s.get('compile_cache')} | eval before {(before or {}).get('timing')} after {(after or {}).get('timing')}"
+      f" {(after or {}).get('input_pipeline')} | layers checkpointed in training {s.get('checkpointed_layers')}")
+PY
+}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+short="--max_steps 20 --eval_before false --eval_after false"
+for name in $runs; do
+    case $name in
+        quick-first|quick-second) run "$name" --quick ;;
+        vision-language-24gib) run "$name" $short --max_memory_gib 24 ;;
+        vision-language-24gib-eval) run "$name" --max_steps 10 --eval_before false --max_memory_gib 24 ;;
+        language-48gib) run "$name" $short --finetune_vision_layers false --max_memory_gib 48 ;;
+        language-24gib) run "$name" $short --finetune_vision_layers false --max_memory_gib 24 ;;
+        *) echo "unknown run $name"; exit 2 ;;
+    esac
+done

@@ -1,0 +1,305 @@
+"""What fits on the GPU: the memory budget, the micro-batch, and which layers recompute their activations.
+
+A user who runs a recipe's defaults should get the speed the benchmarks measure, without reading them.
+The levers, in the order they are settled (each one real training step, measured, never guessed):
+
+1. **Budget**: `--max_memory_gib`, or else 92% of the GPU's memory (the rest is room for the CUDA context,
+   cuBLAS workspaces and the allocator's fragmentation). Enforced with
+   `torch.cuda.set_per_process_memory_fraction`, so every probe below is honest about it.
+2. **Gradient checkpointing** (`--use_gradient_checkpointing auto`): kept on the GPU when the budget is at
+   least 16 GiB (Unsloth's offload to CPU memory saves a little GPU memory and costs copies every step),
+   offloaded below that.
+3. **Micro-batch**: the effective batch (per_device_train_batch_size x gradient_accumulation_steps, a
+   learning setting that never changes) in one micro-batch if it fits, else its largest divisor that does,
+   the rest gradient accumulation. Larger micro-batches keep the GPU busy (at 2 images it idles 80% of a
+   step: benchmarks/README.md).
+4. **Unchecked layers**: checkpointing recomputes each layer's forward in the backward, a third of a LoRA
+   step's arithmetic. Whatever the budget leaves after the micro-batch is spent keeping activations:
+   every layer if all fit, else as many language layers as the measured per-layer cost allows.
+
+The chosen settings, and why, are printed in one line and written to train_stats.json ("memory_plan").
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+
+from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
+
+GiB = 2**30
+#: Share of the GPU's memory a run may use when --max_memory_gib is not given.
+DEFAULT_BUDGET_SHARE = 0.92
+#: Below this budget (GiB) gradient checkpointing offloads activations to CPU memory (Unsloth's 'unsloth' mode).
+OFFLOAD_BELOW_GIB = 16.0
+#: Unchecked layers are planned to fill this share of the budget; the rest absorbs batches of other shapes.
+FILL_SHARE = 0.85
+
+
+def memory_budget(requested_gib: float | None, gpu_total_gib: float, gpu_name: str = "GPU") -> tuple[float, str]:
+    """(budget in GiB, why): what the user asked for, or DEFAULT_BUDGET_SHARE of the GPU."""
+    if requested_gib:
+        return float(requested_gib), f"--max_memory_gib {requested_gib:g}"
+    budget = round(gpu_total_gib * DEFAULT_BUDGET_SHARE, 1)
+    return budget, (f"{DEFAULT_BUDGET_SHARE:.0%} of the {gpu_name}'s {gpu_total_gib:.1f} GiB; "
+                    "--max_memory_gib sets it (48 for an RTX A6000)")
+
+
+def gpu_budget(requested_gib: float | None) -> tuple[float, str] | None:
+    """The run's memory budget on this machine's GPU, or None without one (a CPU run keeps its configured batch)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return memory_budget(requested_gib, props.total_memory / GiB, props.name)
+
+
+def checkpointing_mode(setting, budget_gib: float | None):
+    """--use_gradient_checkpointing as the unsloth backend takes it, 'auto' resolved against the budget."""
+    text = str(setting).strip().lower() if setting is not None else "auto"
+    if text != "auto":
+        return setting
+    if budget_gib is None:  # no GPU budget known (CPU): the backend's own default
+        return "unsloth"
+    return "true" if budget_gib >= OFFLOAD_BELOW_GIB else "unsloth"
+
+
+def micro_batch_candidates(effective: int) -> list[int]:
+    """Divisors of the effective batch, largest first: every one keeps the effective batch exact."""
+    return [d for d in range(effective, 0, -1) if effective % d == 0]
+
+
+def layers_to_uncheck(budget_gib: float, checked_peak_gib: float, per_layer_gib: float, available: int,
+                      fill_share: float = FILL_SHARE) -> int:
+    """How many layers can keep their activations: the budget's fill share minus the all-checked peak, over
+    the measured cost of one layer's activations; never more than `available`, never negative."""
+    room = budget_gib * fill_share - checked_peak_gib
+    if room <= 0 or available <= 0:
+        return 0
+    if per_layer_gib <= 0:
+        return available
+    return max(0, min(available, math.floor(room / per_layer_gib)))
+
+
+@dataclass
+class MemoryPlan:
+    """What a run trains with, and why; recorded as train_stats.json["memory_plan"]."""
+    budget_gib: float
+    budget_reason: str
+    effective_batch: int
+    micro_batch: int
+    gradient_accumulation_steps: int
+    micro_batches_tried: list[int] = field(default_factory=list)
+    checkpointing: str = "off"
+    language_layers_unchecked: str = "0/0"
+    vision_layers_unchecked: str = "0/0"
+    probe_peak_reserved_gib: float | None = None
+    probe_peak_allocated_gib: float | None = None
+    probes: int = 0
+    kept_layers: list = field(default_factory=list, repr=False, compare=False)  # modules; not recorded
+
+    def record(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "kept_layers"}
+
+    @classmethod
+    def as_configured(cls, args, reason: str) -> "MemoryPlan":
+        """No probing (no GPU): the configured micro-batch and accumulation, recorded the same way."""
+        effective = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        return cls(budget_gib=0.0, budget_reason=reason, effective_batch=effective,
+                   micro_batch=args.per_device_train_batch_size,
+                   gradient_accumulation_steps=args.gradient_accumulation_steps,
+                   checkpointing="on" if args.gradient_checkpointing else "off")
+
+    def line(self) -> str:
+        accumulation = (f" x {self.gradient_accumulation_steps} accumulation" if self.gradient_accumulation_steps > 1
+                        else "")
+        why = ("the whole effective batch fits" if self.micro_batch == self.effective_batch
+               else f"the largest divisor of the effective batch {self.effective_batch} that fits")
+        ckpt = {"off": "no gradient checkpointing", "on": "gradient checkpointing",
+                "gpu": "gradient checkpointing on the GPU", "offload": "gradient checkpointing offloaded to CPU"}
+        kept = ""
+        if self.checkpointing != "off":
+            kept = (f"; activations kept (not recomputed) for {self.language_layers_unchecked} language and "
+                    f"{self.vision_layers_unchecked} vision layers")
+        peak = f"; probe peak {self.probe_peak_reserved_gib:.1f} GiB" if self.probe_peak_reserved_gib else ""
+        if not self.budget_gib:
+            return (f"Memory plan: {self.budget_reason}; micro-batch {self.micro_batch}{accumulation} as configured "
+                    f"(effective batch {self.effective_batch}).")
+        return (f"Memory plan: budget {self.budget_gib:g} GiB ({self.budget_reason}) -> micro-batch "
+                f"{self.micro_batch}{accumulation} ({why}), {ckpt.get(self.checkpointing, self.checkpointing)}"
+                f"{kept}{peak}.")
+
+
+# ----------------------------------------------------------------------------- on the GPU
+def step_without_update(trainer, rows: list[dict]) -> None:
+    """One real forward and backward (the trainer's own loss) on `rows`, no optimizer step, gradients cleared."""
+    if not hasattr(trainer, "current_gradient_accumulation_steps"):  # set by Trainer.train; training_step reads it
+        trainer.current_gradient_accumulation_steps = 1
+    # No collective in a step of one rank alone: TRL gathers its token metrics across the ranks, and under DDP
+    # a rank that ran out of memory (or probes one more size) would leave the others waiting in that gather.
+    trainer.accelerator.gather_for_metrics = lambda value, **_: value
+    try:
+        trainer.training_step(trainer.model, trainer.data_collator(rows))
+    finally:
+        del trainer.accelerator.gather_for_metrics
+        trainer.model.zero_grad(set_to_none=True)
+
+
+class _Prober:
+    """Runs probe steps on the longest samples, with the optimizer's future state held in reserve."""
+
+    def __init__(self, trainer, dataset):
+        import torch
+
+        self.torch, self.trainer, self.dataset = torch, trainer, dataset
+        lengths = dataset["length"][:] if "length" in getattr(dataset, "column_names", []) else [0] * len(dataset)
+        self.longest = sorted(range(len(dataset)), key=lambda i: -lengths[i])
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        self.reserve_bytes = 8 * trainable  # AdamW's two fp32 moments, allocated at the first optimizer step
+        self.count = 0
+
+    def fits(self, batch_size: int) -> tuple[bool, float, float]:
+        """(fits, peak reserved GiB, peak allocated GiB) of one training step at `batch_size`."""
+        torch = self.torch
+        self.count += 1
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        rows = [self.dataset[self.longest[i % len(self.longest)]] for i in range(batch_size)]
+        try:
+            reserve = torch.empty(self.reserve_bytes, dtype=torch.uint8, device="cuda")
+            try:
+                step_without_update(self.trainer, rows)
+            finally:
+                del reserve
+        except Exception as exc:  # out of memory, as accelerate's batch-size finder recognises it (cuDNN, cuBLAS too)
+            from accelerate.utils.memory import should_reduce_batch_size
+
+            if not should_reduce_batch_size(exc):
+                raise
+            self.trainer.model.zero_grad(set_to_none=True)
+            del exc
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+            return False, float("inf"), float("inf")
+        return (True, torch.cuda.max_memory_reserved() / GiB, torch.cuda.max_memory_allocated() / GiB)
+
+
+def _set_checked(layers: list, checked: bool) -> None:
+    for layer in layers:
+        layer.gradient_checkpointing = checked
+
+
+def plan_memory(trainer, dataset, budget_gib: float, budget_reason: str, *, checkpointing: str = "gpu",
+                keep_activations: bool = True) -> MemoryPlan:
+    """Cap GPU memory at `budget_gib`, then settle the micro-batch and the unchecked layers by real probe steps.
+
+    Sets trainer.args.per_device_train_batch_size / gradient_accumulation_steps (their product unchanged) and
+    each layer's `gradient_checkpointing` flag; returns the plan. Raises BackendError when not one sample fits.
+    """
+    import torch
+
+    from .distributed import current as current_ranks
+    from .errors import BackendError
+    from .models.speedups import decoder_layers
+
+    if not torch.cuda.is_available():
+        raise BackendError("--max_memory_gib caps GPU memory and needs a CUDA GPU; leave it unset on CPU.")
+    ranks = current_ranks()
+    args = trainer.args
+    effective = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    in_use = torch.cuda.memory_allocated() / GiB
+    if in_use >= budget_gib:
+        raise BackendError(f"--max_memory_gib {budget_gib:g} is below the {in_use:.1f} GiB the model already "
+                           "occupies on the GPU: raise the cap, or load in 4-bit / a smaller model.")
+    # The cap limits what the allocator may reserve; memory it cached earlier (a previous run, a probe)
+    # would otherwise be reused beyond it.
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * GiB / total))
+    prober = _Prober(trainer, dataset)
+    language = [m for m in decoder_layers(trainer.model, "language") if getattr(m, "gradient_checkpointing", False)]
+    vision = [m for m in decoder_layers(trainer.model, "vision") if getattr(m, "gradient_checkpointing", False)]
+
+    tried, micro, peak = [], 0, (None, None)
+    for size in micro_batch_candidates(effective):
+        tried.append(size)
+        ok, reserved, allocated = prober.fits(size)
+        if ok:
+            micro, peak = size, (reserved, allocated)
+            break
+    micro = ranks.min(micro)  # under DDP every rank probes its own GPU; all train with what all can fit
+    if micro == 0:
+        raise BackendError(f"Not even one sample fits in --max_memory_gib {budget_gib:g}: lower --image_size, "
+                           "load in 4-bit, or raise the cap.")
+    args.per_device_train_batch_size = micro
+    args.gradient_accumulation_steps = effective // micro
+    trainer._train_batch_size = args.train_batch_size  # what Trainer's own auto_find_batch_size updates
+
+    kept_language = kept_vision = 0
+    if keep_activations and (language or vision):
+        limit = budget_gib * FILL_SHARE
+        _set_checked(language + vision, False)  # everything kept: the fastest, if it fits
+        ok, reserved, allocated = prober.fits(micro)
+        if ok and reserved <= limit:
+            kept_language, kept_vision, peak = len(language), len(vision), (reserved, allocated)
+        else:
+            _set_checked(language + vision, True)
+            sample = max(1, len(language) // 4)  # the cost of one layer's activations, measured on a quarter
+            _set_checked(language[-sample:], False)
+            ok, reserved_k, allocated_k = prober.fits(micro)
+            per_layer = (reserved_k - peak[0]) / sample if ok else (limit - peak[0]) / sample
+            n = layers_to_uncheck(budget_gib, peak[0], max(per_layer, 1e-3), len(language))
+            while True:
+                _set_checked(language, True)
+                _set_checked(language[len(language) - n:] if n else [], False)
+                ok, reserved_n, allocated_n = prober.fits(micro) if n else (True, *peak)
+                if ok:
+                    kept_language, peak = n, (reserved_n, allocated_n)
+                    break
+                n //= 2
+        n_all = ranks.min(kept_language + kept_vision)
+        if n_all < kept_language + kept_vision:  # another rank fits fewer: everyone keeps that many
+            kept_vision = max(0, n_all - len(language))
+            kept_language = min(kept_language, n_all)
+            _set_checked(language + vision, True)
+            _set_checked(language[len(language) - kept_language:] if kept_language else [], False)
+            _set_checked(vision[len(vision) - kept_vision:] if kept_vision else [], False)
+    torch.cuda.empty_cache()
+    kept = [m for m in language + vision if not getattr(m, "gradient_checkpointing", True)]
+    plan = MemoryPlan(
+        budget_gib=budget_gib, budget_reason=budget_reason, effective_batch=effective, micro_batch=micro,
+        gradient_accumulation_steps=effective // micro, micro_batches_tried=tried,
+        checkpointing=checkpointing if (language or vision) else "off",
+        language_layers_unchecked=f"{kept_language}/{len(language)}",
+        vision_layers_unchecked=f"{kept_vision}/{len(vision)}",
+        probe_peak_reserved_gib=round(peak[0], 2) if peak[0] is not None else None,
+        probe_peak_allocated_gib=round(peak[1], 2) if peak[1] is not None else None,
+        probes=prober.count, kept_layers=kept)
+    log.info("%s", plan.line())
+    return plan
+
+
+class KeepPlannedActivations(TrainerCallback):
+    """Re-applies the plan's unchecked layers when Trainer.train starts.
+
+    Unsloth's `for_training`, which its patched `train()` calls, turns checkpointing back on in every layer
+    (seen on the 14B shape: 40/40 layers checkpointed in training after a plan that kept them all). Added as the
+    first callback, so the shape warm-up and the step clock see the model as planned."""
+
+    def __init__(self, layers: list):
+        self.layers = layers
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        _set_checked(self.layers, False)
+
+
+def keep_planned_activations(trainer, plan: MemoryPlan) -> None:
+    """Have trainer.train() keep the activations of the layers the plan chose (see KeepPlannedActivations)."""
+    if not plan.kept_layers:
+        return
+    trainer.callback_handler.callbacks.insert(0, KeepPlannedActivations(plan.kept_layers))
