@@ -13,9 +13,10 @@ from PIL import Image
 
 from unsloth_med import export as export_mod
 from unsloth_med.backends.hf import HFBackend
+from unsloth_med.cli.export import export_command
 from unsloth_med.config import LoraArgs, ModelArgs
 from unsloth_med.errors import ExportError, NetworkError
-from unsloth_med.export import export_command, export_merged, export_run
+from unsloth_med.export import export_merged, export_run
 from unsloth_med.recipes.bone_fracture import RECIPE
 
 IMAGE_SIZE = 64
