@@ -11,11 +11,13 @@ import torch
 import yaml
 from PIL import Image
 
-from unsloth_med import export as export_mod
 from unsloth_med.backends.hf import HFBackend
+from unsloth_med.cli.export import export_command
 from unsloth_med.config import LoraArgs, ModelArgs
 from unsloth_med.errors import ExportError, NetworkError
-from unsloth_med.export import export_command, export_merged, export_run
+from unsloth_med.export import export_merged, export_run
+from unsloth_med.export import merge as export_merge
+from unsloth_med.export import verify as export_verify
 from unsloth_med.recipes.bone_fracture import RECIPE
 
 IMAGE_SIZE = 64
@@ -41,7 +43,7 @@ def fast_tiny_models():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(export_mod, "MAX_VERIFY_NEW_TOKENS", 4)
+        patch.setattr(export_verify, "MAX_VERIFY_NEW_TOKENS", 4)
         yield
     torch.set_num_threads(threads)
 
@@ -164,7 +166,7 @@ def test_interrupted_export_leaves_no_complete_looking_folder(tiny_path, tmp_pat
 
 def _tamper_with_the_merge(monkeypatch, change):
     """The export merges an adapter whose lora_B weights went through `change` (a merge bug, simulated)."""
-    real = export_mod._merge_on_16bit_base
+    real = export_merge._merge_on_16bit_base
 
     def tampered(model, base_model, dtype, recipe):
         peft_model, name = real(model, base_model, dtype, recipe)
@@ -174,7 +176,7 @@ def _tamper_with_the_merge(monkeypatch, change):
                     change(w)
         return peft_model, name
 
-    monkeypatch.setattr(export_mod, "_merge_on_16bit_base", tampered)
+    monkeypatch.setattr(export_merge, "_merge_on_16bit_base", tampered)
 
 
 def test_an_unmerged_adapter_fails_verification_loudly(tiny_path, tmp_path, monkeypatch):

@@ -15,8 +15,9 @@ import pytest
 import torch
 import yaml
 
+from unsloth_med.cli.export import export_command
 from unsloth_med.errors import ExportError
-from unsloth_med.export import export_command, export_run
+from unsloth_med.export import export_run
 from unsloth_med.gguf import convert as gguf_convert
 from unsloth_med.gguf import export as gguf_export
 from unsloth_med.gguf import llamacpp

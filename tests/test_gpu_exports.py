@@ -36,7 +36,7 @@ def test_gpu_merged_export_loads_and_answers_the_same_on_cpu(exports, bone_break
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from unsloth_med.export import MAX_VERIFY_NEW_TOKENS, _encode_rows, _outputs
+    from unsloth_med.export.verify import MAX_VERIFY_NEW_TOKENS, _encode_rows, _outputs
     from unsloth_med.models.families import image_fit
     from unsloth_med.recipes.bone_fracture import RECIPE
 

@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from unsloth_med import hub
+from unsloth_med.cli.push import push_command
 from unsloth_med.errors import ConfigError, CredentialsError, ExportError, NetworkError
-from unsloth_med.hub import model_card, push, push_command
+from unsloth_med.hub import model_card, push
 from unsloth_med.recipes import get_recipe
 
 FAKE_TOKEN = "hf_FAKEtokenForTestsOnly0123456789abcd"

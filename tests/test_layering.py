@@ -1,6 +1,6 @@
 """The package's layering, checked on the source (AST), imports inside functions included:
 
-- data/ and models/ import nothing from the layers above them (recipes, pipeline, cli, commands, export, hub,
+- data/ and models/ import nothing from the layers above them (recipes, pipeline, cli, export, hub,
   evaluate, train, predict, bench, backends);
 - a recipe imports no trainer, backend or CLI (nor torch/transformers/trl/peft/unsloth): it is data plus small
   pure functions.
@@ -20,12 +20,12 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "unsloth_med"
 
-UPPER = ("recipes", "pipeline", "cli", "commands", "export", "hub", "evaluate", "train", "predict", "bench",
+UPPER = ("recipes", "pipeline", "cli", "export", "hub", "evaluate", "train", "predict", "bench",
          "backends")
 RULES = {  # layer -> modules (under unsloth_med, or top-level packages) it must not import
     "data": UPPER,
     "models": UPPER,
-    "recipes": ("pipeline", "cli", "commands", "train", "backends", "bench", "export", "hub", "predict",
+    "recipes": ("pipeline", "cli", "train", "backends", "bench", "export", "hub", "predict",
                 "torch", "transformers", "trl", "peft", "unsloth"),
 }
 
@@ -125,3 +125,34 @@ def test_the_demo_data_tiny_tokenizer_and_recipe_share_one_copy_of_the_dataset_f
     for module in ("recipes/bone_fracture.py", "data/synthetic.py", "models/tiny.py"):
         source = (PACKAGE / module).read_text()
         assert '"Avulsion fracture",\n    "Comminuted fracture"' not in source, module  # no second class tuple
+
+
+# Parsers that stay outside unsloth_med/cli/, and why: config.py is the config loader (defaults < recipe < presets
+# < YAML < flags) that library code and tests call; the bench's `--worker` and the GGUF converter's `main` are
+# the argument protocols of subprocesses the package starts itself, never typed by a user.
+PARSERS_OUTSIDE_THE_CLI = {"unsloth_med.config", "unsloth_med.bench", "unsloth_med.gguf.convert"}
+
+
+def test_command_line_parsers_live_in_the_cli_package():
+    """One command per module under cli/ (TRL keeps one per file); library modules build no argument parser."""
+    found = set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if (PACKAGE / "cli") in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] in (
+                    "ArgumentParser", "HfArgumentParser", "TrlParser"):
+                found.add(_module_name(path))
+    assert found == PARSERS_OUTSIDE_THE_CLI
+
+
+def test_every_command_is_a_function_in_its_own_cli_module():
+    import importlib
+
+    from unsloth_med.cli import COMMANDS
+
+    modules = [target.split(":")[0] for target, _ in COMMANDS.values()]
+    assert all(module.startswith("unsloth_med.cli.") for module in modules) and len(set(modules)) == len(modules)
+    for target, _ in COMMANDS.values():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), target

@@ -391,7 +391,7 @@ def test_bench_speedups_time_same_shape_batches_after_each_shape_warmed_up(bone_
 
     # --merge: a result already in --out and unchanged is not copied again under the new tag; one from
     # elsewhere is, and two runs with the same settings get their batch sizes in the file name.
-    from unsloth_med.bench import bench_command
+    from unsloth_med.cli.bench import bench_command
 
     here = out / f"cpu-test_{model.name}_hf-bf16-speedups-unchecked1.json"
     elsewhere = tmp_path / "other" / "run.json"

@@ -286,7 +286,7 @@ def test_vqa_demo_beats_both_blind_ceilings(tmp_path):
 
 
 def test_predict_answers_a_question_and_goes_on_past_an_unreadable_file(tmp_path, tiny_path, capsys):
-    from unsloth_med.commands import predict_command
+    from unsloth_med.cli.predict import predict_command
 
     tiny_path("mistral3")
     good = [_image(tmp_path / "a.png", "gray"), _image(tmp_path / "b.png", "black")]

@@ -43,63 +43,15 @@ GiB = 2**30
 DEVICE = os.environ.get("UNSLOTH_MED_BENCH_DEVICE", "cuda")
 
 
-# ----------------------------------------------------------------------------- arguments
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="unsloth-med bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="ministral3-14b",
-                   help="A shape name (ministral3-14b, ministral3-3b, llama32-11b-vision) "
-                        "or a local checkpoint folder.")
-    p.add_argument("--models_dir", default=None, help="Where shapes are built (default: <cache>/shapes).")
-    p.add_argument("--recipe", default="bone_fracture")
-    p.add_argument("--data_dir", default=None, help="Local copy of the recipe's dataset (needed offline).")
-    p.add_argument("--image_size", type=int, default=None, help="Default: the recipe's.")
-    p.add_argument("--paths", default=",".join(PATHS), help=f"Comma-separated subset of {', '.join(PATHS)}.")
-    p.add_argument("--batch_sizes", default="2,16")
-    p.add_argument("--steps", type=int, default=5, help="Timed steps per batch size (after warm-up).")
-    p.add_argument("--warmup", type=int, default=2, help="Warm-up steps per batch size (compilation; excluded).")
-    p.add_argument("--lora_r", type=int, default=16)
-    p.add_argument("--finetune_vision_layers", default="false",
-                   help="LoRA on the vision tower too (default: language only).")
-    p.add_argument("--learning_rate", type=float, default=2e-4)
-    p.add_argument("--max_memory_gib", type=float, default=None,
-                   help="Cap GPU memory per process and find the largest batch that fits (accelerate).")
-    p.add_argument("--start_batch", type=int, default=64, help="First batch tried under --max_memory_gib.")
-    p.add_argument("--no_flops", action="store_true", help="Skip the FlopCounterMode step.")
-    p.add_argument("--image_buckets", default="true",
-                   help="Pad images into the fixed bucket boxes (as training runs do by default); false: own sizes.")
-    p.add_argument("--gradient_checkpointing", default="unsloth",
-                   help="unsloth paths: 'unsloth' (activations offloaded to CPU) or 'true' (kept on the GPU).")
-    p.add_argument("--unchecked_layers", type=int, default=0,
-                   help="Keep the activations of this many language layers instead of recomputing them (partial "
-                        "gradient checkpointing; models/speedups.py).")
-    p.add_argument("--sdpa", default="default", choices=("default", "flash", "cudnn"),
-                   help="Attention kernel for SDPA: PyTorch's choice, or only FlashAttention / only cuDNN.")
-    p.add_argument("--speedups", action="store_true",
-                   help="The package's own training speedups on top of the path: batches of same-size images "
-                        "(as length grouping makes them), the vision tower run as a batch, no backward through a "
-                        "frozen vision tower (models/speedups.py). Off: the path as the ecosystem runs it.")
-    p.add_argument("--profile", action="store_true",
-                   help="Profile one more step per batch size: GPU-busy share of the step and the top kernels.")
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--tag", default=None, help="Prefix of the result files (default: date + GPU).")
-    p.add_argument("--timeout", type=int, default=1800, help="Seconds per path before it is stopped.")
-    p.add_argument("--seed", type=int, default=3407)
-    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                   help="Only rebuild the summary and table from per-path result files (runs split over sessions).")
-    return p
-
-
 def _truthy(text: str) -> bool:
     return str(text).lower() in ("1", "true", "yes", "on")
 
 
 # ----------------------------------------------------------------------------- parent
-def bench_command(argv: list[str]) -> int:
-    """Entry point of `unsloth-med bench`."""
+def run_bench(args, argv: list[str]) -> int:
+    """`unsloth-med bench` with its parsed options (cli/bench.py); `argv` is recorded in the results."""
     from .errors import BackendError, ConfigError
 
-    args = build_parser().parse_args(argv)
     if args.merge:
         return merge_command(args, argv)
     import torch
@@ -790,6 +742,6 @@ def _worker_main(argv: list[str]) -> int:
 if __name__ == "__main__":
     if "--worker" in sys.argv:
         sys.exit(_worker_main(sys.argv[1:]))
-    from .cli import _friendly
+    from .cli.bench import main
 
-    sys.exit(_friendly(lambda: bench_command(sys.argv[1:])))
+    main()

@@ -13,7 +13,6 @@ saved locally and how to push it later.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -437,17 +436,3 @@ def push(folder: str | Path, repo_id: str, *, private: bool = True) -> str:
     url = str(url)
     log.info("Pushed %s to %s (%s)", folder, url, "private" if private else "public")
     return url
-
-
-def push_command(argv: list[str]) -> int:
-    """`unsloth-med push DIR OWNER/NAME [--public]`."""
-    parser = argparse.ArgumentParser(prog="unsloth-med push",
-                                     description="Upload an exported folder (merged weights or adapter) to the Hugging "
-                                                 "Face Hub. Token: HF_TOKEN or `hf auth login`.")
-    parser.add_argument("folder", metavar="DIR", help="an exported folder (unsloth-med export ...)")
-    parser.add_argument("repo_id", metavar="OWNER/NAME", help="the Hub repo; created if missing")
-    parser.add_argument("--public", action="store_true", help="make a new repo public (default: private)")
-    args = parser.parse_args(argv)
-    url = push(args.folder, args.repo_id, private=not args.public)
-    print(f"Pushed {args.folder} to {url}")
-    return 0

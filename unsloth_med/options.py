@@ -126,7 +126,7 @@ def _summary(text: str, room: int) -> str:
 COLUMN = 40  # where the help text starts
 
 
-def _option_line(name: str, metavar: str, help_: str, width: int) -> str:
+def option_line(name: str, metavar: str, help_: str, width: int) -> str:
     left = f"  --{name} {metavar}" if metavar else f"  --{name}"
     if len(left) >= COLUMN - 1 and " {" in left:
         left = left.split(" {")[0] + " {...}"  # long choice lists: the help names them
@@ -143,32 +143,19 @@ def short_help(prog: str, *, recipe_given: bool = False, width: int = 120) -> st
     for section, cls in _run_sections().items():
         if section == "eval":
             lines += ["", "training (TRL's SFTConfig; --help-all lists all of its options):"]
-            lines += [_option_line(name, metavar, help_, width)
+            lines += [option_line(name, metavar, help_, width)
                       for name, (metavar, help_) in ESSENTIAL_TRAINING.items()]
         skip = ("recipe",) if recipe_given else ()
         lines += ["", f"{section}:"] + section_lines(cls, width, skip=skip)
         if section == "run":
-            lines.append(_option_line("config", "FILE", "A YAML file of these sections (examples: recipes/*/*.yaml).",
+            lines.append(option_line("config", "FILE", "A YAML file of these sections (examples: recipes/*/*.yaml).",
                                       width))
     lines += ["", "  -h, --help".ljust(COLUMN) + "this help",
-              _option_line("help-all", "", "Every option, with the trainer's own help (slower: imports TRL).", width)]
+              option_line("help-all", "", "Every option, with the trainer's own help (slower: imports TRL).", width)]
     return "\n".join(lines)
 
 
 def section_lines(cls, width: int = 120, *, skip: Iterable[str] = ()) -> list[str]:
     """One section's options: name, metavar and the first sentence of its help."""
-    return [_option_line(field.name, _metavar(field), field.metadata.get("help", ""), width)
+    return [option_line(field.name, _metavar(field), field.metadata.get("help", ""), width)
             for field in dataclasses.fields(cls) if field.name not in skip]
-
-
-def check_data_help(width: int = 120) -> str:
-    from .config import DataArgs
-
-    return "\n".join([
-        "usage: unsloth-med check-data --recipe NAME [--config FILE] [--json FILE] [data options]", "",
-        "Validate a recipe's dataset as a training run would load it: decode every image, count classes, find test",
-        "images that are near-copies of training images. Takes train's data options and --config.", "",
-        _option_line("recipe", "NAME", "Recipe name or importable module path.", width),
-        _option_line("config", "FILE", "A config YAML (its data section applies, as in train).", width),
-        _option_line("json", "FILE", "Write the whole summary, every leaked pair and skipped image, as JSON.", width),
-        "", "data:", *section_lines(DataArgs, width)])

@@ -1,4 +1,5 @@
-"""The whole job, in order: data -> evaluate before -> train -> evaluate after -> export -> report.
+"""The whole job, in order: setup -> data -> prepare -> load model -> evaluate before -> train -> evaluate after
+-> export -> report -> push (STAGES below; each stage a small function of the run context).
 
 This is the only module that knows the order of the stages. Each stage writes into the run folder
 as soon as it finishes, so a crash loses at most the stage in progress, and `run.json` says how far
@@ -6,12 +7,14 @@ the run got (it claims "complete" only at the very end).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -137,38 +140,55 @@ DEMO_ATTRIBUTION = ("Generated fracture-like X-ray cartoons (unsloth_med.data.sy
                     "image; they say nothing about real radiographs.")
 
 
-def run(recipe: Recipe, config: Config) -> dict:
-    from transformers import AutoConfig
+@dataclasses.dataclass
+class RunContext:
+    """What the stages hand on to each other: the run's inputs, then what each stage made."""
 
-    from .backends import pick_backend
-    from .data.checks import drop_leaked, leak_counts, leak_message, leaked_test_images
-    from .data.images import fit_record
-    from .data.lazy import SKIP_FILE, LazyImages, is_lazy, plan_images, scan_split, skipped_in_training
-    from .data.prepare import check_image_tokens, prepare_images
-    from .data.samples import check_placeholders
-    from .data.sources import load_recipe_data, subsample
-    from .data.splits import split_by_image
-    from .data.summary import summarize
-    from .data.validate import validate_splits
-    from .disk import is_disk_full
-    from .evaluate import evaluate
-    from .evaluate.report import format_table, write_report
-    from .memory_plan import MemoryPlan, checkpointing_mode, gpu_budget, keep_planned_activations, plan_memory
-    from .models import resolve_model_name
-    from .models.families import image_fit
-    from .models.speedups import apply_training_speedups, batch_same_size_images
-    from .recipes import recipe_record
-    from .recipes.generic import record_resolved, resolve_recipe
-    from .train import (
-        build_trainer,
-        disk_full_error,
-        last_checkpoint,
-        save_adapter,
-        train,
-        warm_up_when_training_starts,
-    )
+    recipe: Recipe
+    config: Config
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    timings: dict = dataclasses.field(default_factory=dict)  # stage -> seconds, in the order they ran
+    current_stage: str = ""
+    stage_started: float = 0.0  # perf_counter at the start of current_stage; 0 between stages
+    ranks: distributed.Ranks | None = None
+    run_dir: Path | None = None
+    lock: RunLock | None = None
+    files: Path | None = None  # side files: the run folder on rank 0, scratch on the other ranks
+    log_handler: logging.Handler | None = None
+    backend: Any = None
+    train_set: Any = None
+    test_set: Any = None
+    summary: dict = dataclasses.field(default_factory=dict)
+    named_model: str | None = None  # as the user named it (tiny:mistral3, a hub id)
+    model_name: str | None = None  # the resolved folder or id that loads
+    fit: Any = None  # the image sizing rule (models.families.image_fit)
+    model: Any = None
+    processor: Any = None
+    eval_kw: dict = dataclasses.field(default_factory=dict)
+    budget: tuple[float, str] | None = None  # the GPU memory budget (GiB, why); None on a CPU
+    lazy: bool = False  # the training split's images are decoded as batches need them (data/lazy.py)
+    resume_from: str | None = None
+    before: dict | None = None
+    after: dict | None = None
+    history: list | None = None
+    exported: dict | None = None
+    export_error: ExportError | None = None
+    metrics: dict = dataclasses.field(default_factory=dict)
+    stop: bool = False  # set on ranks other than 0 once the ranks' shared work is done
 
-    started = time.time()
+    def breakdown(self) -> dict:
+        """Seconds per finished stage, the stage in progress under its own name, and the total so far."""
+        now = time.perf_counter()
+        timings = dict(self.timings)
+        if self.stage_started and self.current_stage not in timings:
+            timings[self.current_stage] = now - self.stage_started
+        return {**{name: round(max(seconds, 0.0), 3) for name, seconds in timings.items()},
+                "total": round(now - self.started, 3)}
+
+
+def setup(ctx: RunContext) -> None:
+    """Refuse settings that cannot work, start the ranks, lock the run folder and log into it."""
+    config = ctx.config
     if (not config.data.preprocess_images
             and config.training.train_sampling_strategy in ("group_by_length", "batch_rebalance")):
         raise ConfigError(f"--train_sampling_strategy {config.training.train_sampling_strategy} needs each sample's "
@@ -176,190 +196,335 @@ def run(recipe: Recipe, config: Config) -> dict:
                           "--train_sampling_strategy random.")
     if config.model.max_memory_gib and not torch.cuda.is_available():
         raise ConfigError("--max_memory_gib caps GPU memory, and no CUDA GPU is visible: leave it unset on a CPU.")
-    budget = gpu_budget(config.model.max_memory_gib)  # (GiB, why); None on a CPU
-    ranks = distributed.start(config.training)  # torchrun / accelerate launch; one process: rank 0 of 1
-    run_dir, lock = prepare_run_dir(config) if ranks.is_main else (Path(config.training.output_dir), None)
+    from .memory_plan import gpu_budget
+
+    ctx.budget = gpu_budget(config.model.max_memory_gib)
+    ctx.ranks = ranks = distributed.start(config.training)  # torchrun / accelerate launch; one process: rank 0 of 1
+    ctx.run_dir, ctx.lock = prepare_run_dir(config) if ranks.is_main else (Path(config.training.output_dir), None)
     ranks.barrier()  # the other ranks start once rank 0 has checked, locked and made the run folder
-    handler = _setup_logging(run_dir, ranks.log_name)
-    files = ranks.files_dir(run_dir)  # side files: the run folder on rank 0, scratch on the others
+    ctx.log_handler = _setup_logging(ctx.run_dir, ranks.log_name)
+    ctx.files = ranks.files_dir(ctx.run_dir)
+
+
+def load_data(ctx: RunContext) -> None:
+    """Find, validate and check the data, before any model is built or loaded: a data error costs seconds."""
+    from .backends import pick_backend
+    from .data.checks import drop_leaked, leak_counts, leak_message, leaked_test_images
+    from .data.lazy import is_lazy, scan_split
+    from .data.samples import check_placeholders
+    from .data.sources import load_recipe_data, subsample
+    from .data.splits import split_by_image
+    from .data.summary import summarize
+    from .data.validate import validate_splits
+    from .recipes.generic import resolve_recipe
+
+    config, ranks, files = ctx.config, ctx.ranks, ctx.files
+    ctx.backend = pick_backend(config.model.backend)
+    data_dir = config.data.data_dir
+    demo_data = config.run.demo and data_dir is None  # the generated images, not the recipe's data
+    if demo_data:
+        data_dir = str(ranks.main_first(demo_data_dir, ctx.recipe))
+    config.data.data_dir = data_dir
+    recipe = resolve_recipe(ctx.recipe, config)  # generic recipes: labels, instruction, columns from the config
+    if demo_data:  # reports and model cards credit the data actually used
+        recipe = dataclasses.replace(recipe, source=dataclasses.replace(recipe.source, id="",
+                                                                        attribution=DEMO_ATTRIBUTION))
+    ctx.recipe = recipe
+    _write_status(ctx.run_dir, recipe=recipe.name, backend=ctx.backend.name, stage="data")
+
+    seed = config.training.seed
+    image_size = config.data.image_size or recipe.image_size
+    splits = load_recipe_data(recipe, data_dir, seed=seed)
+    if config.data.split_by == "image":
+        splits = split_by_image(splits, test_fraction=config.data.test_fraction, seed=seed)
+    check_placeholders(recipe.instruction, splits["train"].column_names, data_dir or recipe.source.id)
+    train_set = subsample(splits["train"], config.data.max_train_samples, seed)
+    test_set = subsample(splits["test"], config.data.max_eval_samples, seed)
+    # A large training split is checked from image headers only and decoded as batches need it (data/lazy.py).
+    ctx.lazy = lazy = is_lazy(len(train_set), config.data.lazy_images_above)
+    if lazy:
+        train_set, lazy_skipped = scan_split(train_set, "train", max_bad_fraction=config.data.max_bad_fraction)
+    checked, skipped = validate_splits({"test": test_set} if lazy else {"train": train_set, "test": test_set},
+                                       image_size=image_size, max_bad_fraction=config.data.max_bad_fraction,
+                                       run_dir=files, also_skipped=lazy_skipped if lazy else ())
+    train_set, test_set = checked.get("train", train_set), checked["test"]
+    summary = summarize(recipe, {"train": train_set, "test": test_set}, files, image_size=image_size)
+    summary["skipped_images"] = len(skipped)
+    # Test images that are copies of training images measure memory, not skill: always reported.
+    leaks = (None if lazy and not config.data.drop_leaked_test_images  # decodes every image: check-data's job
+             else leaked_test_images({"train": train_set, "test": test_set}))
+    if leaks is None:
+        log.warning("Leakage check skipped for %d training rows (more than --lazy_images_above): run "
+                    "`unsloth-med check-data` on this data to find test images copied from training",
+                    len(train_set))
+    summary["leaked_test_images"] = leaks
+    if leaks:
+        summary["leak_counts"] = counts = leak_counts(test_set, leaks)
+        log.warning("%s%s", leak_message(counts), " (dropped)" if config.data.drop_leaked_test_images
+                    else "; --drop_leaked_test_images removes them")
+        if config.data.drop_leaked_test_images:
+            if counts["leaked_rows"] == counts["test_rows"]:
+                raise ConfigError(f"--drop_leaked_test_images would empty the test split: {leak_message(counts)}. "
+                                  "Re-split with --split_by image instead.")
+            test_set = drop_leaked(test_set, leaks)
+            summary["sizes"]["test"] = len(test_set)
+    print(f"Data: {summary['sizes']['train']} train / {summary['sizes']['test']} test examples")
+    ctx.train_set, ctx.test_set, ctx.summary = train_set, test_set, summary
+
+
+def prepare_data(ctx: RunContext) -> None:
+    """Name the model, record the resolved config, and size the images once for training, evaluation and export."""
+    from transformers import AutoConfig
+
+    from .data.lazy import plan_images
+    from .data.prepare import check_image_tokens, prepare_images
+    from .models import resolve_model_name
+    from .models.families import image_fit
+    from .recipes.generic import record_resolved
+
+    config, ranks, recipe, backend = ctx.config, ctx.ranks, ctx.recipe, ctx.backend
+    ctx.named_model = config.model.model or resolve_model_name(None, recipe, backend.name)
+    ctx.model_name = model_name = ranks.main_first(resolve_model_name, config.model.model, recipe,
+                                                   backend.name)  # built once
+    config.model.model = model_name
+    record_resolved(config, recipe)  # config.yaml alone rebuilds it later (predict, export)
+    save_config(config, ctx.files / "config.yaml")
+    _write_status(ctx.run_dir, model=model_name)
+    log.info("recipe=%s backend=%s model=%s run_dir=%s", recipe.name, backend.name, model_name, ctx.run_dir)
+    # One sizing rule for training, evaluation and export (longest side, patch grid, buckets), read from the
+    # model's config alone, so that preparation and the image-token check also run before the model loads.
+    ctx.fit = fit = image_fit(AutoConfig.from_pretrained(model_name), config.data.image_size or recipe.image_size,
+                              buckets=config.data.image_buckets)
+    if config.data.preprocess_images:
+        ctx.train_set, ctx.summary["prepared_images"] = (
+            plan_images(ctx.train_set, fit) if ctx.lazy else ranks.share_then_all(prepare_images, ctx.train_set, fit))
+        ctx.test_set, _ = ranks.share_then_all(prepare_images, ctx.test_set, fit)
+        check_image_tokens(ctx.train_set, config.model.max_seq_length, fit)  # before any GPU time is spent
+
+
+def load_model(ctx: RunContext) -> None:
+    """The model, with checkpointing chosen for the memory budget, and the vision tower batched for evaluation too."""
+    from .memory_plan import checkpointing_mode
+    from .models.speedups import batch_same_size_images
+
+    config = ctx.config
+    config.model.use_gradient_checkpointing = checkpointing_mode(config.model.use_gradient_checkpointing,
+                                                                  ctx.budget[0] if ctx.budget else None)
+    ctx.model, ctx.processor = ctx.backend.load(ctx.model_name, config.model)
+    if config.model.training_speedups:  # evaluation before training runs the vision tower batched too
+        batch_same_size_images(ctx.model)
+    batch_size = config.eval.eval_batch_size or (32 if torch.cuda.is_available() else 8)
+    ctx.eval_kw = dict(mode=config.eval.eval_mode, batch_size=batch_size, max_new_tokens=config.eval.max_new_tokens,
+                       image_size=ctx.fit)
+
+
+def evaluate_before(ctx: RunContext) -> None:
+    """The untrained model's scores; a resumed run keeps those it measured the first time."""
+    from .evaluate import evaluate
+    from .train import last_checkpoint
+
+    config, run_dir = ctx.config, ctx.run_dir
+    ctx.resume_from = ctx.ranks.broadcast(last_checkpoint(run_dir) if config.run.resume else None)  # rank 0's view
+    if config.eval.eval_before and not ctx.resume_from:
+        _write_status(run_dir, stage="eval_before")
+        ctx.before = evaluate(ctx.backend.for_inference(ctx.model), ctx.processor, ctx.recipe, ctx.test_set,
+                              **ctx.eval_kw)
+        (ctx.files / "eval_before.json").write_text(json.dumps(ctx.before, indent=1))
+    elif ctx.resume_from and (run_dir / "eval_before.json").exists():
+        ctx.before = json.loads((run_dir / "eval_before.json").read_text())
+
+
+def train_model(ctx: RunContext) -> None:
+    """Adapters, trainer, memory fit and shape warm-up, training, then the adapter saved into the run folder.
+
+    The time before the trainer's first step (building the trainer, the memory probe, the shape warm-up, which
+    runs inside Trainer.train before the step clock starts) is recorded apart as `warm_up` when train_stats.json
+    says how long the steps themselves took."""
+    from .data.images import fit_record
+    from .data.lazy import SKIP_FILE, LazyImages, skipped_in_training
+    from .disk import is_disk_full
+    from .models.speedups import apply_training_speedups
+    from .recipes import recipe_record
+    from .train import (
+        build_trainer,
+        disk_full_error,
+        save_adapter,
+        train,
+        warm_up_when_training_starts,
+    )
+
+    config, run_dir, backend, files, train_set = ctx.config, ctx.run_dir, ctx.backend, ctx.files, ctx.train_set
+    started = time.perf_counter()
+    _write_status(run_dir, stage="train")
+    model = backend.add_adapters(ctx.model, config.lora, config.model, config.training.seed)
+    backend.for_training(model)
+    collator = backend.collator(model, ctx.processor, ctx.recipe, image_size=ctx.fit,
+                                max_seq_length=config.model.max_seq_length)
+    if ctx.lazy:  # decodes, sizes and caches each image as a batch first needs it; skips (and logs) a bad one
+        collator = LazyImages(collator, ctx.fit if config.data.preprocess_images else None,
+                              files / SKIP_FILE, config.data.max_bad_fraction)
+    pre_train = {"speedups": apply_training_speedups(model) if config.model.training_speedups else None}
+    trainer = build_trainer(model, ctx.processor, train_set, collator, config.training, run_dir)
+    # Building the trainer can switch gradient checkpointing off again (seen with Unsloth: 0 of 40 layers
+    # until Trainer.train turns it back on). The memory probe and the shape warm-up must run the model
+    # as training will, or the probe measures a model without checkpointing and picks a far smaller batch.
+    backend.for_training(trainer.model)
     try:
-        backend = pick_backend(config.model.backend)
-        data_dir = config.data.data_dir
-        demo_data = config.run.demo and data_dir is None  # the generated images, not the recipe's data
-        if demo_data:
-            data_dir = str(ranks.main_first(demo_data_dir, recipe))
-        config.data.data_dir = data_dir
-        recipe = resolve_recipe(recipe, config)  # generic recipes: labels, instruction, columns from the config
-        if demo_data:  # reports and model cards credit the data actually used
-            recipe = dataclasses.replace(recipe, source=dataclasses.replace(recipe.source, id="",
-                                                                            attribution=DEMO_ATTRIBUTION))
-        _write_status(run_dir, recipe=recipe.name, backend=backend.name, stage="data")
+        pre_train["memory_plan"] = _plan_memory(ctx, trainer)
+        warm_up = config.model.warm_up_shapes
+        if warm_up or (warm_up is None and torch.cuda.is_available()):
+            warm_up_when_training_starts(trainer, train_set)  # records "shape_warmup" in train_stats.json
+        (files / "train_stats.json").write_text(json.dumps(pre_train, indent=1))
+        ctx.history = train(trainer, resume_from=ctx.resume_from)
+    except torch.OutOfMemoryError as exc:
+        raise out_of_memory_error(config, run_dir) from exc
+    except Exception as exc:
+        if is_disk_full(exc, run_dir):
+            raise disk_full_error(run_dir, "a checkpoint") from exc
+        raise
+    steps_seconds = (_read_json(run_dir / "train_stats.json") or {}).get("train_seconds")
+    if steps_seconds is not None:  # from the first step's start (after the warm-up) to the end of training
+        ctx.timings["warm_up"] = max(time.perf_counter() - started - steps_seconds, 0.0)
+    ctx.model = trainer.model
+    if ctx.lazy:
+        ctx.summary["skipped_in_training"] = skipped_in_training(files)
+    record = {**recipe_record(ctx.recipe), "model": ctx.named_model, "base_model": ctx.model_name,
+              **fit_record(ctx.fit)}
+    save_adapter(ctx.model, ctx.processor, files, record)
 
-        # The data is found, validated and checked before any model is built or loaded: a data error costs seconds.
-        seed = config.training.seed
-        image_size = config.data.image_size or recipe.image_size
-        splits = load_recipe_data(recipe, data_dir, seed=seed)
-        if config.data.split_by == "image":
-            splits = split_by_image(splits, test_fraction=config.data.test_fraction, seed=seed)
-        check_placeholders(recipe.instruction, splits["train"].column_names, data_dir or recipe.source.id)
-        train_set = subsample(splits["train"], config.data.max_train_samples, seed)
-        test_set = subsample(splits["test"], config.data.max_eval_samples, seed)
-        # A large training split is checked from image headers only and decoded as batches need it (data/lazy.py).
-        lazy = is_lazy(len(train_set), config.data.lazy_images_above)
-        if lazy:
-            train_set, lazy_skipped = scan_split(train_set, "train", max_bad_fraction=config.data.max_bad_fraction)
-        checked, skipped = validate_splits({"test": test_set} if lazy else {"train": train_set, "test": test_set},
-                                           image_size=image_size, max_bad_fraction=config.data.max_bad_fraction,
-                                           run_dir=files, also_skipped=lazy_skipped if lazy else ())
-        train_set, test_set = checked.get("train", train_set), checked["test"]
-        summary = summarize(recipe, {"train": train_set, "test": test_set}, files, image_size=image_size)
-        summary["skipped_images"] = len(skipped)
-        # Test images that are copies of training images measure memory, not skill: always reported.
-        leaks = (None if lazy and not config.data.drop_leaked_test_images  # decodes every image: check-data's job
-                 else leaked_test_images({"train": train_set, "test": test_set}))
-        if leaks is None:
-            log.warning("Leakage check skipped for %d training rows (more than --lazy_images_above): run "
-                        "`unsloth-med check-data` on this data to find test images copied from training",
-                        len(train_set))
-        summary["leaked_test_images"] = leaks
-        if leaks:
-            summary["leak_counts"] = counts = leak_counts(test_set, leaks)
-            log.warning("%s%s", leak_message(counts), " (dropped)" if config.data.drop_leaked_test_images
-                        else "; --drop_leaked_test_images removes them")
-            if config.data.drop_leaked_test_images:
-                if counts["leaked_rows"] == counts["test_rows"]:
-                    raise ConfigError(f"--drop_leaked_test_images would empty the test split: {leak_message(counts)}. "
-                                      "Re-split with --split_by image instead.")
-                test_set = drop_leaked(test_set, leaks)
-                summary["sizes"]["test"] = len(test_set)
-        print(f"Data: {summary['sizes']['train']} train / {summary['sizes']['test']} test examples")
 
-        named_model = config.model.model or resolve_model_name(None, recipe, backend.name)  # as the user named it
-        model_name = ranks.main_first(resolve_model_name, config.model.model, recipe, backend.name)  # built once
-        config.model.model = model_name
-        record_resolved(config, recipe)  # config.yaml alone rebuilds it later (predict, export)
-        save_config(config, files / "config.yaml")
-        _write_status(run_dir, model=model_name)
-        log.info("recipe=%s backend=%s model=%s run_dir=%s", recipe.name, backend.name, model_name, run_dir)
-        # One sizing rule for training, evaluation and export (longest side, patch grid, buckets), read from the
-        # model's config alone, so that preparation and the image-token check also run before the model loads.
-        fit = image_fit(AutoConfig.from_pretrained(model_name), image_size, buckets=config.data.image_buckets)
-        if config.data.preprocess_images:
-            train_set, summary["prepared_images"] = (plan_images(train_set, fit) if lazy
-                                                     else ranks.share_then_all(prepare_images, train_set, fit))
-            test_set, _ = ranks.share_then_all(prepare_images, test_set, fit)
-            check_image_tokens(train_set, config.model.max_seq_length, fit)  # before any GPU time is spent
+def _plan_memory(ctx: RunContext, trainer) -> dict:
+    """The micro-batch and the layers that keep their activations (memory_plan.py), printed in one line."""
+    from .memory_plan import MemoryPlan, keep_planned_activations, plan_memory
 
-        config.model.use_gradient_checkpointing = checkpointing_mode(config.model.use_gradient_checkpointing,
-                                                                      budget[0] if budget else None)
-        model, processor = backend.load(model_name, config.model)
-        if config.model.training_speedups:  # evaluation before training runs the vision tower batched too
-            batch_same_size_images(model)
-        eval_batch = config.eval.eval_batch_size or (32 if torch.cuda.is_available() else 8)
-        eval_kw = dict(mode=config.eval.eval_mode, batch_size=eval_batch,
-                       max_new_tokens=config.eval.max_new_tokens, image_size=fit)
-        before = None
-        resume_from = ranks.broadcast(last_checkpoint(run_dir) if config.run.resume else None)  # rank 0's view
-        if config.eval.eval_before and not resume_from:
-            _write_status(run_dir, stage="eval_before")
-            before = evaluate(backend.for_inference(model), processor, recipe, test_set, **eval_kw)
-            (files / "eval_before.json").write_text(json.dumps(before, indent=1))
-        elif resume_from and (run_dir / "eval_before.json").exists():
-            before = json.loads((run_dir / "eval_before.json").read_text())
+    config = ctx.config
+    if ctx.budget and (config.model.memory_plan or config.model.max_memory_gib):  # by real probe steps
+        gc_mode = str(config.model.use_gradient_checkpointing).lower()
+        plan = plan_memory(trainer, ctx.train_set, *ctx.budget, keep_activations=config.model.memory_plan,
+                           checkpointing="offload" if gc_mode == "unsloth" else "gpu")
+        keep_planned_activations(trainer, plan)  # Trainer.train would check every layer again
+    elif ctx.budget:
+        plan = MemoryPlan.as_configured(config.training, "--memory_plan false")
+    else:
+        plan = MemoryPlan.as_configured(config.training, "no GPU, so no memory budget to plan")
+    if ctx.ranks.is_main:
+        print(plan.line())
+    return plan.record()
 
-        _write_status(run_dir, stage="train")
-        model = backend.add_adapters(model, config.lora, config.model, seed)
-        backend.for_training(model)
-        collator = backend.collator(model, processor, recipe, image_size=fit,
-                                    max_seq_length=config.model.max_seq_length)
-        if lazy:  # decodes, sizes and caches each image as a batch first needs it; skips (and logs) a bad one
-            collator = LazyImages(collator, fit if config.data.preprocess_images else None,
-                                  files / SKIP_FILE, config.data.max_bad_fraction)
-        pre_train = {"speedups": apply_training_speedups(model) if config.model.training_speedups else None}
-        trainer = build_trainer(model, processor, train_set, collator, config.training, run_dir)
-        # Building the trainer can switch gradient checkpointing off again (seen with Unsloth: 0 of 40 layers
-        # until Trainer.train turns it back on). The memory probe and the shape warm-up must run the model
-        # as training will, or the probe measures a model without checkpointing and picks a far smaller batch.
-        backend.for_training(trainer.model)
-        try:
-            if budget and (config.model.memory_plan or config.model.max_memory_gib):
-                # The micro-batch and the layers that keep their activations, by real probe steps.
-                gc_mode = str(config.model.use_gradient_checkpointing).lower()
-                plan = plan_memory(trainer, train_set, *budget, keep_activations=config.model.memory_plan,
-                                   checkpointing="offload" if gc_mode == "unsloth" else "gpu")
-                keep_planned_activations(trainer, plan)  # Trainer.train would check every layer again
-            elif budget:
-                plan = MemoryPlan.as_configured(config.training, "--memory_plan false")
-            else:
-                plan = MemoryPlan.as_configured(config.training, "no GPU, so no memory budget to plan")
-            if ranks.is_main:
-                print(plan.line())
-            pre_train["memory_plan"] = plan.record()
-            warm_up = config.model.warm_up_shapes
-            if warm_up or (warm_up is None and torch.cuda.is_available()):
-                warm_up_when_training_starts(trainer, train_set)  # records "shape_warmup" in train_stats.json
-            (files / "train_stats.json").write_text(json.dumps(pre_train, indent=1))
-            history = train(trainer, resume_from=resume_from)
-        except torch.OutOfMemoryError as exc:
-            raise out_of_memory_error(config, run_dir) from exc
-        except Exception as exc:
-            if is_disk_full(exc, run_dir):
-                raise disk_full_error(run_dir, "a checkpoint") from exc
-            raise
-        model = trainer.model
-        if lazy:
-            summary["skipped_in_training"] = skipped_in_training(files)
 
-        record = {**recipe_record(recipe), "model": named_model, "base_model": model_name, **fit_record(fit)}
-        save_adapter(model, processor, files, record)
-        _write_status(run_dir, stage="eval_after")
-        after = None
-        if config.eval.eval_after:
-            after = evaluate(backend.for_inference(model), processor, recipe, test_set, **eval_kw)
-            (files / "eval_after.json").write_text(json.dumps(after, indent=1))
-        ranks.finish()  # the last step all ranks take together: export, report and push are rank 0's
-        if not ranks.is_main:
-            return {}
+def evaluate_after(ctx: RunContext) -> None:
+    """The trained model's scores; the last step all ranks take together (export, report and push are rank 0's)."""
+    from .evaluate import evaluate
 
-        exported, export_error = None, None
-        if config.export.export in ("merged-16bit", "gguf"):
-            from .export import export_merged
+    _write_status(ctx.run_dir, stage="eval_after")
+    if ctx.config.eval.eval_after:
+        ctx.after = evaluate(ctx.backend.for_inference(ctx.model), ctx.processor, ctx.recipe, ctx.test_set,
+                             **ctx.eval_kw)
+        (ctx.files / "eval_after.json").write_text(json.dumps(ctx.after, indent=1))
+    ctx.ranks.finish()
+    ctx.stop = not ctx.ranks.is_main
 
-            _write_status(run_dir, stage="export")
-            try:
-                exported = export_merged(backend, model, processor, recipe, test_set, run_dir / "merged",
-                                         image_size=fit, base_model=model_name, model_name=named_model)
-                if config.export.export == "gguf":  # converted from merged/, verified in llama.cpp
-                    from .gguf import export_gguf
 
-                    exported = {"merged": exported, "gguf": export_gguf(run_dir)}
-            except ExportError as exc:  # keep the evaluation results: write the report, then fail
-                exported, export_error = {"ok": False, "error": str(exc)}, exc
+def export_model(ctx: RunContext) -> None:
+    """Merged weights (and GGUF from them), verified; a failed export still lets the report be written."""
+    if ctx.config.export.export not in ("merged-16bit", "gguf"):
+        return
+    from .export import export_merged
 
-        metrics = write_report(run_dir, recipe, before, after, log_history=history,
-                               extra={"data": summary, "export": exported,
+    _write_status(ctx.run_dir, stage="export")
+    try:
+        ctx.exported = export_merged(ctx.backend, ctx.model, ctx.processor, ctx.recipe, ctx.test_set,
+                                     ctx.run_dir / "merged", image_size=ctx.fit, base_model=ctx.model_name,
+                                     model_name=ctx.named_model)
+        if ctx.config.export.export == "gguf":  # converted from merged/, verified in llama.cpp
+            from .gguf import export_gguf
+
+            ctx.exported = {"merged": ctx.exported, "gguf": export_gguf(ctx.run_dir)}
+    except ExportError as exc:  # keep the evaluation results: write the report, then fail
+        ctx.exported, ctx.export_error = {"ok": False, "error": str(exc)}, exc
+
+
+def write_results(ctx: RunContext) -> None:
+    """metrics.json and report.md, then run.json's "done" with the time breakdown, and the summary printed."""
+    from .evaluate.report import format_table, write_report
+
+    run_dir, before, after = ctx.run_dir, ctx.before, ctx.after
+    ctx.metrics = write_report(run_dir, ctx.recipe, before, after, log_history=ctx.history,
+                               extra={"data": ctx.summary, "export": ctx.exported,
                                       "train_stats": _read_json(run_dir / "train_stats.json"),
-                                      "wall_seconds": round(time.time() - started, 1)})
-        if export_error is not None:
-            raise export_error
-        _write_status(run_dir, stage="done", complete=True, wall_seconds=round(time.time() - started, 1))
-        print(format_table(before, after))
-        if config.run.demo and after is not None and "accuracy" in after.get("metrics", after):
-            scores = after.get("metrics", after)
-            print(f"Demo: accuracy {scores['accuracy']:.3f} on this machine ({scores.get('n', '?')} generated test "
-                  "X-rays). Reproducible: >= 0.8 on any machine; the exact figure depends on the CPU's arithmetic.")
-        print(f"Run folder: {run_dir}  ({time.time() - started:.0f} s)")
-        if config.export.push_to_hub_id:
-            _push(run_dir, config)
-        return metrics
+                                      "wall_seconds": round(time.perf_counter() - ctx.started, 1)})
+    if ctx.export_error is not None:
+        raise ctx.export_error
+    timings = ctx.breakdown()
+    _write_status(run_dir, stage="done", complete=True, wall_seconds=round(timings["total"], 1), timings_s=timings)
+    print(format_table(before, after))
+    if ctx.config.run.demo and after is not None and "accuracy" in after.get("metrics", after):
+        scores = after.get("metrics", after)
+        print(f"Demo: accuracy {scores['accuracy']:.3f} on this machine ({scores.get('n', '?')} generated test "
+              "X-rays). Reproducible: >= 0.8 on any machine; the exact figure depends on the CPU's arithmetic.")
+    print(format_timings(timings))
+    print(f"Run folder: {run_dir}  ({timings['total']:.0f} s)")
+
+
+def push_export(ctx: RunContext) -> None:
+    if ctx.config.export.push_to_hub_id:
+        _push(ctx.run_dir, ctx.config)
+
+
+def format_timings(timings: dict) -> str:
+    """One line: `Time: data 1.2 s, prepare 0.4 s, ..., total 42 s`."""
+    parts = [f"{name.replace('_', ' ')} {seconds:.1f} s" for name, seconds in timings.items() if name != "total"]
+    return f"Time: {', '.join(parts)}; total {timings['total']:.1f} s"
+
+
+# The order of the job, here and nowhere else. Each stage takes the run context and fills in what it made.
+# run.json's "stage" field names the stage a crash stopped in (data, eval_before, train, eval_after, export);
+# the time breakdown (run.json "timings_s") has one entry per stage, and warm_up apart from train.
+STAGES: tuple[tuple[str, Callable[[RunContext], None]], ...] = (
+    ("data", load_data),
+    ("prepare", prepare_data),
+    ("load_model", load_model),
+    ("eval_before", evaluate_before),
+    ("train", train_model),
+    ("eval_after", evaluate_after),
+    ("export", export_model),
+    ("report", write_results),
+    ("push", push_export),
+)
+
+
+def _run_stage(ctx: RunContext, name: str, stage: Callable[[RunContext], None]) -> None:
+    """Run one stage and record its seconds, less any part the stage timed apart (the training's warm-up)."""
+    timed_before = set(ctx.timings)
+    ctx.current_stage, ctx.stage_started = name, time.perf_counter()
+    stage(ctx)
+    elapsed = time.perf_counter() - ctx.stage_started
+    carved = sum(seconds for key, seconds in ctx.timings.items() if key not in timed_before)
+    ctx.timings[name] = elapsed - carved
+    ctx.stage_started = 0.0
+
+
+def run(recipe: Recipe, config: Config) -> dict:
+    """The whole job (STAGES in order); returns the metrics (an empty dict on ranks other than 0)."""
+    ctx = RunContext(recipe, config)
+    _run_stage(ctx, "setup", setup)
+    try:
+        for name, stage in STAGES:
+            _run_stage(ctx, name, stage)
+            if ctx.stop:
+                return {}
+        return ctx.metrics
     except BaseException as exc:
-        ranks.report_failure(exc)
+        ctx.ranks.report_failure(exc)
+        if (ctx.run_dir / "run.json").is_file():  # how long each part took, next to the stage it stopped in
+            with contextlib.suppress(Exception):
+                _write_status(ctx.run_dir, timings_s=ctx.breakdown())
         raise
     finally:
         for name in LOGGERS:
-            logging.getLogger(name).removeHandler(handler)
-        handler.close()
-        if lock is not None:
-            lock.release()
-        if files != run_dir:
-            shutil.rmtree(files, ignore_errors=True)
+            logging.getLogger(name).removeHandler(ctx.log_handler)
+        ctx.log_handler.close()
+        if ctx.lock is not None:
+            ctx.lock.release()
+        if ctx.files != ctx.run_dir:
+            shutil.rmtree(ctx.files, ignore_errors=True)

@@ -314,17 +314,9 @@ def export_gguf(run_dir, *, out: str | None = None, quant: str = "f16", threads:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ..data.images import load_image
-    from ..export import (
-        VERIFY_ROWS,
-        _AtomicDir,
-        _check_no_secrets,
-        _folder_listing,
-        _run_info,
-        _run_recipe,
-        _verification_dataset,
-        _write_json,
-        synthetic_rows,
-    )
+    from ..export.atomic import _AtomicDir, _check_no_secrets, _folder_listing, _write_json
+    from ..export.from_run import _run_info, _run_recipe, _verification_dataset
+    from ..export.verify import VERIFY_ROWS, synthetic_rows
     from ..models.families import family_of, image_fit
 
     if quant not in QUANTS:

@@ -250,7 +250,7 @@ def record_resolved(config: Any, recipe: Recipe) -> None:
         data.instruction = recipe.instruction
 
 
-if __name__ == "__main__":  # the command lives in cli.py: a recipe never imports the CLI or the pipeline
+if __name__ == "__main__":  # the command lives in cli/generic.py: a recipe never imports the CLI or the pipeline
     from ..cli import generic_main
 
     sys.exit(generic_main())

@@ -1,0 +1,50 @@
+"""The pipeline's stages and the time breakdown every run ends with (issue 15 point 6, issue 20 point 4)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from unsloth_med import pipeline
+from unsloth_med.cli import train_command
+from unsloth_med.errors import UnslothMedError
+from unsloth_med.recipes import get_recipe
+
+STAGE_KEYS = ["setup", "data", "prepare", "load_model", "eval_before", "warm_up", "train", "eval_after", "export",
+              "report"]
+
+
+def test_the_stage_order_is_the_documented_one():
+    assert [name for name, _ in pipeline.STAGES] == ["data", "prepare", "load_model", "eval_before", "train",
+                                                      "eval_after", "export", "report", "push"]
+
+
+@pytest.mark.slow  # a whole tiny run with merged export: about 25 s alone, up to a minute on a busy machine
+def test_a_tiny_demo_run_ends_with_a_time_breakdown_in_run_json_and_on_stdout(tmp_path, capsys):
+    out = tmp_path / "run"
+    train_command(["--demo", "--max_steps", "2", "--max_train_samples", "8", "--max_eval_samples", "4",
+                   "--warm_up_shapes", "true", "--save_strategy", "no", "--output_dir", str(out)],
+                  get_recipe("bone_fracture"))
+    status = json.loads((out / "run.json").read_text())
+    timings = status["timings_s"]
+    assert status["complete"] is True and list(timings) == [*STAGE_KEYS, "total"]
+    assert all(seconds >= 0 for seconds in timings.values()), timings
+    parts = sum(timings[key] for key in STAGE_KEYS)
+    assert parts == pytest.approx(timings["total"], abs=0.05), timings  # nothing the stages do goes unaccounted
+    assert timings["train"] > 0 and timings["load_model"] > 0 and timings["export"] > 0
+    stdout = capsys.readouterr().out
+    line = next(text for text in stdout.splitlines() if text.startswith("Time: "))
+    assert "load model" in line and "warm up" in line and f"total {timings['total']:.1f} s" in line
+
+
+def test_a_run_that_fails_in_the_data_stage_records_its_times_and_blocks_no_rerun(tmp_path):
+    out, empty = tmp_path / "run", tmp_path / "no-data"
+    empty.mkdir()
+    argv = ["--data_dir", str(empty), "--model", "tiny:mistral3", "--output_dir", str(out)]
+    with pytest.raises(UnslothMedError, match="No class folders found"):
+        train_command(argv, get_recipe("bone_fracture"))
+    status = json.loads((out / "run.json").read_text())
+    assert status["stage"] == "data" and not status.get("complete")
+    assert list(status["timings_s"]) == ["setup", "data", "total"]
+    with pytest.raises(UnslothMedError, match="No class folders found"):  # not "already holds a run"
+        train_command(argv, get_recipe("bone_fracture"))

@@ -1,0 +1,34 @@
+"""What every command shares: the one-line error style and an argparse whose errors are ConfigError."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from ..errors import ConfigError, UnslothMedError
+
+
+def friendly(fn: Callable[[], int | None]) -> int:
+    """Run a command: expected problems (bad data, missing credentials, no GPU) print one `error:` line, exit 2."""
+    try:
+        return fn() or 0
+    except UnslothMedError as exc:
+        from ..secrets import redact
+
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the run folder keeps its last checkpoint; continue with --resume", file=sys.stderr)
+        return 130
+
+
+def basic_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are ConfigError: printed as one `error: ...` line like every other error."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see {self.prog} --help)")

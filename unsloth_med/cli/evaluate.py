@@ -1,0 +1,29 @@
+"""`unsloth-med evaluate`: a run folder or model on a recipe's test split, without training."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .base import ArgumentParser
+
+
+def evaluate_command(argv: list[str]) -> int:
+    from ..evaluate.report import format_table
+    from ..predict import evaluate_saved_model
+
+    parser = ArgumentParser(prog="unsloth-med evaluate", description="Evaluate a run folder or a model "
+                                     "on a recipe's test split, without training.")
+    parser.add_argument("--model", required=True, help="run folder, merged model folder, hub id or tiny:<family>")
+    parser.add_argument("--recipe", help="recipe name (default: the one recorded in the run/merged folder)")
+    parser.add_argument("--data_dir", "--data-dir", help="local copy of the recipe's dataset")
+    parser.add_argument("--mode", choices=["score", "generate"], default="score")
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=8)
+    parser.add_argument("--max_eval_samples", "--max-eval-samples", type=int)
+    parser.add_argument("--output", help="write the metrics JSON here")
+    args = parser.parse_args(argv)
+    result = evaluate_saved_model(args.model, recipe_name=args.recipe, data_dir=args.data_dir, mode=args.mode,
+                                  batch_size=args.batch_size, max_eval_samples=args.max_eval_samples)
+    print(format_table(None, result))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=1))
+    return 0
