@@ -206,6 +206,48 @@ def test_split_by_image_keeps_every_image_on_one_side(tmp_path):
     assert leaked_test_images(split) == []
 
 
+def test_every_image_of_a_two_image_sample_is_validated_prepared_and_leak_checked(tmp_path):
+    """A prior study and a current one per sample: the second image gets the same checks as the first
+    (old main validated, prepared and leak-checked only the first)."""
+    from unsloth_med.data.checks import drop_leaked, leaked_test_images
+    from unsloth_med.data.images import ImageFit
+    from unsloth_med.data.prepare import prepare_images
+    from unsloth_med.data.tables import load_table
+    from unsloth_med.data.validate import validate_splits
+
+    for i in range(6):
+        _image(tmp_path / f"prior{i}.png", "black", mark=6 * i)
+        _image(tmp_path / f"now{i}.png", "gray", mark=6 * i)
+    (tmp_path / "now5.png").write_bytes(b"not a png")  # a train sample whose second image is broken
+    (tmp_path / "copy.png").write_bytes((tmp_path / "now1.png").read_bytes())  # a test image seen in training
+    chat = [{"from": "human", "value": "<image>\n<image>\nAny change?"}, {"from": "gpt", "value": "no"}]
+    records = [{"id": f"s{i}", "images": [f"prior{i}.png", f"now{i}.png"], "conversations": chat, "split": "train"}
+               for i in range(1, 6)]
+    records += [{"id": "t0", "images": ["prior0.png", "now0.png"], "conversations": chat, "split": "test"},
+                {"id": "t1", "images": ["prior0.png", "copy.png"], "conversations": chat, "split": "test"}]
+    listing = tmp_path / "studies.jsonl"
+    listing.write_text("\n".join(json.dumps(r) for r in records))
+    splits = load_table(listing, task="vqa")
+
+    clean, skipped = validate_splits(dict(splits), image_size=64, max_bad_fraction=0.5)
+    assert [(s["id"], Path(s["image"]).name) for s in skipped] == [("s5", "now5.png")]
+    assert skipped[0]["reason"].startswith("image 2 of 2:") and len(clean["train"]) == 4
+
+    leaks = leaked_test_images(clean)
+    assert [(e["test_id"], Path(e["test"]).name, Path(e["train"]).name) for e in leaks] == [("t1", "copy.png",
+                                                                                            "now1.png")]
+    assert list(drop_leaked(clean["test"], leaks)["id"]) == ["t0"]
+
+    fit = ImageFit(max_side=32, factor=8)
+    prepared, stats = prepare_images(clean["train"], fit, tmp_path / "cache", workers=8)
+    for row in prepared:
+        more = json.loads(row["more_images"])
+        assert len(more) == 1 and Path(more[0]).is_relative_to(tmp_path / "cache")
+        assert Image.open(more[0]).size == Image.open(row["image"]).size == (32, 24)
+        assert row["image_shape"] == "32x24+32x24" and row["image_tokens"] == 2 * (32 // 8) * (24 // 8)
+    assert len(list((tmp_path / "cache").rglob("*.png"))) == 8  # 4 samples x 2 images, each prepared once
+
+
 # ----------------------------------------------------------------------------- metrics
 def test_vqa_metrics_equal_hand_computed_values():
     from unsloth_med.evaluate.vqa import blind_ceilings, normalize, vqa_metrics
