@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ImageError
-from .images import load_image, raw_image_column
+from .images import load_image, raw_image_column, raw_image_lists
 
 log = logging.getLogger(__name__)
 
@@ -174,14 +174,26 @@ def _column(dataset, name: str) -> list:
     return [row.get(name) for row in dataset]
 
 
+def _flat_images(dataset) -> tuple[list, list[int]]:
+    """Every image of every row (a multi-image sample's `more_images` too) and the row each one belongs to."""
+    images, owners = [], []
+    for k, row_images in enumerate(raw_image_lists(dataset)):
+        images += row_images
+        owners += [k] * len(row_images)
+    return images, owners
+
+
 def leaked_test_images(splits, *, threshold: float = DEFAULT_THRESHOLD, workers: int | None = None) -> list[dict]:
     """Leakage between splits["train"] and splits["test"] (rows {image, target, id}); entries also carry
-    the two labels, since a copy filed under different classes is worth knowing about."""
+    the two labels, since a copy filed under different classes is worth knowing about. Every image of a
+    multi-image row is compared; an entry's ids are those of the rows holding the two images."""
     train, test = splits["train"], splits["test"]
     train_targets, test_targets = _column(train, "target"), _column(test, "target")
     train_ids, test_ids = [str(x) for x in _column(train, "id")], [str(x) for x in _column(test, "id")]
-    leaks = find_leaked_test_images(raw_image_column(train), raw_image_column(test), threshold=threshold,
-                                    train_ids=train_ids, test_ids=test_ids, workers=workers)
+    (train_images, train_rows), (test_images, test_rows) = _flat_images(train), _flat_images(test)
+    leaks = find_leaked_test_images(train_images, test_images, threshold=threshold,
+                                    train_ids=[train_ids[k] for k in train_rows],
+                                    test_ids=[test_ids[k] for k in test_rows], workers=workers)
     train_pos = {tid: k for k, tid in enumerate(train_ids)}
     test_pos = {tid: k for k, tid in enumerate(test_ids)}
     for entry in leaks:

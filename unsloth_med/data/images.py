@@ -427,3 +427,17 @@ def column_values(dataset, name: str) -> list:
     """A datasets.Dataset column as a list, read as one batch: datasets 4 returns a lazy Column, and iterating
     it formats row by row (1.7 s instead of 0.02 s for 100,000 paths)."""
     return list(dataset[name][:])
+
+
+def raw_image_lists(dataset) -> list[list]:
+    """Every row's images, in order: its raw `image` (as raw_image_column) then the paths in `more_images`
+    (JSON text; a multi-image sample, data/samples.py). Works on a datasets.Dataset or a list of rows."""
+    from .samples import image_refs
+
+    firsts = raw_image_column(dataset)
+    columns = getattr(dataset, "column_names", None)
+    if columns is not None:
+        more = dataset["more_images"][:] if "more_images" in columns else [None] * len(firsts)
+    else:
+        more = [row.get("more_images") for row in dataset]
+    return [image_refs({"image": first, "more_images": extra}) for first, extra in zip(firsts, more)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import tempfile
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .images import ImageFit, load_image
+from .samples import image_refs
 
 log = logging.getLogger(__name__)
 
@@ -110,21 +112,31 @@ def prepare_images(dataset, fit: ImageFit, cache_root: str | Path | None = None,
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
 
     def prepare(batch: dict) -> dict:
-        # An image that several rows share (VQA: many questions per image) is prepared once per batch.
+        # Every image of a row: `image`, then a multi-image sample's `more_images` (prepared too; its image_shape
+        # is "WxH+WxH", its length and image_tokens count every image). An image that several rows share (VQA: many
+        # questions per image) is prepared once per batch.
+        more = batch["more_images"] if "more_images" in batch else [None] * len(batch["image"])
+        rows = [image_refs({"image": first, "more_images": extra}) for first, extra in zip(batch["image"], more)]
+        keys = [[_source_key(source) for source in images] for images in rows]
         distinct: dict[str, Any] = {}
-        keys = [_source_key(source) for source in batch["image"]]
-        for key, source in zip(keys, batch["image"]):
-            distinct.setdefault(key, source)
+        for row_keys, images in zip(keys, rows):
+            for key, source in zip(row_keys, images):
+                distinct.setdefault(key, source)
         # Threads: PIL decodes, resizes and encodes outside the GIL.
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results = dict(zip(distinct, pool.map(lambda source: _prepare_one(source, fit, cache_root),
                                                   distinct.values())))
-        done = [results[key] for key in keys]
+        done = [[results[key] for key in row_keys] for row_keys in keys]
         answers = batch.get("target") or [""] * len(done)
-        return {"_prepared": [path for path, _, _ in done],
-                "length": [sample_length(fit, size, answer) for (_, size, _), answer in zip(done, answers)],
-                "image_tokens": [fit.image_tokens(size) for _, size, _ in done],
-                "_from_cache": [hit for _, _, hit in done], "image_shape": [f"{w}x{h}" for _, (w, h), _ in done]}
+        out = {"_prepared": [row[0][0] for row in done],
+               "length": [sample_length(fit, row[0][1], answer) + sum(fit.image_tokens(size) for _, size, _ in row[1:])
+                          for row, answer in zip(done, answers)],
+               "image_tokens": [sum(fit.image_tokens(size) for _, size, _ in row) for row in done],
+               "_from_cache": [all(hit for _, _, hit in row) for row in done],
+               "image_shape": ["+".join(f"{w}x{h}" for _, (w, h), _ in row) for row in done]}
+        if "more_images" in batch:
+            out["more_images"] = [json.dumps([path for path, _, _ in row[1:]]) for row in done]
+        return out
 
     prepared = dataset.map(prepare, batched=True, batch_size=256, num_proc=num_proc, desc="Preparing images",
                            load_from_cache_file=False)

@@ -217,22 +217,28 @@ def write_synthetic_fractures(root: str | Path, *, train_per_class: int = 120, t
 
 
 def write_fracture_vqa(fracture_root: str | Path, listing: str | Path, *, seed: int = 0,
+                       classes: tuple[str, ...] | None = None, train_images_per_class: int | None = None,
                        test_images_per_class: int | None = None) -> Path:
     """A VQA listing (image, question, answer, answer_type, split) over generated fracture X-rays.
 
     Each image gets three questions whose answers need both the question and the image: "What kind of
     fracture is this?" (open: the class), "Is this a <its class>?" (yes) and "Is this a <another class>?"
-    (no). Rows are written question by question (all first questions, then all second ...), so rows of
-    one image are far apart in the file."""
+    (no), so yes and no are equally frequent and every class name is asked as often with yes as with no.
+    `classes` picks the fracture types (default: all); the first `*_images_per_class` images of each
+    class and split are used (default: all). Rows are written question by question (all first
+    questions, then all second ...), so rows of one image are far apart in the file."""
     import csv
     import random
 
     rng = random.Random(seed)
     class_root = Path(fracture_root).joinpath(*LAYOUT)
-    classes = CLASSES
+    classes = tuple(classes or CLASSES)
+    unknown = sorted(set(classes) - set(CLASSES))
+    if unknown or len(classes) < 2:
+        raise ValueError(f"write_fracture_vqa needs two or more of {', '.join(CLASSES)}; got {', '.join(classes)}")
+    limit = {"Train": train_images_per_class, "Test": test_images_per_class}
     images = [(path, label, split) for label in classes for split in ("Train", "Test")
-              for path in sorted((class_root / label / split).glob("*.png"))[:test_images_per_class
-                                                                               if split == "Test" else None]]
+              for path in sorted((class_root / label / split).glob("*.png"))[:limit[split]]]
     rows: list[list[dict]] = [[], [], []]
     for path, label, split in images:
         other = rng.choice([c for c in classes if c != label])

@@ -1,8 +1,10 @@
 """Check every image before any model loads, so a bad file costs seconds, not a crashed run at step 800.
 
 Each image is decoded once (threads: PIL decodes outside the GIL) with the same `load_image` the
-trainer uses. Unusable files are skipped, counted, and listed in <run>/skipped_images.json; when more
-than `max_bad_fraction` of a split is unusable the run stops before training with the list.
+trainer uses. Every image of a multi-image sample is checked; an image that several rows share (VQA:
+many questions per image) is decoded once. A row with an unusable image is skipped, counted, and listed
+in <run>/skipped_images.json; when more than `max_bad_fraction` of a split is unusable the run stops
+before training with the list.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import DataError, ImageError
-from .images import load_image, raw_image_column
+from .images import load_image, raw_image_lists
 
 log = logging.getLogger(__name__)
 
@@ -26,20 +28,34 @@ def _problem(source, image_size) -> str | None:
     return None
 
 
+def _key(source, row: int, position: int) -> str:
+    return f"file:{source}" if isinstance(source, (str, os.PathLike)) else f"row:{row}:{position}"
+
+
 def validate_split(dataset, split: str, *, image_size: int | None, max_bad_fraction: float,
                    workers: int | None = None):
     """(dataset without unusable rows, list of skipped rows {id, image, reason})."""
     if not len(dataset):
         return dataset, []
-    sources = raw_image_column(dataset)
+    rows = raw_image_lists(dataset)
+    distinct: dict[str, object] = {}  # one check per distinct file (bytes and in-memory images: per row)
+    for k, images in enumerate(rows):
+        for j, source in enumerate(images):
+            distinct.setdefault(_key(source, k, j), source)
     with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
-        problems = list(pool.map(lambda s: _problem(s, image_size), sources))
-    ids = dataset["id"]
-    skipped = [{"split": split, "id": ids[i], "image": sources[i] if isinstance(sources[i], str) else ids[i],
-                "reason": p}
-               for i, p in enumerate(problems) if p]
+        found = dict(zip(distinct, pool.map(lambda s: _problem(s, image_size), distinct.values())))
+    ids = dataset["id"][:]  # one read of the column
+    skipped, bad_rows = [], set()
+    for k, images in enumerate(rows):
+        problems = [(j, found[_key(source, k, j)]) for j, source in enumerate(images)]
+        j, reason = next(((j, p) for j, p in problems if p), (0, None))
+        if reason:
+            bad_rows.add(k)
+            source = images[j]
+            skipped.append({"split": split, "id": ids[k], "image": str(source) if isinstance(source, str) else ids[k],
+                            "reason": reason if len(images) == 1 else f"image {j + 1} of {len(images)}: {reason}"})
     check_bad_fraction(skipped, len(dataset), split, max_bad_fraction)
-    keep = [i for i, p in enumerate(problems) if not p]
+    keep = [k for k in range(len(rows)) if k not in bad_rows]
     return (dataset.select(keep) if skipped else dataset), skipped
 
 
