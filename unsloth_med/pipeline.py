@@ -135,9 +135,9 @@ DEMO_DATA: dict = {"train_per_class": 200, "test_per_class": 12, "size": 64, "se
 # The VQA demo asks three questions about each X-ray of two clearly different classes (see README: with ten
 # classes the tiny model answered "yes" to every closed question after 1,000 steps).
 DEMO_VQA: dict = {"classes": ("Fracture Dislocation", "Impacted fracture")}
-DEMO_ATTRIBUTION = ("Generated fracture-like X-ray cartoons (unsloth_med.data.synthetic, written by the --demo run: "
-                    "10 classes, 64 px, no real patient data). They show that the pipeline learns through the "
-                    "image; they say nothing about real radiographs.")
+DEMO_ATTRIBUTION = ("Generated fracture-like X-ray cartoons (unsloth_med.data.synthetic, written by the --demo run; "
+                    "no real patient data). They show that the pipeline learns through the image; they say "
+                    "nothing about real radiographs.")
 
 
 @dataclasses.dataclass
