@@ -206,6 +206,29 @@ def test_split_by_image_keeps_every_image_on_one_side(tmp_path):
     assert leaked_test_images(split) == []
 
 
+def test_split_by_image_keeps_rows_that_share_any_image_together(tmp_path):
+    """Two-image rows (current + prior study) chain: a-b, b-c and d-e, e-f are two groups, whatever image comes
+    first; no image of any row ends up on both sides."""
+    from unsloth_med.data.images import raw_image_lists
+    from unsloth_med.data.splits import image_groups, image_key, split_by_image
+    from unsloth_med.data.tables import load_table
+
+    for i, name in enumerate("abcdefgh"):
+        _image(tmp_path / f"{name}.png", "gray", mark=3 * i)
+    pairs = ["ab", "bc", "de", "ef", "gh", "hg", "ca"]
+    listing = tmp_path / "pairs.jsonl"
+    listing.write_text("\n".join(json.dumps({"images": [f"{x}.png", f"{y}.png"], "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nChange?"}, {"from": "gpt", "value": "No."}],
+        "split": "train" if k % 2 else "test"}) for k, (x, y) in enumerate(pairs)))
+    data = load_table(listing, task="vqa")
+    pooled = __import__("datasets").concatenate_datasets([data["train"], data["test"]])
+    assert len(set(image_groups(pooled))) == 3  # {a, b, c}, {d, e, f}, {g, h}
+    split = split_by_image(data, test_fraction=0.34, seed=1)
+    sides = [{image_key(p) for row in raw_image_lists(split[part]) for p in row} for part in ("train", "test")]
+    assert sides[0] and sides[1] and not sides[0] & sides[1]
+    assert len(split["train"]) + len(split["test"]) == len(pairs)
+
+
 def test_every_image_of_a_two_image_sample_is_validated_prepared_and_leak_checked(tmp_path):
     """A prior study and a current one per sample: the second image gets the same checks as the first
     (old main validated, prepared and leak-checked only the first)."""
@@ -386,3 +409,46 @@ def test_a_saved_hf_dataset_shaped_like_vqa_rad(tmp_path):
     assert list(splits["train"]["answer_type"]) == ["closed", "closed", "open", "closed", "closed", "open", "closed",
                                                     "closed"]
     assert splits["test"][2]["question"] == "q2?" and splits["test"][2]["target"] == "left lung"
+
+
+def test_saved_hf_datasets_in_messages_and_llava_form_with_image_lists(tmp_path, monkeypatch):
+    """OpenAI `messages` with an `images` list feature (two per row), and LLaVA `conversations` with one Image
+    feature, saved to disk: the images (stored as bytes) are written to the cache once by content and the rows
+    take the same shape as a listing's (image, more_images, messages, target)."""
+    import datasets
+
+    from unsloth_med.data.sources import load_recipe_data
+    from unsloth_med.recipes import get_recipe
+
+    monkeypatch.setenv("UNSLOTH_MED_CACHE", str(tmp_path / "cache"))
+    prior, current = _image(tmp_path / "prior.png", "gray", 2), _image(tmp_path / "current.png", "gray", 20)
+    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                          {"type": "text", "text": "Compare with the prior study."}]},
+             {"role": "assistant", "content": [{"type": "text", "text": "The opacity is new."}]}]
+    chat = datasets.Features({"images": datasets.List(datasets.Image()),
+                              "messages": [{"role": datasets.Value("string"),
+                                            "content": [{"type": datasets.Value("string"),
+                                                         "text": datasets.Value("string")}]}]})
+    rows = {"images": [[prior, current]] * 3, "messages": [turns] * 3}
+    saved = tmp_path / "reports"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=chat),
+                          "test": datasets.Dataset.from_dict(rows, features=chat).select(range(1))}
+                         ).save_to_disk(str(saved))
+    splits = load_recipe_data(get_recipe("vqa"), str(saved))
+    row = splits["train"][0]
+    first, more = Path(row["image"]), [Path(p) for p in json.loads(row["more_images"])]
+    assert first.parent == tmp_path / "cache" / "hf-images" and len(more) == 1 and more[0].is_file()
+    assert first.read_bytes() == Path(prior).read_bytes() and more[0].read_bytes() == Path(current).read_bytes()
+    assert row["target"] == "The opacity is new." and len(splits["train"]) == 3 and len(splits["test"]) == 1
+    assert [p["type"] for p in json.loads(row["messages"])[0]["content"]] == ["image", "image", "text"]
+    assert len(list((tmp_path / "cache" / "hf-images").iterdir())) == 2  # each image once, by content
+
+    llava = datasets.Features({"image": datasets.Image(), "conversations": [{"from": datasets.Value("string"),
+                                                                             "value": datasets.Value("string")}]})
+    record = {"image": [prior] * 4, "conversations": [[{"from": "human", "value": "<image>\nAny effusion?"},
+                                                       {"from": "gpt", "value": "No."}]] * 4}
+    one = tmp_path / "llava"
+    datasets.Dataset.from_dict(record, features=llava).save_to_disk(str(one))  # no test split: one is held out
+    held = load_recipe_data(get_recipe("vqa"), str(one))
+    assert len(held["train"]) + len(held["test"]) == 4 and len(held["test"]) >= 1
+    assert held["train"][0]["target"] == "No." and json.loads(held["train"][0]["more_images"]) == []

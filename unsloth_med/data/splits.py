@@ -2,7 +2,8 @@
 
 Rows that show the same image (several questions about one X-ray) are one group: the image-group
 column where the data has one, else the SHA-256 of the image's bytes (so a copy under another name is
-the same image). Whole groups are held out, seeded, until `test_fraction` of the groups are in test.
+the same image); rows of several images that share any of them are one group too. Whole groups are
+held out, seeded, until `test_fraction` of the groups are in test.
 The data's own split is not kept: a split that reuses images is the problem this solves.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from .images import raw_image_column
+from .images import raw_image_lists
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,25 @@ def image_key(source: Any) -> str:
 
 
 def image_groups(dataset) -> list[str]:
-    """One key per row: its image group when filled, else its image's content hash."""
-    groups = list(dataset["image_group"]) if "image_group" in dataset.column_names else [""] * len(dataset)
-    sources = raw_image_column(dataset)
-    return [g if g else image_key(s) for g, s in zip(groups, sources)]
+    """One key per row: its image group when filled, else the content hashes of its images, joined: rows that
+    share any image (a study that is one row's current image and another row's prior) are one group."""
+    groups = list(dataset["image_group"][:]) if "image_group" in dataset.column_names else [""] * len(dataset)
+    parent: dict[str, str] = {}
+
+    def find(key: str) -> str:
+        parent.setdefault(key, key)
+        while parent[key] != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    row_keys = []
+    for group, images in zip(groups, raw_image_lists(dataset)):
+        keys = [f"group:{group}"] if group else [image_key(source) for source in images]
+        for other in keys[1:]:
+            parent[find(other)] = find(keys[0])
+        row_keys.append(keys[0])
+    return [find(key) for key in row_keys]
 
 
 def split_by_image(splits, *, test_fraction: float, seed: int):

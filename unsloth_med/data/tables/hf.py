@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from ...errors import NetworkError
-from ..conversations import vqa_fields
+from ...errors import DataError, NetworkError
+from ..conversations import conversation_column, vqa_fields
 from .columns import (
     IMAGE_COLUMNS,
     LABEL_COLUMNS,
@@ -18,6 +20,7 @@ from .columns import (
     _split_of,
     _vqa_columns,
 )
+from .conversation_rows import _conversation_rows
 from .holdout import _assign_splits, _check_labels, _to_datasetdict
 from .locations import _localize, is_url
 
@@ -64,6 +67,10 @@ def load_hf_table(name_or_path: str, *, task: str = "captioning", image_column: 
                  or next((n for n in names if _split_of(n, (), ()) == "val"), None))
     where = f"dataset '{name_or_path}'"
     columns = loaded[train_name].column_names
+    chat_col = conversation_column(columns) if task == "vqa" else None
+    if chat_col:  # LLaVA/ShareGPT `conversations` or OpenAI `messages`, with an image column or an `images` list
+        return _hf_conversations(loaded, train_name, test_name, chat_col, image_column=image_column, where=where,
+                                 test_fraction=test_fraction, seed=seed)
     image_col = _pick_column(columns, image_column or None, (*aliases.get("image", ()), *IMAGE_COLUMNS), "image",
                              where, "--image_column")
     vqa_cols = _vqa_columns(columns, vqa or {}, where) if task == "vqa" else None
@@ -137,3 +144,89 @@ def load_hf_table(name_or_path: str, *, task: str = "captioning", image_column: 
     if task == "classification" and labels:
         _check_labels({k: [{"target": t} for t in v["target"]] for k, v in out.items()}, labels, where)
     return out
+
+
+def _image_file(value, where: str) -> str:
+    """A dataset's image cell as a file path: a path as it is, image bytes (an undecoded Image feature) or a PIL
+    image written once into the cache by content (the conversation rows name their images by path)."""
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    from ..sources import cache_dir
+
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            data = value["bytes"]
+        elif value.get("path"):
+            return str(value["path"])
+        else:
+            raise DataError(f"{where}: an image cell holds neither bytes nor a path.")
+    elif isinstance(value, Image.Image):
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        data = buffer.getvalue()
+    else:
+        return str(value)
+    with Image.open(io.BytesIO(data)) as image:
+        suffix = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}.get(image.format,
+                                                                                                       ".png")
+    folder = cache_dir() / "hf-images"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (hashlib.sha1(data).hexdigest() + suffix)
+    if not path.is_file():
+        partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        partial.write_bytes(data)
+        os.replace(partial, path)  # complete or absent, whoever writes it
+    return str(path)
+
+
+def _image_kind(feature) -> str | None:
+    """'one' for an Image feature, 'list' for a list of them (several images per row), else None."""
+    import datasets
+
+    if isinstance(feature, datasets.Image):
+        return "one"
+    inner = feature[0] if isinstance(feature, list) and feature else getattr(feature, "feature", None)
+    return "list" if isinstance(inner, datasets.Image) else None
+
+
+def _hf_conversations(loaded, train_name: str, test_name: str | None, chat_col: str, *, image_column: str | None,
+                      where: str, test_fraction: float, seed: int) -> "DatasetDict":
+    """Conversation rows (data/conversations.py) from a HF dataset; images written to the cache by content."""
+    import datasets
+
+    def records(part, split_name: str) -> list[dict]:
+        image_features = [name for name, feature in part.features.items() if _image_kind(feature)]
+        for name in image_features:  # bytes and paths, not decoded pictures
+            single = _image_kind(part.features[name]) == "one"
+            part = part.cast_column(name, datasets.Image(decode=False) if single
+                                    else datasets.List(datasets.Image(decode=False)))
+        out = []
+        for number, record in enumerate(part, 1):
+            record = dict(record)
+            for name in image_features:
+                value = record[name]
+                here = f"{where}/{split_name}, row {number}"
+                record[name] = ([_image_file(v, here) for v in value] if isinstance(value, list)
+                                else None if value is None else _image_file(value, here))
+            out.append(record)
+        return out
+
+    columns = loaded[train_name].column_names
+    parts = {}
+    for split, name in (("train", train_name), ("test", test_name)):
+        if name is None:
+            continue
+        rows, _ = _conversation_rows(records(loaded[name], name), columns, chat_col, where=f"{where}/{name}",
+                                     base_dir=None, image_column=image_column, split_column=None,
+                                     split_names=("train", "test"))
+        parts[split] = [dict(row, split=split) for row in rows]
+    if "test" not in parts:
+        log.warning("%s has no test split: holding out %.0f%% of '%s' (seed %d)",
+                    where, 100 * test_fraction, train_name, seed)
+        return _to_datasetdict(_assign_splits([dict(r, split=None) for r in parts["train"]], where=where,
+                                              stratify=False, test_fraction=test_fraction, seed=seed,
+                                              had_split_column=False))
+    return _to_datasetdict(parts)
