@@ -331,6 +331,40 @@ def test_three_questions_per_real_bone_break_image_train_a_tiny_model(bone_break
     assert sum("loss" in json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()) == 3
 
 
+def test_pack_questions_makes_one_conversation_per_image_with_every_answer_trained(tmp_path, tiny_path):
+    """--pack_questions: the three questions of an image become one 3-turn conversation (the image once, in the
+    first turn); the collator puts the loss on all three answers, and the packed rows keep the row order."""
+    import datasets
+
+    from unsloth_med.backends.hf import HFBackend
+    from unsloth_med.config import ModelArgs
+    from unsloth_med.data.samples import pack_questions
+    from unsloth_med.models import prompting
+    from unsloth_med.models.families import family_of
+    from unsloth_med.recipes import get_recipe
+
+    a, b = _image(tmp_path / "a.png", "red"), _image(tmp_path / "b.png", "blue")
+    qa = [(a, "Colour?", "red"), (b, "Colour?", "blue"), (a, "Square?", "yes"), (a, "Round?", "no")]
+    rows = [{"image": img, "target": answer, "id": f"r{i}", "question": q} for i, (img, q, answer) in enumerate(qa)]
+    recipe = get_recipe("vqa")
+    packed, counts = pack_questions(datasets.Dataset.from_list(rows), recipe.instruction)
+    assert counts == {"rows": 4, "samples": 2} and [r["image"] for r in packed] == [a, b]
+    row = packed[0]
+    messages = json.loads(row["messages"])
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 3 and row["target"] == "no"
+    assert [p["type"] for p in messages[0]["content"]] == ["image", "text"]
+    assert all(p["type"] == "text" for m in messages[1:] for p in m["content"])  # the image once
+    assert packed[1]["messages"] == "" and packed[1]["target"] == "blue"  # alone: unchanged
+
+    model, processor = HFBackend().load(str(tiny_path("mistral3")), ModelArgs())
+    fam = family_of(model.config)
+    batch = HFBackend().collator(model, processor, recipe, image_size=64, max_seq_length=1024)([row])
+    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+    marker = processor.tokenizer(fam.response_part, add_special_tokens=False)["input_ids"]
+    expected = _spans_after_marker(ids, marker, [prompting.answer_ids(processor, fam, t) for t in ("red", "yes", "no")])
+    assert [i for i, label in enumerate(labels) if label != -100] == expected
+
+
 def test_the_demo_questions_need_both_the_image_and_the_question(tmp_path):
     """The demo listing: every image asked its class (open) and one yes and one no question, every class name asked
     as often with yes as with no, so neither input alone gets far (the ceilings the demo must beat clearly)."""

@@ -97,6 +97,10 @@ class DataArgs:
     preprocess_images: bool = field(default=True, metadata={
         "help": "Decode and size every image once before training (cached as PNG under the cache folder) instead "
                 "of in every batch of every epoch. Same pixels either way."})
+    pack_questions: bool = field(default=False, metadata={
+        "help": "VQA: train the questions about one image (same images, no conversation of their own) as one "
+                "multi-turn conversation, so the image is encoded once per epoch instead of once per question; "
+                "evaluation stays one question per row."})
     lazy_images_above: int = field(default=20_000, metadata={
         "help": "A training split with more rows than this is not decoded before training: images are checked from "
                 "their headers (file, format, size), then decoded, sized and cached as batches first need them; an "

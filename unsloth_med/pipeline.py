@@ -211,7 +211,7 @@ def load_data(ctx: RunContext) -> None:
     from .backends import pick_backend
     from .data.checks import drop_leaked, leak_counts, leak_message, leaked_test_images
     from .data.lazy import is_lazy, scan_split
-    from .data.samples import check_placeholders
+    from .data.samples import check_placeholders, pack_questions
     from .data.sources import load_recipe_data, subsample
     from .data.splits import split_by_image
     from .data.summary import summarize
@@ -240,6 +240,11 @@ def load_data(ctx: RunContext) -> None:
     check_placeholders(recipe.instruction, splits["train"].column_names, data_dir or recipe.source.id)
     train_set = subsample(splits["train"], config.data.max_train_samples, seed)
     test_set = subsample(splits["test"], config.data.max_eval_samples, seed)
+    if config.data.pack_questions:  # one conversation per image; the test split stays one question per row
+        if not recipe.is_vqa:
+            raise ConfigError("--pack_questions packs the questions of a VQA recipe; this recipe asks one per image.")
+        train_set, packing = pack_questions(train_set, recipe.instruction)
+        log.info("--pack_questions: %d training questions in %d conversations", packing["rows"], packing["samples"])
     # A large training split is checked from image headers only and decoded as batches need it (data/lazy.py).
     ctx.lazy = lazy = is_lazy(len(train_set), config.data.lazy_images_above)
     if lazy:

@@ -117,3 +117,37 @@ def check_image_count(family_name: str, n_images: int, sample_id: str) -> None:
             "conversation. Split the sample into one conversation per image, or use a family that takes several "
             "images (Ministral 3 / Mistral 3, Qwen2.5-VL)."
         )
+
+
+def pack_questions(dataset, instruction: str):
+    """Rows that ask about the same images (and carry no conversation of their own) as one row each: a multi-turn
+    conversation, the images and the first question in the first user turn, every answer an assistant turn
+    (each trained on, as a listing's conversations are). Row order is kept by each group's first row; a group of
+    one stays as it was. Returns (a datasets.Dataset of the packed rows, how many rows went into how many)."""
+    import datasets
+
+    columns = dataset.column_names
+    rows = dataset.to_list()
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        key = "\0".join(str(ref) for ref in image_refs(row)) if not row.get("messages") else f"own:{id(row)}"
+        groups.setdefault(key, []).append(row)
+    packed = []
+    for members in groups.values():
+        if len(members) == 1:
+            packed.append(members[0])
+            continue
+        first = members[0]
+        n_images = len(image_refs(first))
+        messages = []
+        for k, row in enumerate(members):
+            images = [{"type": "image"} for _ in range(n_images)] if k == 0 else []
+            messages.append({"role": "user", "content": images + [{"type": "text", "text": fill(instruction, row)}]})
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": str(row["target"])}]})
+        packed.append({**{c: first.get(c) for c in columns}, "messages": json.dumps(messages),
+                       "target": str(members[-1]["target"]), "question": members[-1].get("question", ""),
+                       "id": f"{first['id']}+{len(members) - 1}"})
+    names = list(dict.fromkeys([*columns, "messages"]))
+    table = {name: [row.get(name) if row.get(name) is not None else "" for row in packed] for name in names}
+    features = datasets.Features({name: dataset.features.get(name, datasets.Value("string")) for name in names})
+    return datasets.Dataset.from_dict(table, features=features), {"rows": len(rows), "samples": len(packed)}
