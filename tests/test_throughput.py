@@ -175,7 +175,8 @@ def test_bench_cli_runs_a_path_and_writes_json_and_table(bone_break_dir, tmp_pat
 
     model = tiny_model_path("mistral3")
     out = tmp_path / "results"
-    proc = _run(["unsloth_med.bench", "--model", str(model), "--data_dir", str(bone_break_dir), "--paths", "hf-bf16",
+    proc = _run(["unsloth_med.bench", "--model", str(model), "--data_dir", str(bone_break_dir), "--paths",
+                 "hf-bf16,recipe-defaults",
                  "--batch_sizes", "2,4", "--steps", "2", "--warmup", "1", "--image_size", "64", "--profile",
                  "--out", str(out), "--tag", "cpu-test"], REPO, {"UNSLOTH_MED_BENCH_DEVICE": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
@@ -186,11 +187,17 @@ def test_bench_cli_runs_a_path_and_writes_json_and_table(bone_break_dir, tmp_pat
         assert entry["samples_per_s"] == pytest.approx(bs / entry["median_step_s"], rel=1e-2)
         assert entry["flops_per_step"] > 0 and 0 <= entry["data_share"] < 1
         assert entry["profile"]["wall_s"] > 0
+    # The recipe's own CLI with its defaults, as a row: on a CPU no memory plan, so its configured micro-batch 2.
+    defaults = json.loads((out / f"cpu-test_{model.name}_recipe-defaults.json").read_text())
+    assert defaults["memory_plan"]["micro_batch"] == 2 and defaults["memory_plan"]["effective_batch"] == 8
+    assert len(defaults["batches"][0]["step_s"]) == 3 and defaults["batches"][0]["samples_per_s"] > 0
+    assert "--max_steps" in defaults["command_run"] and defaults["timings_s"]["train"] > 0
     summary = json.loads((out / f"cpu-test_{model.name}_summary.json").read_text())
-    assert [r["batch_size"] for r in summary["rows"]] == [2, 4]
+    assert [(r["path"], r["batch_size"]) for r in summary["rows"]] == [("hf-bf16", 2), ("hf-bf16", 4),
+                                                                        ("recipe-defaults", 2)]
     assert summary["rows"][0]["x_hf_bf16_b2"] == pytest.approx(1.0)
     table = (out / f"cpu-test_{model.name}.md").read_text()
-    assert "| hf-bf16 | — | 2 |" in table and "| hf-bf16 | — | 4 |" in table
+    assert "| hf-bf16 | — | 2 |" in table and "| hf-bf16 | — | 4 |" in table and "| recipe-defaults | — | 2 |" in table
 
 
 def _tiny_mistral3_batch(sizes):
@@ -375,7 +382,8 @@ def test_bench_speedups_time_same_shape_batches_after_each_shape_warmed_up(bone_
 
     model = tiny_model_path("mistral3")
     out = tmp_path / "results"
-    proc = _run(["unsloth_med.bench", "--model", str(model), "--data_dir", str(bone_break_dir), "--paths", "hf-bf16",
+    proc = _run(["unsloth_med.bench", "--model", str(model), "--data_dir", str(bone_break_dir), "--paths",
+                 "hf-bf16,recipe-defaults",
                  "--batch_sizes", "2", "--steps", "4", "--warmup", "0", "--image_size", "64", "--no_flops",
                  "--speedups", "--unchecked_layers", "1", "--out", str(out), "--tag", "cpu-test"], REPO,
                 {"UNSLOTH_MED_BENCH_DEVICE": "cpu"})

@@ -37,7 +37,9 @@ from typing import Any
 
 _T_START = time.perf_counter()
 
-PATHS = ("hf-bf16", "hf-qlora", "unsloth-4bit", "unsloth-16bit")
+PATHS = ("hf-bf16", "hf-qlora", "unsloth-4bit", "unsloth-16bit", "recipe-defaults")
+#: The product's own row: the recipe's CLI with its defaults (memory plan, speedups, warm-up), as a user runs it.
+RECIPE_DEFAULTS = "recipe-defaults"
 GiB = 2**30
 # Only for smoke-testing the bench's plumbing without a GPU (hf-bf16 path, tiny models): "cpu".
 DEVICE = os.environ.get("UNSLOTH_MED_BENCH_DEVICE", "cuda")
@@ -79,6 +81,16 @@ def run_bench(args, argv: list[str]) -> int:
     model_name = Path(args.model).name if not shape_info else args.model
     results = []
     for path in paths:
+        if path == RECIPE_DEFAULTS:
+            t0 = time.time()
+            result = recipe_defaults_row(args, model_dir, work)
+            result.update(wall_s=round(time.time() - t0, 1), model=model_name, shape=shape_info, data=data_info,
+                          tag=tag, command="unsloth-med bench " + " ".join(argv), settings=_settings(args, path))
+            results.append(result)
+            (out / f"{tag}_{_slug(model_name)}_{_variant(result)}.json").write_text(json.dumps(result, indent=1))
+            print(f"[bench] {path}: done in {time.time() - t0:.0f} s" + (f" ({result['error']})" if "error" in result
+                                                                          else ""), flush=True)
+            continue
         result_file = work / f"{path}.json"
         log_file = work / f"{path}.log"
         cmd = [sys.executable, "-m", "unsloth_med.bench", "--worker", path, "--model_dir", str(model_dir),
@@ -169,6 +181,8 @@ def merge_command(args, argv: list[str]) -> int:
 
 def _settings(args, path: str) -> dict:
     """What a row was run with, beyond the path: these name its result file and its table row."""
+    if path == RECIPE_DEFAULTS:  # nothing chosen but the memory cap, if one was given
+        return {"max_memory_gib": args.max_memory_gib}
     unsloth = path.startswith("unsloth")
     return {"speedups": bool(args.speedups), "max_memory_gib": args.max_memory_gib,
             "gradient_checkpointing": args.gradient_checkpointing if unsloth else "true",
@@ -192,6 +206,47 @@ def _variant(result: dict, sep: str = "-") -> str:
     if s.get("max_memory_gib") and sep == "-":  # the table has a column for the cap
         parts.append(f"cap{s['max_memory_gib']:g}")
     return sep.join(parts)
+
+
+def recipe_defaults_row(args, model_dir: Path, work: Path) -> dict:
+    """The recipe's own CLI with its defaults for warmup + steps optimizer steps (no evaluation, no export), read
+    back from its train_stats.json as a bench row: what a user who reads no benchmark gets."""
+    import shutil
+
+    run = work / "recipe-defaults-run"
+    shutil.rmtree(run, ignore_errors=True)
+    cmd = [sys.executable, "-m", f"unsloth_med.recipes.{args.recipe}", "--model", str(model_dir),
+           "--max_steps", str(args.warmup + args.steps), "--eval_before", "false", "--eval_after", "false",
+           "--save_strategy", "no", "--export", "adapter", "--logging_steps", "1", "--output_dir", str(run)]
+    cmd += ["--data_dir", args.data_dir] if args.data_dir else []
+    cmd += ["--image_size", str(args.image_size)] if args.image_size else []
+    cmd += ["--max_memory_gib", str(args.max_memory_gib)] if args.max_memory_gib else []
+    log_file = work / "recipe-defaults.log"
+    with log_file.open("w") as log:
+        try:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    stats_file = run / "train_stats.json"
+    if rc != 0 or not stats_file.is_file():
+        return {"path": RECIPE_DEFAULTS, "error": f"recipe run exit {rc}; see {log_file}",
+                "log_tail": log_file.read_text()[-3000:]}
+    stats = json.loads(stats_file.read_text())
+    status = json.loads((run / "run.json").read_text())
+    losses = [json.loads(line).get("loss") for line in (run / "train_log.jsonl").read_text().splitlines()]
+    losses = [x for x in losses if x is not None]
+    batch = {"batch_size": stats.get("micro_batch"), "samples_per_step": stats.get("samples_per_step"),
+             "samples_per_s": stats.get("samples_per_second"),
+             "samples_per_s_all_steps": stats.get("samples_per_second_all_steps"),
+             "median_step_s": stats.get("median_step_seconds"), "max_over_median": stats.get("max_over_median"),
+             "step_s": stats.get("step_seconds"), "peak_alloc_gib": stats.get("peak_allocated_gib"),
+             "peak_reserved_gib": stats.get("peak_reserved_gib"), "data_share": stats.get("data_share"),
+             "warmup_s": (stats.get("shape_warmup") or {}).get("seconds"), "final_loss": losses[-1] if losses else None}
+    return {"path": RECIPE_DEFAULTS, "command_run": cmd[2:], "memory_plan": stats.get("memory_plan"),
+            "checkpointed_layers": stats.get("checkpointed_layers"), "gpu": stats.get("device"),
+            "load_s": (status.get("timings_s") or {}).get("load_model"), "timings_s": status.get("timings_s"),
+            "batches": [batch]}
 
 
 def _slug(text: str) -> str:
@@ -331,7 +386,8 @@ def table_rows(results: list[dict]) -> list[dict]:
         x["x_hf_bf16_b2"] = x["samples_per_s"] / base["samples_per_s"] if base else None
         # The memory a row may use: its cap when it ran under one, else what it reserved at peak.
         budget = x.get("memory_cap_gib") or x["peak_reserved_gib"]
-        fits = [h["samples_per_s"] for h in hf if h["peak_reserved_gib"] <= budget + 1e-9]
+        fits = [h["samples_per_s"] for h in hf if budget is not None and h["peak_reserved_gib"] is not None
+                and h["peak_reserved_gib"] <= budget + 1e-9]
         x["x_best_hf_same_memory"] = x["samples_per_s"] / max(fits) if fits else None
     return rows
 
