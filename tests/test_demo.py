@@ -23,7 +23,7 @@ def demo_run(tmp_path_factory):
     started = time.time()
     done = subprocess.run([sys.executable, "-m", "unsloth_med.recipes.bone_fracture", "--demo",
                            "--output_dir", str(out)],
-                          env=env, capture_output=True, text=True, timeout=900)
+                          env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done.stdout, time.time() - started
 

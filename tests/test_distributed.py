@@ -91,7 +91,8 @@ def test_torchrun_demo_writes_one_complete_run_folder(tmp_path):
     out = tmp_path / "run"
     done = subprocess.run(_torchrun(*_recipe("--demo", "--max_steps", "4", "--output_dir", str(out))),
                           env=_env(), capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
+    rank1 = (out / "rank1.log").read_text()[-3000:] if (out / "rank1.log").is_file() else "(no rank1.log)"
+    assert done.returncode == 0, done.stderr[-4000:] + "\n--- rank1.log ---\n" + rank1
     assert json.loads((out / "run.json").read_text())["complete"] is True
     for name in ("config.yaml", "metrics.json", "report.md", "run.log", "train_log.jsonl", "train_stats.json",
                  "eval_before.json", "eval_after.json", "data_summary.json", "samples.png", "rank1.log"):
@@ -165,7 +166,10 @@ def test_sharded_evaluation_gives_the_predictions_of_one_process(tmp_path, tiny_
     test = load_recipe_data(RECIPE, str(bone_break_dir), seed=0)["test"].select(range(n))
     for mode in ("score", "generate"):
         single = evaluate(model, processor, RECIPE, test, mode=mode, batch_size=4, image_size=64, progress=False)
-        assert json.loads(json.dumps(single)) == sharded[mode], mode  # every prediction, probability and metric
+        measured = ("timing", "input_pipeline")  # seconds of this process, not results
+        results = [{k: v for k, v in r.items() if k not in measured} for r in (json.loads(json.dumps(single)),
+                                                                                 sharded[mode])]
+        assert results[0] == results[1], mode  # every prediction, probability and metric
 
 
 def _corrupt_copy(source: Path, target: Path) -> Path:
