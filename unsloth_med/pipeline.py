@@ -387,7 +387,8 @@ def train_model(ctx: RunContext) -> None:
         if is_disk_full(exc, run_dir):
             raise disk_full_error(run_dir, "a checkpoint") from exc
         raise
-    steps_seconds = (_read_json(run_dir / "train_stats.json") or {}).get("train_seconds")
+    # Rank 0 writes train_stats.json in the run folder; another rank reading it could meet it half written.
+    steps_seconds = (_read_json(run_dir / "train_stats.json") or {}).get("train_seconds") if ctx.ranks.is_main else None
     if steps_seconds is not None:  # from the first step's start (after the warm-up) to the end of training
         ctx.timings["warm_up"] = max(time.perf_counter() - started - steps_seconds, 0.0)
     ctx.model = trainer.model

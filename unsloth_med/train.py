@@ -199,7 +199,9 @@ def compile_cache_counts() -> dict:
 def update_json(path: Path, fields: dict) -> None:
     """Write `fields` into the JSON object at `path`, keeping the keys it already holds."""
     kept = json.loads(path.read_text()) if path.is_file() else {}
-    path.write_text(json.dumps({**kept, **fields}, indent=1))
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps({**kept, **fields}, indent=1))
+    os.replace(partial, path)  # a reader never meets a half-written file
 
 
 class WarmUpCallback(TrainerCallback):
