@@ -81,48 +81,9 @@ def run_bench(args, argv: list[str]) -> int:
     model_name = Path(args.model).name if not shape_info else args.model
     results = []
     for path in paths:
-        if path == RECIPE_DEFAULTS:
-            t0 = time.time()
-            result = recipe_defaults_row(args, model_dir, work)
-            result.update(wall_s=round(time.time() - t0, 1), model=model_name, shape=shape_info, data=data_info,
-                          tag=tag, command="unsloth-med bench " + " ".join(argv), settings=_settings(args, path))
-            results.append(result)
-            (out / f"{tag}_{_slug(model_name)}_{_variant(result)}.json").write_text(json.dumps(result, indent=1))
-            print(f"[bench] {path}: done in {time.time() - t0:.0f} s" + (f" ({result['error']})" if "error" in result
-                                                                          else ""), flush=True)
-            continue
-        result_file = work / f"{path}.json"
-        log_file = work / f"{path}.log"
-        cmd = [sys.executable, "-m", "unsloth_med.bench", "--worker", path, "--model_dir", str(model_dir),
-               "--rows", str(rows_file), "--result", str(result_file), "--batch_sizes", args.batch_sizes,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--lora_r", str(args.lora_r),
-               "--finetune_vision_layers", args.finetune_vision_layers, "--learning_rate", str(args.learning_rate),
-               "--image_size", str(data_info["image_size"]), "--recipe", args.recipe, "--seed", str(args.seed),
-               "--start_batch", str(args.start_batch), "--gradient_checkpointing", args.gradient_checkpointing,
-               "--unchecked_layers", str(args.unchecked_layers), "--sdpa", args.sdpa]
-        if args.max_memory_gib:
-            cmd += ["--max_memory_gib", str(args.max_memory_gib)]
-        if args.no_flops:
-            cmd += ["--no_flops"]
-        if args.profile:
-            cmd += ["--profile"]
-        if args.speedups:
-            cmd += ["--speedups"]
-        print(f"[bench] {path}: {' '.join(cmd[2:4])} ... (log: {log_file})", flush=True)
         t0 = time.time()
-        result_file.unlink(missing_ok=True)
-        with log_file.open("w") as log:
-            try:
-                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout,
-                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
-                rc = proc.returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-        if result_file.is_file():
-            result = json.loads(result_file.read_text())
-        else:
-            result = {"path": path, "error": f"worker exit {rc}; see {log_file}",
-                      "log_tail": log_file.read_text()[-3000:]}
+        result = (recipe_defaults_row(args, model_dir, work) if path == RECIPE_DEFAULTS
+                  else _worker_row(args, path, model_dir, rows_file, work, data_info))
         result.update(wall_s=round(time.time() - t0, 1), model=model_name, shape=shape_info, data=data_info, tag=tag,
                       command="unsloth-med bench " + " ".join(argv), settings=_settings(args, path))
         results.append(result)
@@ -206,6 +167,39 @@ def _variant(result: dict, sep: str = "-") -> str:
     if s.get("max_memory_gib") and sep == "-":  # the table has a column for the cap
         parts.append(f"cap{s['max_memory_gib']:g}")
     return sep.join(parts)
+
+
+def _worker_row(args, path: str, model_dir: Path, rows_file: Path, work: Path, data_info: dict) -> dict:
+    """One training path measured in its own process (`--worker`), read back from its result file."""
+    result_file = work / f"{path}.json"
+    log_file = work / f"{path}.log"
+    cmd = [sys.executable, "-m", "unsloth_med.bench", "--worker", path, "--model_dir", str(model_dir),
+           "--rows", str(rows_file), "--result", str(result_file), "--batch_sizes", args.batch_sizes,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--lora_r", str(args.lora_r),
+           "--finetune_vision_layers", args.finetune_vision_layers, "--learning_rate", str(args.learning_rate),
+           "--image_size", str(data_info["image_size"]), "--recipe", args.recipe, "--seed", str(args.seed),
+           "--start_batch", str(args.start_batch), "--gradient_checkpointing", args.gradient_checkpointing,
+           "--unchecked_layers", str(args.unchecked_layers), "--sdpa", args.sdpa]
+    if args.max_memory_gib:
+        cmd += ["--max_memory_gib", str(args.max_memory_gib)]
+    if args.no_flops:
+        cmd += ["--no_flops"]
+    if args.profile:
+        cmd += ["--profile"]
+    if args.speedups:
+        cmd += ["--speedups"]
+    print(f"[bench] {path}: {' '.join(cmd[2:4])} ... (log: {log_file})", flush=True)
+    result_file.unlink(missing_ok=True)
+    with log_file.open("w") as log:
+        try:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    return {"path": path, "error": f"worker exit {rc}; see {log_file}", "log_tail": log_file.read_text()[-3000:]}
 
 
 def recipe_defaults_row(args, model_dir: Path, work: Path) -> dict:
