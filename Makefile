@@ -2,8 +2,9 @@
 # the package from this repository's files (CPU torch from requirements-cpu.txt, then `pip install -e .[test]`).
 #
 #   make demo       the offline demo (tiny model, generated X-rays; CPU, no network)
-#   make test       every test, slow ones too (what CI runs), on 2 pytest-xdist workers (--dist loadgroup:
-#                   tests that share one launched run through a module fixture stay on one worker)
+#   make test       every test, slow ones too (what CI runs), on 2 pytest-xdist workers (--dist loadfile:
+#                   a file's tests stay on one worker, so a module fixture (the demo run, a trained tiny model,
+#                   a built wheel) runs once; xdist 3.8's loadgroup ignores xdist_group marks under pytest 9.2)
 #   make test-fast  the fast tests (-m "not slow": what a developer runs before each commit)
 #   make lint       ruff
 #
@@ -27,10 +28,10 @@ demo: $(SETUP)
 	$(PY) -m unsloth_med.recipes.bone_fracture --demo
 
 test: $(SETUP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 test-fast: $(SETUP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint: $(SETUP)
 	$(PY) -m ruff check .

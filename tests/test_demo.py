@@ -13,7 +13,10 @@ from PIL import Image
 
 from unsloth_med.recipes.bone_fracture import CLASSES
 
-pytestmark = pytest.mark.slow  # the whole demo job (about 2 min on 2 cores); CI runs it
+# The whole demo job (about 5 min on 2 cores); CI runs it. `make test` runs a file's tests on one worker
+# (--dist loadfile), so the module fixture runs the demo once: two demos side by side on 2 cores ran past the
+# fixture's 30 min timeout in CI.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -131,7 +131,6 @@ def accelerate_run(tmp_path_factory, bone_break_dir) -> tuple[subprocess.Complet
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("accelerate_run")  # with make test's --dist loadgroup: one launch, not one per worker
 def test_accelerate_launch_trains_the_same_way(accelerate_run):
     done, out = accelerate_run
     assert done.returncode == 0, done.stderr[-4000:]
@@ -219,7 +218,6 @@ def _losses(run_dir: Path, step: int) -> dict[int, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("accelerate_run")
 def test_resume_under_ddp_after_sigkill_of_the_whole_job(tmp_path, bone_break_dir, accelerate_run):
     args = _resume_args(bone_break_dir)
     done, straight = accelerate_run  # the same run, uninterrupted (launched by accelerate, which uses torchrun's way)

@@ -42,7 +42,8 @@ from unsloth_med.recipes.base import DataSource, Recipe  # noqa: E402
 
 
 def _grouped(*families):
-    """Family parameters grouped by family, so `pytest -n 4 --dist loadgroup` trains each family once."""
+    """Family parameters grouped by family, so `pytest -n 4 --dist loadgroup` trains each family once (pytest < 9.2:
+    under 9.2, xdist 3.8 no longer sees the marks; then use --dist loadfile)."""
     return [pytest.param(f, marks=pytest.mark.xdist_group(f)) for f in families]
 
 
