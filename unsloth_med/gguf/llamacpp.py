@@ -7,7 +7,7 @@ which the converter cannot use) and the C++ sources; its `llama_cpp/` package gi
 that match those sources exactly (used by the verification, see `verify.py`).
 
 Everything lives in one folder keyed by the pin, built once and reused:
-`$UNSLOTH_MED_LLAMA_CPP_DIR`, default `<cache_dir()>/llama.cpp-0.3.36/` with `src/` (llama.cpp),
+`$UNSLOTH_MED_LLAMA_CPP_DIR`, default `<cache_dir()>/llama.cpp-0.3.36-portable/` with `src/` (llama.cpp),
 `python/llama_cpp/` (bindings), `build/bin/` (shared libraries, `llama-quantize`, `llama-mtmd-cli`).
 `$UNSLOTH_MED_LLAMA_CPP_SDIST` may point at an already downloaded sdist (offline machines).
 """
@@ -39,7 +39,12 @@ BUILD_JOBS = 2
 CMAKE_OPTIONS = (
     "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
+    # Not -march=native: on a virtual machine whose CPU advertises instructions it does not execute, the native
+    # build died with SIGILL on every Q8_0 / Q4_K_M model. The portable x86-64 build (AVX2, FMA, F16C) runs.
+    "-DGGML_NATIVE=OFF",
 )
+#: The build folder's name: a change of pin or of build flags gets a fresh build, never a mixed one.
+BUILD_FLAVOUR = "portable"
 _SDIST_PREFIX = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/"
 
 
@@ -49,7 +54,7 @@ def root() -> Path:
         return Path(override)
     from ..data.sources import cache_dir
 
-    return cache_dir() / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
+    return cache_dir() / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}-{BUILD_FLAVOUR}"
 
 
 def source_dir() -> Path:
