@@ -116,6 +116,44 @@ def test_the_lazy_collator_caches_as_it_goes_repeats_a_good_example_and_stops_pa
             lazy([good[2], good[3], bad[0]])
 
 
+def test_multi_image_rows_are_checked_planned_and_prepared_image_by_image(tmp_path, monkeypatch):
+    """A lazy split of multi-image samples (`more_images`): every image's header is checked (a row goes with a bad
+    second image, named), the planned columns equal up-front preparation's, and the collator prepares every image
+    of a row (a truncated second image skips its row)."""
+    import datasets
+
+    from unsloth_med.data.images import ImageFit
+    from unsloth_med.data.lazy import LazyImages, plan_images, scan_split
+    from unsloth_med.data.prepare import prepare_images
+
+    monkeypatch.setenv("UNSLOTH_MED_CACHE", str(tmp_path / "cache"))
+    first = [_png(tmp_path / f"a{i}.png", (64, 64), i) for i in range(4)]
+    second = [_png(tmp_path / f"b{i}.png", size, 10 + i) for i, size in enumerate([(40, 80), (90, 30)] * 2)]
+    rows = [{"image": str(a), "more_images": json.dumps([str(b)]), "target": "yes", "id": str(i)}
+            for i, (a, b) in enumerate(zip(first, second))]
+    rows.append({"image": str(first[0]), "more_images": json.dumps([str(tmp_path / "gone.png")]), "target": "no",
+                 "id": "gone"})
+    scanned, skipped = scan_split(datasets.Dataset.from_list(rows), "train", max_bad_fraction=0.5)
+    assert [(s["id"], Path(s["image"]).name) for s in skipped] == [("gone", "gone.png")]
+    assert scanned["more_source_sizes"][:] == [[[40, 80]], [[90, 30]], [[40, 80]], [[90, 30]]]
+    fit = ImageFit(56, 28, True)
+    planned, _ = plan_images(scanned, fit)
+    prepared, _ = prepare_images(datasets.Dataset.from_list(rows[:4]), fit, tmp_path / "up-front")
+    for column in ("length", "image_tokens", "image_shape"):
+        assert planned[column][:] == prepared[column][:]
+    assert "+" in planned["image_shape"][0]
+
+    lazy = LazyImages(lambda examples: examples, fit, tmp_path / "skipped.jsonl", 0.5)
+    cut = {**rows[1], "id": "cut", "more_images": json.dumps([str(_truncated_png(tmp_path / "cut.png"))])}
+    batch = lazy([rows[0], cut])
+    assert [e["id"] for e in batch] == ["0"]
+    paths = [batch[0]["image"], *json.loads(batch[0]["more_images"])]
+    assert len(paths) == 2 and all(Path(p).is_relative_to(tmp_path / "cache") for p in paths)
+    assert [Image.open(p).size for p in paths] == [tuple(map(int, s.split("x")))
+                                                    for s in prepared["image_shape"][0].split("+")]
+    assert json.loads((tmp_path / "skipped.jsonl").read_text())["image"].endswith("cut.png")
+
+
 @pytest.mark.slow
 def test_an_image_that_fails_to_decode_in_training_is_counted_skipped_and_logged(tiny_path, tmp_path):
     """--lazy_images_above 0 makes a 7-row listing lazy: the truncated PNG passes the header check, is met by
@@ -148,6 +186,39 @@ def test_an_image_that_fails_to_decode_in_training_is_counted_skipped_and_logged
     assert summary["skipped_in_training"] == len(skipped) and summary["prepared_images"]["lazy"] is True
     assert summary["leaked_test_images"] is None
     assert len(json.loads((out / "train_log.jsonl").read_text().splitlines()[-1]).keys()) > 1
+
+
+@pytest.mark.slow
+def test_a_lazy_listing_of_two_image_conversations_trains(tiny_path, tmp_path):
+    """LLaVA-style rows with a prior and a current image, lazy from row 0: both images of every row reach the
+    collator prepared (the cache holds both), and training runs its steps."""
+    from unsloth_med.cli import train_command
+    from unsloth_med.data.images import ImageFit
+    from unsloth_med.data.prepare import prepared_path
+    from unsloth_med.recipes import get_recipe
+
+    tiny_path("mistral3")
+    root = tmp_path / "data"
+    chat = [{"from": "human", "value": "<image>\n<image>\nAny change?"}, {"from": "gpt", "value": "no"}]
+    records = [{"id": f"s{i}", "images": [str(_png(root / f"prior{i}.png", (64, 48), i)),
+                                          str(_png(root / f"now{i}.png", (48, 64), 50 + i))],
+                "conversations": chat, "split": "train" if i < 6 else "test"} for i in range(8)]
+    (root / "studies.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    out = tmp_path / "run"
+    argv = ["--data_dir", str(root / "studies.jsonl"), "--model", "tiny:mistral3", "--lazy_images_above", "0",
+            "--max_steps", "3", "--image_size", "64", "--per_device_train_batch_size", "2",
+            "--gradient_accumulation_steps", "1", "--save_strategy", "no", "--eval_before", "false",
+            "--eval_after", "false", "--output_dir", str(out)]
+    train_command(argv, get_recipe("vqa"))
+    assert not (out / "skipped_in_training.jsonl").exists()
+    stats = json.loads((out / "metrics.json").read_text())["data"]["prepared_images"]
+    assert stats["lazy"] is True and stats["distinct_shapes"] == 1  # "WxH+WxH" from both headers
+    # 3 steps of 2 rows meet all 6 training rows: both images of each were prepared by the collator.
+    fit = ImageFit(stats["image_fit"]["max_side"], stats["image_fit"]["factor"], stats["image_fit"]["buckets"])
+    cache = Path(os.environ["UNSLOTH_MED_CACHE"]) / "prepared-images"
+    train_images = [image for r in records if r["split"] == "train" for image in r["images"]]
+    assert all(prepared_path(cache, image, fit).is_file() for image in train_images)
+    assert json.loads((out / "train_stats.json").read_text())["steps_timed"] == 3
 
 
 # Generous for a 2-core machine shared with other jobs (load 3-7): the same command took 45-72 s there.

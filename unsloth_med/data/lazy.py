@@ -8,11 +8,12 @@ training split with more rows than `--lazy_images_above` (default 20,000) is ins
   of a known format within the pixel limit. PIL reads the size from the header without decoding the
   pixels, which is all that length grouping and same-shape batching need (`length`, `image_tokens`,
   `image_shape`, computed by `ImageFit.output_size` exactly as preparation would). Files failing here
-  are skipped and listed like validation's (skipped_images.json, --max_bad_fraction).
+  are skipped and listed like validation's (skipped_images.json, --max_bad_fraction). Every image of a
+  multi-image sample (`more_images`) is checked, and a row goes when any of its images fails.
 - decoded, sized and written into the preparation cache by the collator, the first time a batch holds
   the image (`LazyImages`; in the data loader's workers when there are any, so it overlaps the step).
   The cache fills as training goes; a second run or epoch reads the small prepared PNGs. An image that
-  fails to decode then (a truncated file whose header is fine) is skipped: counted, logged as a warning
+  fails to decode then (a truncated file whose header is fine) skips its row: counted, logged as a warning
   and appended to <run>/skipped_in_training.jsonl; the batch goes on without it. More than
   --max_bad_fraction of the images met so far (after the first 100) stops the run with a DataError.
 
@@ -31,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, ImageError
-from .images import ImageFit, column_values, header_size, raw_image_column
+from .images import ImageFit, column_values, header_size, raw_image_column, raw_image_lists
 from .prepare import prepare_image, sample_length
+from .samples import image_refs
 from .validate import check_bad_fraction
 
 log = logging.getLogger(__name__)
@@ -62,15 +64,19 @@ def _source_name(source: Any) -> str:
 
 
 def scan_split(dataset, split: str, *, max_bad_fraction: float, workers: int | None = None):
-    """(dataset without rows whose image header is unusable + a `source_size` column [w, h], skipped rows).
+    """(dataset without rows whose image headers are unusable + a `source_size` column [w, h], skipped rows).
 
-    Each distinct image is opened once (threads: the cost is file system calls, not decoding)."""
+    Every image of a row counts: a multi-image sample (`more_images`) also gets `more_source_sizes` ([[w, h], ...])
+    and is skipped when any of its images is unusable. Each distinct image is opened once (threads: the cost is
+    file system calls, not decoding)."""
     if not len(dataset):
         return dataset, []
-    sources = raw_image_column(dataset)
+    multi = "more_images" in dataset.column_names
+    rows = raw_image_lists(dataset) if multi else [[source] for source in raw_image_column(dataset)]
     # Rows sharing a file path share one header read; in-memory images (HF datasets' bytes) are read each.
-    keys = [str(s) if isinstance(s, (str, os.PathLike)) else i for i, s in enumerate(sources)]
-    distinct = dict(zip(keys, sources))
+    keys = [[str(s) if isinstance(s, (str, os.PathLike)) else (i, j) for j, s in enumerate(images)]
+            for i, images in enumerate(rows)]
+    distinct = {key: source for row_keys, images in zip(keys, rows) for key, source in zip(row_keys, images)}
 
     def size_or_problem(source) -> tuple[int, int] | str:
         try:
@@ -80,26 +86,41 @@ def scan_split(dataset, split: str, *, max_bad_fraction: float, workers: int | N
 
     with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
         found = dict(zip(distinct, pool.map(size_or_problem, distinct.values())))
-    results = [found[key] for key in keys]
+    results = [[found[key] for key in row_keys] for row_keys in keys]
     ids = column_values(dataset, "id")
-    skipped = [{"split": split, "id": ids[i], "image": _source_name(sources[i]), "reason": r}
-               for i, r in enumerate(results) if isinstance(r, str)]
+    skipped = []
+    for i, (images, found_row) in enumerate(zip(rows, results)):
+        bad = next((j for j, r in enumerate(found_row) if isinstance(r, str)), None)
+        if bad is not None:
+            skipped.append({"split": split, "id": ids[i], "image": _source_name(images[bad]),
+                            "reason": found_row[bad]})
     check_bad_fraction(skipped, len(dataset), split, max_bad_fraction)
-    keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
+    keep = [i for i, r in enumerate(results) if not any(isinstance(size, str) for size in r)]
     if skipped:
         dataset = dataset.select(keep)
-    return _with_column(dataset, "source_size", [list(results[i]) for i in keep]), skipped
+    dataset = _with_column(dataset, "source_size", [list(results[i][0]) for i in keep])
+    if multi:
+        dataset = _with_column(dataset, "more_source_sizes", [[list(size) for size in results[i][1:]] for i in keep])
+    return dataset, skipped
 
 
 def plan_images(dataset, fit: ImageFit) -> tuple[Any, dict]:
-    """The columns preparation would add (`length`, `image_tokens`, `image_shape`), from `source_size` alone."""
+    """The columns preparation would add (`length`, `image_tokens`, `image_shape`), from the header sizes alone
+    (`source_size`, and `more_source_sizes` for a multi-image sample), counted as data/prepare.py counts them."""
     fitted: dict[tuple[int, int], tuple[int, int]] = {}  # a few distinct sizes among many rows
-    sizes = [fitted.get(size) or fitted.setdefault(size, fit.output_size(size))
-             for size in map(tuple, column_values(dataset, "source_size"))]
+
+    def output_size(size) -> tuple[int, int]:
+        size = tuple(size)
+        return fitted.get(size) or fitted.setdefault(size, fit.output_size(size))
+
+    sizes = [output_size(size) for size in column_values(dataset, "source_size")]
+    more = ([[output_size(size) for size in row] for row in column_values(dataset, "more_source_sizes")]
+            if "more_source_sizes" in dataset.column_names else [[] for _ in sizes])
     answers = column_values(dataset, "target") if "target" in dataset.column_names else [""] * len(sizes)
-    columns = {"length": [sample_length(fit, size, answer) for size, answer in zip(sizes, answers)],
-               "image_tokens": [fit.image_tokens(size) for size in sizes],
-               "image_shape": [f"{w}x{h}" for w, h in sizes]}
+    columns = {"length": [sample_length(fit, size, answer) + sum(fit.image_tokens(s) for s in others)
+                          for size, others, answer in zip(sizes, more, answers)],
+               "image_tokens": [sum(fit.image_tokens(s) for s in [size, *others]) for size, others in zip(sizes, more)],
+               "image_shape": ["+".join(f"{w}x{h}" for w, h in [size, *others]) for size, others in zip(sizes, more)]}
     for name, values in columns.items():
         dataset = _with_column(dataset, name, values)
     stats = {"images": len(dataset), "lazy": True, "distinct_shapes": len(set(columns["image_shape"])),
@@ -125,22 +146,30 @@ class LazyImages:
         return getattr(self.collator, name)
 
     def _usable(self, example: dict) -> dict | None:
+        """The example with every image (`image`, then `more_images`) decoded and prepared, or None (skipped)."""
         self.seen += 1
-        try:
-            if self.fit is None:
-                from .images import load_image
+        images, paths = image_refs(example), []
+        for source in images:
+            try:
+                if self.fit is None:
+                    from .images import load_image
 
-                load_image(example["image"])
-                return example
-            path, _ = prepare_image(example["image"], self.fit)
-        except ImageError as exc:
-            self._skip(example, str(exc))
-            return None
-        return {**example, "image": path}
+                    load_image(source)
+                    continue
+                paths.append(prepare_image(source, self.fit)[0])
+            except ImageError as exc:
+                self._skip(example, str(exc), source)
+                return None
+        if self.fit is None:
+            return example
+        prepared = {**example, "image": paths[0]}
+        if len(images) > 1 or "more_images" in example:
+            prepared["more_images"] = json.dumps(paths[1:])
+        return prepared
 
-    def _skip(self, example: dict, reason: str) -> None:
+    def _skip(self, example: dict, reason: str, source: Any) -> None:
         self.skipped += 1
-        record = {"id": example.get("id"), "image": _source_name(example.get("image")), "reason": reason}
+        record = {"id": example.get("id"), "image": _source_name(source), "reason": reason}
         with open(self.skip_file, "a") as f:  # one short line per write: whole lines even from several workers
             f.write(json.dumps(record) + "\n")
         log.warning("training image skipped (%d of %d met so far in this process cannot be decoded): %s",
