@@ -135,6 +135,7 @@ def test_multi_image_rows_are_checked_planned_and_prepared_image_by_image(tmp_pa
                  "id": "gone"})
     scanned, skipped = scan_split(datasets.Dataset.from_list(rows), "train", max_bad_fraction=0.5)
     assert [(s["id"], Path(s["image"]).name) for s in skipped] == [("gone", "gone.png")]
+    assert skipped[0]["reason"].startswith("image 2 of 2: ")
     assert scanned["more_source_sizes"][:] == [[[40, 80]], [[90, 30]], [[40, 80]], [[90, 30]]]
     fit = ImageFit(56, 28, True)
     planned, _ = plan_images(scanned, fit)
@@ -151,7 +152,8 @@ def test_multi_image_rows_are_checked_planned_and_prepared_image_by_image(tmp_pa
     assert len(paths) == 2 and all(Path(p).is_relative_to(tmp_path / "cache") for p in paths)
     assert [Image.open(p).size for p in paths] == [tuple(map(int, s.split("x")))
                                                     for s in prepared["image_shape"][0].split("+")]
-    assert json.loads((tmp_path / "skipped.jsonl").read_text())["image"].endswith("cut.png")
+    record = json.loads((tmp_path / "skipped.jsonl").read_text())
+    assert record["image"].endswith("cut.png") and record["reason"].startswith("image 2 of 2: ")
 
 
 @pytest.mark.slow

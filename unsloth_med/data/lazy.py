@@ -35,7 +35,7 @@ from ..errors import DataError, ImageError
 from .images import ImageFit, column_values, header_size, raw_image_column, raw_image_lists
 from .prepare import prepare_image, sample_length
 from .samples import image_refs
-from .validate import check_bad_fraction
+from .validate import check_bad_fraction, which_image
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def scan_split(dataset, split: str, *, max_bad_fraction: float, workers: int | N
         bad = next((j for j, r in enumerate(found_row) if isinstance(r, str)), None)
         if bad is not None:
             skipped.append({"split": split, "id": ids[i], "image": _source_name(images[bad]),
-                            "reason": found_row[bad]})
+                            "reason": which_image(bad, len(images)) + found_row[bad]})
     check_bad_fraction(skipped, len(dataset), split, max_bad_fraction)
     keep = [i for i, r in enumerate(results) if not any(isinstance(size, str) for size in r)]
     if skipped:
@@ -149,7 +149,7 @@ class LazyImages:
         """The example with every image (`image`, then `more_images`) decoded and prepared, or None (skipped)."""
         self.seen += 1
         images, paths = image_refs(example), []
-        for source in images:
+        for position, source in enumerate(images):
             try:
                 if self.fit is None:
                     from .images import load_image
@@ -158,7 +158,7 @@ class LazyImages:
                     continue
                 paths.append(prepare_image(source, self.fit)[0])
             except ImageError as exc:
-                self._skip(example, str(exc), source)
+                self._skip(example, which_image(position, len(images)) + str(exc), source)
                 return None
         if self.fit is None:
             return example

@@ -53,10 +53,15 @@ def validate_split(dataset, split: str, *, image_size: int | None, max_bad_fract
             bad_rows.add(k)
             source = images[j]
             skipped.append({"split": split, "id": ids[k], "image": str(source) if isinstance(source, str) else ids[k],
-                            "reason": reason if len(images) == 1 else f"image {j + 1} of {len(images)}: {reason}"})
+                            "reason": which_image(j, len(images)) + reason})
     check_bad_fraction(skipped, len(dataset), split, max_bad_fraction)
     keep = [k for k in range(len(rows)) if k not in bad_rows]
     return (dataset.select(keep) if skipped else dataset), skipped
+
+
+def which_image(position: int, count: int) -> str:
+    """"image 2 of 3: " before a multi-image sample's problem, "" for a single image."""
+    return f"image {position + 1} of {count}: " if count > 1 else ""
 
 
 def check_bad_fraction(skipped: list[dict], total: int, split: str, max_bad_fraction: float) -> None:
