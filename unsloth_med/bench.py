@@ -37,9 +37,9 @@ from typing import Any
 
 _T_START = time.perf_counter()
 
-PATHS = ("hf-bf16", "hf-qlora", "unsloth-4bit", "unsloth-16bit", "recipe-defaults")
 #: The product's own row: the recipe's CLI with its defaults (memory plan, speedups, warm-up), as a user runs it.
 RECIPE_DEFAULTS = "recipe-defaults"
+PATHS = ("hf-bf16", "hf-qlora", "unsloth-4bit", "unsloth-16bit", RECIPE_DEFAULTS)
 GiB = 2**30
 # Only for smoke-testing the bench's plumbing without a GPU (hf-bf16 path, tiny models): "cpu".
 DEVICE = os.environ.get("UNSLOTH_MED_BENCH_DEVICE", "cuda")
@@ -169,6 +169,16 @@ def _variant(result: dict, sep: str = "-") -> str:
     return sep.join(parts)
 
 
+def _run_logged(cmd: list[str], log_file: Path, timeout: float) -> int | str:
+    """Run cmd with its output in log_file; its exit code, or "timeout"."""
+    with log_file.open("w") as log:
+        try:
+            return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+        except subprocess.TimeoutExpired:
+            return "timeout"
+
+
 def _worker_row(args, path: str, model_dir: Path, rows_file: Path, work: Path, data_info: dict) -> dict:
     """One training path measured in its own process (`--worker`), read back from its result file."""
     result_file = work / f"{path}.json"
@@ -190,13 +200,7 @@ def _worker_row(args, path: str, model_dir: Path, rows_file: Path, work: Path, d
         cmd += ["--speedups"]
     print(f"[bench] {path}: {' '.join(cmd[2:4])} ... (log: {log_file})", flush=True)
     result_file.unlink(missing_ok=True)
-    with log_file.open("w") as log:
-        try:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            rc = proc.returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
+    rc = _run_logged(cmd, log_file, args.timeout)
     if result_file.is_file():
         return json.loads(result_file.read_text())
     return {"path": path, "error": f"worker exit {rc}; see {log_file}", "log_tail": log_file.read_text()[-3000:]}
@@ -216,12 +220,7 @@ def recipe_defaults_row(args, model_dir: Path, work: Path) -> dict:
     cmd += ["--image_size", str(args.image_size)] if args.image_size else []
     cmd += ["--max_memory_gib", str(args.max_memory_gib)] if args.max_memory_gib else []
     log_file = work / "recipe-defaults.log"
-    with log_file.open("w") as log:
-        try:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
+    rc = _run_logged(cmd, log_file, args.timeout)
     stats_file = run / "train_stats.json"
     if rc != 0 or not stats_file.is_file():
         return {"path": RECIPE_DEFAULTS, "error": f"recipe run exit {rc}; see {log_file}",

@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from ..errors import DataError, ImageError
 from .images import ImageFit, column_values, header_size, raw_image_column, raw_image_lists
 from .prepare import prepare_image, sample_length
 from .samples import image_refs
-from .validate import check_bad_fraction, which_image
+from .validate import check_bad_fraction, each_image_once, which_image
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +66,11 @@ def scan_split(dataset, split: str, *, max_bad_fraction: float, workers: int | N
     """(dataset without rows whose image headers are unusable + a `source_size` column [w, h], skipped rows).
 
     Every image of a row counts: a multi-image sample (`more_images`) also gets `more_source_sizes` ([[w, h], ...])
-    and is skipped when any of its images is unusable. Each distinct image is opened once (threads: the cost is
-    file system calls, not decoding)."""
+    and is skipped when any of its images is unusable. Each distinct image is opened once."""
     if not len(dataset):
         return dataset, []
     multi = "more_images" in dataset.column_names
     rows = raw_image_lists(dataset) if multi else [[source] for source in raw_image_column(dataset)]
-    # Rows sharing a file path share one header read; in-memory images (HF datasets' bytes) are read each.
-    keys = [[str(s) if isinstance(s, (str, os.PathLike)) else (i, j) for j, s in enumerate(images)]
-            for i, images in enumerate(rows)]
-    distinct = {key: source for row_keys, images in zip(keys, rows) for key, source in zip(row_keys, images)}
 
     def size_or_problem(source) -> tuple[int, int] | str:
         try:
@@ -84,9 +78,8 @@ def scan_split(dataset, split: str, *, max_bad_fraction: float, workers: int | N
         except ImageError as exc:
             return str(exc)
 
-    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
-        found = dict(zip(distinct, pool.map(size_or_problem, distinct.values())))
-    results = [[found[key] for key in row_keys] for row_keys in keys]
+    # Rows sharing a file path share one header read (threads: the cost is file system calls, not decoding).
+    results = each_image_once(rows, size_or_problem, workers)
     ids = column_values(dataset, "id")
     skipped = []
     for i, (images, found_row) in enumerate(zip(rows, results)):

@@ -32,23 +32,30 @@ def _key(source, row: int, position: int) -> str:
     return f"file:{source}" if isinstance(source, (str, os.PathLike)) else f"row:{row}:{position}"
 
 
+def each_image_once(rows: list[list], check, workers: int | None = None) -> list[list]:
+    """check(source) for every image of every row, in the rows' shape; called once per distinct file (bytes and
+    in-memory images: once per row and position), in threads (PIL reads and decodes outside the GIL)."""
+    keys = [[_key(source, k, j) for j, source in enumerate(images)] for k, images in enumerate(rows)]
+    distinct: dict[str, object] = {}
+    for row_keys, images in zip(keys, rows):
+        for key, source in zip(row_keys, images):
+            distinct.setdefault(key, source)
+    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
+        found = dict(zip(distinct, pool.map(check, distinct.values())))
+    return [[found[key] for key in row_keys] for row_keys in keys]
+
+
 def validate_split(dataset, split: str, *, image_size: int | None, max_bad_fraction: float,
                    workers: int | None = None):
     """(dataset without unusable rows, list of skipped rows {id, image, reason})."""
     if not len(dataset):
         return dataset, []
     rows = raw_image_lists(dataset)
-    distinct: dict[str, object] = {}  # one check per distinct file (bytes and in-memory images: per row)
-    for k, images in enumerate(rows):
-        for j, source in enumerate(images):
-            distinct.setdefault(_key(source, k, j), source)
-    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
-        found = dict(zip(distinct, pool.map(lambda s: _problem(s, image_size), distinct.values())))
+    found = each_image_once(rows, lambda source: _problem(source, image_size), workers)
     ids = dataset["id"][:]  # one read of the column
     skipped, bad_rows = [], set()
     for k, images in enumerate(rows):
-        problems = [(j, found[_key(source, k, j)]) for j, source in enumerate(images)]
-        j, reason = next(((j, p) for j, p in problems if p), (0, None))
+        j, reason = next(((j, p) for j, p in enumerate(found[k]) if p), (0, None))
         if reason:
             bad_rows.add(k)
             source = images[j]
