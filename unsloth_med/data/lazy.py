@@ -70,6 +70,7 @@ def scan_split(dataset, split: str, *, max_bad_fraction: float, workers: int | N
     if not len(dataset):
         return dataset, []
     multi = "more_images" in dataset.column_names
+    # Single-image listings skip raw_image_lists' per-row JSON parse (0.4 s per 100,000 rows on the 2-core machine).
     rows = raw_image_lists(dataset) if multi else [[source] for source in raw_image_column(dataset)]
 
     def size_or_problem(source) -> tuple[int, int] | str:
