@@ -4,7 +4,8 @@
 # then training-only runs under the memory budgets the issue names (vision + language LoRA within 24 GiB;
 # language-only LoRA within 48 and 24 GiB).
 # Usage: bash benchmarks/defaults_quick_14b.sh BONE_BREAK_DIR WORK_DIR OUT_DIR [RUN ...]   (CUDA machine, unsloth)
-# RUN: quick-first quick-second vision-language-24gib language-48gib language-24gib (default: all, in that order)
+# RUN: quick-first quick-second vision-language-24gib language-48gib language-24gib (default: all, in that order),
+#      or vision-language-24gib-eval, language-48gib-batch32
 set -euo pipefail
 data=${1:?bone-break dir}; work=${2:?work dir}; out=${3:?output dir}; shift 3
 runs=${*:-quick-first quick-second vision-language-24gib language-48gib language-24gib}
@@ -46,6 +47,8 @@ for name in $runs; do
         vision-language-24gib-eval) run "$name" --max_steps 10 --eval_before false --max_memory_gib 24 ;;
         language-48gib) run "$name" $short --finetune_vision_layers false --max_memory_gib 48 ;;
         language-24gib) run "$name" $short --finetune_vision_layers false --max_memory_gib 24 ;;
+        language-48gib-batch32) run "$name" $short --finetune_vision_layers false --max_memory_gib 48 \
+            --gradient_accumulation_steps 16 ;;   # effective batch 2 x 16 = 32: the plan's micro-batch up to 32
         *) echo "unknown run $name"; exit 2 ;;
     esac
 done

@@ -1,0 +1,128 @@
+"""Where label-scoring evaluation spends its time (issue 15, goal 4), on the recipe's own model and test split.
+
+Runs the pipeline's own stages up to the loaded model (data, preparation, load with the recipe's defaults), then:
+1. `evaluate` over the whole test split at several batch sizes, twice each (the first pass includes compilation);
+2. one pass at the default batch size split into its parts, each timed with the GPU synchronised: encoding on the
+   CPU, the prompt forward (vision tower + language model), the vision tower alone, the class continuations;
+3. a torch.profiler table of one batch (the ops that take the GPU's time).
+
+Usage (CUDA machine with unsloth; on a CPU it runs the hf backend, for checking the script itself):
+    python benchmarks/eval_profile.py OUT_DIR --data_dir DATA --model MODEL [recipe flags]
+Writes OUT_DIR/eval_profile.json and OUT_DIR/eval_profile_ops.txt, and prints a table.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _timed(fn):
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - start
+
+
+def main(argv: list[str]) -> int:
+    out_dir, recipe_args = Path(argv[0]), argv[1:]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    from unsloth_med.config import parse_config
+    from unsloth_med.recipes.bone_fracture import RECIPE
+
+    # Parsed before unsloth is imported: unsloth's SFTConfig adds its own --max_seq_length (as the CLI does).
+    config = parse_config(recipe_args + ["--output_dir", str(out_dir / "run")], RECIPE)
+    if torch.cuda.is_available():
+        from unsloth_med.backends.unsloth import import_unsloth
+
+        import_unsloth()
+
+    from unsloth_med import pipeline
+    from unsloth_med.evaluate import evaluate, shape_order
+    from unsloth_med.evaluate.caption import batches, encode_rows, model_device_dtype, to_model
+    from unsloth_med.evaluate.classify import dataset_labels, label_token_ids, score_encoded
+    from unsloth_med.models.families import family_of
+
+    ctx = pipeline.RunContext(RECIPE, config)
+    for name, stage in (("setup", pipeline.setup), *pipeline.STAGES[:3]):
+        pipeline._run_stage(ctx, name, stage)
+    model = ctx.backend.for_inference(ctx.model)
+    model.eval()
+    test = ctx.test_set
+    cuda = torch.cuda.is_available()
+    record: dict = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "images": len(test),
+                    "stages_s": dict(ctx.timings), "passes": []}
+    print(f"{record['gpu']}: {len(test)} test images; stages {ctx.timings}")
+
+    for batch_size in ((32, 64, 16) if cuda else (8,)):
+        for attempt in (1, 2):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            result = evaluate(model, ctx.processor, RECIPE, test, batch_size=batch_size, image_size=ctx.fit,
+                              progress=False)
+            row = {"batch_size": batch_size, "attempt": attempt, **result["timing"],
+                   "accuracy": result["metrics"]["accuracy"], "input_pipeline": result.get("input_pipeline"),
+                   "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+            record["passes"].append(row)
+            print(row)
+
+    # One pass at batch 32, part by part.
+    family = family_of(model.config)
+    labels = dataset_labels(RECIPE, test)
+    ids = label_token_ids(ctx.processor, family, labels)
+    order = shape_order(test)
+    rows_in_order = test.select(order) if order is not None else test
+    device, dtype = model_device_dtype(model)
+    parts = {"encode_cpu_s": 0.0, "to_gpu_s": 0.0, "prompt_forward_s": 0.0, "vision_tower_s": 0.0,
+             "score_total_s": 0.0, "tokens": 0, "batches": 0}
+    tower = getattr(getattr(model, "model", model), "get_image_features", None)
+    with torch.inference_mode():
+        for rows in batches(rows_in_order, 32):
+            start = time.perf_counter()
+            encoded = encode_rows(ctx.processor, RECIPE, rows, ctx.fit)
+            parts["encode_cpu_s"] += time.perf_counter() - start
+            batch, seconds = _timed(lambda: to_model(encoded, device, dtype))
+            parts["to_gpu_s"] += seconds
+            parts["tokens"] += int(batch["attention_mask"].sum())
+            parts["batches"] += 1
+            _, seconds = _timed(lambda: model(**batch, use_cache=True, logits_to_keep=1))
+            parts["prompt_forward_s"] += seconds
+            if tower is not None and "pixel_values" in batch:
+                try:
+                    _, seconds = _timed(lambda: tower(pixel_values=batch["pixel_values"],
+                                                      image_sizes=batch.get("image_sizes")))
+                    parts["vision_tower_s"] += seconds
+                except Exception as exc:  # noqa: BLE001 - a profile, not a product path
+                    parts["vision_tower_error"] = str(exc)[:200]
+            _, seconds = _timed(lambda: score_encoded(model, ctx.processor, family, encoded, ids))
+            parts["score_total_s"] += seconds
+    parts["continuations_s"] = parts["score_total_s"] - parts["prompt_forward_s"]
+    parts = {k: round(v, 3) if isinstance(v, float) else v for k, v in parts.items()}
+    record["parts_batch32"] = parts
+    print("parts at batch 32:", parts)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    first = next(iter(batches(rows_in_order, 32)))
+    encoded = encode_rows(ctx.processor, RECIPE, first, ctx.fit)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.inference_mode(), profile(activities=activities) as prof:
+        score_encoded(model, ctx.processor, family, encoded, ids)
+        if cuda:
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40)
+    (out_dir / "eval_profile_ops.txt").write_text(table)
+    print(table[:6000])
+    (out_dir / "eval_profile.json").write_text(json.dumps(record, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
