@@ -3,7 +3,8 @@
 Runs the pipeline's own stages up to the loaded model (data, preparation, load with the recipe's defaults), then:
 1. `evaluate` over the whole test split at several batch sizes, twice each (the first pass includes compilation);
 2. one pass at the default batch size split into its parts, each timed with the GPU synchronised: encoding on the
-   CPU, the prompt forward (vision tower + language model), the vision tower alone, the class continuations;
+   CPU, the prompt forward (vision tower + language model), the vision tower alone, the class continuations
+   (cached strategy), and the packed strategy's one forward (evaluate/packed.py) where the family allows it;
 3. a torch.profiler table of one batch (the ops that take the GPU's time).
 
 Usage (CUDA machine with unsloth; on a CPU it runs the hf backend, for checking the script itself):
@@ -48,6 +49,7 @@ def main(argv: list[str]) -> int:
     from unsloth_med.evaluate import evaluate, shape_order
     from unsloth_med.evaluate.caption import batches, encode_rows, model_device_dtype, to_model
     from unsloth_med.evaluate.classify import dataset_labels, label_token_ids, score_encoded
+    from unsloth_med.evaluate.packed import can_pack, score_packed
     from unsloth_med.models.families import family_of
 
     ctx = pipeline.RunContext(RECIPE, config)
@@ -81,7 +83,8 @@ def main(argv: list[str]) -> int:
     rows_in_order = test.select(order) if order is not None else test
     device, dtype = model_device_dtype(model)
     parts = {"encode_cpu_s": 0.0, "to_gpu_s": 0.0, "prompt_forward_s": 0.0, "vision_tower_s": 0.0,
-             "score_total_s": 0.0, "tokens": 0, "batches": 0}
+             "score_total_s": 0.0, "packed_total_s": 0.0, "tokens": 0, "batches": 0}
+    packable = can_pack(model, family)
     tower = getattr(getattr(model, "model", model), "get_image_features", None)
     with torch.inference_mode():
         for rows in batches(rows_in_order, 32):
@@ -103,10 +106,14 @@ def main(argv: list[str]) -> int:
                     parts["vision_tower_error"] = str(exc)[:200]
             _, seconds = _timed(lambda: score_encoded(model, ctx.processor, family, encoded, ids))
             parts["score_total_s"] += seconds
+            if packable:  # the default strategy where it applies: prompt and continuations in one forward
+                _, seconds = _timed(lambda: score_packed(model, ctx.processor, family, encoded, ids))
+                parts["packed_total_s"] += seconds
     parts["continuations_s"] = parts["score_total_s"] - parts["prompt_forward_s"]
     parts = {k: round(v, 3) if isinstance(v, float) else v for k, v in parts.items()}
     record["parts_batch32"] = parts
-    print("parts at batch 32:", parts)
+    print("parts at batch 32:", parts, "| label_scoring of the last pass:",
+          record["passes"][-1]["input_pipeline"].get("label_scoring"))
 
     from torch.profiler import ProfilerActivity, profile
 

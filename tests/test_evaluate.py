@@ -15,7 +15,7 @@ from PIL import Image
 from unsloth_med.backends.hf import HFBackend, VisionCollator
 from unsloth_med.config import ModelArgs
 from unsloth_med.evaluate import agreement, caption_metrics, classification_metrics, evaluate, match_label
-from unsloth_med.evaluate.classify import score_rows
+from unsloth_med.evaluate.classify import label_token_ids, score_rows
 from unsloth_med.models import prompting
 from unsloth_med.models.families import family_of
 from unsloth_med.predict import format_predictions, predict
@@ -149,6 +149,64 @@ def test_label_scoring_equals_naive_full_sequence_scoring(tiny_path, family):
     m = result["metrics"]
     assert m["mode"] == "score" and m["n"] == 5 and "unparseable" not in m
     assert len(m["confusion_matrix"]) == len(RECIPE.labels) and sum(map(sum, m["confusion_matrix"])) == 5
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_label_scoring_equals_naive_scoring_in_one_forward(tiny_path, attention):
+    """Every class's answer packed after the prompt, masked from the other classes: the same log-likelihoods as one
+    full sequence per class, for left-padded prompts of different lengths, with either attention's mask form."""
+    from unsloth_med.data.images import load_image
+    from unsloth_med.evaluate.packed import can_pack
+
+    model, processor = _load(tiny_path, "mistral3")
+    model.set_attn_implementation(attention)
+    assert can_pack(model, family_of(model.config))
+    rows = _rows(5)
+    packed = score_rows(model, processor, RECIPE, rows, RECIPE.labels, image_size=IMAGE_SIZE, strategy="packed")
+    naive = torch.tensor([_naive_scores(model, processor, load_image(r["image"], IMAGE_SIZE), RECIPE.labels)
+                          for r in rows], dtype=torch.float64)
+    assert torch.allclose(packed, naive, atol=1e-4, rtol=0), (packed - naive).abs().max()
+    assert max(len(ids) for ids in label_token_ids(processor, family_of(model.config), RECIPE.labels)) > 2, \
+        "labels of one or two tokens would leave the class-to-class masking untested"
+
+
+@pytest.mark.parametrize("family", ["mllama", "qwen2_5_vl", "gemma3"])
+def test_families_whose_positions_or_masks_are_derived_score_from_the_cache(tiny_path, family):
+    model, processor = _load(tiny_path, family)
+    result = evaluate(model, processor, RECIPE, _rows(3), mode="score", batch_size=3, image_size=IMAGE_SIZE,
+                      progress=False)
+    assert result["input_pipeline"]["label_scoring"] == {"strategy": "cache"}
+
+
+def test_evaluation_checks_packed_scores_and_falls_back_when_the_mask_is_ignored(tiny_path, monkeypatch, caplog):
+    """Evaluation compares the packed strategy with the cached one on its first rows. An attention path that
+    ignored the class-to-class masking (simulated: a plain causal mask) is caught, and the cached scores are used."""
+    from unsloth_med.evaluate import packed
+
+    model, processor = _load(tiny_path, "mistral3")
+    rows = _rows(4)
+    cached = score_rows(model, processor, RECIPE, rows, RECIPE.labels, image_size=IMAGE_SIZE)
+
+    good = evaluate(model, processor, RECIPE, rows, mode="score", batch_size=4, image_size=IMAGE_SIZE, progress=False)
+    scoring = good["input_pipeline"]["label_scoring"]
+    assert scoring["strategy"] == "packed" and scoring["agreed"] and scoring["checked_rows"] == 2
+    assert scoring["max_difference_nats"] < 1e-4 < scoring["mask_effect_nats"]
+
+    separate_classes = packed.packed_mask
+
+    def causal_only(prompt_mask, owners, dtype, attention):  # every continuation token sees every earlier one
+        return separate_classes(prompt_mask, torch.zeros_like(owners), dtype, attention)
+
+    monkeypatch.setattr(packed, "packed_mask", causal_only)
+    with caplog.at_level("WARNING"):
+        fallback = evaluate(model, processor, RECIPE, rows, mode="score", batch_size=4, image_size=IMAGE_SIZE,
+                            progress=False)
+    scoring = fallback["input_pipeline"]["label_scoring"]
+    assert scoring["strategy"] == "cache" and not scoring["agreed"] and scoring["mask_effect_nats"] == 0.0
+    assert "Scoring with the cached strategy" in caplog.text
+    for prediction, scores in zip(fallback["predictions"], cached):
+        assert prediction["prediction"] == RECIPE.labels[int(scores.argmax())]
+        assert prediction["log_likelihoods"] == {label: round(float(s), 4) for label, s in zip(RECIPE.labels, scores)}
 
 
 # ----------------------------------------------------------------------------- generation

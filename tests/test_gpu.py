@@ -331,6 +331,29 @@ def test_generation_after_training(trained, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_default_label_scoring_on_the_inference_path_is_checked_and_ranks_as_the_cache_does(trained, family):
+    """Evaluation's default label scoring on Unsloth's inference path. Mistral 3 packs every class's answer after
+    the prompt (one forward, evaluate/packed.py) and must pass its check against the cached strategy: Unsloth's
+    attention must honour the 4-D mask. The other families keep the cache. Both rank the classes alike."""
+    from unsloth_med.evaluate.classify import evaluate_classification
+
+    t = trained(family)
+    model, processor, rows = t["backend"].for_inference(t["model"]), t["processor"], t["rows"]
+    default = evaluate_classification(model, processor, RECIPE, rows, batch_size=4, image_size=IMAGE_SIZE,
+                                      progress=False)
+    cached = evaluate_classification(model, processor, RECIPE, rows, batch_size=4, image_size=IMAGE_SIZE,
+                                     progress=False, strategy="cache")
+    scoring = default["input_pipeline"]["label_scoring"]
+    print(f"\n{family} label scoring: {scoring}")
+    assert scoring["strategy"] == ("packed" if family == "mistral3" else "cache"), scoring
+    if family == "mistral3":
+        assert scoring["agreed"] and scoring["mask_effect_nats"] > 0, scoring
+    for a, b in zip(default["predictions"], cached["predictions"]):
+        ours, theirs = a["log_likelihoods"], b["log_likelihoods"]
+        assert max(abs(ours[k] - theirs[k]) for k in ours) <= scoring.get("tolerance_nats", 1e-6), (a, b)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_unsloth_collator_labels_only_the_answer(tiny_model, family, tmp_path):
     """Real labels from UnslothVisionDataCollator (through the backend's collator): everything up to and
     including the family's response marker is masked, image tokens are masked, and what is left is the

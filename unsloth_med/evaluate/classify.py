@@ -1,10 +1,13 @@
 """Classification: label scoring and generation, and the scikit-learn metrics.
 
 Label scoring ranks every class by the model's log-likelihood of answering with it: the class name
-plus the family's end-of-turn token, exactly the tokens training puts the loss on. The prompt (image
-included) runs once per image with the KV cache on; every class continuation is then scored from a
-copy of that cache, so the image is encoded once, not once per class. Probabilities are the softmax
-of these log-likelihoods over the classes, so they sum to 1 and no answer is ever unparseable.
+plus the family's end-of-turn token, exactly the tokens training puts the loss on. The image is encoded
+once per row, not once per class: by default (strategy "auto") every class's answer tokens are packed
+after the prompt in one forward, each seeing only the prompt and its own class (packed.py), checked on the
+first batch against the cached strategy; for the other families (Qwen2.5-VL, Mllama, Gemma 3) and flash attention the
+prompt runs with the KV cache on and every class continuation is scored from a copy of that cache.
+Probabilities are the softmax of these log-likelihoods over the classes, so they sum to 1 and no answer is
+ever unparseable.
 
 Generation decodes greedily and matches the answer to a class (exactly, then ignoring case and
 whitespace); an answer that matches no class counts as wrong and is reported as unparseable.
@@ -35,6 +38,7 @@ from .caption import (
     row_images,
     to_model,
 )
+from .packed import can_pack, check_packed, first_rows, score_packed
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +117,11 @@ def score_rows(model, processor, recipe, rows: Sequence[dict], labels: Sequence[
     if strategy == "full":
         return torch.stack([_score_full(model, processor, recipe, family, row, image, labels)
                             for row, image in zip(rows, row_images(rows, image_size))])
-    if strategy != "cache":
-        raise ValueError(f"unknown label-scoring strategy {strategy!r} (use 'cache' or 'full')")
-    return score_encoded(model, processor, family, encode_rows(processor, recipe, rows, image_size, prompt), ids)
+    if strategy not in ("cache", "packed"):
+        raise ValueError(f"unknown label-scoring strategy {strategy!r} (use 'cache', 'packed' or 'full')")
+    encoded = encode_rows(processor, recipe, rows, image_size, prompt)
+    score = score_packed if strategy == "packed" else score_encoded
+    return score(model, processor, family, encoded, ids)
 
 
 def score_encoded(model, processor, family: Family, encoded: dict, ids: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -289,7 +295,7 @@ def agreement(pred_a: Sequence, pred_b: Sequence) -> float:
 # ----------------------------------------------------------------------------- whole-split evaluation
 def evaluate_classification(model, processor, recipe, dataset, *, mode: str = "score", batch_size: int = 8,
                             max_new_tokens: int | None = None, image_size: int | None = None, progress: bool = True,
-                            strategy: str = "cache") -> dict:
+                            strategy: str = "auto") -> dict:
     labels = dataset_labels(recipe, dataset)  # the whole split's classes, also when this rank scores a part of it
     dataset, rows = my_shard(dataset, batch_size)  # under DDP: this rank's batches; all gathered below
     stats: dict = {}  # the input pipeline: seconds preparing batches, seconds waiting for them
@@ -319,17 +325,26 @@ def _iter_scored(model, processor, recipe, dataset, labels, *, batch_size, image
                  stats: dict | None = None):
     family = family_of(model.config)
     ids = label_token_ids(processor, family, labels)
-    if strategy == "cache" and len(dataset):  # the boundary is the same for every row: checked on the first
+    if strategy == "auto":
+        strategy = "packed" if can_pack(model, family) else "cache"
+    if strategy in ("cache", "packed") and len(dataset):  # the boundary is the same for every row: checked on one
         first = dataset[0]
         check_label_tokenization(processor, family, recipe, prompt_text(processor, recipe, first), labels, ids, first)
-    cached = strategy == "cache"
+    encoded_ahead = strategy in ("cache", "packed")
     feed = Prefetch(batches(dataset, batch_size), lambda rows: encode_rows(processor, recipe, rows, image_size)
-                    if cached else None, ahead=prefetch_depth(model) if cached else 0)
+                    if encoded_ahead else None, ahead=prefetch_depth(model) if encoded_ahead else 0)
+    scoring: dict = {"strategy": strategy}
     with eval_mode(model), progress_bar(len(dataset), "evaluate (label scores)", progress) as bar:
         for rows, encoded in feed:
-            scores = (score_encoded(model, processor, family, encoded, ids) if cached else
-                      score_rows(model, processor, recipe, rows, labels, image_size=image_size, strategy=strategy,
-                                 family=family, ids=ids))
+            if strategy == "packed" and "checked_rows" not in scoring:
+                strategy = _check_packed(model, processor, family, encoded, ids, scoring)
+            if strategy == "packed":
+                scores = score_packed(model, processor, family, encoded, ids)
+            elif strategy == "cache":
+                scores = score_encoded(model, processor, family, encoded, ids)
+            else:
+                scores = score_rows(model, processor, recipe, rows, labels, image_size=image_size, strategy=strategy,
+                                    family=family, ids=ids)
             probs = scores.softmax(dim=-1)
             for i, row in enumerate(rows):
                 best = int(scores[i].argmax())
@@ -338,4 +353,22 @@ def _iter_scored(model, processor, recipe, dataset, labels, *, batch_size, image
                        "log_likelihoods": {label: round(float(s), 4) for label, s in zip(labels, scores[i])}}
             bar.update(len(rows))
     if stats is not None:
-        stats.update(feed.summary())
+        stats.update(feed.summary(), label_scoring=scoring)
+
+
+_CHECKED_ROWS = 2
+
+
+def _check_packed(model, processor, family: Family, encoded: dict, ids, scoring: dict) -> str:
+    """The packed strategy's first batch, checked on its first rows against the cached strategy (packed.py's
+    check_packed). Returns the strategy to go on with; `scoring` records the check (label_scoring in
+    eval_*.json)."""
+    cached = score_encoded(model, processor, family, first_rows(encoded, _CHECKED_ROWS), ids)
+    scoring.update(check_packed(model, processor, family, encoded, ids, cached))
+    if scoring["agreed"]:
+        return "packed"
+    log.warning("Label scoring: the packed strategy failed its check against the cached one on the first rows "
+                "(%s); this model's attention may not take a 4-D mask. Scoring with the cached strategy.",
+                {k: v for k, v in scoring.items() if k != "strategy"})
+    scoring["strategy"] = "cache"
+    return "cache"
