@@ -3,7 +3,8 @@
 Run on the device:   python -m pytest tests/test_gpu_speed.py -m gpu -v -s
 - The defaults plan memory: the whole effective batch in one micro-batch when it fits (accumulation 1, the
   effective batch unchanged), every layer keeping its activations, printed and recorded.
-- A second identical run reuses the compile caches that the first wrote into the package's cache folder.
+- A second identical run reuses the compile caches that the first wrote into the package's cache folder, and the
+  memory plan the first probed (memory_plans/ there), without probing.
 """
 from __future__ import annotations
 
@@ -55,6 +56,12 @@ def test_defaults_plan_memory_and_a_second_run_reuses_the_compile_cache(tmp_path
     kept, total = plan["language_layers_unchecked"].split("/")
     assert kept == total and int(total) > 0  # a tiny model's activations all fit: nothing recomputed
     assert plan["checkpointing"] == "gpu"
+    # The first run probed and kept its plan; the identical second run applied it without probing.
+    assert plan["probes"] > 0 and plan["stored_at"].startswith(str(cache / "memory_plans"))
+    reused = second["memory_plan"]
+    assert reused["probes"] == 0 and reused["reused_from"] == plan["stored_at"], reused
+    assert (reused["micro_batch"], reused["language_layers_unchecked"]) == (8, plan["language_layers_unchecked"])
+    assert "probed by an identical earlier run" in outs[1]
     # The caches live in the package's cache folder, and the second run reads what the first wrote.
     assert first["compile_cache"]["inductor_cache_dir"] == str(cache / "torchinductor")
     assert any((cache / "torchinductor").rglob("*")), "the first run left nothing in the inductor cache"

@@ -1,8 +1,9 @@
 """Fast by default (issue 15): the memory plan's arithmetic and its line, and shape-grouped evaluation.
 
 The probing itself needs a GPU (tests/test_gpu.py); here: the budget, the checkpointing choice, the micro-batch
-candidates (effective batch exact), the unchecked-layer count, the line a run prints, and that evaluation in
-shape order returns the same predictions in the dataset's own order.
+candidates (effective batch exact), the unchecked-layer count, the line a run prints, a plan kept for identical
+runs (its key, applying it, forgetting it), and that evaluation in shape order returns the same predictions in
+the dataset's own order.
 """
 from __future__ import annotations
 
@@ -163,3 +164,82 @@ def test_prefetch_keeps_the_order_and_times_the_input_side(ahead):
     stats = feed.summary()
     assert stats["batches"] == 7 and stats["prepare_s"] >= 0.07 and 0 <= stats["waited_s"]
     assert (threading.get_ident() in threads) == (ahead == 0)  # inline on a CPU, a worker thread on a GPU
+
+
+# ----------------------------------------------------------------------------- plans kept for identical runs
+def _trainer(tiny_path, tmp_path, *, lora_r: int = 16, batch: int = 2, accumulation: int = 2, name: str = "run"):
+    from unsloth_med.config import LoraArgs, parse_config
+    from unsloth_med.train import build_trainer
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(4):
+        path = tmp_path / f"x{i}.png"
+        Image.fromarray(rng.integers(0, 256, (64, 48 + 16 * i, 3), dtype=np.uint8)).save(path)
+        rows.append({"image": str(path), "target": RECIPE.labels[i], "id": f"x{i}"})
+    backend = HFBackend()
+    model, processor = backend.load(str(tiny_path("mistral3")), ModelArgs())
+    model = backend.add_adapters(model, LoraArgs(lora_r=lora_r, lora_alpha=lora_r), ModelArgs(), seed=0)
+    fit = ImageFit(64, 16, True)
+    train_set, _ = prepare_images(datasets.Dataset.from_list(rows), fit, tmp_path / "prepared")
+    collator = backend.collator(model, processor, RECIPE, image_size=fit, max_seq_length=4096)
+    config = parse_config(["--output_dir", str(tmp_path / name), "--max_steps", "1", "--save_strategy", "no",
+                           "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps",
+                           str(accumulation), "--gradient_checkpointing", "true"], RECIPE)
+    return build_trainer(model, processor, train_set, collator, config.training, tmp_path / name), train_set
+
+
+def test_the_kept_plan_is_keyed_by_what_the_probes_measured(tiny_path, tmp_path):
+    from unsloth_med.memory_plan import plan_key
+
+    trainer, data = _trainer(tiny_path, tmp_path)
+    key = dict(budget_gib=24.0, gpu="NVIDIA H200 150119763968", checkpointing="gpu", keep_activations=True)
+    same = plan_key(trainer, data, **key)
+    assert plan_key(trainer, data, **key) == same  # deterministic
+    assert plan_key(trainer, data.select(range(4)), **key) == same
+    assert plan_key(trainer, data, **{**key, "budget_gib": 48.0}) != same
+    assert plan_key(trainer, data, **{**key, "gpu": "NVIDIA RTX A6000 51041271808"}) != same
+    assert plan_key(trainer, data, **{**key, "keep_activations": False}) != same
+    assert plan_key(trainer, data.select(range(3)), **key) != same  # another longest sample
+    trainer.args.gradient_accumulation_steps = 4  # another effective batch
+    assert plan_key(trainer, data, **key) != same
+    other, other_data = _trainer(tiny_path, tmp_path, lora_r=8, name="r8")  # other adapters
+    assert plan_key(other, other_data, **key) != same
+
+
+def test_a_kept_plan_is_applied_without_probing_and_forgotten_after_running_out_of_memory(
+        tiny_path, tmp_path, monkeypatch):
+    from unsloth_med.memory_plan import apply_stored_plan, forget_plan, read_stored_plan, store_plan
+    from unsloth_med.models.speedups import checkpointed_layers, decoder_layers
+
+    monkeypatch.setenv("UNSLOTH_MED_CACHE", str(tmp_path / "cache"))
+    trainer, _ = _trainer(tiny_path, tmp_path, batch=2, accumulation=2)
+    model = trainer.model
+    model.gradient_checkpointing_enable()
+    language, vision = decoder_layers(model, "language"), decoder_layers(model, "vision")
+    assert len(language) >= 2 and vision
+    probed = MemoryPlan(budget_gib=24.0, budget_reason="--max_memory_gib 24", effective_batch=4, micro_batch=4,
+                        gradient_accumulation_steps=1, micro_batches_tried=[4], checkpointing="gpu",
+                        language_layers_unchecked=f"1/{len(language)}", vision_layers_unchecked=f"0/{len(vision)}",
+                        probe_peak_reserved_gib=19.6, probe_peak_allocated_gib=18.4, probes=4)
+    where = store_plan("k1", probed)
+    assert where and read_stored_plan("missing") is None
+
+    plan = apply_stored_plan(trainer, *read_stored_plan("k1"), language, vision)
+    assert plan.probes == 0 and plan.reused_from == where and plan.micro_batch == 4
+    assert (trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps) == (4, 1)
+    assert checkpointed_layers(model) == {"language": f"{len(language) - 1}/{len(language)}",
+                                          "vision": f"{len(vision)}/{len(vision)}"}
+    assert plan.kept_layers == language[-1:]
+    assert "probed by an identical earlier run" in plan.line() and where in plan.line()
+    assert plan.record()["reused_from"] == where and "kept_layers" not in plan.record()
+
+    # A plan for another model's layers or another effective batch is not applied.
+    assert apply_stored_plan(trainer, *read_stored_plan("k1"), language[:-1], vision) is None
+    trainer.args.gradient_accumulation_steps = 2  # effective batch 8
+    assert apply_stored_plan(trainer, *read_stored_plan("k1"), language, vision) is None
+
+    forget_plan(plan.record())  # what the pipeline does when training with it ran out of memory
+    assert read_stored_plan("k1") is None
+    forget_plan({"stored_at": store_plan("k2", probed)})  # a plan probed by the run that ran out of memory
+    assert read_stored_plan("k2") is None

@@ -18,12 +18,22 @@ The levers, in the order they are settled (each one real training step, measured
    every layer if all fit, else as many language layers as the measured per-layer cost allows.
 
 The chosen settings, and why, are printed in one line and written to train_stats.json ("memory_plan").
+
+The probes are real steps, and on the Ministral-3-14B shape they cost 27-52 s of every run (benchmarks/README.md).
+A plan is therefore kept in the package's cache folder (`memory_plans/`), keyed by everything its probes measured
+(the model's configuration and adapters, the GPU, the budget, the effective batch, the longest samples, the
+library versions), and an identical later run applies it without probing. A run that then runs out of memory
+deletes it (pipeline.py), so the next run probes again.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from transformers import TrainerCallback
 
@@ -99,7 +109,9 @@ class MemoryPlan:
     probe_peak_reserved_gib: float | None = None
     probe_peak_allocated_gib: float | None = None
     probes: int = 0
+    reused_from: str | None = None  # the stored plan an identical earlier run probed (then probes == 0)
     kept_layers: list = field(default_factory=list, repr=False, compare=False)  # modules; not recorded
+    stored_at: str | None = None  # where this run kept it for identical later runs
 
     def record(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "kept_layers"}
@@ -125,12 +137,106 @@ class MemoryPlan:
             kept = (f"; activations kept (not recomputed) for {self.language_layers_unchecked} language and "
                     f"{self.vision_layers_unchecked} vision layers")
         peak = f"; probe peak {self.probe_peak_reserved_gib:.1f} GiB" if self.probe_peak_reserved_gib else ""
+        if self.reused_from:
+            peak += f" (probed by an identical earlier run, not again: delete {self.reused_from} to re-probe)"
         if not self.budget_gib:
             return (f"Memory plan: {self.budget_reason}; micro-batch {self.micro_batch}{accumulation} as configured "
                     f"(effective batch {self.effective_batch}).")
         return (f"Memory plan: budget {self.budget_gib:g} GiB ({self.budget_reason}) -> micro-batch "
                 f"{self.micro_batch}{accumulation} ({why}), {ckpt.get(self.checkpointing, self.checkpointing)}"
                 f"{kept}{peak}.")
+
+
+# ----------------------------------------------------------------------------- plans kept for identical runs
+def plans_dir() -> Path:
+    from .data.sources import cache_dir
+
+    return cache_dir() / "memory_plans"
+
+
+def plan_key(trainer, dataset, *, budget_gib: float, gpu: str, checkpointing: str, keep_activations: bool) -> str:
+    """A digest of everything the probes measured. Two runs with the same key probe the same steps on the same
+    GPU under the same budget: the model's configuration (shape, quantization), the trainable parameters (the
+    adapters), the effective batch and the lengths and image shapes of the longest samples (what the probes run),
+    the checkpointing choice, and the versions of the libraries that compute the step."""
+    import importlib.metadata
+
+    args = trainer.args
+    model = trainer.model
+    effective = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    columns = getattr(dataset, "column_names", None) or []
+    lengths = dataset["length"][:] if "length" in columns else []
+    shapes = dataset["image_shape"][:] if "image_shape" in columns else [""] * len(lengths)
+    longest = sorted(zip(lengths, map(str, shapes)), reverse=True)[:effective]
+    versions = {}
+    for package in ("torch", "transformers", "peft", "trl", "unsloth", "unsloth_zoo", "bitsandbytes"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    config = getattr(model, "config", None)
+    key = {
+        "model": type(model).__name__, "config": config.to_json_string() if config is not None else "",
+        "trainable": [(name, tuple(p.shape)) for name, p in model.named_parameters() if p.requires_grad],
+        "gpu": gpu, "budget_gib": budget_gib, "effective_batch": effective, "longest": longest,
+        "max_seq_length": getattr(args, "max_length", None), "checkpointing": checkpointing,
+        "keep_activations": keep_activations, "versions": versions,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def read_stored_plan(key: str) -> tuple[dict, Path] | None:
+    path = plans_dir() / f"{key}.json"
+    try:
+        return json.loads(path.read_text())["plan"], path
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or unreadable: probe (and store it again)
+        return None
+
+
+def store_plan(key: str, plan: "MemoryPlan") -> str | None:
+    """Keep `plan` for identical later runs (written by rename: a reader never meets half a file)."""
+    path = plans_dir() / f"{key}.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{time.time_ns()}.tmp")
+        tmp.write_text(json.dumps({"plan": plan.record(), "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+        tmp.replace(path)
+    except OSError as exc:  # a read-only or full cache costs the next run its probes, never this run
+        log.info("memory plan not kept for later runs (%s)", exc)
+        return None
+    return str(path)
+
+
+def forget_plan(plan: dict | None) -> None:
+    """Delete a kept plan that ran out of memory in training, so the next run probes again."""
+    where = (plan or {}).get("reused_from") or (plan or {}).get("stored_at")
+    if where:
+        Path(where).unlink(missing_ok=True)
+
+
+def apply_stored_plan(trainer, stored: dict, where: Path, language: list, vision: list) -> "MemoryPlan | None":
+    """Train as a kept plan says: its micro-batch (the effective batch unchanged) and, of the checkpointed layers,
+    the same last layers keeping their activations. None when it does not fit this model's layers or batch."""
+    args = trainer.args
+    effective = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    try:
+        kept_language, n_language = (int(x) for x in stored["language_layers_unchecked"].split("/"))
+        kept_vision, n_vision = (int(x) for x in stored["vision_layers_unchecked"].split("/"))
+        micro = int(stored["micro_batch"])
+    except (KeyError, ValueError, AttributeError):
+        return None
+    if (stored.get("effective_batch") != effective or micro < 1 or effective % micro
+            or (n_language, n_vision) != (len(language), len(vision))):
+        return None
+    args.per_device_train_batch_size = micro
+    args.gradient_accumulation_steps = effective // micro
+    trainer._train_batch_size = args.train_batch_size
+    _set_checked(language + vision, True)
+    _set_checked(language[len(language) - kept_language:] if kept_language else [], False)
+    _set_checked(vision[len(vision) - kept_vision:] if kept_vision else [], False)
+    kept = [m for m in language + vision if not getattr(m, "gradient_checkpointing", True)]
+    fields = {k: v for k, v in stored.items() if k in MemoryPlan.__dataclass_fields__}
+    return MemoryPlan(**{**fields, "probes": 0, "reused_from": str(where), "stored_at": None, "kept_layers": kept})
 
 
 # ----------------------------------------------------------------------------- on the GPU
@@ -195,8 +301,9 @@ def _set_checked(layers: list, checked: bool) -> None:
 
 
 def plan_memory(trainer, dataset, budget_gib: float, budget_reason: str, *, checkpointing: str = "gpu",
-                keep_activations: bool = True) -> MemoryPlan:
-    """Cap GPU memory at `budget_gib`, then settle the micro-batch and the unchecked layers by real probe steps.
+                keep_activations: bool = True, reuse: bool = True) -> MemoryPlan:
+    """Cap GPU memory at `budget_gib`, then settle the micro-batch and the unchecked layers by real probe steps,
+    or (`reuse`, one process) apply the plan an identical earlier run probed, and keep a new one for later runs.
 
     Sets trainer.args.per_device_train_batch_size / gradient_accumulation_steps (their product unchanged) and
     each layer's `gradient_checkpointing` flag; returns the plan. Raises BackendError when not one sample fits.
@@ -224,6 +331,17 @@ def plan_memory(trainer, dataset, budget_gib: float, budget_reason: str, *, chec
     prober = _Prober(trainer, dataset)
     language = [m for m in decoder_layers(trainer.model, "language") if getattr(m, "gradient_checkpointing", False)]
     vision = [m for m in decoder_layers(trainer.model, "vision") if getattr(m, "gradient_checkpointing", False)]
+    key = None
+    if reuse and ranks.world == 1:  # under DDP every rank probes its own GPU and all agree (ranks.min)
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        key = plan_key(trainer, dataset, budget_gib=budget_gib, gpu=f"{props.name} {props.total_memory}",
+                       checkpointing=checkpointing, keep_activations=keep_activations)
+        stored = read_stored_plan(key)
+        plan = apply_stored_plan(trainer, *stored, language, vision) if stored else None
+        if plan is not None and plan.budget_gib == budget_gib:
+            plan.budget_reason = budget_reason
+            log.info("%s", plan.line())
+            return plan
 
     tried, micro, peak = [], 0, (None, None)
     for size in micro_batch_candidates(effective):
@@ -280,6 +398,8 @@ def plan_memory(trainer, dataset, budget_gib: float, budget_reason: str, *, chec
         probe_peak_reserved_gib=round(peak[0], 2) if peak[0] is not None else None,
         probe_peak_allocated_gib=round(peak[1], 2) if peak[1] is not None else None,
         probes=prober.count, kept_layers=kept)
+    if key:
+        plan.stored_at = store_plan(key, plan)
     log.info("%s", plan.line())
     return plan
 

@@ -382,6 +382,9 @@ def train_model(ctx: RunContext) -> None:
         (files / "train_stats.json").write_text(json.dumps(pre_train, indent=1))
         ctx.history = train(trainer, resume_from=ctx.resume_from)
     except torch.OutOfMemoryError as exc:
+        from .memory_plan import forget_plan
+
+        forget_plan(pre_train.get("memory_plan"))  # a kept plan that did not fit: the next run probes again
         raise out_of_memory_error(config, run_dir) from exc
     except Exception as exc:
         if is_disk_full(exc, run_dir):
