@@ -170,6 +170,16 @@ def test_packed_label_scoring_equals_naive_scoring_in_one_forward(tiny_path, att
         "labels of one or two tokens would leave the class-to-class masking untested"
 
 
+def test_the_check_cuts_rows_only_where_every_tensor_has_one_entry_per_row():
+    from unsloth_med.evaluate.packed import first_rows
+
+    one_image = {"input_ids": torch.ones(3, 5), "pixel_values": torch.ones(3, 3, 8, 8), "image_sizes": torch.ones(3, 2)}
+    assert {k: tuple(v.shape) for k, v in first_rows(one_image, 2).items()} == {
+        "input_ids": (2, 5), "pixel_values": (2, 3, 8, 8), "image_sizes": (2, 2)}
+    two_images = {**one_image, "pixel_values": torch.ones(6, 3, 8, 8), "image_sizes": torch.ones(6, 2)}
+    assert first_rows(two_images, 2) is two_images  # which image is whose is not known here: the whole batch
+
+
 @pytest.mark.parametrize("family", ["mllama", "qwen2_5_vl", "gemma3"])
 def test_families_whose_positions_or_masks_are_derived_score_from_the_cache(tiny_path, family):
     model, processor = _load(tiny_path, family)

@@ -99,10 +99,13 @@ def score_packed(model, processor: Any, family: Family, encoded: dict, ids: Sequ
 
 
 def first_rows(encoded: dict, n: int) -> dict:
-    """The first `n` rows of an encoded batch (every tensor whose first dimension is the batch's)."""
+    """The first `n` rows of an encoded batch; the whole batch when a tensor is not one entry per row (several
+    images per row: pixel values cannot be cut by row without knowing which image is whose)."""
     rows = int(encoded["input_ids"].shape[0])
-    return {k: v[:n] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v
-            for k, v in encoded.items()}
+    tensors = [v for v in encoded.values() if isinstance(v, torch.Tensor) and v.dim()]
+    if any(v.shape[0] != rows for v in tensors):
+        return encoded
+    return {k: v[:n] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in encoded.items()}
 
 
 def check_packed(model, processor: Any, family: Family, encoded: dict, ids: Sequence[Sequence[int]],
@@ -112,7 +115,7 @@ def check_packed(model, processor: Any, family: Family, encoded: dict, ids: Sequ
     plus 0.2% of the largest score of the cached ones (bf16 kernels add in another order), and the mask must
     change what it should: an attention path that ignored the 4-D mask would give the same scores whether or
     not the classes are kept apart, however small the difference that makes on a given model."""
-    first = first_rows(encoded, int(cached.shape[0]))
+    first = first_rows(encoded, int(cached.shape[0]))  # the rows `cached` scored (first_rows gave them both)
     packed = score_packed(model, processor, family, first, ids)
     unseparated = score_packed(model, processor, family, first, ids, separate_classes=False)
     difference = float((packed - cached).abs().max())
