@@ -231,9 +231,7 @@ def apply_stored_plan(trainer, stored: dict, where: Path, language: list, vision
     args.per_device_train_batch_size = micro
     args.gradient_accumulation_steps = effective // micro
     trainer._train_batch_size = args.train_batch_size
-    _set_checked(language + vision, True)
-    _set_checked(language[len(language) - kept_language:] if kept_language else [], False)
-    _set_checked(vision[len(vision) - kept_vision:] if kept_vision else [], False)
+    _keep_last_layers(language, vision, kept_language, kept_vision)
     kept = [m for m in language + vision if not getattr(m, "gradient_checkpointing", True)]
     fields = {k: v for k, v in stored.items() if k in MemoryPlan.__dataclass_fields__}
     return MemoryPlan(**{**fields, "probes": 0, "reused_from": str(where), "stored_at": None, "kept_layers": kept})
@@ -300,6 +298,13 @@ def _set_checked(layers: list, checked: bool) -> None:
         layer.gradient_checkpointing = checked
 
 
+def _keep_last_layers(language: list, vision: list, kept_language: int, kept_vision: int) -> None:
+    """Checkpoint every layer except the last `kept_language` language and `kept_vision` vision layers."""
+    _set_checked(language + vision, True)
+    _set_checked(language[len(language) - kept_language:] if kept_language else [], False)
+    _set_checked(vision[len(vision) - kept_vision:] if kept_vision else [], False)
+
+
 def plan_memory(trainer, dataset, budget_gib: float, budget_reason: str, *, checkpointing: str = "gpu",
                 keep_activations: bool = True, reuse: bool = True) -> MemoryPlan:
     """Cap GPU memory at `budget_gib`, then settle the micro-batch and the unchecked layers by real probe steps,
@@ -338,7 +343,7 @@ def plan_memory(trainer, dataset, budget_gib: float, budget_reason: str, *, chec
                        checkpointing=checkpointing, keep_activations=keep_activations)
         stored = read_stored_plan(key)
         plan = apply_stored_plan(trainer, *stored, language, vision) if stored else None
-        if plan is not None and plan.budget_gib == budget_gib:
+        if plan is not None:  # the budget is part of the key: only the words saying why may differ
             plan.budget_reason = budget_reason
             log.info("%s", plan.line())
             return plan
@@ -384,9 +389,7 @@ def plan_memory(trainer, dataset, budget_gib: float, budget_reason: str, *, chec
         if n_all < kept_language + kept_vision:  # another rank fits fewer: everyone keeps that many
             kept_vision = max(0, n_all - len(language))
             kept_language = min(kept_language, n_all)
-            _set_checked(language + vision, True)
-            _set_checked(language[len(language) - kept_language:] if kept_language else [], False)
-            _set_checked(vision[len(vision) - kept_vision:] if kept_vision else [], False)
+            _keep_last_layers(language, vision, kept_language, kept_vision)
     torch.cuda.empty_cache()
     kept = [m for m in language + vision if not getattr(m, "gradient_checkpointing", True)]
     plan = MemoryPlan(
