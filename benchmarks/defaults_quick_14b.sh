@@ -5,7 +5,7 @@
 # language-only LoRA within 48 and 24 GiB).
 # Usage: bash benchmarks/defaults_quick_14b.sh BONE_BREAK_DIR WORK_DIR OUT_DIR [RUN ...]   (CUDA machine, unsloth)
 # RUN: quick-first quick-second vision-language-24gib language-48gib language-24gib (default: all, in that order),
-#      or vision-language-24gib-eval, language-48gib-batch32
+#      or vision-language-24gib-eval, language-48gib-batch32, quick-compiled-eval
 set -euo pipefail
 data=${1:?bone-break dir}; work=${2:?work dir}; out=${3:?output dir}; shift 3
 runs=${*:-quick-first quick-second vision-language-24gib language-48gib language-24gib}
@@ -43,6 +43,7 @@ short="--max_steps 20 --eval_before false --eval_after false"
 for name in $runs; do
     case $name in
         quick-first|quick-second) run "$name" --quick ;;
+        quick-compiled-eval) run "$name" --quick --eval_compiled true ;;   # evaluation traced (the old default)
         vision-language-24gib) run "$name" $short --max_memory_gib 24 ;;
         vision-language-24gib-eval) run "$name" --max_steps 10 --eval_before false --max_memory_gib 24 ;;
         language-48gib) run "$name" $short --finetune_vision_layers false --max_memory_gib 48 ;;

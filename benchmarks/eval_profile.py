@@ -1,11 +1,12 @@
 """Where label-scoring evaluation spends its time (issue 15, goal 4), on the recipe's own model and test split.
 
 Runs the pipeline's own stages up to the loaded model (data, preparation, load with the recipe's defaults), then:
-1. `evaluate` over the whole test split at several batch sizes, twice each (the first pass includes compilation);
+1. `evaluate` over the whole test split, twice each: eager (torch.compile'd functions run as Python) first, then
+   compiled (the first compiled pass includes tracing), at batch 32 and 64, with dynamo's graph counts per pass;
 2. one pass at the default batch size split into its parts, each timed with the GPU synchronised: encoding on the
    CPU, the prompt forward (vision tower + language model), the vision tower alone, the class continuations
    (cached strategy), and the packed strategy's one forward (evaluate/packed.py) where the family allows it;
-3. a torch.profiler table of one batch (the ops that take the GPU's time).
+3. a torch.profiler table of one batch with the default strategy (the ops that take the GPU's time).
 
 Usage (CUDA machine with unsloth; on a CPU it runs the hf backend, for checking the script itself):
     python benchmarks/eval_profile.py OUT_DIR --data_dir DATA --model MODEL [recipe flags]
@@ -63,14 +64,24 @@ def main(argv: list[str]) -> int:
                     "stages_s": dict(ctx.timings), "passes": []}
     print(f"{record['gpu']}: {len(test)} test images; stages {ctx.timings}")
 
-    for batch_size in ((32, 64, 16) if cuda else (8,)):
+    from torch._dynamo.utils import counters
+
+    def compiled_so_far() -> dict:
+        return {"unique_graphs": counters["stats"]["unique_graphs"], "frames_ok": counters["frames"]["ok"],
+                "frames_total": counters["frames"]["total"]}
+
+    # Eager first (nothing traced yet in this process), then compiled: a first pass's cost with and without tracing.
+    for eager, batch_size in (((True, 32), (False, 32), (False, 64)) if cuda else ((True, 8), (False, 8))):
         for attempt in (1, 2):
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
+            before = compiled_so_far()
             result = evaluate(model, ctx.processor, RECIPE, test, batch_size=batch_size, image_size=ctx.fit,
-                              progress=False)
-            row = {"batch_size": batch_size, "attempt": attempt, **result["timing"],
+                              progress=False, eager=eager)
+            after = compiled_so_far()
+            row = {"batch_size": batch_size, "eager": eager, "attempt": attempt, **result["timing"],
                    "accuracy": result["metrics"]["accuracy"], "input_pipeline": result.get("input_pipeline"),
+                   "dynamo": {k: after[k] - before[k] for k in after},
                    "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
             record["passes"].append(row)
             print(row)
@@ -120,8 +131,9 @@ def main(argv: list[str]) -> int:
     first = next(iter(batches(rows_in_order, 32)))
     encoded = encode_rows(ctx.processor, RECIPE, first, ctx.fit)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    score = score_packed if packable else score_encoded  # the default strategy's ops
     with torch.inference_mode(), profile(activities=activities) as prof:
-        score_encoded(model, ctx.processor, family, encoded, ids)
+        score(model, ctx.processor, family, encoded, ids)
         if cuda:
             torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40)

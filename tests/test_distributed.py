@@ -159,8 +159,8 @@ def test_sharded_evaluation_gives_the_predictions_of_one_process(tmp_path, tiny_
     assert sharded["world"] == 2
     # Rank 0 ran batches 1, 3 and the short 5th (4 + 4 + 3 images), rank 1 batches 2 and 4 (8): each image once.
     # Label scoring adds, on each rank, the packed strategy's check: its first 2 rows scored 3 more times (cached,
-    # packed, packed without the class masking).
-    check = 3 * 2
+    # packed, packed without the class masking) and once per class as full sequences (the reference).
+    check = 3 * 2 + 2 * len(RECIPE.labels)
     assert sharded["images_seen"] == [{"score": 11 + check, "generate": 11}, {"score": 8 + check, "generate": 8}]
 
     torch.set_num_threads(1)

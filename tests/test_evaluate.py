@@ -219,6 +219,27 @@ def test_evaluation_checks_packed_scores_and_falls_back_when_the_mask_is_ignored
         assert prediction["log_likelihoods"] == {label: round(float(s), 4) for label, s in zip(RECIPE.labels, scores)}
 
 
+def test_eager_evaluation_runs_compiled_modules_without_tracing_and_scores_the_same(tiny_path):
+    """--eval_compiled false: Unsloth's torch.compile'd modules (here the language model, compiled with dynamo's
+    eager backend so no compiler is needed) run as plain Python: dynamo traces no frame, and every score is equal."""
+    from torch._dynamo.utils import counters
+
+    model, processor = _load(tiny_path, "mistral3")
+    rows = _rows(4)
+    plain = evaluate(model, processor, RECIPE, rows, batch_size=2, image_size=IMAGE_SIZE, progress=False)
+    model.model.language_model.compile(backend="eager", dynamic=True)
+    traced = lambda: counters["frames"]["total"]  # noqa: E731
+    before = traced()
+    eager = evaluate(model, processor, RECIPE, rows, batch_size=2, image_size=IMAGE_SIZE, progress=False, eager=True)
+    assert traced() == before and eager["timing"]["compiled"] is False
+    compiled = evaluate(model, processor, RECIPE, rows, batch_size=2, image_size=IMAGE_SIZE, progress=False)
+    assert traced() > before and compiled["timing"]["compiled"] is True
+    for result in (eager, compiled):
+        for got, want in zip(result["predictions"], plain["predictions"]):
+            assert got["prediction"] == want["prediction"]
+            assert got["log_likelihoods"] == pytest.approx(want["log_likelihoods"], abs=2e-4)
+
+
 # ----------------------------------------------------------------------------- generation
 @pytest.fixture(scope="module")
 def overfit_model(tiny_path):

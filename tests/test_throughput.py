@@ -142,9 +142,9 @@ def test_pipeline_records_prepared_images_and_step_stats(bone_break_dir, tmp_pat
     assert "Memory plan: no GPU" in proc.stdout and "micro-batch 4 as configured (effective batch 4)" in proc.stdout
     assert plan["micro_batch"] * plan["gradient_accumulation_steps"] == plan["effective_batch"] == 4
     # The warm-up ran inside Trainer.train (where Unsloth keeps its compiled graphs) and recorded itself.
-    warm = stats["shape_warmup"]
-    assert (warm["micro_batch"] == 4
-            and warm["batch_kinds"] == len(warm["seconds_per_batch_kind"]) >= warm["shapes"] >= 1)
+    warm = stats["shape_warmup"]  # 6 steps of 12 per epoch: only the kinds those 6 micro-batches hold
+    assert (warm["micro_batch"] == 4 and warm["within_steps"] == 6
+            and 6 >= warm["batch_kinds"] == len(warm["seconds_per_batch_kind"]) >= 1)
     assert stats["steps_timed"] == 6 and stats["samples_per_step"] == 4 and len(stats["step_seconds"]) == 6
     steady = stats["step_seconds"][3:]
     assert stats["samples_per_second_all_steps"] == pytest.approx(4 * len(steady) / sum(steady), rel=0.01)
@@ -329,6 +329,23 @@ def test_one_batch_of_each_kind_covers_every_kind_of_batch_in_every_epoch():
             order = same_shape_order(shapes, batch, seed=epoch_seed)
             epoch_kinds = {batch_kind([shapes[i] for i in order[k:k + batch]]) for k in range(0, len(order), batch)}
             assert epoch_kinds == set(warm_kinds)
+
+
+def test_a_run_shorter_than_an_epoch_warms_up_only_the_kinds_its_steps_meet():
+    from unsloth_med.data.batching import batch_kind, one_batch_of_each_kind, same_shape_order
+
+    rng = np.random.default_rng(1)
+    shapes = list(rng.choice(["504x504", "252x504", "504x252", "168x504"], size=101, p=[0.5, 0.25, 0.15, 0.1]))
+    every = one_batch_of_each_kind(shapes, 8, seed=3)
+    kind = lambda batch: batch_kind([shapes[i] for i in batch])  # noqa: E731
+    order = same_shape_order(shapes, 8, seed=3)  # what the sampler feeds in the first epoch
+    for steps in (1, 4, 9):
+        met = {kind(order[k:k + 8]) for k in range(0, steps * 8, 8)}
+        warm = one_batch_of_each_kind(shapes, 8, seed=3, max_batches=steps)
+        assert {kind(b) for b in warm} == met and len(warm) == len(met) < len(every)
+        assert [kind(b) for b in warm] == [kind(b) for b in every if kind(b) in met]  # in epoch order
+    assert (one_batch_of_each_kind(shapes, 8, seed=3, max_batches=13)
+            == one_batch_of_each_kind(shapes, 8, seed=3, max_batches=1000) == every)  # a whole epoch or more: all
 
 
 @pytest.mark.slow

@@ -320,7 +320,7 @@ def load_model(ctx: RunContext) -> None:
         batch_same_size_images(ctx.model)
     batch_size = config.eval.eval_batch_size or (32 if torch.cuda.is_available() else 8)
     ctx.eval_kw = dict(mode=config.eval.eval_mode, batch_size=batch_size, max_new_tokens=config.eval.max_new_tokens,
-                       image_size=ctx.fit)
+                       image_size=ctx.fit, eager=not config.eval.eval_compiled)
 
 
 def evaluate_before(ctx: RunContext) -> None:

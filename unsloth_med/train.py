@@ -373,8 +373,9 @@ def warm_up_shapes(trainer, dataset) -> dict:
     A batch of a new kind (new image shapes, counts or batch size) pays for compilation and kernel planning
     (2-60 s on a 14B model; measured in benchmarks/README.md); done here, every training step after it runs
     at its steady speed, so step times, ETAs and throughput stay even. Gradients are zeroed afterwards and
-    no optimizer step is taken, so training is exactly what it would have been. Needs the `image_shape`
-    column that image preparation writes; without it, nothing is done.
+    no optimizer step is taken, so training is exactly what it would have been. A run that ends within its first
+    epoch (--max_steps, a quick trial) warms up only the kinds its steps meet. Needs the `image_shape` column that
+    image preparation writes; without it, nothing is done.
     """
     import torch
 
@@ -386,7 +387,11 @@ def warm_up_shapes(trainer, dataset) -> dict:
     shapes = dataset["image_shape"][:]
     batch = trainer._train_batch_size or trainer.args.per_device_train_batch_size
     # The sampler's own order (SameShapeSampler, seeded by args.seed), so the kinds are the epoch's kinds.
-    batches = one_batch_of_each_kind(shapes, batch, trainer.args.seed, trainer.args.world_size)
+    args = trainer.args
+    # Micro-batches of all ranks the run takes; a resumed run starts part-way, so it warms up every kind.
+    planned = (args.max_steps * args.gradient_accumulation_steps * args.world_size
+               if args.max_steps > 0 and trainer.state.global_step == 0 else None)
+    batches = one_batch_of_each_kind(shapes, batch, args.seed, args.world_size, max_batches=planned)
     short = len(dataset) % batch
     started = time.perf_counter()
     seconds = {}
@@ -400,5 +405,6 @@ def warm_up_shapes(trainer, dataset) -> dict:
     log.info("warmed up %d kinds of micro-batch (%d image shapes) in %.1f s",
              len(batches), distinct, time.perf_counter() - started)
     return {"shapes": distinct, "batch_kinds": len(batches), "micro_batch": batch,
-            "last_batch": short or None, "seconds": round(time.perf_counter() - started, 2),
+            "last_batch": short or None, "within_steps": args.max_steps if planned else None,
+            "seconds": round(time.perf_counter() - started, 2),
             "seconds_per_batch_kind": seconds}

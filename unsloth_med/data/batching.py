@@ -57,15 +57,19 @@ def describe_kind(kind: tuple[tuple[str, int], ...]) -> str:
 
 
 def one_batch_of_each_kind(shapes: Sequence[str], batch_size: int, seed: int,
-                           world_size: int = 1) -> list[list[int]]:
+                           world_size: int = 1, max_batches: int | None = None) -> list[list[int]]:
     """The first batch of every kind (`batch_kind`) in the epoch `same_shape_order` gives, in epoch order:
     each shape's full batches, the mixed batches of the shapes' remainders and the short last batch.
     With `world_size` ranks, the micro-batches of every rank (`SameShapeSampler`), the same list on each.
 
     Which kinds an epoch holds does not depend on the seed (the remainders are each shape's count modulo
-    the batch size, packed in shape order), so warming these up covers every epoch.
+    the batch size, packed in shape order), so warming these up covers every epoch. `max_batches` (micro-batches
+    of all ranks together) keeps only the kinds a run that stops within the first epoch meets, e.g. a quick trial
+    that never reaches the short last batch.
     """
     order = same_shape_order(shapes, batch_size * world_size, seed)
+    if max_batches is not None:
+        order = order[:max_batches * batch_size]
     kinds: dict[tuple, list[int]] = {}
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]

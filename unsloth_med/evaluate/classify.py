@@ -4,8 +4,8 @@ Label scoring ranks every class by the model's log-likelihood of answering with 
 plus the family's end-of-turn token, exactly the tokens training puts the loss on. The image is encoded
 once per row, not once per class: by default (strategy "auto") every class's answer tokens are packed
 after the prompt in one forward, each seeing only the prompt and its own class (packed.py), checked on the
-first batch against the cached strategy; for the other families (Qwen2.5-VL, Mllama, Gemma 3) and flash attention the
-prompt runs with the KV cache on and every class continuation is scored from a copy of that cache.
+first batch against one full sequence per class; for the other families (Qwen2.5-VL, Mllama, Gemma 3) and flash
+attention the prompt runs with the KV cache on and every class continuation is scored from a copy of that cache.
 Probabilities are the softmax of these log-likelihoods over the classes, so they sum to 1 and no answer is
 ever unparseable.
 
@@ -337,7 +337,8 @@ def _iter_scored(model, processor, recipe, dataset, labels, *, batch_size, image
     with eval_mode(model), progress_bar(len(dataset), "evaluate (label scores)", progress) as bar:
         for rows, encoded in feed:
             if strategy == "packed" and "checked_rows" not in scoring:
-                strategy = _check_packed(model, processor, family, encoded, ids, scoring)
+                strategy = _check_packed(model, processor, recipe, family, rows, encoded, labels, ids, scoring,
+                                         image_size)
             if strategy == "packed":
                 scores = score_packed(model, processor, family, encoded, ids)
             elif strategy == "cache":
@@ -359,15 +360,19 @@ def _iter_scored(model, processor, recipe, dataset, labels, *, batch_size, image
 _CHECKED_ROWS = 2
 
 
-def _check_packed(model, processor, family: Family, encoded: dict, ids, scoring: dict) -> str:
-    """The packed strategy's first batch, checked on its first rows against the cached strategy (packed.py's
-    check_packed). Returns the strategy to go on with; `scoring` records the check (label_scoring in
-    eval_*.json)."""
-    cached = score_encoded(model, processor, family, first_rows(encoded, _CHECKED_ROWS), ids)
-    scoring.update(check_packed(model, processor, family, encoded, ids, cached))
+def _check_packed(model, processor, recipe, family: Family, rows, encoded: dict, labels, ids, scoring: dict,
+                  image_size) -> str:
+    """The packed strategy's first batch, checked on its first rows against one full sequence per class and the
+    cached strategy (packed.py's check_packed). Returns the strategy to go on with; `scoring` records the check
+    (label_scoring in eval_*.json)."""
+    checked = list(rows)[:_CHECKED_ROWS]
+    reference = torch.stack([_score_full(model, processor, recipe, family, row, image, labels)
+                             for row, image in zip(checked, row_images(checked, image_size))])
+    cached = score_encoded(model, processor, family, first_rows(encoded, len(checked)), ids)
+    scoring.update(check_packed(model, processor, family, encoded, ids, cached, reference))
     if scoring["agreed"]:
         return "packed"
-    log.warning("Label scoring: the packed strategy failed its check against the cached one on the first rows "
+    log.warning("Label scoring: the packed strategy failed its check against full sequences on the first rows "
                 "(%s); this model's attention may not take a 4-D mask. Scoring with the cached strategy.",
                 {k: v for k, v in scoring.items() if k != "strategy"})
     scoring["strategy"] = "cache"

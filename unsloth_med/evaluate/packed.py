@@ -11,7 +11,8 @@ is a few percent longer, with no cache at all.
 Only where positions and masks are the model's inputs alone, which is Mistral 3 (Pixtral), the recipes' default:
 not for 3-D rotary positions derived from the image grid (Qwen2.5-VL), cross-attention masks (Mllama), image
 tokens that attend both ways (Gemma 3 builds that into its own mask), or attention kernels that take no 4-D mask
-(flash). Evaluation checks it on the first rows before trusting it (check_packed).
+(flash). Evaluation checks it on the first rows against one full sequence per class before trusting it
+(check_packed).
 """
 from __future__ import annotations
 
@@ -109,19 +110,25 @@ def first_rows(encoded: dict, n: int) -> dict:
 
 
 def check_packed(model, processor: Any, family: Family, encoded: dict, ids: Sequence[Sequence[int]],
-                 cached: torch.Tensor) -> dict:
-    """Whether the packed strategy can be trusted on this model: on the first rows of a batch (`cached`: their
-    scores by the cached strategy), the packed scores must rank the same class first and lie within 0.05 nats
-    plus 0.2% of the largest score of the cached ones (bf16 kernels add in another order), and the mask must
-    change what it should: an attention path that ignored the 4-D mask would give the same scores whether or
-    not the classes are kept apart, however small the difference that makes on a given model."""
+                 cached: torch.Tensor, reference: torch.Tensor) -> dict:
+    """Whether the packed strategy can be trusted on this model, on the first rows of a batch. `reference`: their
+    scores from one full sequence per class (the definition), `cached`: by the cached strategy.
+
+    In bf16 no two ways of computing the same scores agree exactly (kernels add in another order; seen on the
+    14B shape: 0.24 nats on scores near 70), so the packed scores are held to the cached strategy's own distance
+    from the reference: within twice that, plus 0.05 nats and 0.2% of the largest score, and the reference's best
+    class on at least as many rows. And the mask must change what it should: an attention path that ignored the 4-D
+    mask would give the same scores whether or not the classes are kept apart, however small that difference."""
     first = first_rows(encoded, int(cached.shape[0]))  # the rows `cached` scored (first_rows gave them both)
     packed = score_packed(model, processor, family, first, ids)
     unseparated = score_packed(model, processor, family, first, ids, separate_classes=False)
-    difference = float((packed - cached).abs().max())
+    difference = float((packed - reference).abs().max())
+    cached_difference = float((cached - reference).abs().max())
     mask_effect = float((packed - unseparated).abs().max())
-    tolerance = 0.05 + 0.002 * float(cached.abs().max())
-    same_best = bool((packed.argmax(-1) == cached.argmax(-1)).all())
-    return {"checked_rows": int(cached.shape[0]), "max_difference_nats": round(difference, 6),
+    tolerance = 0.05 + 0.002 * float(reference.abs().max()) + 2 * cached_difference
+    best = reference.argmax(-1)
+    same_best = int((packed.argmax(-1) == best).sum()) >= int((cached.argmax(-1) == best).sum())
+    return {"checked_rows": int(cached.shape[0]), "reference": "one sequence per class",
+            "max_difference_nats": round(difference, 6), "cached_difference_nats": round(cached_difference, 6),
             "tolerance_nats": round(tolerance, 4), "mask_effect_nats": round(mask_effect, 6),
             "agreed": same_best and difference <= tolerance and mask_effect > 0.0}
