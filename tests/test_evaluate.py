@@ -214,6 +214,23 @@ def test_evaluation_checks_packed_scores_and_falls_back_when_the_mask_is_ignored
     scoring = fallback["input_pipeline"]["label_scoring"]
     assert scoring["strategy"] == "cache" and not scoring["agreed"] and scoring["mask_effect_nats"] == 0.0
     assert "Scoring with the cached strategy" in caplog.text
+
+    # A packed path that honours the mask but is off by more than the cached strategy's own distance from one
+    # full sequence per class (simulated: the last class 1 nat too likely) is caught too.
+    monkeypatch.setattr(packed, "packed_mask", separate_classes)
+    exact = packed.score_packed
+
+    def off_by_one_nat(*args, **kwargs):
+        scores = exact(*args, **kwargs).clone()
+        scores[:, -1] += 1.0
+        return scores
+
+    monkeypatch.setattr(packed, "score_packed", off_by_one_nat)
+    off = evaluate(model, processor, RECIPE, rows, mode="score", batch_size=4, image_size=IMAGE_SIZE, progress=False)
+    scoring = off["input_pipeline"]["label_scoring"]
+    assert scoring["strategy"] == "cache" and not scoring["agreed"] and scoring["mask_effect_nats"] > 0
+    assert scoring["max_difference_nats"] == pytest.approx(1.0, abs=1e-3) and scoring["tolerance_nats"] < 1.0
+    assert scoring["cached_difference_nats"] < 1e-4 and scoring["reference"] == "one sequence per class"
     for prediction, scores in zip(fallback["predictions"], cached):
         assert prediction["prediction"] == RECIPE.labels[int(scores.argmax())]
         assert prediction["log_likelihoods"] == {label: round(float(s), 4) for label, s in zip(RECIPE.labels, scores)}

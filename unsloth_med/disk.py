@@ -1,4 +1,5 @@
-"""Full disks: recognise them in whatever form a library reports them, and say what to free and where.
+"""Writing to disk: JSON records updated in place (a reader never meets half a file), and full disks: recognise
+them in whatever form a library reports them, and say what to free and where.
 
 A full disk reaches us as OSError(ENOSPC) from Python, as "IoError(... StorageFull ...)" from safetensors
 (Rust), or as "file write failed" from torch.save, so the exception chain's texts are checked, and the
@@ -7,11 +8,21 @@ folder's free space decides the ambiguous cases.
 from __future__ import annotations
 
 import errno
+import json
+import os
 import shutil
 from pathlib import Path
 
 FULL_TEXTS = ("no space left", "storagefull", "os error 28", "disk quota exceeded", "file write failed")
 NEARLY_FULL_BYTES = 1 << 20  # below 1 MiB free, a failed write is taken to be the full disk
+
+
+def update_json(path: Path, fields: dict) -> None:
+    """Write `fields` into the JSON object at `path`, keeping the keys it already holds."""
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps({**kept, **fields}, indent=1))
+    os.replace(partial, path)  # a reader never meets a half-written file
 
 
 def folder_bytes(path: str | Path) -> int:

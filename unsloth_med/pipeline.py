@@ -20,6 +20,7 @@ import torch
 
 from . import distributed
 from .config import Config, save_config
+from .disk import update_json
 from .errors import BackendError, ConfigError, ExportError
 from .recipes.base import Recipe
 from .run_lock import RunLock
@@ -40,14 +41,8 @@ def _setup_logging(run_dir: Path, name: str = "run.log") -> logging.Handler:
 
 
 def _write_status(run_dir: Path, **fields) -> None:
-    if not distributed.current().is_main:  # under DDP rank 0 alone writes the run folder
-        return
-    path = run_dir / "run.json"
-    status = json.loads(path.read_text()) if path.exists() else {}
-    status.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(status, indent=2))
-    tmp.replace(path)
+    if distributed.current().is_main:  # under DDP rank 0 alone writes the run folder
+        update_json(run_dir / "run.json", {**fields, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
 def _read_json(path: Path):

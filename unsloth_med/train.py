@@ -18,6 +18,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from .disk import update_json
+
 log = logging.getLogger(__name__)
 
 
@@ -194,14 +196,6 @@ def compile_cache_counts() -> dict:
             "autograd_hits": int(aot.get("autograd_cache_hit", 0)),
             "autograd_misses": int(aot.get("autograd_cache_miss", 0)),
             "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
-
-
-def update_json(path: Path, fields: dict) -> None:
-    """Write `fields` into the JSON object at `path`, keeping the keys it already holds."""
-    kept = json.loads(path.read_text()) if path.is_file() else {}
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    partial.write_text(json.dumps({**kept, **fields}, indent=1))
-    os.replace(partial, path)  # a reader never meets a half-written file
 
 
 class WarmUpCallback(TrainerCallback):
