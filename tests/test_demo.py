@@ -94,6 +94,7 @@ def test_label_scoring_and_generation_agree(demo_run):
     rate = agreement(scored, generated)
     print(f"label scoring vs generation agreement: {rate:.3f} on {len(scored['predictions'])} images")
     assert len(scored["predictions"]) == 120 and rate == 1.0
+    assert scored["timing"]["compiled"] is False  # label scoring runs eager by default (--eval_compiled)
 
 
 def test_predict_prints_a_class_with_probabilities(demo_run):

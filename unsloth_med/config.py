@@ -161,10 +161,10 @@ class EvalArgs:
         "help": "Images per evaluation batch. Default: 32 on a GPU (inference needs little memory, and larger "
                 "batches keep the GPU busy), 8 on a CPU."})
     max_new_tokens: int | None = field(default=None, metadata={"help": "Generation budget. Default: the recipe's."})
-    eval_compiled: bool = field(default=False, metadata={
-        "help": "Run Unsloth's torch.compile'd functions compiled during evaluation. Off by default: traced, the "
-                "first pass of every process costs 13 s more on the 14B shape, and compiled passes are no faster "
-                "(H200, benchmarks/README.md)."})
+    eval_compiled: bool | None = field(default=None, metadata={
+        "help": "Run Unsloth's torch.compile'd functions compiled during evaluation. Default: not for label scoring "
+                "(traced, a process's first pass cost 13.6 s more on the 14B shape and later passes were no faster: "
+                "benchmarks/README.md), compiled for generation (captions, answers; not measured eager)."})
     eval_before: bool = field(default=True, metadata={"help": "Evaluate the base model before training."})
     eval_after: bool = field(default=True, metadata={"help": "Evaluate the tuned model after training."})
 

@@ -314,8 +314,11 @@ def load_model(ctx: RunContext) -> None:
     if config.model.training_speedups:  # evaluation before training runs the vision tower batched too
         batch_same_size_images(ctx.model)
     batch_size = config.eval.eval_batch_size or (32 if torch.cuda.is_available() else 8)
+    compiled = config.eval.eval_compiled
+    if compiled is None:  # eager where it was measured to pay: label scoring only
+        compiled = not (ctx.recipe.is_classification and config.eval.eval_mode == "score")
     ctx.eval_kw = dict(mode=config.eval.eval_mode, batch_size=batch_size, max_new_tokens=config.eval.max_new_tokens,
-                       image_size=ctx.fit, eager=not config.eval.eval_compiled)
+                       image_size=ctx.fit, eager=not compiled)
 
 
 def evaluate_before(ctx: RunContext) -> None:
