@@ -257,6 +257,15 @@ def test_eager_evaluation_runs_compiled_modules_without_tracing_and_scores_the_s
             assert got["log_likelihoods"] == pytest.approx(want["log_likelihoods"], abs=2e-4)
 
 
+def test_eager_evaluation_on_a_torch_without_stances_traces_as_before_and_says_so(tiny_path, monkeypatch):
+    """torch < 2.6 (the package allows 2.4) has no torch.compiler.set_stance: evaluation runs, recorded as compiled."""
+    model, processor = _load(tiny_path, "mistral3")
+    monkeypatch.delattr(torch.compiler, "set_stance")
+    result = evaluate(model, processor, RECIPE, _rows(2), batch_size=2, image_size=IMAGE_SIZE, progress=False,
+                      eager=True)
+    assert len(result["predictions"]) == 2 and result["timing"]["compiled"] is True
+
+
 # ----------------------------------------------------------------------------- generation
 @pytest.fixture(scope="module")
 def overfit_model(tiny_path):

@@ -14,6 +14,7 @@ Returns {"metrics": {...}, "predictions": [{"id", "target", "prediction", ...}, 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -47,7 +48,9 @@ def evaluate(model, processor, recipe, dataset, *, mode: str = "score", batch_si
         raise ValueError(f"unknown evaluation mode {mode!r}: use one of {', '.join(MODES)}")
     image_size = image_size or recipe.image_size
     started = time.perf_counter()
-    with torch.compiler.set_stance("force_eager" if eager else "default"):
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6; older torch traces as before
+    eager = bool(eager and set_stance)
+    with set_stance("force_eager") if eager else contextlib.nullcontext():
         result = _evaluate_grouped(model, processor, recipe, dataset, mode=mode, batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, image_size=image_size, progress=progress)
     seconds = time.perf_counter() - started
