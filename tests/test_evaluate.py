@@ -236,6 +236,22 @@ def test_evaluation_checks_packed_scores_and_falls_back_when_the_mask_is_ignored
         assert prediction["log_likelihoods"] == {label: round(float(s), 4) for label, s in zip(RECIPE.labels, scores)}
 
 
+def test_packed_check_on_rows_of_several_images_compares_the_rows_it_has_references_for(tiny_path):
+    """Two images per row: the encoded batch cannot be cut by row, so the check scores the whole batch packed and
+    compares its first rows with their full sequences; every score equals the full-sequence definition."""
+    model, processor = _load(tiny_path, "mistral3")
+    rows = _rows(4)
+    for row, extra in zip(rows, _rows(4, seed=1)):
+        row["more_images"] = [extra["image"]]
+    result = evaluate(model, processor, RECIPE, rows, batch_size=4, image_size=IMAGE_SIZE, progress=False)
+    scoring = result["input_pipeline"]["label_scoring"]
+    assert scoring["strategy"] == "packed" and scoring["agreed"] and scoring["checked_rows"] == 2, scoring
+    full = score_rows(model, processor, RECIPE, rows, RECIPE.labels, image_size=IMAGE_SIZE, strategy="full")
+    for prediction, scores in zip(result["predictions"], full):
+        assert prediction["log_likelihoods"] == pytest.approx(
+            {label: float(s) for label, s in zip(RECIPE.labels, scores)}, abs=2e-4)
+
+
 def test_eager_evaluation_runs_compiled_modules_without_tracing_and_scores_the_same(tiny_path):
     """--eval_compiled false: Unsloth's torch.compile'd modules (here the language model, compiled with dynamo's
     eager backend so no compiler is needed) run as plain Python: dynamo traces no frame, and every score is equal."""

@@ -119,16 +119,19 @@ def check_packed(model, processor: Any, family: Family, encoded: dict, ids: Sequ
     from the reference: within twice that, plus 0.05 nats and 0.2% of the largest score, and the reference's best
     class on at least as many rows. And the mask must change what it should: an attention path that ignored the 4-D
     mask would give the same scores whether or not the classes are kept apart, however small that difference."""
-    first = first_rows(encoded, int(cached.shape[0]))  # the rows `cached` scored (first_rows gave them both)
-    packed = score_packed(model, processor, family, first, ids)
-    unseparated = score_packed(model, processor, family, first, ids, separate_classes=False)
+    n = int(reference.shape[0])
+    # first_rows gives the whole batch when its rows cannot be cut (several images per row); compare the first n.
+    first = first_rows(encoded, n)
+    packed = score_packed(model, processor, family, first, ids)[:n]
+    unseparated = score_packed(model, processor, family, first, ids, separate_classes=False)[:n]
+    cached = cached[:n]
     difference = float((packed - reference).abs().max())
     cached_difference = float((cached - reference).abs().max())
     mask_effect = float((packed - unseparated).abs().max())
     tolerance = 0.05 + 0.002 * float(reference.abs().max()) + 2 * cached_difference
     best = reference.argmax(-1)
     same_best = int((packed.argmax(-1) == best).sum()) >= int((cached.argmax(-1) == best).sum())
-    return {"checked_rows": int(cached.shape[0]), "reference": "one sequence per class",
+    return {"checked_rows": n, "reference": "one sequence per class",
             "max_difference_nats": round(difference, 6), "cached_difference_nats": round(cached_difference, 6),
             "tolerance_nats": round(tolerance, 4), "mask_effect_nats": round(mask_effect, 6),
             "agreed": same_best and difference <= tolerance and mask_effect > 0.0}
