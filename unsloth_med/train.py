@@ -378,13 +378,13 @@ def warm_up_shapes(trainer, dataset) -> dict:
 
     if "image_shape" not in getattr(dataset, "column_names", []):
         return {"shapes": 0, "seconds": 0.0}
-    shapes = dataset["image_shape"][:]
-    batch = trainer._train_batch_size or trainer.args.per_device_train_batch_size
-    # The sampler's own order (SameShapeSampler, seeded by args.seed), so the kinds are the epoch's kinds.
     args = trainer.args
+    shapes = dataset["image_shape"][:]
+    batch = trainer._train_batch_size or args.per_device_train_batch_size
     # Micro-batches of all ranks the run takes; a resumed run starts part-way, so it warms up every kind.
     planned = (args.max_steps * args.gradient_accumulation_steps * args.world_size
                if args.max_steps > 0 and trainer.state.global_step == 0 else None)
+    # The sampler's own order (SameShapeSampler, seeded by args.seed), so the kinds are the epoch's kinds.
     batches = one_batch_of_each_kind(shapes, batch, args.seed, args.world_size, max_batches=planned)
     short = len(dataset) % batch
     started = time.perf_counter()
