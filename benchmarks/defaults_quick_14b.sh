@@ -5,7 +5,8 @@
 # language-only LoRA within 48 and 24 GiB).
 # Usage: bash benchmarks/defaults_quick_14b.sh BONE_BREAK_DIR WORK_DIR OUT_DIR [RUN ...]   (CUDA machine, unsloth)
 # RUN: quick-first quick-second vision-language-24gib language-48gib language-24gib (default: all, in that order),
-#      or vision-language-24gib-eval, language-48gib-batch32, quick-compiled-eval
+#      or vision-language-24gib-eval, language-48gib-batch32, quick-compiled-eval,
+#      quick-first-traced-probes (a first run in its own empty cache, its memory probes traced as before session 10)
 set -euo pipefail
 data=${1:?bone-break dir}; work=${2:?work dir}; out=${3:?output dir}; shift 3
 runs=${*:-quick-first quick-second vision-language-24gib language-48gib language-24gib}
@@ -44,6 +45,8 @@ for name in $runs; do
     case $name in
         quick-first|quick-second) run "$name" --quick ;;
         quick-compiled-eval) run "$name" --quick --eval_compiled true ;;   # evaluation traced (the old default)
+        quick-first-traced-probes) UNSLOTH_MED_CACHE="$work/cache-traced-probes" UNSLOTH_MED_PROBES_COMPILED=1 \
+            run "$name" --quick ;;
         vision-language-24gib) run "$name" $short --max_memory_gib 24 ;;
         vision-language-24gib-eval) run "$name" --max_steps 10 --eval_before false --max_memory_gib 24 ;;
         language-48gib) run "$name" $short --finetune_vision_layers false --max_memory_gib 48 ;;

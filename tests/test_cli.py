@@ -149,3 +149,33 @@ def test_check_data_help_and_errors(capsys):
         main(["check-data", "--recipe", "classify", "--taget_column", "x"])
     assert exit.value.code == 2
     assert capsys.readouterr().err.strip() == "error: unknown option --taget_column (did you mean --target_column?)"
+
+
+def test_the_parser_takes_trls_own_config_after_unsloth_put_its_subclass_in_its_place(monkeypatch, tmp_path):
+    """`import unsloth` (2026.10, unsloth/models/rl.py) puts a subclass of SFTConfig with its own `max_seq_length`
+    field in TRL's place, renames it to TRL's module and name (so configs pickle), and puts a shim of the same name
+    above it. Rebuilt here as Unsloth builds it (it cannot be imported without a GPU): the parser must still take
+    TRL's own class, or `--max_seq_length` would belong to two sections (the clash that kept the CLI from importing
+    unsloth first)."""
+    import trl
+    import trl.trainer.sft_trainer as sft_trainer
+
+    from unsloth_med.config import UNSLOTH_PATCHED_CONFIG, parse_config, trl_sft_config
+    from unsloth_med.recipes import get_recipe
+
+    pristine = trl_sft_config()
+
+    @dataclasses.dataclass
+    class UnslothSFTConfig(pristine):
+        max_seq_length: int | None = None
+
+    UnslothSFTConfig.__module__, UnslothSFTConfig.__name__ = pristine.__module__, "SFTConfig"
+    setattr(UnslothSFTConfig, UNSLOTH_PATCHED_CONFIG, True)
+    shim = type("SFTConfig", (UnslothSFTConfig,), {UNSLOTH_PATCHED_CONFIG: True, "__module__": sft_trainer.__name__})
+    monkeypatch.setattr(trl, "SFTConfig", shim)
+    monkeypatch.setattr(sft_trainer, "SFTConfig", shim)
+    assert trl.SFTConfig is shim and "max_seq_length" in {f.name for f in dataclasses.fields(shim)}
+
+    assert trl_sft_config() is pristine
+    config = parse_config(["--output_dir", str(tmp_path), "--max_seq_length", "1024"], get_recipe("bone_fracture"))
+    assert config.model.max_seq_length == 1024 and type(config.training) is pristine

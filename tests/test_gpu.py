@@ -185,8 +185,8 @@ def _make_rows(tmp: Path, n: int = 8) -> list[dict]:
 def _training_args(out: Path, steps: int = STEPS):
     """The package's training defaults (config.TRAINING_DEFAULTS + device defaults) with a short, fast run.
 
-    Built directly rather than through parse_config: unsloth's SFTConfig (patched in at import) adds a
-    max_seq_length field that collides with ModelArgs.max_seq_length in the flat command-line parser.
+    Built directly (unsloth's own SFTConfig, as patched in at import) with a short, fast run's settings; the
+    command-line parser after that import is tested below (test_the_command_line_parses_after_unsloth_patched_trl).
     """
     from trl import SFTConfig
 
@@ -353,6 +353,40 @@ def test_default_label_scoring_on_the_inference_path_is_checked_and_ranks_as_the
     for a, b in zip(default["predictions"], cached["predictions"]):
         ours, theirs = a["log_likelihoods"], b["log_likelihoods"]
         assert max(abs(ours[k] - theirs[k]) for k in ours) <= allowed, (a, b)
+
+
+def test_packed_scoring_of_rows_with_two_images_agrees_with_full_sequences(trained):
+    """Mistral 3 rows of two images each on Unsloth's inference path. Such a batch cannot be cut by row, so the packed
+    check scores it whole and compares the rows its full-sequence reference covers (a shape error here stopped
+    evaluation until 7e5884d; found and tested on CPU). Every packed score lies within the check's tolerance of the
+    full-sequence definition."""
+    from unsloth_med.evaluate.classify import evaluate_classification, score_rows
+
+    t = trained("mistral3")
+    model, processor = t["backend"].for_inference(t["model"]), t["processor"]
+    rows = [dict(row, more_images=[other["image"]]) for row, other in zip(t["rows"][:4], t["rows"][4:8])]
+    result = evaluate_classification(model, processor, RECIPE, rows, batch_size=4, image_size=IMAGE_SIZE,
+                                     progress=False)
+    scoring = result["input_pipeline"]["label_scoring"]
+    print(f"\nmistral3, two images a row: {scoring}")
+    assert scoring["strategy"] == "packed" and scoring["agreed"] and scoring["checked_rows"] == 2, scoring
+    full = score_rows(model, processor, RECIPE, rows, LABELS, image_size=IMAGE_SIZE, strategy="full")
+    for prediction, scores in zip(result["predictions"], full):
+        for label, score in zip(LABELS, scores.tolist()):
+            assert abs(prediction["log_likelihoods"][label] - score) <= scoring["tolerance_nats"], (prediction, score)
+
+
+def test_the_command_line_parses_after_unsloth_patched_trl(tmp_path):
+    """`unsloth-med train` imports unsloth before parsing (cli/train.py). After the real import, whose SFTConfig has
+    its own max_seq_length, the parser still takes TRL's class, and --max_seq_length belongs to the model section."""
+    import trl
+
+    from unsloth_med.config import parse_config, trl_sft_config
+    from unsloth_med.recipes import get_recipe
+
+    assert "unsloth" in __import__("sys").modules and trl.SFTConfig is not trl_sft_config()
+    config = parse_config(["--output_dir", str(tmp_path), "--max_seq_length", "1024"], get_recipe("bone_fracture"))
+    assert config.model.max_seq_length == 1024 and type(config.training) is trl_sft_config()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -200,11 +200,34 @@ def test_the_kept_plan_is_keyed_by_what_the_probes_measured(tiny_path, tmp_path)
     assert plan_key(trainer, data, **{**key, "budget_gib": 48.0}) != same
     assert plan_key(trainer, data, **{**key, "gpu": "NVIDIA RTX A6000 51041271808"}) != same
     assert plan_key(trainer, data, **{**key, "keep_activations": False}) != same
+    assert plan_key(trainer, data, **{**key, "eager_probes": True}) != same  # eager peaks may differ from compiled
     assert plan_key(trainer, data.select(range(3)), **key) != same  # another longest sample
     trainer.args.gradient_accumulation_steps = 4  # another effective batch
     assert plan_key(trainer, data, **key) != same
     other, other_data = _trainer(tiny_path, tmp_path, lora_r=8, name="r8")  # other adapters
     assert plan_key(other, other_data, **key) != same
+
+
+def test_an_eager_probe_step_runs_compiled_modules_without_tracing_and_changes_nothing(tiny_path, tmp_path):
+    """The memory plan's probe steps run eager: Unsloth discards graphs traced before Trainer.train, so tracing there is
+    paid for nothing. The language model, compiled with dynamo's eager backend (no compiler needed), traces no frame
+    in an eager probe step and does in a normal one; neither step changes a weight or leaves a gradient."""
+    from torch._dynamo.utils import counters
+
+    from unsloth_med.memory_plan import step_without_update
+
+    trainer, data = _trainer(tiny_path, tmp_path, name="eager")
+    model = trainer.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.base_model.model.model.language_model.compile(backend="eager", dynamic=True)
+    traced = lambda: counters["frames"]["total"]  # noqa: E731
+    frames = traced()
+    step_without_update(trainer, [data[0], data[1]], eager=True)
+    assert traced() == frames
+    step_without_update(trainer, [data[0], data[1]])
+    assert traced() > frames
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
 
 
 def test_a_kept_plan_is_applied_without_probing_and_forgotten_after_running_out_of_memory(

@@ -472,3 +472,20 @@ def test_bench_table_compares_a_capped_row_with_the_hf_rows_inside_its_cap():
     assert ours["x_hf_bf16_b2"] == pytest.approx(ours["samples_per_s"] / bf16["samples_per_s"])
     shape, rate = results[2]["shape"], results[2]["matmul_tflops"]
     assert ours["mfu_6n"] == pytest.approx(6 * shape["params"] * ours["tokens_per_s"] / (rate * 1e12))
+
+
+def test_compile_seconds_since_counts_the_tracing_a_compiled_call_did():
+    """The warm-up records where its seconds went (train_stats.json's shape_warmup.compile_seconds): dynamo's own
+    accounting of the tracing done since a point, the phases that took time, longest first."""
+    import torch
+
+    from unsloth_med.train import compile_seconds, compile_seconds_since
+
+    before = compile_seconds()
+    layer = torch.nn.Linear(8, 8)
+    compiled = torch.compile(lambda x: torch.relu(layer(x)) * 2, backend="eager")
+    compiled(torch.randn(4, 8))
+    spent = compile_seconds_since(before, at_least=0.0)
+    assert spent["_compile.compile_inner"] > 0 and "bytecode_tracing" in spent
+    assert list(spent.values()) == sorted(spent.values(), reverse=True)
+    assert compile_seconds_since(compile_seconds()) == {}  # nothing traced since: nothing recorded

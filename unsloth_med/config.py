@@ -236,16 +236,24 @@ def presets_dir() -> Path:
     return here.parent / "recipes"
 
 
+#: The attribute Unsloth sets on the config classes it generates (unsloth/models/rl.py, 2026.10).
+UNSLOTH_PATCHED_CONFIG = "_unsloth_patched_rl_config"
+
+
 def trl_sft_config() -> type:
     """TRL's own SFTConfig, even after `import unsloth` swapped in its subclass.
 
     Unsloth's subclass adds a `max_seq_length` field, which would clash with ModelArgs.max_seq_length in
     one flat parser; the pipeline needs only TRL's fields, and Unsloth's trainer accepts TRL's config.
+    Name and module do not tell them apart: Unsloth renames its subclass, and the shim it puts above it, to
+    `SFTConfig` in TRL's modules so that configs pickle. The marker it sets in each one's own __dict__ does
+    (Unsloth's own code walks back to TRL's class the same way).
     """
     from trl import SFTConfig
 
     for cls in SFTConfig.__mro__:
-        if cls.__name__ == "SFTConfig" and cls.__module__.startswith("trl."):
+        if (cls.__name__ == "SFTConfig" and cls.__module__.startswith("trl.")
+                and UNSLOTH_PATCHED_CONFIG not in cls.__dict__):
             return cls
     return SFTConfig
 

@@ -20,10 +20,15 @@ The levers, in the order they are settled (each one real training step, measured
 The chosen settings, and why, are printed in one line and written to train_stats.json ("memory_plan").
 
 The probes are real steps, and on the Ministral-3-14B shape they cost 27-52 s of every run (benchmarks/README.md).
-A plan is therefore kept in the package's cache folder (`memory_plans/`), keyed by everything its probes measured
-(the model's configuration and adapters, the GPU, the budget, the effective batch, the longest samples, the
-library versions), and an identical later run applies it without probing. A run that then runs out of memory
-deletes it (pipeline.py), so the next run probes again.
+Two things cut that cost:
+- They run eager (`torch.compiler.set_stance("force_eager")`, torch >= 2.6). Unsloth throws away every graph compiled
+  before Trainer.train (it resets dynamo's cache when it finds that a forward and backward ran before it), so a probe
+  that traced paid for compilation nobody kept: about 89 s of a first run on that shape (issue 15). An eager step
+  holds every intermediate a compiled graph may fuse away, so its peak should be no lower than the compiled step's.
+- A plan is kept in the package's cache folder (`memory_plans/`), keyed by everything its probes measured (the
+  model's configuration and adapters, the GPU, the budget, the effective batch, the longest samples, the library
+  versions), and an identical later run applies it without probing. A run that then runs out of memory deletes it
+  (pipeline.py), so the next run probes again.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -109,6 +115,7 @@ class MemoryPlan:
     probe_peak_reserved_gib: float | None = None
     probe_peak_allocated_gib: float | None = None
     probes: int = 0
+    probes_eager: bool = False  # the probe steps ran without torch.compile's graphs (see the module's docstring)
     reused_from: str | None = None  # the stored plan an identical earlier run probed (then probes == 0)
     kept_layers: list = field(default_factory=list, repr=False, compare=False)  # modules; not recorded
     stored_at: str | None = None  # where this run kept it for identical later runs
@@ -154,7 +161,8 @@ def plans_dir() -> Path:
     return cache_dir() / "memory_plans"
 
 
-def plan_key(trainer, dataset, *, budget_gib: float, gpu: str, checkpointing: str, keep_activations: bool) -> str:
+def plan_key(trainer, dataset, *, budget_gib: float, gpu: str, checkpointing: str, keep_activations: bool,
+             eager_probes: bool = False) -> str:
     """A digest of everything the probes measured. Two runs with the same key probe the same steps on the same
     GPU under the same budget: the model's configuration (shape, quantization), the trainable parameters (the
     adapters), the effective batch and the lengths and image shapes of the longest samples (what the probes run),
@@ -180,7 +188,7 @@ def plan_key(trainer, dataset, *, budget_gib: float, gpu: str, checkpointing: st
         "trainable": [(name, tuple(p.shape)) for name, p in model.named_parameters() if p.requires_grad],
         "gpu": gpu, "budget_gib": budget_gib, "effective_batch": effective, "longest": longest,
         "max_seq_length": getattr(args, "max_length", None), "checkpointing": checkpointing,
-        "keep_activations": keep_activations, "versions": versions,
+        "keep_activations": keep_activations, "eager_probes": eager_probes, "versions": versions,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -238,15 +246,22 @@ def apply_stored_plan(trainer, stored: dict, where: Path, language: list, vision
 
 
 # ----------------------------------------------------------------------------- on the GPU
-def step_without_update(trainer, rows: list[dict]) -> None:
-    """One real forward and backward (the trainer's own loss) on `rows`, no optimizer step, gradients cleared."""
+def step_without_update(trainer, rows: list[dict], *, eager: bool = False) -> None:
+    """One real forward and backward (the trainer's own loss) on `rows`, no optimizer step, gradients cleared;
+    `eager`: torch.compile'd functions run as plain Python (a torch without compiler stances traces as usual)."""
+    import contextlib
+
+    import torch
+
+    set_stance = getattr(torch.compiler, "set_stance", None) if eager else None
     if not hasattr(trainer, "current_gradient_accumulation_steps"):  # set by Trainer.train; training_step reads it
         trainer.current_gradient_accumulation_steps = 1
     # No collective in a step of one rank alone: TRL gathers its token metrics across the ranks, and under DDP
     # a rank that ran out of memory (or probes one more size) would leave the others waiting in that gather.
     trainer.accelerator.gather_for_metrics = lambda value, **_: value
     try:
-        trainer.training_step(trainer.model, trainer.data_collator(rows))
+        with set_stance("force_eager") if set_stance else contextlib.nullcontext():
+            trainer.training_step(trainer.model, trainer.data_collator(rows))
     finally:
         del trainer.accelerator.gather_for_metrics
         trainer.model.zero_grad(set_to_none=True)
@@ -255,10 +270,10 @@ def step_without_update(trainer, rows: list[dict]) -> None:
 class _Prober:
     """Runs probe steps on the longest samples, with the optimizer's future state held in reserve."""
 
-    def __init__(self, trainer, dataset):
+    def __init__(self, trainer, dataset, eager: bool):
         import torch
 
-        self.torch, self.trainer, self.dataset = torch, trainer, dataset
+        self.torch, self.trainer, self.dataset, self.eager = torch, trainer, dataset, eager
         lengths = dataset["length"][:] if "length" in getattr(dataset, "column_names", []) else [0] * len(dataset)
         self.longest = sorted(range(len(dataset)), key=lambda i: -lengths[i])
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -275,7 +290,7 @@ class _Prober:
         try:
             reserve = torch.empty(self.reserve_bytes, dtype=torch.uint8, device="cuda")
             try:
-                step_without_update(self.trainer, rows)
+                step_without_update(self.trainer, rows, eager=self.eager)
             finally:
                 del reserve
         except Exception as exc:  # out of memory, as accelerate's batch-size finder recognises it (cuDNN, cuBLAS too)
@@ -306,7 +321,7 @@ def _keep_last_layers(language: list, vision: list, kept_language: int, kept_vis
 
 
 def plan_memory(trainer, dataset, budget_gib: float, budget_reason: str, *, checkpointing: str = "gpu",
-                keep_activations: bool = True, reuse: bool = True) -> MemoryPlan:
+                keep_activations: bool = True, reuse: bool = True, eager_probes: bool | None = None) -> MemoryPlan:
     """Cap GPU memory at `budget_gib`, then settle the micro-batch and the unchecked layers by real probe steps,
     or (`reuse`, one process) apply the plan an identical earlier run probed, and keep a new one for later runs.
 
@@ -333,14 +348,17 @@ def plan_memory(trainer, dataset, budget_gib: float, budget_reason: str, *, chec
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * GiB / total))
-    prober = _Prober(trainer, dataset)
+    if eager_probes is None:  # UNSLOTH_MED_PROBES_COMPILED=1 traces them: a side-by-side switch for benchmarks
+        eager_probes = os.environ.get("UNSLOTH_MED_PROBES_COMPILED", "") != "1"
+    eager_probes = bool(eager_probes and hasattr(torch.compiler, "set_stance"))
+    prober = _Prober(trainer, dataset, eager_probes)
     language = [m for m in decoder_layers(trainer.model, "language") if getattr(m, "gradient_checkpointing", False)]
     vision = [m for m in decoder_layers(trainer.model, "vision") if getattr(m, "gradient_checkpointing", False)]
     key = None
     if reuse and ranks.world == 1:  # under DDP every rank probes its own GPU and all agree (ranks.min)
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         key = plan_key(trainer, dataset, budget_gib=budget_gib, gpu=f"{props.name} {props.total_memory}",
-                       checkpointing=checkpointing, keep_activations=keep_activations)
+                       checkpointing=checkpointing, keep_activations=keep_activations, eager_probes=eager_probes)
         stored = read_stored_plan(key)
         plan = apply_stored_plan(trainer, *stored, language, vision) if stored else None
         if plan is not None:  # the budget is part of the key: only the words saying why may differ
@@ -400,7 +418,7 @@ def plan_memory(trainer, dataset, budget_gib: float, budget_reason: str, *, chec
         vision_layers_unchecked=f"{kept_vision}/{len(vision)}",
         probe_peak_reserved_gib=round(peak[0], 2) if peak[0] is not None else None,
         probe_peak_allocated_gib=round(peak[1], 2) if peak[1] is not None else None,
-        probes=prober.count, kept_layers=kept)
+        probes=prober.count, probes_eager=eager_probes, kept_layers=kept)
     if key:
         plan.stored_at = store_plan(key, plan)
     log.info("%s", plan.line())

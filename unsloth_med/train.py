@@ -198,6 +198,25 @@ def compile_cache_counts() -> dict:
             "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
 
 
+def compile_seconds() -> dict[str, float]:
+    """Seconds torch.compile has spent in this process so far, by phase, as dynamo accounts them (the whole
+    `_compile.compile_inner`; within it `bytecode_tracing`, `build_guards`, `OutputGraph.call_user_compiler` for
+    AOT autograd and inductor, ...). Empty where this torch does not keep the account."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        names, values = compile_times(repr="csv", aggregate=True)
+        return {name: float(value) for name, value in zip(names, values)}
+    except Exception:  # a private API: its absence or a change of shape must never stop a run
+        return {}
+
+
+def compile_seconds_since(before: dict[str, float], at_least: float = 0.05) -> dict[str, float]:
+    """The phases that took at least `at_least` seconds since `before` (a `compile_seconds()`), longest first."""
+    spent = {name: value - before.get(name, 0.0) for name, value in compile_seconds().items()}
+    return {name: round(value, 2) for name, value in sorted(spent.items(), key=lambda kv: -kv[1]) if value >= at_least}
+
+
 class WarmUpCallback(TrainerCallback):
     """Runs `warm_up_shapes` at the start of Trainer.train, once the trainer has set the model up for training.
 
@@ -387,6 +406,7 @@ def warm_up_shapes(trainer, dataset) -> dict:
     # The sampler's own order (SameShapeSampler, seeded by args.seed), so the kinds are the epoch's kinds.
     batches = one_batch_of_each_kind(shapes, batch, args.seed, args.world_size, max_batches=planned)
     short = len(dataset) % batch
+    compiled_before = compile_seconds()
     started = time.perf_counter()
     seconds = {}
     for indices in batches:
@@ -401,4 +421,6 @@ def warm_up_shapes(trainer, dataset) -> dict:
     return {"shapes": distinct, "batch_kinds": len(batches), "micro_batch": batch,
             "last_batch": short or None, "within_steps": args.max_steps if planned else None,
             "seconds": round(time.perf_counter() - started, 2),
-            "seconds_per_batch_kind": seconds}
+            "seconds_per_batch_kind": seconds,
+            # Where a warm-up's seconds go with a warm compile cache (the 14B shape's first kind: 25 s, issue 15).
+            "compile_seconds": compile_seconds_since(compiled_before)}

@@ -93,10 +93,9 @@ def import_unsloth_first(argv: list[str] | None = None) -> bool:
     backend asked for is `unsloth` or `auto`, a CUDA GPU is visible and unsloth is installed; it never
     raises (a run that cannot use unsloth gets its clear error later, from `pick_backend`).
 
-    Caution: importing unsloth replaces trl's SFTConfig with one that has its own `max_seq_length`
-    field, which collides with ModelArgs.max_seq_length in the flat parser of config.py. The config
-    parser must drop one of the two before this hook can be called ahead of `parse_config`; without
-    the hook, unsloth is imported at model load (it warns, and the pipeline runs: measured on an H100).
+    Importing unsloth replaces trl's SFTConfig with a subclass that has its own `max_seq_length` field,
+    which would collide with ModelArgs.max_seq_length in the flat parser of config.py; the parser therefore
+    takes TRL's own class (`config.trl_sft_config`), so `unsloth-med train` calls this before parsing.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     backend = "auto"

@@ -9,6 +9,15 @@ from .base import basic_logging, friendly
 def train_command(argv: list[str], recipe=None, *, prog: str = "unsloth-med train") -> int:
     from ..config import parse_config
 
+    if not {"-h", "--help", "--help-all"} & set(argv):
+        from ..options import check_known_options
+
+        check_known_options(argv)  # a typo fails at once, before torch, and before the seconds unsloth's import takes
+        from ..backends.unsloth import import_unsloth_first
+
+        # Unsloth patches transformers, TRL and PEFT when imported: before the parser imports them, so the run
+        # gets all of its optimizations (and no "imported after" warning). Nothing happens without a GPU.
+        import_unsloth_first(argv)
     config = parse_config(argv, recipe, prog=prog)  # before the pipeline's imports: typos fail at once
     from ..pipeline import run
     from ..recipes import get_recipe
