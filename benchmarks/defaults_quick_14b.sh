@@ -6,7 +6,9 @@
 # Usage: bash benchmarks/defaults_quick_14b.sh BONE_BREAK_DIR WORK_DIR OUT_DIR [RUN ...]   (CUDA machine, unsloth)
 # RUN: quick-first quick-second vision-language-24gib language-48gib language-24gib (default: all, in that order),
 #      or vision-language-24gib-eval, language-48gib-batch32, quick-compiled-eval,
-#      quick-first-traced-probes (a first run in its own empty cache, its memory probes traced as before session 10)
+#      quick-first-traced-probes (a first run in its own empty cache, its memory probes traced as before session 10),
+#      quick-eager-train (--train_compiled false), vision-language-24gib-eager-train, vision-language-24gib-late-import
+#      (unsloth imported after transformers, trl and peft, as the CLI did before session 10)
 set -euo pipefail
 data=${1:?bone-break dir}; work=${2:?work dir}; out=${3:?output dir}; shift 3
 runs=${*:-quick-first quick-second vision-language-24gib language-48gib language-24gib}
@@ -18,7 +20,10 @@ model="$work/ministral3-14b"
 run() {  # name, then the recipe's flags
     local name=$1; shift
     local start; start=$(date +%s.%N)
-    python3 -m unsloth_med.recipes.bone_fracture --data_dir "$data" --model "$model" --image_size 512 \
+    # UNSLOTH_MED_LATE_IMPORT=1: transformers, trl and peft imported first, so the CLI imports unsloth after them
+    local entry=(-m unsloth_med.recipes.bone_fracture)
+    [ -n "${UNSLOTH_MED_LATE_IMPORT:-}" ] && entry=(-c "import sys, transformers, trl, peft; from unsloth_med.cli import recipe_main; from unsloth_med.recipes.bone_fracture import RECIPE; recipe_main(RECIPE)")
+    python3 "${entry[@]}" --data_dir "$data" --model "$model" --image_size 512 \
         --output_dir "$work/$name" "$@" > "$out/$name.log" 2>&1 || { tail -30 "$out/$name.log"; return 1; }
     local wall; wall=$(python3 -c "import time; print(round(time.time() - $start, 1))")
     python3 - "$work/$name" "$out/$name.json" "$wall" "$*" <<'PY'
@@ -47,7 +52,10 @@ for name in $runs; do
         quick-compiled-eval) run "$name" --quick --eval_compiled true ;;   # evaluation traced (the old default)
         quick-first-traced-probes) UNSLOTH_MED_CACHE="$work/cache-traced-probes" UNSLOTH_MED_PROBES_COMPILED=1 \
             run "$name" --quick ;;
+        quick-eager-train) run "$name" --quick --train_compiled false ;;
         vision-language-24gib) run "$name" $short --max_memory_gib 24 ;;
+        vision-language-24gib-eager-train) run "$name" $short --max_memory_gib 24 --train_compiled false ;;
+        vision-language-24gib-late-import) UNSLOTH_MED_LATE_IMPORT=1 run "$name" $short --max_memory_gib 24 ;;
         vision-language-24gib-eval) run "$name" --max_steps 10 --eval_before false --max_memory_gib 24 ;;
         language-48gib) run "$name" $short --finetune_vision_layers false --max_memory_gib 48 ;;
         language-24gib) run "$name" $short --finetune_vision_layers false --max_memory_gib 24 ;;

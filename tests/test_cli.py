@@ -179,3 +179,10 @@ def test_the_parser_takes_trls_own_config_after_unsloth_put_its_subclass_in_its_
     assert trl_sft_config() is pristine
     config = parse_config(["--output_dir", str(tmp_path), "--max_seq_length", "1024"], get_recipe("bone_fracture"))
     assert config.model.max_seq_length == 1024 and type(config.training) is pristine
+
+
+def test_seconds_since_process_start_counts_what_ran_before():
+    code = ("import time; time.sleep(1.2); from unsloth_med.cli.base import seconds_since_process_start as s; "
+            "print(s())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert 1.2 <= float(done.stdout) < 60, done

@@ -230,6 +230,24 @@ def test_an_eager_probe_step_runs_compiled_modules_without_tracing_and_changes_n
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
 
 
+def test_training_with_train_compiled_false_traces_nothing(tiny_path, tmp_path):
+    """--train_compiled false: Trainer.train runs compiled functions as plain Python (here the language model, compiled
+    with dynamo's eager backend): no frame is traced, and the step trains (the weights move)."""
+    from torch._dynamo.utils import counters
+
+    from unsloth_med.train import train
+
+    trainer, _ = _trainer(tiny_path, tmp_path, name="eager-train")
+    trainer.args.warmup_steps = 0  # the defaults' warm-up gives step 1 a learning rate of 0
+    model = trainer.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.base_model.model.model.language_model.compile(backend="eager", dynamic=True)
+    frames = counters["frames"]["total"]
+    history = train(trainer, compiled=False)
+    assert counters["frames"]["total"] == frames and any("loss" in h for h in history)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+
+
 def test_a_kept_plan_is_applied_without_probing_and_forgotten_after_running_out_of_memory(
         tiny_path, tmp_path, monkeypatch):
     from unsloth_med.memory_plan import apply_stored_plan, forget_plan, read_stored_plan, store_plan

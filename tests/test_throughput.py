@@ -137,6 +137,11 @@ def test_pipeline_records_prepared_images_and_step_stats(bone_break_dir, tmp_pat
                  "--output_dir", str(run)], REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = json.loads((run / "train_stats.json").read_text())
+    # The time breakdown starts with the process (interpreter, imports, parsing), so its total is the command's.
+    timings = json.loads((run / "run.json").read_text())["timings_s"]
+    assert list(timings)[:2] == ["startup", "setup"] and timings["startup"] > 0.5, timings
+    assert sum(v for k, v in timings.items() if k != "total") == pytest.approx(timings["total"], abs=0.05)
+    assert stats["train_compiled"] is True
     # The memory plan is printed and recorded; without a GPU the configured batch is kept, the effective batch exact.
     plan = stats["memory_plan"]
     assert "Memory plan: no GPU" in proc.stdout and "micro-batch 4 as configured (effective batch 4)" in proc.stdout

@@ -55,6 +55,10 @@ class ModelArgs:
         "help": "When training starts, run one forward and backward for every kind of micro-batch the epoch holds "
                 "(its image shapes and their counts; no optimizer step), so that compiling and planning kernels "
                 "happens up front, not as slow steps mid-training. Default: on a GPU."})
+    train_compiled: bool = field(default=True, metadata={
+        "help": "Run Unsloth's torch.compile'd functions compiled in training (its Triton kernels run either way; the "
+                "memory plan's probes always run eager). false: no tracing or compiling when training starts, at "
+                "eager speed per step (benchmarks/README.md compares them)."})
     memory_plan: bool = field(default=True, metadata={
         "help": "On a GPU, settle the micro-batch and the layers that keep their activations by real probe steps "
                 "within the memory budget (printed as 'Memory plan: ...'). false: train exactly the configured "

@@ -366,7 +366,8 @@ def train_model(ctx: RunContext) -> None:
     if ctx.lazy:  # decodes, sizes and caches each image as a batch first needs it; skips (and logs) a bad one
         collator = LazyImages(collator, ctx.fit if config.data.preprocess_images else None,
                               files / SKIP_FILE, config.data.max_bad_fraction)
-    pre_train = {"speedups": apply_training_speedups(model) if config.model.training_speedups else None}
+    pre_train = {"speedups": apply_training_speedups(model) if config.model.training_speedups else None,
+                 "train_compiled": config.model.train_compiled}
     trainer = build_trainer(model, ctx.processor, train_set, collator, config.training, run_dir)
     # Building the trainer can switch gradient checkpointing off again (seen with Unsloth: 0 of 40 layers
     # until Trainer.train turns it back on). The memory probe and the shape warm-up must run the model
@@ -378,7 +379,7 @@ def train_model(ctx: RunContext) -> None:
         if warm_up or (warm_up is None and torch.cuda.is_available()):
             warm_up_when_training_starts(trainer, train_set)  # records "shape_warmup" in train_stats.json
         (files / "train_stats.json").write_text(json.dumps(pre_train, indent=1))
-        ctx.history = train(trainer, resume_from=ctx.resume_from)
+        ctx.history = train(trainer, resume_from=ctx.resume_from, compiled=config.model.train_compiled)
     except torch.OutOfMemoryError as exc:
         from .memory_plan import forget_plan
 
@@ -511,9 +512,15 @@ def _run_stage(ctx: RunContext, name: str, stage: Callable[[RunContext], None]) 
     ctx.stage_started = 0.0
 
 
-def run(recipe: Recipe, config: Config) -> dict:
-    """The whole job (STAGES in order); returns the metrics (an empty dict on ranks other than 0)."""
+def run(recipe: Recipe, config: Config, *, startup_s: float | None = None) -> dict:
+    """The whole job (STAGES in order); returns the metrics (an empty dict on ranks other than 0).
+
+    `startup_s`: how long the process ran before the job (interpreter, imports, parsing), when the job is the
+    process's command; the breakdown then starts with it and its total is the command's time."""
     ctx = RunContext(recipe, config)
+    if startup_s is not None:
+        ctx.timings["startup"] = startup_s
+        ctx.started -= startup_s
     _run_stage(ctx, "setup", setup)
     try:
         for name, stage in STAGES:

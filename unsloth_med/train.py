@@ -361,9 +361,16 @@ def build_trainer(model, processor, train_dataset, collator, training_args, run_
     return trainer
 
 
-def train(trainer, *, resume_from: str | None = None) -> list[dict]:
-    """Run training (from a checkpoint if given); returns the trainer's log history."""
-    trainer.train(resume_from_checkpoint=resume_from)
+def train(trainer, *, resume_from: str | None = None, compiled: bool = True) -> list[dict]:
+    """Run training (from a checkpoint if given); returns the trainer's log history. `compiled=False` runs every
+    torch.compile'd function as plain Python (torch >= 2.6; an older torch traces as usual)."""
+    import contextlib
+
+    import torch
+
+    set_stance = None if compiled else getattr(torch.compiler, "set_stance", None)
+    with set_stance("force_eager") if set_stance else contextlib.nullcontext():
+        trainer.train(resume_from_checkpoint=resume_from)
     return list(trainer.state.log_history)
 
 

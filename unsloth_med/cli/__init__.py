@@ -60,4 +60,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     module_name, func_name = COMMANDS[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    sys.exit(friendly(lambda: func(rest)))
+    extra = {"whole_process": True} if name == "train" else {}  # its time breakdown starts with the process
+    sys.exit(friendly(lambda: func(rest, **extra)))

@@ -23,6 +23,20 @@ def friendly(fn: Callable[[], int | None]) -> int:
         return 130
 
 
+def seconds_since_process_start() -> float | None:
+    """How long this process has run (Linux: /proc), so a run's time breakdown can show what came before the job
+    itself (the interpreter, imports, unsloth's among them, and parsing the flags). None where it cannot tell."""
+    import os
+
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+            now = float(uptime.read().split()[0])
+        return max(0.0, now - started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def basic_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 

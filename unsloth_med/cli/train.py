@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import sys
 
-from .base import basic_logging, friendly
+from .base import basic_logging, friendly, seconds_since_process_start
 
 
-def train_command(argv: list[str], recipe=None, *, prog: str = "unsloth-med train") -> int:
+def train_command(argv: list[str], recipe=None, *, prog: str = "unsloth-med train", whole_process: bool = False) -> int:
+    """`whole_process`: the job is this process's command, so its time breakdown starts at the process's start."""
     from ..config import parse_config
 
     if not {"-h", "--help", "--help-all"} & set(argv):
@@ -22,7 +23,8 @@ def train_command(argv: list[str], recipe=None, *, prog: str = "unsloth-med trai
     from ..pipeline import run
     from ..recipes import get_recipe
 
-    run(recipe or get_recipe(config.run.recipe), config)
+    run(recipe or get_recipe(config.run.recipe), config,
+        startup_s=seconds_since_process_start() if whole_process else None)
     return 0
 
 
@@ -31,4 +33,4 @@ def recipe_main(recipe, argv: list[str] | None = None) -> None:
     basic_logging()
     argv = sys.argv[1:] if argv is None else argv
     prog = f"python -m unsloth_med.recipes.{recipe.name}"
-    sys.exit(friendly(lambda: train_command(argv, recipe, prog=prog)))
+    sys.exit(friendly(lambda: train_command(argv, recipe, prog=prog, whole_process=True)))
