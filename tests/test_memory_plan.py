@@ -232,7 +232,8 @@ def test_an_eager_probe_step_runs_compiled_modules_without_tracing_and_changes_n
 
 def test_training_with_train_compiled_false_traces_nothing(tiny_path, tmp_path):
     """--train_compiled false: Trainer.train runs compiled functions as plain Python (here the language model, compiled
-    with dynamo's eager backend): no frame is traced, and the step trains (the weights move)."""
+    with dynamo's eager backend): no frame is traced, and the step trains (the weights move). Even when train() first
+    sets the compiler's stance back to default, as Unsloth's patched train() does (its for_training)."""
     from torch._dynamo.utils import counters
 
     from unsloth_med.train import train
@@ -243,6 +244,13 @@ def test_training_with_train_compiled_false_traces_nothing(tiny_path, tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.base_model.model.model.language_model.compile(backend="eager", dynamic=True)
     frames = counters["frames"]["total"]
+    unpatched = trainer.train
+
+    def train_as_unsloth_does(*args, **kwargs):
+        torch.compiler.set_stance("default")
+        return unpatched(*args, **kwargs)
+
+    trainer.train = train_as_unsloth_does
     history = train(trainer, compiled=False)
     assert counters["frames"]["total"] == frames and any("loss" in h for h in history)
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)

@@ -361,16 +361,37 @@ def build_trainer(model, processor, train_dataset, collator, training_args, run_
     return trainer
 
 
+class EagerTraining(TrainerCallback):
+    """Runs the training loop (the shape warm-up included) with torch.compile'd functions as plain Python.
+
+    Set when the loop starts, not around Trainer.train: Unsloth's train() calls its `for_training`, which sets
+    torch's compiler stance back to "default" (unsloth/models/vision.py, 2026.10), and it did so on the 14B shape
+    (the warm-up still compiled for 13 s). Inserted first, so every later callback runs eager too."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import torch
+
+        torch.compiler.set_stance("force_eager")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        import torch
+
+        torch.compiler.set_stance("default")
+
+
 def train(trainer, *, resume_from: str | None = None, compiled: bool = True) -> list[dict]:
     """Run training (from a checkpoint if given); returns the trainer's log history. `compiled=False` runs every
     torch.compile'd function as plain Python (torch >= 2.6; an older torch traces as usual)."""
-    import contextlib
-
     import torch
 
-    set_stance = None if compiled else getattr(torch.compiler, "set_stance", None)
-    with set_stance("force_eager") if set_stance else contextlib.nullcontext():
+    eager = not compiled and hasattr(torch.compiler, "set_stance")
+    if eager:
+        trainer.callback_handler.callbacks.insert(0, EagerTraining())
+    try:
         trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        if eager:  # also after a failure: evaluation and export choose their own stance
+            torch.compiler.set_stance("default")
     return list(trainer.state.log_history)
 
 
