@@ -23,8 +23,9 @@ The probes are real steps, and on the Ministral-3-14B shape they cost 27-52 s of
 Two things cut that cost:
 - They run eager (`torch.compiler.set_stance("force_eager")`, torch >= 2.6). Unsloth throws away every graph compiled
   before Trainer.train (it resets dynamo's cache when it finds that a forward and backward ran before it), so a probe
-  that traced paid for compilation nobody kept: about 89 s of a first run on that shape (issue 15). An eager step
-  holds every intermediate a compiled graph may fuse away, so its peak should be no lower than the compiled step's.
+  that traced paid for compilation nobody kept: a first quick trial's warm-up fell from 150.5 s to 82.8 s (issue 15).
+  An eager step holds intermediates a compiled graph fuses away, so it errs on the safe side for compiled training
+  (under 24 GiB: 22.05 GiB reserved eager against 19.58 traced, the same plan) and fits eager training exactly.
 - A plan is kept in the package's cache folder (`memory_plans/`), keyed by everything its probes measured (the
   model's configuration and adapters, the GPU, the budget, the effective batch, the longest samples, the library
   versions), and an identical later run applies it without probing. A run that then runs out of memory deletes it
