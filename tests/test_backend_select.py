@@ -64,6 +64,22 @@ def test_unsloth_module_imports_without_importing_unsloth():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
 
 
+def test_the_backend_asked_for_is_read_from_the_flags_or_the_config_file(tmp_path):
+    """The CLI imports unsloth before parsing only for a run that may use it: an hf run asked for by flag or by its
+    --config file must not get transformers patched by unsloth."""
+    from unsloth_med.backends.unsloth import requested_backend
+
+    config = tmp_path / "run.yaml"
+    config.write_text("model:\n  backend: hf\n")
+    assert requested_backend(["--max_steps", "3"]) == "auto"
+    assert requested_backend(["--backend", "hf"]) == "hf" and requested_backend(["--backend=unsloth"]) == "unsloth"
+    assert requested_backend(["--config", str(config)]) == "hf"
+    assert requested_backend([f"--config={config}", "--backend", "unsloth"]) == "unsloth"  # the flag wins
+    assert requested_backend(["--config", str(tmp_path / "missing.yaml")]) == "auto"  # the parser reports it
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    assert requested_backend(["--config", str(tmp_path / "bad.yaml")]) == "auto"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
 def test_import_unsloth_first_does_nothing_without_gpu(no_cuda):
     from unsloth_med.backends.unsloth import import_unsloth_first

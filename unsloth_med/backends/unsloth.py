@@ -86,6 +86,30 @@ def import_unsloth():
     return sys.modules["unsloth"]
 
 
+def requested_backend(argv: list[str]) -> str:
+    """The backend a command's arguments ask for, read before they are parsed: `--backend`, else the `--config`
+    file's `model: {backend: ...}`, else auto. An unreadable file counts as auto (the parser reports it)."""
+    backend, config = None, None
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if i + 1 < len(argv) else None
+        if arg == "--backend":
+            backend = value
+        elif arg.startswith("--backend="):
+            backend = arg.split("=", 1)[1]
+        elif arg == "--config":
+            config = value
+        elif arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+    if backend is None and config:
+        import yaml
+
+        try:
+            backend = (yaml.safe_load(Path(config).read_text()) or {}).get("model", {}).get("backend")
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):
+            backend = None
+    return str(backend or "auto")
+
+
 def import_unsloth_first(argv: list[str] | None = None) -> bool:
     """Import unsloth before transformers/trl/peft when this run may use the unsloth backend.
 
@@ -97,14 +121,7 @@ def import_unsloth_first(argv: list[str] | None = None) -> bool:
     which would collide with ModelArgs.max_seq_length in the flat parser of config.py; the parser therefore
     takes TRL's own class (`config.trl_sft_config`), so `unsloth-med train` calls this before parsing.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    backend = "auto"
-    for i, arg in enumerate(argv):
-        if arg == "--backend" and i + 1 < len(argv):
-            backend = argv[i + 1]
-        elif arg.startswith("--backend="):
-            backend = arg.split("=", 1)[1]
-    if backend not in ("auto", "unsloth"):
+    if requested_backend(list(sys.argv[1:] if argv is None else argv)) not in ("auto", "unsloth"):
         return False
     from . import cuda_available, unsloth_installed
 
