@@ -251,18 +251,15 @@ def apply_stored_plan(trainer, stored: dict, where: Path, language: list, vision
 def step_without_update(trainer, rows: list[dict], *, eager: bool = False) -> None:
     """One real forward and backward (the trainer's own loss) on `rows`, no optimizer step, gradients cleared;
     `eager`: torch.compile'd functions run as plain Python (a torch without compiler stances traces as usual)."""
-    import contextlib
+    from .models.stance import eager_stance
 
-    import torch
-
-    set_stance = getattr(torch.compiler, "set_stance", None) if eager else None
     if not hasattr(trainer, "current_gradient_accumulation_steps"):  # set by Trainer.train; training_step reads it
         trainer.current_gradient_accumulation_steps = 1
     # No collective in a step of one rank alone: TRL gathers its token metrics across the ranks, and under DDP
     # a rank that ran out of memory (or probes one more size) would leave the others waiting in that gather.
     trainer.accelerator.gather_for_metrics = lambda value, **_: value
     try:
-        with set_stance("force_eager") if set_stance else contextlib.nullcontext():
+        with eager_stance(eager):
             trainer.training_step(trainer.model, trainer.data_collator(rows))
     finally:
         del trainer.accelerator.gather_for_metrics
@@ -335,6 +332,7 @@ def plan_memory(trainer, dataset, budget_gib: float, budget_reason: str, *, chec
     from .distributed import current as current_ranks
     from .errors import BackendError
     from .models.speedups import decoder_layers
+    from .models.stance import can_run_eager
 
     if not torch.cuda.is_available():
         raise BackendError("--max_memory_gib caps GPU memory and needs a CUDA GPU; leave it unset on CPU.")
@@ -352,7 +350,7 @@ def plan_memory(trainer, dataset, budget_gib: float, budget_reason: str, *, chec
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * GiB / total))
     if eager_probes is None:  # UNSLOTH_MED_PROBES_COMPILED=1 traces them: a side-by-side switch for benchmarks
         eager_probes = os.environ.get("UNSLOTH_MED_PROBES_COMPILED", "") != "1"
-    eager_probes = bool(eager_probes and hasattr(torch.compiler, "set_stance"))
+    eager_probes = bool(eager_probes and can_run_eager())
     prober = _Prober(trainer, dataset, eager_probes)
     language = [m for m in decoder_layers(trainer.model, "language") if getattr(m, "gradient_checkpointing", False)]
     vision = [m for m in decoder_layers(trainer.model, "vision") if getattr(m, "gradient_checkpointing", False)]

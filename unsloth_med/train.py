@@ -384,7 +384,9 @@ def train(trainer, *, resume_from: str | None = None, compiled: bool = True) -> 
     torch.compile'd function as plain Python (torch >= 2.6; an older torch traces as usual)."""
     import torch
 
-    eager = not compiled and hasattr(torch.compiler, "set_stance")
+    from .models.stance import can_run_eager
+
+    eager = not compiled and can_run_eager()
     if eager:
         trainer.callback_handler.callbacks.insert(0, EagerTraining())
     try:

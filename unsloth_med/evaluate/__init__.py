@@ -14,11 +14,11 @@ Returns {"metrics": {...}, "predictions": [{"id", "target", "prediction", ...}, 
 """
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
 
+from ..models.stance import can_run_eager, eager_stance
 from .caption import caption_metrics, evaluate_captioning
 from .classify import agreement, classification_metrics, evaluate_classification, match_label
 from .vqa import evaluate_vqa, vqa_metrics
@@ -48,9 +48,8 @@ def evaluate(model, processor, recipe, dataset, *, mode: str = "score", batch_si
         raise ValueError(f"unknown evaluation mode {mode!r}: use one of {', '.join(MODES)}")
     image_size = image_size or recipe.image_size
     started = time.perf_counter()
-    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6; older torch traces as before
-    eager = bool(eager and set_stance)
-    with set_stance("force_eager") if eager else contextlib.nullcontext():
+    eager = bool(eager and can_run_eager())  # torch >= 2.6; an older torch traces as before
+    with eager_stance(eager):
         result = _evaluate_grouped(model, processor, recipe, dataset, mode=mode, batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, image_size=image_size, progress=progress)
     seconds = time.perf_counter() - started
