@@ -8,7 +8,10 @@
 #      or vision-language-24gib-eval, language-48gib-batch32, quick-compiled-eval,
 #      quick-first-traced-probes (a first run in its own empty cache, its memory probes traced as before session 10),
 #      quick-eager-train (--train_compiled false), vision-language-24gib-eager-train, vision-language-24gib-late-import
-#      (unsloth imported after transformers, trl and peft, as the CLI did before session 10)
+#      (unsloth imported after transformers, trl and peft, as the CLI did before session 10),
+#      quick-eager-warm-up (the quick preset with the shape warm-up it skipped before session 11),
+#      quick-compiled-first (the quick trial compiled, in its own empty cache: the preset's default until session 10),
+#      vision-language-24gib-micro4 (--max_micro_batch 4: more layers kept at micro-batch 4 x 2 accumulation)
 set -euo pipefail
 data=${1:?bone-break dir}; work=${2:?work dir}; out=${3:?output dir}; shift 3
 runs=${*:-quick-first quick-second vision-language-24gib language-48gib language-24gib}
@@ -53,8 +56,11 @@ for name in $runs; do
         quick-first-traced-probes) UNSLOTH_MED_CACHE="$work/cache-traced-probes" UNSLOTH_MED_PROBES_COMPILED=1 \
             run "$name" --quick ;;
         quick-eager-train) run "$name" --quick --train_compiled false ;;
+        quick-eager-warm-up) run "$name" --quick --warm_up_shapes true ;;
+        quick-compiled-first) UNSLOTH_MED_CACHE="$work/cache-compiled" run "$name" --quick --train_compiled true ;;
         vision-language-24gib) run "$name" $short --max_memory_gib 24 ;;
         vision-language-24gib-eager-train) run "$name" $short --max_memory_gib 24 --train_compiled false ;;
+        vision-language-24gib-micro4) run "$name" $short --max_memory_gib 24 --max_micro_batch 4 ;;
         vision-language-24gib-late-import) UNSLOTH_MED_LATE_IMPORT=1 run "$name" $short --max_memory_gib 24 ;;
         vision-language-24gib-eval) run "$name" --max_steps 10 --eval_before false --max_memory_gib 24 ;;
         language-48gib) run "$name" $short --finetune_vision_layers false --max_memory_gib 48 ;;

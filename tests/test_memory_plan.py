@@ -7,6 +7,8 @@ the dataset's own order.
 """
 from __future__ import annotations
 
+import json
+
 import datasets
 import numpy as np
 import pytest
@@ -55,6 +57,19 @@ def test_micro_batch_candidates_keep_the_effective_batch_exact(effective):
     assert micro_batch_candidates(8) == [8, 4, 2, 1]
 
 
+def test_max_micro_batch_caps_the_candidates_and_the_effective_batch_stays(tmp_path):
+    from unsloth_med.config import parse_config
+    from unsloth_med.errors import ConfigError
+
+    assert micro_batch_candidates(8, 4) == [4, 2, 1]
+    assert micro_batch_candidates(12, 5) == [4, 3, 2, 1]  # divisors only: 5 does not divide 12
+    assert micro_batch_candidates(8, 100) == micro_batch_candidates(8) == [8, 4, 2, 1]
+    config = parse_config(["--output_dir", str(tmp_path), "--max_micro_batch", "4"], RECIPE)
+    assert config.model.max_micro_batch == 4
+    with pytest.raises(ConfigError, match="--max_micro_batch 0: the largest micro-batch to try must be at least 1"):
+        parse_config(["--output_dir", str(tmp_path), "--max_micro_batch", "0"], RECIPE)
+
+
 def test_unchecked_layers_fill_what_the_budget_leaves():
     # 24 GiB budget, 85% fill: 20.4 GiB; all-checked peak 13.0; 0.6 GiB per layer -> 12 layers.
     assert layers_to_uncheck(24, 13.0, 0.6, 40, fill_share=0.85) == 12
@@ -77,6 +92,33 @@ def test_the_plan_line_says_what_was_chosen_and_why():
                        vision_layers_unchecked="24/24")
     assert "micro-batch 8 (the whole effective batch fits)" in roomy.line()
     assert roomy.record()["language_layers_unchecked"] == "40/40"
+    capped = MemoryPlan(budget_gib=24.0, budget_reason="--max_memory_gib 24", effective_batch=8, micro_batch=4,
+                        gradient_accumulation_steps=2, micro_batches_tried=[4], max_micro_batch=4)
+    assert "micro-batch 4 x 2 accumulation (the largest divisor of the effective batch 8 that fits within " \
+           "--max_micro_batch 4)" in capped.line()
+    assert capped.record()["max_micro_batch"] == 4
+
+
+def test_the_plan_record_leaves_the_kept_layers_uncopied(tiny_path, monkeypatch):
+    """kept_layers holds the model's own decoder layers: recording the plan (train_stats.json, the kept plan) must
+    not deep-copy them, as dataclasses.asdict did (2 s per call on the 14B shape, with a copy of their weights)."""
+    import copy
+
+    from unsloth_med.models.speedups import decoder_layers
+
+    backend = HFBackend()
+    model, _ = backend.load(str(tiny_path("mistral3")), ModelArgs())
+    layers = decoder_layers(model, "language") + decoder_layers(model, "vision")
+    plan = MemoryPlan(budget_gib=24.0, budget_reason="--max_memory_gib 24", effective_batch=8, micro_batch=8,
+                      gradient_accumulation_steps=1, micro_batches_tried=[8], kept_layers=layers)
+
+    def no_deep_copies(*args, **kwargs):
+        raise AssertionError("record() deep-copied a value")
+
+    monkeypatch.setattr(copy, "deepcopy", no_deep_copies)
+    record = plan.record()
+    assert layers and "kept_layers" not in record and record["micro_batches_tried"] == [8]
+    assert json.loads(json.dumps(record))["micro_batch"] == 8
 
 
 def test_evaluation_in_shape_order_gives_the_same_predictions_in_the_dataset_order(tiny_path, tmp_path):
@@ -201,6 +243,8 @@ def test_the_kept_plan_is_keyed_by_what_the_probes_measured(tiny_path, tmp_path)
     assert plan_key(trainer, data, **{**key, "gpu": "NVIDIA RTX A6000 51041271808"}) != same
     assert plan_key(trainer, data, **{**key, "keep_activations": False}) != same
     assert plan_key(trainer, data, **{**key, "eager_probes": True}) != same  # eager peaks may differ from compiled
+    assert plan_key(trainer, data, **{**key, "max_micro_batch": 2}) != same  # probes fewer, smaller micro-batches
+    assert plan_key(trainer, data, **{**key, "max_micro_batch": None}) == same  # unset: plans kept before still found
     assert plan_key(trainer, data.select(range(3)), **key) != same  # another longest sample
     trainer.args.gradient_accumulation_steps = 4  # another effective batch
     assert plan_key(trainer, data, **key) != same

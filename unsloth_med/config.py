@@ -63,6 +63,10 @@ class ModelArgs:
         "help": "On a GPU, settle the micro-batch and the layers that keep their activations by real probe steps "
                 "within the memory budget (printed as 'Memory plan: ...'). false: train exactly the configured "
                 "micro-batch and checkpointing (--max_memory_gib then only picks the micro-batch)."})
+    max_micro_batch: int | None = field(default=None, metadata={
+        "help": "The largest micro-batch the memory plan tries (default: the effective batch). A smaller one leaves "
+                "room under the budget to keep more layers' activations instead of recomputing them; the effective "
+                "batch stays the same (the rest becomes accumulation)."})
     max_memory_gib: float | None = field(default=None, metadata={
         "help": "GPU memory budget (GiB; default 92%% of the GPU's; 48 for an RTX A6000). Within it the run trains "
                 "with the largest micro-batch that fits (the effective batch, per_device_train_batch_size x "
@@ -407,6 +411,9 @@ def parse_config(argv: list[str] | None, recipe=None, *, prog: str = "unsloth-me
         run, model, lora, data, training, eval_, export = parser.parse_args_into_dataclasses(args=args)
     except ValueError as exc:  # TrainingArguments validation, e.g. bf16 without a GPU
         raise ConfigError(f"invalid training option: {exc}") from exc
+    if model.max_micro_batch is not None and model.max_micro_batch < 1:
+        raise ConfigError(f"--max_micro_batch {model.max_micro_batch}: the largest micro-batch to try must be at least "
+                          "1; leave it unset to try the whole effective batch first.")
     if run.recipe is None:
         raise ConfigError("No recipe given. Use `python -m unsloth_med.recipes.bone_fracture` or --recipe NAME.")
     if training.output_dir in (None, "", "trainer_output"):

@@ -40,7 +40,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -85,9 +85,10 @@ def checkpointing_mode(setting, budget_gib: float | None):
     return "true" if budget_gib >= OFFLOAD_BELOW_GIB else "unsloth"
 
 
-def micro_batch_candidates(effective: int) -> list[int]:
-    """Divisors of the effective batch, largest first: every one keeps the effective batch exact."""
-    return [d for d in range(effective, 0, -1) if effective % d == 0]
+def micro_batch_candidates(effective: int, largest: int | None = None) -> list[int]:
+    """Divisors of the effective batch up to `largest`, largest first: every one keeps the effective batch exact."""
+    top = effective if largest is None else max(1, min(largest, effective))
+    return [d for d in range(top, 0, -1) if effective % d == 0]
 
 
 def layers_to_uncheck(budget_gib: float, checked_peak_gib: float, per_layer_gib: float, available: int,
@@ -111,6 +112,7 @@ class MemoryPlan:
     micro_batch: int
     gradient_accumulation_steps: int
     micro_batches_tried: list[int] = field(default_factory=list)
+    max_micro_batch: int | None = None  # --max_micro_batch: the largest the plan was allowed to try
     checkpointing: str = "off"
     language_layers_unchecked: str = "0/0"
     vision_layers_unchecked: str = "0/0"
@@ -123,7 +125,10 @@ class MemoryPlan:
     stored_at: str | None = None  # where this run kept it for identical later runs
 
     def record(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "kept_layers"}
+        # Not dataclasses.asdict: it deep-copies every value, and kept_layers holds the model's own decoder layers
+        # (all 64 on the 14B shape: 2 s and a transient copy of their weights, per call).
+        return {f.name: list(value) if isinstance(value := getattr(self, f.name), list) else value
+                for f in fields(self) if f.name != "kept_layers"}
 
     @classmethod
     def as_configured(cls, args, reason: str) -> "MemoryPlan":
@@ -139,6 +144,8 @@ class MemoryPlan:
                         else "")
         why = ("the whole effective batch fits" if self.micro_batch == self.effective_batch
                else f"the largest divisor of the effective batch {self.effective_batch} that fits")
+        if self.max_micro_batch and self.micro_batch < self.effective_batch:
+            why += f" within --max_micro_batch {self.max_micro_batch}"
         ckpt = {"off": "no gradient checkpointing", "on": "gradient checkpointing",
                 "gpu": "gradient checkpointing on the GPU", "offload": "gradient checkpointing offloaded to CPU"}
         kept = ""
@@ -164,7 +171,7 @@ def plans_dir() -> Path:
 
 
 def plan_key(trainer, dataset, *, budget_gib: float, gpu: str, checkpointing: str, keep_activations: bool,
-             eager_probes: bool = False) -> str:
+             eager_probes: bool = False, max_micro_batch: int | None = None) -> str:
     """A digest of everything the probes measured. Two runs with the same key probe the same steps on the same
     GPU under the same budget: the model's configuration (shape, quantization), the trainable parameters (the
     adapters), the effective batch and the lengths and image shapes of the longest samples (what the probes run),
@@ -191,6 +198,7 @@ def plan_key(trainer, dataset, *, budget_gib: float, gpu: str, checkpointing: st
         "gpu": gpu, "budget_gib": budget_gib, "effective_batch": effective, "longest": longest,
         "max_seq_length": getattr(args, "max_length", None), "checkpointing": checkpointing,
         "keep_activations": keep_activations, "eager_probes": eager_probes, "versions": versions,
+        **({"max_micro_batch": max_micro_batch} if max_micro_batch else {}),  # older kept plans keep their keys
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -243,8 +251,8 @@ def apply_stored_plan(trainer, stored: dict, where: Path, language: list, vision
     trainer._train_batch_size = args.train_batch_size
     _keep_last_layers(language, vision, kept_language, kept_vision)
     kept = [m for m in language + vision if not getattr(m, "gradient_checkpointing", True)]
-    fields = {k: v for k, v in stored.items() if k in MemoryPlan.__dataclass_fields__}
-    return MemoryPlan(**{**fields, "probes": 0, "reused_from": str(where), "stored_at": None, "kept_layers": kept})
+    known = {k: v for k, v in stored.items() if k in MemoryPlan.__dataclass_fields__}
+    return MemoryPlan(**{**known, "probes": 0, "reused_from": str(where), "stored_at": None, "kept_layers": kept})
 
 
 # ----------------------------------------------------------------------------- on the GPU
@@ -320,7 +328,8 @@ def _keep_last_layers(language: list, vision: list, kept_language: int, kept_vis
 
 
 def plan_memory(trainer, dataset, budget_gib: float, budget_reason: str, *, checkpointing: str = "gpu",
-                keep_activations: bool = True, reuse: bool = True, eager_probes: bool | None = None) -> MemoryPlan:
+                keep_activations: bool = True, reuse: bool = True, eager_probes: bool | None = None,
+                max_micro_batch: int | None = None) -> MemoryPlan:
     """Cap GPU memory at `budget_gib`, then settle the micro-batch and the unchecked layers by real probe steps,
     or (`reuse`, one process) apply the plan an identical earlier run probed, and keep a new one for later runs.
 
@@ -358,7 +367,8 @@ def plan_memory(trainer, dataset, budget_gib: float, budget_reason: str, *, chec
     if reuse and ranks.world == 1:  # under DDP every rank probes its own GPU and all agree (ranks.min)
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         key = plan_key(trainer, dataset, budget_gib=budget_gib, gpu=f"{props.name} {props.total_memory}",
-                       checkpointing=checkpointing, keep_activations=keep_activations, eager_probes=eager_probes)
+                       checkpointing=checkpointing, keep_activations=keep_activations, eager_probes=eager_probes,
+                       max_micro_batch=max_micro_batch)
         stored = read_stored_plan(key)
         plan = apply_stored_plan(trainer, *stored, language, vision) if stored else None
         if plan is not None:  # the budget is part of the key: only the words saying why may differ
@@ -367,7 +377,7 @@ def plan_memory(trainer, dataset, budget_gib: float, budget_reason: str, *, chec
             return plan
 
     tried, micro, peak = [], 0, (None, None)
-    for size in micro_batch_candidates(effective):
+    for size in micro_batch_candidates(effective, max_micro_batch):
         tried.append(size)
         ok, reserved, allocated = prober.fits(size)
         if ok:
@@ -412,7 +422,7 @@ def plan_memory(trainer, dataset, budget_gib: float, budget_reason: str, *, chec
     kept = [m for m in language + vision if not getattr(m, "gradient_checkpointing", True)]
     plan = MemoryPlan(
         budget_gib=budget_gib, budget_reason=budget_reason, effective_batch=effective, micro_batch=micro,
-        gradient_accumulation_steps=effective // micro, micro_batches_tried=tried,
+        gradient_accumulation_steps=effective // micro, micro_batches_tried=tried, max_micro_batch=max_micro_batch,
         checkpointing=checkpointing if (language or vision) else "off",
         language_layers_unchecked=f"{kept_language}/{len(language)}",
         vision_layers_unchecked=f"{kept_vision}/{len(vision)}",

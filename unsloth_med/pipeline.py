@@ -409,7 +409,8 @@ def _plan_memory(ctx: RunContext, trainer) -> dict:
     if ctx.budget and (config.model.memory_plan or config.model.max_memory_gib):  # by real probe steps
         gc_mode = str(config.model.use_gradient_checkpointing).lower()
         plan = plan_memory(trainer, ctx.train_set, *ctx.budget, keep_activations=config.model.memory_plan,
-                           checkpointing="offload" if gc_mode == "unsloth" else "gpu")
+                           checkpointing="offload" if gc_mode == "unsloth" else "gpu",
+                           max_micro_batch=config.model.max_micro_batch)
         keep_planned_activations(trainer, plan)  # Trainer.train would check every layer again
     elif ctx.budget:
         plan = MemoryPlan.as_configured(config.training, "--memory_plan false")
