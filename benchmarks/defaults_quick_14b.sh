@@ -9,9 +9,9 @@
 #      quick-first-traced-probes (a first run in its own empty cache, its memory probes traced as before session 10),
 #      quick-eager-train (--train_compiled false), vision-language-24gib-eager-train, vision-language-24gib-late-import
 #      (unsloth imported after transformers, trl and peft, as the CLI did before session 10),
-#      quick-eager-warm-up (the quick preset with the shape warm-up it skipped before session 11),
+#      quick-eager-warm-up (--warm_up_shapes true: what --quick does; session 11 ran it beside a variant without),
 #      quick-compiled-first (the quick trial compiled, in its own empty cache: the preset's default until session 10),
-#      vision-language-24gib-micro4 (--max_micro_batch 4: more layers kept at micro-batch 4 x 2 accumulation)
+#      vision-language-24gib-micro4 (--max_micro_batch 4: micro-batch 4 x 2 accumulation under 24 GiB)
 set -euo pipefail
 data=${1:?bone-break dir}; work=${2:?work dir}; out=${3:?output dir}; shift 3
 runs=${*:-quick-first quick-second vision-language-24gib language-48gib language-24gib}
