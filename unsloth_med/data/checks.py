@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ImageError
+from .check_cache import remembered
 from .images import load_image, raw_image_column, raw_image_lists
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,12 @@ def thumbnail(source: Any) -> np.ndarray:
     return np.asarray(small, dtype=np.uint8)
 
 
+def _kept_thumbnail(kept: bytes) -> tuple[np.ndarray, None]:
+    if len(kept) != THUMB * THUMB:
+        raise ValueError(f"a kept thumbnail of {len(kept)} bytes")
+    return np.frombuffer(kept, dtype=np.uint8), None
+
+
 def thumbnails(sources: Sequence[Any], *,
                workers: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
     """Thumbnails as a uint8 [n, 64*64] array, a mask of the readable ones, and the error per image."""
@@ -63,8 +70,10 @@ def thumbnails(sources: Sequence[Any], *,
             return None, f"{_name(source, 0)}: {type(exc).__name__}: {exc}"
 
     workers = workers or min(8, (os.cpu_count() or 2) * 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(one, sources))
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # a file's thumbnail is made once, not every run
+        results = remembered(f"thumbnail:v1:{THUMB}", sources, lambda todo: list(pool.map(one, todo)),
+                             encode=lambda r: r[0].tobytes() if r[0] is not None else None,
+                             decode=_kept_thumbnail)
     out = np.zeros((len(sources), THUMB * THUMB), dtype=np.uint8)
     ok = np.zeros(len(sources), dtype=bool)
     for i, (arr, _) in enumerate(results):

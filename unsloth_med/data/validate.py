@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import DataError, ImageError
+from .check_cache import remembered
 from .images import load_image, raw_image_lists
 
 log = logging.getLogger(__name__)
@@ -32,16 +33,25 @@ def _key(source, row: int, position: int) -> str:
     return f"file:{source}" if isinstance(source, (str, os.PathLike)) else f"row:{row}:{position}"
 
 
-def each_image_once(rows: list[list], check, workers: int | None = None) -> list[list]:
+def each_image_once(rows: list[list], check, workers: int | None = None, remember: str | None = None) -> list[list]:
     """check(source) for every image of every row, in the rows' shape; called once per distinct file (bytes and
-    in-memory images: once per row and position), in threads (PIL reads and decodes outside the GIL)."""
+    in-memory images: once per row and position), in threads (PIL reads and decodes outside the GIL).
+
+    `remember` (a name for the check and its settings): a file found usable (check returned None) is not checked
+    again by a later run while its path, size and modification time stay the same (data/check_cache.py)."""
     keys = [[_key(source, k, j) for j, source in enumerate(images)] for k, images in enumerate(rows)]
     distinct: dict[str, object] = {}
     for row_keys, images in zip(keys, rows):
         for key, source in zip(row_keys, images):
             distinct.setdefault(key, source)
     with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
-        found = dict(zip(distinct, pool.map(check, distinct.values())))
+        run = lambda sources: list(pool.map(check, sources))  # noqa: E731
+        if remember:
+            results = remembered(remember, list(distinct.values()), run,
+                                 encode=lambda problem: b"" if problem is None else None, decode=lambda _: None)
+        else:
+            results = run(list(distinct.values()))
+        found = dict(zip(distinct, results))
     return [[found[key] for key in row_keys] for row_keys in keys]
 
 
@@ -51,7 +61,8 @@ def validate_split(dataset, split: str, *, image_size: int | None, max_bad_fract
     if not len(dataset):
         return dataset, []
     rows = raw_image_lists(dataset)
-    found = each_image_once(rows, lambda source: _problem(source, image_size), workers)
+    found = each_image_once(rows, lambda source: _problem(source, image_size), workers,
+                            remember=f"usable:v1:{image_size}")
     ids = dataset["id"][:]  # one read of the column
     skipped, bad_rows = [], set()
     for k, images in enumerate(rows):
