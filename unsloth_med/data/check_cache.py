@@ -42,7 +42,11 @@ def _connect() -> sqlite3.Connection:
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(folder / FILE_NAME, timeout=30)  # ranks of one job may write at the same time
-    db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+    try:
+        db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+    except sqlite3.Error:  # not a database: closed here, reported by the caller
+        db.close()
+        raise
     return db
 
 
