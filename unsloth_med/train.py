@@ -371,12 +371,7 @@ class EagerTraining(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         import torch
 
-        torch.compiler.set_stance("force_eager")
-
-    def on_train_end(self, args, state, control, **kwargs):
-        import torch
-
-        torch.compiler.set_stance("default")
+        torch.compiler.set_stance("force_eager")  # train() sets it back, after a failure too
 
 
 def train(trainer, *, resume_from: str | None = None, compiled: bool = True) -> list[dict]:

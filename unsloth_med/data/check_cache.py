@@ -14,26 +14,26 @@ import logging
 import os
 import sqlite3
 from contextlib import closing
-from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from .prepare import file_identity
 
 log = logging.getLogger(__name__)
 
 FILE_NAME = "image_checks.sqlite"
 
 
-def file_identity(source: Any) -> str | None:
-    """Path, size and modification time of an image file; None for anything else (bytes, in-memory images, a
-    file that cannot be read), whose results are never kept."""
+def kept_identity(source: Any) -> str | None:
+    """An image file's identity (data/prepare.py's: path, size and modification time); None for anything else
+    (bytes, in-memory images, a file that cannot be read), whose results are never kept."""
     if isinstance(source, dict):
         source = None if source.get("bytes") else source.get("path")
     if not isinstance(source, (str, os.PathLike)):
         return None
     try:
-        stat = os.stat(source)
+        return file_identity(source)
     except OSError:
         return None
-    return f"{Path(source).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _connect() -> sqlite3.Connection:
@@ -84,7 +84,7 @@ def remembered(check: str, sources: Sequence[Any], compute: Callable[[list], lis
     for a result not to keep (a failure); `decode` turns them back into the result, raising ValueError for bytes
     it cannot use (then the source is computed again).
     """
-    keys = [f"{check}|{identity}" if (identity := file_identity(s)) else None for s in sources]
+    keys = [f"{check}|{identity}" if (identity := kept_identity(s)) else None for s in sources]
     known = _read([k for k in keys if k])
     results: list = [None] * len(sources)
     todo = []

@@ -41,14 +41,18 @@ def sample_length(fit: ImageFit, size: tuple[int, int], answer: Any) -> int:
     return fit.image_tokens(size) + TEXT_BIN * max(1, -(-text // TEXT_BIN))
 
 
+def file_identity(path: str | os.PathLike) -> str:
+    """A file's path, size and modification time: a changed file gets a new identity (OSError if it is missing)."""
+    stat = os.stat(path)
+    return f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def _source_key(source: Any) -> str:
     """Identity of an image source: path + size + mtime for files (a changed file is re-prepared), else its bytes."""
     if isinstance(source, dict):
         source = source.get("bytes") or source.get("path")
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        stat = path.stat()
-        return f"file:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        return "file:" + file_identity(source)
     if isinstance(source, (bytes, bytearray)):
         return "bytes:" + hashlib.sha1(source).hexdigest()
     if hasattr(source, "tobytes"):  # a PIL image
