@@ -201,6 +201,9 @@ def test_evaluation_checks_packed_scores_and_falls_back_when_the_mask_is_ignored
     scoring = good["input_pipeline"]["label_scoring"]
     assert scoring["strategy"] == "packed" and scoring["agreed"] and scoring["checked_rows"] == 2
     assert scoring["max_difference_nats"] < 1e-4 < scoring["mask_effect_nats"]
+    # Where the pass's time went: the check on its own, and each batch (one here; the check inside it).
+    assert 0 < scoring["check_seconds"] <= good["input_pipeline"]["batch_seconds"][0]
+    assert len(good["input_pipeline"]["batch_seconds"]) == good["input_pipeline"]["batches"] == 1
 
     separate_classes = packed.packed_mask
 
@@ -234,6 +237,24 @@ def test_evaluation_checks_packed_scores_and_falls_back_when_the_mask_is_ignored
     for prediction, scores in zip(fallback["predictions"], cached):
         assert prediction["prediction"] == RECIPE.labels[int(scores.argmax())]
         assert prediction["log_likelihoods"] == {label: round(float(s), 4) for label, s in zip(RECIPE.labels, scores)}
+
+
+def test_classification_called_directly_runs_without_autograd(tiny_path):
+    """evaluate_classification called on its own (as the GPU tests and users do), with autograd on, keeps no graph:
+    every forward runs in inference mode, as under evaluate(), and the scores it returns carry no gradient."""
+    from unsloth_med.evaluate.classify import evaluate_classification
+
+    model, processor = _load(tiny_path, "mistral3")
+    modes = []
+    hook = model.register_forward_pre_hook(lambda module, args: modes.append(torch.is_inference_mode_enabled()))
+    try:
+        assert torch.is_grad_enabled()
+        result = evaluate_classification(model, processor, RECIPE, _rows(3), batch_size=3, image_size=IMAGE_SIZE,
+                                         progress=False)
+    finally:
+        hook.remove()
+    assert modes and all(modes), modes
+    assert len(result["predictions"]) == 3 and len(result["input_pipeline"]["batch_seconds"]) == 1
 
 
 def test_packed_check_on_rows_of_several_images_compares_the_rows_it_has_references_for(tiny_path):

@@ -252,6 +252,7 @@ def caption_metrics(predictions: Sequence[str], references: Sequence[str]) -> di
     return metrics
 
 
+@torch.inference_mode()  # as evaluate() runs it; here too for callers that call it directly
 def evaluate_captioning(model, processor, recipe, dataset, *, batch_size: int = 8, max_new_tokens: int | None = None,
                         image_size: int | None = None, progress: bool = True) -> dict:
     """Greedy captions for the whole split, scored against the references."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections import Counter
 from typing import Any, Sequence
 
@@ -293,6 +294,7 @@ def agreement(pred_a: Sequence, pred_b: Sequence) -> float:
 
 
 # ----------------------------------------------------------------------------- whole-split evaluation
+@torch.inference_mode()  # as evaluate() runs it; here too for callers that call it directly
 def evaluate_classification(model, processor, recipe, dataset, *, mode: str = "score", batch_size: int = 8,
                             max_new_tokens: int | None = None, image_size: int | None = None, progress: bool = True,
                             strategy: str = "auto") -> dict:
@@ -334,8 +336,12 @@ def _iter_scored(model, processor, recipe, dataset, labels, *, batch_size, image
     feed = Prefetch(batches(dataset, batch_size), lambda rows: encode_rows(processor, recipe, rows, image_size)
                     if encoded_ahead else None, ahead=prefetch_depth(model) if encoded_ahead else 0)
     scoring: dict = {"strategy": strategy}
+    # Each batch's seconds, the first one's check included: where a pass's time goes (the first batch of a run
+    # pays for kernels and memory the later ones reuse). Reading the scores below waits for the GPU.
+    batch_seconds: list[float] = []
     with eval_mode(model), progress_bar(len(dataset), "evaluate (label scores)", progress) as bar:
         for rows, encoded in feed:
+            started = time.perf_counter()
             if strategy == "packed" and "checked_rows" not in scoring:
                 strategy = _check_packed(model, processor, recipe, family, rows, encoded, labels, ids, scoring,
                                          image_size)
@@ -352,9 +358,10 @@ def _iter_scored(model, processor, recipe, dataset, labels, *, batch_size, image
                 yield {"id": str(row.get("id", "")), "target": recipe.target(row), "prediction": labels[best],
                        "probabilities": {label: round(float(p), 6) for label, p in zip(labels, probs[i])},
                        "log_likelihoods": {label: round(float(s), 4) for label, s in zip(labels, scores[i])}}
+            batch_seconds.append(round(time.perf_counter() - started, 3))
             bar.update(len(rows))
     if stats is not None:
-        stats.update(feed.summary(), label_scoring=scoring)
+        stats.update(feed.summary(), label_scoring=scoring, batch_seconds=batch_seconds)
 
 
 _CHECKED_ROWS = 2
@@ -365,11 +372,13 @@ def _check_packed(model, processor, recipe, family: Family, rows, encoded: dict,
     """The packed strategy's first batch, checked on its first rows against one full sequence per class and the
     cached strategy (packed.py's check_packed). Returns the strategy to go on with; `scoring` records the check
     (label_scoring in eval_*.json)."""
+    start = time.perf_counter()
     checked = list(rows)[:_CHECKED_ROWS]
     reference = torch.stack([_score_full(model, processor, recipe, family, row, image, labels)
                              for row, image in zip(checked, row_images(checked, image_size))])
     cached = score_encoded(model, processor, family, first_rows(encoded, len(checked)), ids)
     scoring.update(check_packed(model, processor, family, encoded, ids, cached, reference))
+    scoring["check_seconds"] = round(time.perf_counter() - start, 3)  # check_packed's float() waits for the GPU
     if scoring["agreed"]:
         return "packed"
     log.warning("Label scoring: the packed strategy failed its check against full sequences on the first rows "

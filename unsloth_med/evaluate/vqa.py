@@ -22,6 +22,8 @@ import string
 from collections import Counter, defaultdict
 from typing import Iterable, Sequence
 
+import torch
+
 from ..data.samples import image_refs
 from .caption import batches, eval_mode, generate_all, progress_bar
 
@@ -101,6 +103,7 @@ def closed_answer_set(dataset) -> list[str]:
     return [seen[k] for k in sorted(seen)]
 
 
+@torch.inference_mode()  # as evaluate() runs it; here too for callers that call it directly
 def evaluate_vqa(model, processor, recipe, dataset, *, batch_size: int = 8, max_new_tokens: int | None = None,
                  image_size: int | None = None, progress: bool = True) -> dict:
     """Greedy answers for every row, label scores over the closed answer set for closed rows; vqa_metrics."""
