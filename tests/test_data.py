@@ -6,6 +6,7 @@ import shutil
 import pytest
 from PIL import Image
 
+from unsloth_med.data.images import load_image
 from unsloth_med.data.sources import download_kaggle, load_class_folders, load_recipe_data
 from unsloth_med.data.summary import summarize
 from unsloth_med.errors import ConfigError, CredentialsError, DataError, UnsupportedModelError
@@ -29,6 +30,38 @@ def test_real_layout_has_the_tutorials_counts(bone_break_dir, tmp_path):
     assert sum(summary["class_counts"]["test"].values()) == 140
     with Image.open(tmp_path / "samples.png") as grid:
         assert grid.width > 100 and grid.height > 100
+
+
+def test_sample_grid_shows_each_class_s_first_training_images_in_their_cells(bone_break_dir, tmp_path):
+    """samples.png: three training X-rays per class, in label order, each in its own cell under its label band; a
+    cell matches its own image (shrunk as the figure shrinks it) far better than the next class's image."""
+    import numpy as np
+
+    from unsloth_med.data.summary import sample_grid
+
+    train = load_recipe_data(RECIPE, str(bone_break_dir))["train"]
+    targets = train["target"]
+    picks = [[j for j, t in enumerate(targets) if t == label][:3] for label in RECIPE.labels]
+    cell, band, gutter, scale = 256, 32, 8, 0.75  # the figure: 2.4 inches per 256-pixel cell at 80 dpi
+    with Image.open(sample_grid(RECIPE, train, tmp_path / "samples.png")) as png:
+        grid = np.asarray(png.convert("RGB"), dtype=float)
+    assert grid.shape[:2] == (round(10 * (cell + band) * scale), round(3 * cell * scale))
+
+    def cell_of(row: int, col: int) -> np.ndarray:
+        top, left = round((row * (cell + band) + band) * scale), round(col * cell * scale)
+        return grid[top:top + round(cell * scale), left:left + round(cell * scale)]
+
+    def expected(index: int) -> np.ndarray:
+        image = load_image(train[index]["image"], cell - 2 * gutter)
+        white = Image.new("RGB", (cell, cell), "white")
+        white.paste(image, ((cell - image.width) // 2, (cell - image.height) // 2))
+        return np.asarray(white.resize((round(cell * scale),) * 2, Image.BILINEAR), dtype=float)
+
+    for row in (0, 4, 9):
+        for col in range(3):
+            own = np.abs(cell_of(row, col) - expected(picks[row][col])).mean()
+            other = np.abs(cell_of(row, col) - expected(picks[(row + 1) % 10][col])).mean()
+            assert own < 4 and other > 10 * own, (row, col, own, other)
 
 
 def test_any_level_of_the_layout_is_accepted(bone_break_dir):

@@ -24,12 +24,16 @@ def summarize(recipe, splits: dict, out_dir: Path | None = None, *, image_size: 
     return summary
 
 
-def sample_grid(recipe, dataset, path: Path, *, per_class: int = 3, max_images: int = 30) -> Path:
-    """A PNG grid of training images with their labels (per class for classification)."""
+def sample_grid(recipe, dataset, path: Path, *, per_class: int = 3, max_images: int = 30, cell: int = 256) -> Path:
+    """A PNG grid of training images with their labels (per class for classification).
+
+    The images are pasted into one picture and drawn on one axes: thirty axes with titles took matplotlib about
+    1.6 s of every run (laying out titles and ticks) on a 2-core CPU, the montage a fraction of that."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     targets = column_values(dataset, "target")
     if recipe.is_classification:
@@ -40,13 +44,19 @@ def sample_grid(recipe, dataset, path: Path, *, per_class: int = 3, max_images: 
     picks = picks[:max_images]
     cols = per_class if recipe.is_classification else 4
     rows = max(1, -(-len(picks) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 2.4), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, picks):
-        ax.imshow(load_image(dataset[i]["image"], 256))
-        ax.set_title(str(targets[i])[:28], fontsize=7)
-    fig.tight_layout()
+    band, gutter = cell // 8, cell // 32  # a white band above each image for its label; white between images
+    canvas = np.full((rows * (cell + band), cols * cell, 3), 255, dtype=np.uint8)
+    fig = plt.figure(figsize=(cols * 2.4, rows * 2.4 * (cell + band) / cell))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.axis("off")
+    for n, i in enumerate(picks):
+        image = np.asarray(load_image(dataset[i]["image"], cell - 2 * gutter))  # centred in its cell
+        top, left = divmod(n, cols)
+        top, left = top * (cell + band) + band, left * cell
+        y, x = top + (cell - image.shape[0]) // 2, left + (cell - image.shape[1]) // 2
+        canvas[y:y + image.shape[0], x:x + image.shape[1]] = image
+        ax.text(left + cell / 2, top - band / 2, str(targets[i])[:28], ha="center", va="center", fontsize=7)
+    ax.imshow(canvas, interpolation="antialiased")
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
