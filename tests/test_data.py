@@ -4,7 +4,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from unsloth_med.data.images import load_image
 from unsloth_med.data.sources import download_kaggle, load_class_folders, load_recipe_data
@@ -52,7 +52,7 @@ def test_sample_grid_shows_each_class_s_first_training_images_in_their_cells(bon
         return grid[top:top + round(cell * scale), left:left + round(cell * scale)]
 
     def expected(index: int) -> np.ndarray:
-        image = load_image(train[index]["image"], cell - 2 * gutter)
+        image = ImageOps.contain(load_image(train[index]["image"]), (cell - 2 * gutter,) * 2)
         white = Image.new("RGB", (cell, cell), "white")
         white.paste(image, ((cell - image.width) // 2, (cell - image.height) // 2))
         return np.asarray(white.resize((round(cell * scale),) * 2, Image.BILINEAR), dtype=float)
@@ -62,6 +62,16 @@ def test_sample_grid_shows_each_class_s_first_training_images_in_their_cells(bon
             own = np.abs(cell_of(row, col) - expected(picks[row][col])).mean()
             other = np.abs(cell_of(row, col) - expected(picks[(row + 1) % 10][col])).mean()
             assert own < 4 and other > 10 * own, (row, col, own, other)
+
+    # A small image (the demo's are 64 px) grows to fill its cell, as it did when each image had its own axes.
+    from datasets import Dataset
+
+    small = Image.fromarray(np.full((64, 32, 3), 40, dtype=np.uint8))
+    one = Dataset.from_list([{"image": small, "target": RECIPE.labels[0]}])
+    with Image.open(sample_grid(RECIPE, one, tmp_path / "small.png")) as png:
+        grid = np.asarray(png.convert("L"), dtype=float)
+    dark = np.argwhere(grid[:round((cell + band) * scale), :round(cell * scale)] < 100)
+    assert np.ptp(dark[:, 0]) > 0.85 * cell * scale and np.ptp(dark[:, 1]) > 0.4 * cell * scale
 
 
 def test_any_level_of_the_layout_is_accepted(bone_break_dir):

@@ -5,6 +5,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from PIL import ImageOps
+
 from .images import column_values, load_image
 
 
@@ -50,7 +52,8 @@ def sample_grid(recipe, dataset, path: Path, *, per_class: int = 3, max_images: 
     ax = fig.add_axes((0, 0, 1, 1))
     ax.axis("off")
     for n, i in enumerate(picks):
-        image = np.asarray(load_image(dataset[i]["image"], cell - 2 * gutter))  # centred in its cell
+        # scaled to fill its cell (small images grow, as each axes grew them before), centred in it
+        image = np.asarray(ImageOps.contain(load_image(dataset[i]["image"]), (cell - 2 * gutter,) * 2))
         top, left = divmod(n, cols)
         top, left = top * (cell + band) + band, left * cell
         y, x = top + (cell - image.shape[0]) // 2, left + (cell - image.shape[1]) // 2
