@@ -336,8 +336,8 @@ def _iter_scored(model, processor, recipe, dataset, labels, *, batch_size, image
     feed = Prefetch(batches(dataset, batch_size), lambda rows: encode_rows(processor, recipe, rows, image_size)
                     if encoded_ahead else None, ahead=prefetch_depth(model) if encoded_ahead else 0)
     scoring: dict = {"strategy": strategy}
-    # Each batch's seconds, the first one's check included: where a pass's time goes (the first batch of a run
-    # pays for kernels and memory the later ones reuse). Reading the scores below waits for the GPU.
+    # Each batch's seconds, the first one's check included: where a pass's time goes. Reading the scores below
+    # waits for the GPU, so each figure is the batch's whole cost.
     batch_seconds: list[float] = []
     with eval_mode(model), progress_bar(len(dataset), "evaluate (label scores)", progress) as bar:
         for rows, encoded in feed:
