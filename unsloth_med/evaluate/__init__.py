@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from ..models.stance import can_run_eager, eager_stance
 from .caption import caption_metrics, evaluate_captioning
 from .classify import agreement, classification_metrics, evaluate_classification, match_label
@@ -72,15 +70,15 @@ def _evaluate_grouped(model, processor, recipe, dataset, **kw) -> dict:
 
 def _evaluate_once(model, processor, recipe, dataset, *, mode, batch_size, max_new_tokens, image_size,
                    progress) -> dict:
-    with torch.inference_mode():
-        if recipe.is_vqa:
-            return evaluate_vqa(model, processor, recipe, dataset, batch_size=batch_size,
-                                max_new_tokens=max_new_tokens, image_size=image_size, progress=progress)
-        if recipe.is_classification:
-            return evaluate_classification(model, processor, recipe, dataset, mode=mode, batch_size=batch_size,
-                                           max_new_tokens=max_new_tokens, image_size=image_size, progress=progress)
-        return evaluate_captioning(model, processor, recipe, dataset, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, image_size=image_size, progress=progress)
+    # Each evaluate_* runs itself in torch.inference_mode(), however it is called.
+    if recipe.is_vqa:
+        return evaluate_vqa(model, processor, recipe, dataset, batch_size=batch_size,
+                            max_new_tokens=max_new_tokens, image_size=image_size, progress=progress)
+    if recipe.is_classification:
+        return evaluate_classification(model, processor, recipe, dataset, mode=mode, batch_size=batch_size,
+                                       max_new_tokens=max_new_tokens, image_size=image_size, progress=progress)
+    return evaluate_captioning(model, processor, recipe, dataset, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, image_size=image_size, progress=progress)
 
 
 __all__ = ["MODES", "agreement", "caption_metrics", "classification_metrics", "evaluate", "match_label", "vqa_metrics"]
