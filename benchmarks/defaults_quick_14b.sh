@@ -4,14 +4,16 @@
 # then training-only runs under the memory budgets the issue names (vision + language LoRA within 24 GiB;
 # language-only LoRA within 48 and 24 GiB).
 # Usage: bash benchmarks/defaults_quick_14b.sh BONE_BREAK_DIR WORK_DIR OUT_DIR [RUN ...]   (CUDA machine, unsloth)
-# RUN: quick-first quick-second vision-language-24gib language-48gib language-24gib (default: all, in that order),
+# RUN: quick-first quick-second (quick-third: a second warm run) vision-language-24gib language-48gib language-24gib (default: all, in that order),
 #      or vision-language-24gib-eval, language-48gib-batch32, quick-compiled-eval,
 #      quick-first-traced-probes (a first run in its own empty cache, its memory probes traced as before session 10),
 #      quick-eager-train (--train_compiled false), vision-language-24gib-eager-train, vision-language-24gib-late-import
 #      (unsloth imported after transformers, trl and peft, as the CLI did before session 10),
 #      quick-eager-warm-up (--warm_up_shapes true: what --quick does; session 11 ran it beside a variant without),
 #      quick-compiled-first (the quick trial compiled, in its own empty cache: the preset's default until session 10),
-#      vision-language-24gib-micro4 (--max_micro_batch 4: micro-batch 4 x 2 accumulation under 24 GiB)
+#      vision-language-24gib-micro4 (--max_micro_batch 4: micro-batch 4 x 2 accumulation under 24 GiB),
+#      quick-again-N / quick-no-gc-freeze-N (warm runs with and without collector.freeze_imports, side by side),
+#      quick-second-cprofile (after quick-first: the warm second run under cProfile, stats in OUT/quick-second-cprofile.prof)
 set -euo pipefail
 data=${1:?bone-break dir}; work=${2:?work dir}; out=${3:?output dir}; shift 3
 runs=${*:-quick-first quick-second vision-language-24gib language-48gib language-24gib}
@@ -25,6 +27,10 @@ run() {  # name, then the recipe's flags
     local start; start=$(date +%s.%N)
     # UNSLOTH_MED_LATE_IMPORT=1: transformers, trl and peft imported first, so the CLI imports unsloth after them
     local entry=(-m unsloth_med.recipes.bone_fracture)
+    # UNSLOTH_MED_CPROFILE=1: the run under cProfile, its stats kept beside the JSON ($out/$name.prof)
+    [ -n "${UNSLOTH_MED_CPROFILE:-}" ] && entry=(-m cProfile -o "$out/$name.prof" "${entry[@]}")
+    # UNSLOTH_MED_NO_GC_FREEZE=1: the run without collector.freeze_imports (what every run did before session 13)
+    [ -n "${UNSLOTH_MED_NO_GC_FREEZE:-}" ] && entry=(-c "from unsloth_med import collector; collector.freeze_imports = lambda: 0; from unsloth_med.cli import recipe_main; from unsloth_med.recipes.bone_fracture import RECIPE; recipe_main(RECIPE)")
     [ -n "${UNSLOTH_MED_LATE_IMPORT:-}" ] && entry=(-c "import sys, transformers, trl, peft; from unsloth_med.cli import recipe_main; from unsloth_med.recipes.bone_fracture import RECIPE; recipe_main(RECIPE)")
     python3 "${entry[@]}" --data_dir "$data" --model "$model" --image_size 512 \
         --output_dir "$work/$name" "$@" > "$out/$name.log" 2>&1 || { tail -30 "$out/$name.log"; return 1; }
@@ -51,7 +57,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.t
 short="--max_steps 20 --eval_before false --eval_after false"
 for name in $runs; do
     case $name in
-        quick-first|quick-second) run "$name" --quick ;;
+        quick-first|quick-second|quick-third|quick-again-*) run "$name" --quick ;;
+        quick-no-gc-freeze-*) UNSLOTH_MED_NO_GC_FREEZE=1 run "$name" --quick ;;  # A/B beside quick-again-*
+        quick-second-cprofile) UNSLOTH_MED_CPROFILE=1 run "$name" --quick ;;  # after quick-first: a warm run profiled
         quick-compiled-eval) run "$name" --quick --eval_compiled true ;;   # evaluation traced (the old default)
         quick-first-traced-probes) UNSLOTH_MED_CACHE="$work/cache-traced-probes" UNSLOTH_MED_PROBES_COMPILED=1 \
             run "$name" --quick ;;

@@ -1,6 +1,7 @@
 """The pipeline's stages and the time breakdown every run ends with (issue 15 point 6, issue 20 point 4)."""
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -22,16 +23,27 @@ def test_the_stage_order_is_the_documented_one():
 @pytest.mark.slow  # a whole tiny run with merged export: about 25 s alone, up to a minute on a busy machine
 def test_a_tiny_demo_run_ends_with_a_time_breakdown_in_run_json_and_on_stdout(tmp_path, capsys):
     out = tmp_path / "run"
+    frozen_before = gc.get_freeze_count()
     train_command(["--demo", "--max_steps", "2", "--max_train_samples", "8", "--max_eval_samples", "4",
                    "--warm_up_shapes", "true", "--save_strategy", "no", "--output_dir", str(out)],
                   get_recipe("bone_fracture"))
     status = json.loads((out / "run.json").read_text())
+    # Called in-process (not the process's own command), a run freezes none of its caller's objects
+    # (collector.freeze_imports); it still records what the collector cost it.
+    collected = status["garbage_collection"]
+    assert gc.get_freeze_count() == frozen_before == collected["frozen_objects"], collected
+    assert collected["collections"] > 0 and collected["seconds"] > 0, collected
     timings = status["timings_s"]
     assert status["complete"] is True and list(timings) == [*STAGE_KEYS, "total"]
     assert all(seconds >= 0 for seconds in timings.values()), timings
     parts = sum(timings[key] for key in STAGE_KEYS)
     assert parts == pytest.approx(timings["total"], abs=0.05), timings  # nothing the stages do goes unaccounted
     assert timings["train"] > 0 and timings["load_model"] > 0 and timings["export"] > 0
+    # The warm-up stage split into its parts, which account for all of it (the shape warm-up ran: it was asked for).
+    warm_up = json.loads((out / "train_stats.json").read_text())["warm_up_parts"]
+    assert list(warm_up) == ["adapters", "trainer", "memory_plan", "shape_warm_up", "trainer_outside_steps"]
+    assert warm_up["shape_warm_up"] > 0 and all(seconds >= 0 for seconds in warm_up.values()), warm_up
+    assert sum(warm_up.values()) == pytest.approx(timings["warm_up"], abs=0.1), (warm_up, timings)
     stdout = capsys.readouterr().out
     line = next(text for text in stdout.splitlines() if text.startswith("Time: "))
     assert "load model" in line and "warm up" in line and f"total {timings['total']:.1f} s" in line

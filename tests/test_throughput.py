@@ -140,6 +140,9 @@ def test_pipeline_records_prepared_images_and_step_stats(bone_break_dir, tmp_pat
     # The time breakdown starts with the process (interpreter, imports, parsing), so its total is the command's.
     timings = json.loads((run / "run.json").read_text())["timings_s"]
     assert list(timings)[:2] == ["startup", "setup"] and timings["startup"] > 0.5, timings
+    # The process's own command froze its imports (collector.py): hundreds of thousands of objects no full
+    # collection walks again.
+    assert json.loads((run / "run.json").read_text())["garbage_collection"]["frozen_objects"] > 100_000
     assert sum(v for k, v in timings.items() if k != "total") == pytest.approx(timings["total"], abs=0.05)
     assert stats["train_compiled"] is True
     # The memory plan is printed and recorded; without a GPU the configured batch is kept, the effective batch exact.

@@ -256,9 +256,10 @@ def apply_stored_plan(trainer, stored: dict, where: Path, language: list, vision
 
 
 # ----------------------------------------------------------------------------- on the GPU
-def step_without_update(trainer, rows: list[dict], *, eager: bool = False) -> None:
+def step_without_update(trainer, rows: list[dict] | None, *, eager: bool = False, collated: dict | None = None) -> None:
     """One real forward and backward (the trainer's own loss) on `rows`, no optimizer step, gradients cleared;
-    `eager`: torch.compile'd functions run as plain Python (a torch without compiler stances traces as usual)."""
+    `eager`: torch.compile'd functions run as plain Python (a torch without compiler stances traces as usual).
+    `collated`: the rows already through the trainer's collator (then `rows` is not used)."""
     from .models.stance import eager_stance
 
     if not hasattr(trainer, "current_gradient_accumulation_steps"):  # set by Trainer.train; training_step reads it
@@ -268,7 +269,7 @@ def step_without_update(trainer, rows: list[dict], *, eager: bool = False) -> No
     trainer.accelerator.gather_for_metrics = lambda value, **_: value
     try:
         with eager_stance(eager):
-            trainer.training_step(trainer.model, trainer.data_collator(rows))
+            trainer.training_step(trainer.model, collated if collated is not None else trainer.data_collator(rows))
     finally:
         del trainer.accelerator.gather_for_metrics
         trainer.model.zero_grad(set_to_none=True)

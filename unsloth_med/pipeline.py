@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import distributed
+from . import collector, distributed
 from .config import Config, save_config
 from .disk import update_json
 from .errors import BackendError, ConfigError, ExportError
@@ -142,6 +142,7 @@ class RunContext:
     recipe: Recipe
     config: Config
     started: float = dataclasses.field(default_factory=time.perf_counter)
+    collections_before: tuple = dataclasses.field(default_factory=collector.track)  # the collector's totals so far
     timings: dict = dataclasses.field(default_factory=dict)  # stage -> seconds, in the order they ran
     current_stage: str = ""
     stage_started: float = 0.0  # perf_counter at the start of current_stage; 0 between stages
@@ -349,6 +350,7 @@ def train_model(ctx: RunContext) -> None:
     from .models.speedups import apply_training_speedups
     from .recipes import recipe_record
     from .train import (
+        WarmUpParts,
         build_trainer,
         disk_full_error,
         save_adapter,
@@ -358,6 +360,7 @@ def train_model(ctx: RunContext) -> None:
 
     config, run_dir, backend, files, train_set = ctx.config, ctx.run_dir, ctx.backend, ctx.files, ctx.train_set
     started = time.perf_counter()
+    parts = WarmUpParts()
     _write_status(run_dir, stage="train")
     model = backend.add_adapters(ctx.model, config.lora, config.model, config.training.seed)
     backend.for_training(model)
@@ -368,18 +371,22 @@ def train_model(ctx: RunContext) -> None:
                               files / SKIP_FILE, config.data.max_bad_fraction)
     pre_train = {"speedups": apply_training_speedups(model) if config.model.training_speedups else None,
                  "train_compiled": config.model.train_compiled}
+    parts.lap("adapters")
     trainer = build_trainer(model, ctx.processor, train_set, collator, config.training, run_dir)
     # Building the trainer can switch gradient checkpointing off again (seen with Unsloth: 0 of 40 layers
     # until Trainer.train turns it back on). The memory probe and the shape warm-up must run the model
     # as training will, or the probe measures a model without checkpointing and picks a far smaller batch.
     backend.for_training(trainer.model)
+    parts.lap("trainer")
     try:
         pre_train["memory_plan"] = _plan_memory(ctx, trainer)
+        parts.lap("memory_plan")
         warm_up = config.model.warm_up_shapes
         if warm_up or (warm_up is None and torch.cuda.is_available()):
             warm_up_when_training_starts(trainer, train_set)  # records "shape_warmup" in train_stats.json
         (files / "train_stats.json").write_text(json.dumps(pre_train, indent=1))
         ctx.history = train(trainer, resume_from=ctx.resume_from, compiled=config.model.train_compiled)
+        parts.lap("train_call")
     except torch.OutOfMemoryError as exc:
         from .memory_plan import forget_plan
 
@@ -390,9 +397,12 @@ def train_model(ctx: RunContext) -> None:
             raise disk_full_error(run_dir, "a checkpoint") from exc
         raise
     # Rank 0 writes train_stats.json in the run folder; another rank reading it could meet it half written.
-    steps_seconds = (_read_json(run_dir / "train_stats.json") or {}).get("train_seconds") if ctx.ranks.is_main else None
+    stats = (_read_json(run_dir / "train_stats.json") or {}) if ctx.ranks.is_main else {}
+    steps_seconds = stats.get("train_seconds")
     if steps_seconds is not None:  # from the first step's start (after the warm-up) to the end of training
         ctx.timings["warm_up"] = max(time.perf_counter() - started - steps_seconds, 0.0)
+        update_json(run_dir / "train_stats.json", {"warm_up_parts": parts.record(
+            steps_seconds, (stats.get("shape_warmup") or {}).get("seconds", 0.0))})
     ctx.model = trainer.model
     if ctx.lazy:
         ctx.summary["skipped_in_training"] = skipped_in_training(files)
@@ -465,7 +475,8 @@ def write_results(ctx: RunContext) -> None:
     if ctx.export_error is not None:
         raise ctx.export_error
     timings = ctx.breakdown()
-    _write_status(run_dir, stage="done", complete=True, wall_seconds=round(timings["total"], 1), timings_s=timings)
+    _write_status(run_dir, stage="done", complete=True, wall_seconds=round(timings["total"], 1), timings_s=timings,
+                  garbage_collection=collector.since(ctx.collections_before))
     print(format_table(before, after))
     if ctx.config.run.demo and after is not None and "accuracy" in after.get("metrics", after):
         scores = after.get("metrics", after)

@@ -23,6 +23,10 @@ def train_command(argv: list[str], recipe=None, *, prog: str = "unsloth-med trai
     from ..pipeline import run
     from ..recipes import get_recipe
 
+    if whole_process:  # the imports are done and nothing of the job exists yet (collector.py says why)
+        from ..collector import freeze_imports
+
+        freeze_imports()
     run(recipe or get_recipe(config.run.recipe), config,
         startup_s=seconds_since_process_start() if whole_process else None)
     return 0
