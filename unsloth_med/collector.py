@@ -1,11 +1,13 @@
 """The garbage collector's share of a run, and the one change that shrinks it.
 
-Unsloth and transformers call `gc.collect()` while they load a model and add adapters: 19 calls in a quick trial
-on the 14B shape, 0.43-0.47 s each, 8.8 s of the run (cProfile on an H200, session 13; 5.6 s of it inside
-`get_peft_model`). A full collection walks every object the collector tracks, and once unsloth is imported that is
-mostly the imported libraries themselves (about half a million modules, classes and functions after importing
-torch, transformers, peft, trl and datasets), which live until the process ends anyway. `freeze_imports` moves them
-into the collector's permanent generation (`gc.freeze`), so later collections walk only what the job creates.
+Unsloth, transformers and accelerate call `gc.collect()` while they load a model and add adapters: 19 calls in a
+quick trial on the 14B shape, 0.43-0.47 s each, 8.8 s of the run (cProfile on an H200, session 13; 5.6 s of it in
+Unsloth's `get_peft_model` and `post_patch_model`). A full collection walks every object the collector tracks, and
+once unsloth is imported that is mostly the imported libraries themselves (about half a million modules, classes
+and functions after importing torch, transformers, peft, trl and datasets), which live until the process ends
+anyway. `freeze_imports` moves them into the collector's permanent generation (`gc.freeze`), so later collections
+walk only what the job creates. Side by side in one lease the collector took 8.1-8.6 s of a warm quick trial
+without the freeze and 1.25-1.45 s with it (benchmarks/README.md).
 
 `track` times every collection, so run.json says what the collector cost (`garbage_collection`).
 """
