@@ -14,6 +14,7 @@
 #      vision-language-24gib-micro4 (--max_micro_batch 4: micro-batch 4 x 2 accumulation under 24 GiB),
 #      quick-again-N / quick-no-gc-freeze-N (warm runs with and without collector.freeze_imports, side by side),
 #      quick-second-cprofile (after quick-first: the warm second run under cProfile, stats in OUT/quick-second-cprofile.prof)
+#      quick-no-fold-N (a warm run with the adapters unfolded in evaluation, --eval_fold_adapters false, beside quick-again-N)
 set -euo pipefail
 data=${1:?bone-break dir}; work=${2:?work dir}; out=${3:?output dir}; shift 3
 runs=${*:-quick-first quick-second vision-language-24gib language-48gib language-24gib}
@@ -43,7 +44,8 @@ read = lambda name: json.loads((run / name).read_text()) if (run / name).is_file
 stats, before, after, status = read("train_stats.json"), read("eval_before.json"), read("eval_after.json"), read("run.json")
 record = {"flags": flags, "command_to_run_folder_s": wall, "train_stats": stats, "run": status,
           "eval_before_timing": (before or {}).get("timing"), "eval_after_timing": (after or {}).get("timing"),
-          "eval_before_input": (before or {}).get("input_pipeline"), "eval_after_input": (after or {}).get("input_pipeline")}
+          "eval_before_input": (before or {}).get("input_pipeline"), "eval_after_input": (after or {}).get("input_pipeline"),
+          "eval_after_folded_adapters": (after or {}).get("folded_adapters")}
 dest.write_text(json.dumps(record, indent=1))
 s = stats or {}
 print(f"{run.name}: {wall:.0f} s command->run folder | plan: {(s.get('memory_plan') or {})} | "
@@ -59,6 +61,7 @@ for name in $runs; do
     case $name in
         quick-first|quick-second|quick-third|quick-again-*) run "$name" --quick ;;
         quick-no-gc-freeze-*) UNSLOTH_MED_NO_GC_FREEZE=1 run "$name" --quick ;;  # A/B beside quick-again-*
+        quick-no-fold-*) run "$name" --quick --eval_fold_adapters false ;;  # A/B beside quick-again-*
         quick-second-cprofile) UNSLOTH_MED_CPROFILE=1 run "$name" --quick ;;  # after quick-first: a warm run profiled
         quick-compiled-eval) run "$name" --quick --eval_compiled true ;;   # evaluation traced (the old default)
         quick-first-traced-probes) UNSLOTH_MED_CACHE="$work/cache-traced-probes" UNSLOTH_MED_PROBES_COMPILED=1 \

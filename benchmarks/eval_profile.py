@@ -31,6 +31,17 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
+def load_for_evaluation(pipeline, recipe, config):
+    """The pipeline's own stages up to the loaded model (data, preparation, load with the recipe's defaults), the
+    model put on the backend's inference path: (the run context, the model)."""
+    ctx = pipeline.RunContext(recipe, config)
+    for name, stage in (("setup", pipeline.setup), *pipeline.STAGES[:3]):
+        pipeline._run_stage(ctx, name, stage)
+    model = ctx.backend.for_inference(ctx.model)
+    model.eval()
+    return ctx, model
+
+
 def main(argv: list[str]) -> int:
     out_dir, recipe_args = Path(argv[0]), argv[1:]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -53,11 +64,7 @@ def main(argv: list[str]) -> int:
     from unsloth_med.evaluate.packed import can_pack, score_packed
     from unsloth_med.models.families import family_of
 
-    ctx = pipeline.RunContext(RECIPE, config)
-    for name, stage in (("setup", pipeline.setup), *pipeline.STAGES[:3]):
-        pipeline._run_stage(ctx, name, stage)
-    model = ctx.backend.for_inference(ctx.model)
-    model.eval()
+    ctx, model = load_for_evaluation(pipeline, RECIPE, config)
     test = ctx.test_set
     cuda = torch.cuda.is_available()
     record: dict = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "images": len(test),

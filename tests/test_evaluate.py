@@ -273,6 +273,65 @@ def test_packed_check_on_rows_of_several_images_compares_the_rows_it_has_referen
             {label: float(s) for label, s in zip(RECIPE.labels, scores)}, abs=2e-4)
 
 
+def _lora(model, **extra):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)  # init_lora_weights=False: B is not zero, so the adapters change every score
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **extra,
+                                            target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]))
+
+
+@pytest.mark.parametrize("family", ["mistral3", "mllama"])
+def test_folded_adapters_score_as_the_unfolded_ones_in_one_matmul_a_layer(tiny_path, family):
+    """A LoRA-tuned model evaluated with every adapter folded into its layer's weight (the default) gives the scores
+    of the unfolded adapters; inside the block no adapter matrix runs, and after it every layer is its own again."""
+    from peft.tuners.lora import LoraLayer
+
+    from unsloth_med.models.folding import folded_adapters
+
+    model, processor = _load(tiny_path, family)
+    model = _lora(model)
+    adapted = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    calls = []
+    hooks = [layer.lora_A["default"].register_forward_hook(lambda *a: calls.append(1)) for layer in adapted]
+    rows = _rows(5)
+    unfolded = evaluate(model, processor, RECIPE, rows, batch_size=3, image_size=IMAGE_SIZE, progress=False,
+                        fold_adapters=False)
+    assert calls and unfolded["folded_adapters"] == {"layers": 0, "reason": "disabled"}
+    calls.clear()
+    folded = evaluate(model, processor, RECIPE, rows, batch_size=3, image_size=IMAGE_SIZE, progress=False)
+    assert not calls, "an adapter matrix ran inside the folded evaluation"
+    assert folded["folded_adapters"]["layers"] == len(adapted) > 0
+    with model.disable_adapter():  # the adapters matter to these scores: folding them is not a no-op
+        base = evaluate(model, processor, RECIPE, rows, batch_size=3, image_size=IMAGE_SIZE, progress=False)
+    assert base["folded_adapters"]["layers"] == 0
+    for got, want, plain in zip(folded["predictions"], unfolded["predictions"], base["predictions"]):
+        assert got["prediction"] == want["prediction"]
+        assert got["log_likelihoods"] == pytest.approx(want["log_likelihoods"], abs=1e-3)
+        tuned, untuned = got["log_likelihoods"], plain["log_likelihoods"]
+        assert max(abs(tuned[k] - untuned[k]) for k in untuned) > 0.01
+    assert not any("forward" in layer.__dict__ for layer in adapted)  # each layer's own forward is back
+    with folded_adapters(model):
+        pass
+    evaluate(model, processor, RECIPE, rows[:1], batch_size=1, image_size=IMAGE_SIZE, progress=False,
+             fold_adapters=False)
+    assert calls  # the adapters run again once the block is over
+    for hook in hooks:
+        hook.remove()
+
+
+def test_only_plain_lora_layers_are_folded(tiny_path):
+    """DoRA layers (a magnitude vector rescales W + BA) are not plain sums: evaluation leaves them unfolded; a model
+    without adapters has nothing to fold, and says so."""
+    from unsloth_med.models.folding import foldable_layers, folded_adapters
+
+    model, processor = _load(tiny_path, "mistral3")
+    with folded_adapters(model) as record:
+        assert record == {"layers": 0, "reason": "no LoRA adapters to fold"}
+    dora = _lora(model, use_dora=True)
+    assert foldable_layers(dora) == []
+
+
 def test_eager_evaluation_runs_compiled_modules_without_tracing_and_scores_the_same(tiny_path):
     """--eval_compiled false: Unsloth's torch.compile'd modules (here the language model, compiled with dynamo's
     eager backend so no compiler is needed) run as plain Python: dynamo traces no frame, and every score is equal."""

@@ -355,6 +355,37 @@ def test_default_label_scoring_on_the_inference_path_is_checked_and_ranks_as_the
         assert max(abs(ours[k] - theirs[k]) for k in ours) <= allowed, (a, b)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_folded_adapters_score_and_generate_as_the_unfolded_ones_on_the_inference_path(trained, family):
+    """evaluate()'s default on a trained 4-bit model: each LoRA adapter folded into its layer's dequantized weight
+    (models/folding.py). On Unsloth's inference path the label scores match the unfolded adapters' within bf16
+    rounding, generation (compiled) answers alike, and every layer runs its adapters again after."""
+    from peft.tuners.lora import LoraLayer
+
+    from unsloth_med.evaluate import evaluate
+
+    t = trained(family)
+    model, processor, rows = t["backend"].for_inference(t["model"]), t["processor"], t["rows"]
+    adapted = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    kw = dict(batch_size=4, image_size=IMAGE_SIZE, progress=False)
+    unfolded = evaluate(model, processor, RECIPE, rows, fold_adapters=False, eager=True, **kw)
+    folded = evaluate(model, processor, RECIPE, rows, eager=True, **kw)
+    print(f"\n{family} folded: {folded['folded_adapters']}, unfolded {unfolded['timing']}, folded {folded['timing']}")
+    assert folded["folded_adapters"]["layers"] == len(adapted) > 0, folded["folded_adapters"]
+    worst = max(abs(a["log_likelihoods"][k] - b["log_likelihoods"][k])
+                for a, b in zip(folded["predictions"], unfolded["predictions"]) for k in a["log_likelihoods"])
+    largest = max(abs(v) for p in unfolded["predictions"] for v in p["log_likelihoods"].values())
+    print(f"{family}: folded vs unfolded label scores at most {worst:.4f} nats apart (largest score {largest:.2f})")
+    assert worst <= 0.05 + 0.01 * largest, (worst, largest)
+    generated = [evaluate(model, processor, RECIPE, rows, mode="generate", fold_adapters=fold, **kw)
+                 for fold in (False, True)]
+    answers = [[p["answer"] for p in g["predictions"]] for g in generated]
+    print(f"{family} generated unfolded / folded: {answers}")
+    assert generated[1]["folded_adapters"]["layers"] == len(adapted)
+    assert sum(a == b for a, b in zip(*answers)) >= len(rows) - 1, answers  # a bf16 near-tie may flip one
+    assert not any("forward" in layer.__dict__ for layer in adapted)
+
+
 def test_packed_scoring_of_rows_with_two_images_agrees_with_full_sequences(trained):
     """Mistral 3 rows of two images each on Unsloth's inference path. Such a batch cannot be cut by row, so the packed
     check scores it whole and compares the rows its full-sequence reference covers (a shape error here stopped

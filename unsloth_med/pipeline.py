@@ -319,7 +319,7 @@ def load_model(ctx: RunContext) -> None:
     if compiled is None:  # eager where it was measured to pay: label scoring only
         compiled = not (ctx.recipe.is_classification and config.eval.eval_mode == "score")
     ctx.eval_kw = dict(mode=config.eval.eval_mode, batch_size=batch_size, max_new_tokens=config.eval.max_new_tokens,
-                       image_size=ctx.fit, eager=not compiled)
+                       image_size=ctx.fit, eager=not compiled, fold_adapters=config.eval.eval_fold_adapters)
 
 
 def evaluate_before(ctx: RunContext) -> None:

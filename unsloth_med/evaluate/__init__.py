@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 
+from ..models.folding import folded_adapters
 from ..models.stance import can_run_eager, eager_stance
 from .caption import caption_metrics, evaluate_captioning
 from .classify import agreement, classification_metrics, evaluate_classification, match_label
@@ -37,23 +38,26 @@ def shape_order(dataset) -> list[int] | None:
 
 def evaluate(model, processor, recipe, dataset, *, mode: str = "score", batch_size: int = 8,
              max_new_tokens: int | None = None, image_size: int | None = None, progress: bool = True,
-             eager: bool = False) -> dict:
+             eager: bool = False, fold_adapters: bool = True) -> dict:
     """Evaluate a model on rows {image, target, id}; see the module docstring for what comes back.
 
     eager=True runs every torch.compile'd function (Unsloth's compiled modules) as plain Python: no tracing, which
-    a process pays once per model state before its first compiled pass."""
+    a process pays once per model state before its first compiled pass. fold_adapters: score a LoRA-tuned model
+    with each adapter folded into its layer's 16-bit weight (models/folding.py: one matmul a layer, the merged
+    export's weights) where memory allows; `folded_adapters` in the result says what was done."""
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}: use one of {', '.join(MODES)}")
     image_size = image_size or recipe.image_size
     started = time.perf_counter()
     eager = bool(eager and can_run_eager())  # torch >= 2.6; an older torch traces as before
-    with eager_stance(eager):
+    with eager_stance(eager), folded_adapters(model, fold_adapters) as folded:
         result = _evaluate_grouped(model, processor, recipe, dataset, mode=mode, batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, image_size=image_size, progress=progress)
     seconds = time.perf_counter() - started
     result["timing"] = {"seconds": round(seconds, 2), "batch_size": batch_size,
                         "examples_per_second": round(len(dataset) / seconds, 2) if seconds > 0 else None,
                         "compiled": not eager}
+    result["folded_adapters"] = folded
     return result
 
 

@@ -26,6 +26,7 @@ from ..distributed import gather_in_order, my_shard
 from ..errors import DataError
 from ..models import prompting
 from ..models.families import Family, family_of
+from ..models.folding import free_memory_bytes
 from .caption import (
     Prefetch,
     batches,
@@ -199,9 +200,7 @@ def _continuation_rows(cache, batch: int, device) -> int:
     per_row = sum(t.numel() * t.element_size() for layer in getattr(cache, "layers", [])
                   for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
                   if isinstance(t, torch.Tensor)) / max(1, batch)
-    free, total = torch.cuda.mem_get_info(device)
-    share = getattr(torch.cuda, "get_per_process_memory_fraction", lambda *_: 1.0)(device)  # a memory budget's cap
-    free = min(free, share * total - torch.cuda.memory_allocated(device))
+    free = free_memory_bytes(device)
     if per_row <= 0:
         return _MAX_CONTINUATION_ROWS
     return int(max(_MAX_CONTINUATION_ROWS, min(_MAX_GPU_CONTINUATION_ROWS, free * 0.25 // (per_row * 2))))

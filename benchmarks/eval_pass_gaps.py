@@ -1,0 +1,71 @@
+"""Where a whole label-scoring pass's time goes between its batches (issue 15, goal 4), on the recipe's model.
+
+Seven evaluate() passes of the base model over the test split at batch 32, in one process: a first (warm-up), the
+default, the look-ahead encoding thread off (ahead=0) and deeper (ahead=2), then with the packed forward timed on its
+own (GPU synchronised around it; with and without the look-ahead thread), and the default again. A batch's seconds
+equal to its synchronised forward mean the pass is the forward; a faster forward without the thread means the
+encoding thread competes with the launching thread.
+
+Usage (CUDA machine with unsloth):
+    python benchmarks/eval_pass_gaps.py OUT_DIR --data_dir DATA --model MODEL [recipe flags]
+Writes OUT_DIR/eval_gaps.json.
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    out_dir = Path(argv[0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    from unsloth_med.config import parse_config
+    from unsloth_med.recipes.bone_fracture import RECIPE
+
+    config = parse_config(argv[1:] + ["--output_dir", str(out_dir / "run")], RECIPE)
+    from unsloth_med.backends.unsloth import import_unsloth
+
+    import_unsloth()
+    from eval_profile import load_for_evaluation  # benchmarks/, beside this script
+
+    import unsloth_med.evaluate.classify as classify
+    from unsloth_med import pipeline
+    from unsloth_med.evaluate import evaluate
+
+    ctx, model = load_for_evaluation(pipeline, RECIPE, config)
+    record: dict = {"gpu": torch.cuda.get_device_name()}
+    score, depth_of = classify.score_packed, classify.prefetch_depth
+    forward_seconds: list[float] = []
+
+    def synchronised(*args, **kwargs):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = score(*args, **kwargs)
+        torch.cuda.synchronize()
+        forward_seconds.append(round(time.perf_counter() - start, 3))
+        return out
+
+    def run(name, depth=None, sync=False):
+        classify.prefetch_depth = (lambda model: depth) if depth is not None else depth_of
+        classify.score_packed = synchronised if sync else score
+        forward_seconds.clear()
+        result = evaluate(model, ctx.processor, RECIPE, ctx.test_set, batch_size=32, image_size=ctx.fit,
+                          progress=False, eager=True)
+        feed = result["input_pipeline"]
+        record[name] = {"seconds": result["timing"]["seconds"], "batch_seconds": feed.get("batch_seconds"),
+                        "waited_s": feed.get("waited_s"), "prepare_s": feed.get("prepare_s"),
+                        "check_s": feed["label_scoring"].get("check_seconds"), "score_packed_s": list(forward_seconds)}
+        print(name, record[name], flush=True)
+
+    for name, depth, sync in (("warm", None, False), ("default", None, False), ("ahead0", 0, False),
+                              ("ahead2", 2, False), ("synced", None, True), ("synced_ahead0", 0, True),
+                              ("default_again", None, False)):
+        run(name, depth, sync)
+    (out_dir / "eval_gaps.json").write_text(json.dumps(record, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

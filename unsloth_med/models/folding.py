@@ -1,0 +1,134 @@
+"""Evaluation with every LoRA adapter folded into one 16-bit weight per layer, for the length of a block.
+
+Unfolded, each adapted linear layer runs its base matmul (4-bit weights dequantized on every call), then x @ A,
+then @ B, scaled and added. On the 14B shape after training that made label scoring about 19% slower than the
+same scoring without adapters (benchmarks/README.md, session 14). Folded, a layer is one matmul with
+W = dequantized base + scaling * B @ A: the sum Unsloth's merged 16-bit export writes, so the scores are those of
+the merged model a user ships. The sum is taken in float32, then rounded to the layer's 16-bit dtype once.
+
+It costs a 16-bit copy of every adapted layer (about 24 GiB for the 14B's language model) while the block runs:
+folded only when that copy is at most half of the memory the budget leaves free, and freed when the block ends.
+Not folded: DoRA and other LoRA variants, adapters with their own bias, layers that are not linear, merged layers.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def free_memory_bytes(device) -> int:
+    """Bytes this process may still allocate on `device`: the GPU's free memory, capped by a memory budget set
+    with torch.cuda.set_per_process_memory_fraction; on a CPU, the available RAM."""
+    if getattr(device, "type", str(device)) != "cuda":
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return 0
+    free, total = torch.cuda.mem_get_info(device)
+    share = getattr(torch.cuda, "get_per_process_memory_fraction", lambda *_: 1.0)(device)  # a memory budget's cap
+    return int(min(free, share * total - torch.cuda.memory_allocated(device)))
+
+
+def _adapters(layer) -> list[str] | None:
+    """The active adapters of a peft LoRA layer when folding gives its output exactly; None when it cannot."""
+    if getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
+        return None
+    base = layer.get_base_layer()
+    if not isinstance(base, torch.nn.Linear):
+        return None
+    names = [a for a in layer.active_adapters if a in layer.lora_A]
+    variants = getattr(layer, "lora_variant", {}) or {}
+    if any(getattr(layer, "use_dora", {}).get(a) or variants.get(a) is not None
+           or getattr(layer.lora_B[a], "bias", None) is not None for a in names):
+        return None
+    return names
+
+
+def foldable_layers(model) -> list:
+    """(layer, its adapters) for every peft LoRA layer of `model` that can be folded."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # no peft: nothing to fold
+        return []
+    found = []
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and isinstance(module, torch.nn.Module):
+            names = _adapters(module)
+            if names:
+                found.append((module, names))
+    return found
+
+
+def _folded_weight(layer, names: list[str]) -> torch.Tensor:
+    from peft.utils.integrations import dequantize_module_weight
+
+    base = layer.get_base_layer()
+    weight = dequantize_module_weight(base)
+    dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+    total = weight.float()
+    for name in names:
+        total = total + layer.get_delta_weight(name).float().to(total.device)
+    return total.to(dtype)
+
+
+def _fold_size(layers) -> int:
+    # 16-bit copies on a GPU (the compute dtype); a float32 model on a CPU keeps float32
+    return sum(layer.get_base_layer().in_features * layer.get_base_layer().out_features
+               * (4 if layer.get_base_layer().weight.dtype == torch.float32 else 2) for layer, _ in layers)
+
+
+@contextmanager
+def folded_adapters(model, enabled: bool = True):
+    """Within the block, every foldable LoRA layer of `model` computes x @ (W + scaling * B @ A) in one matmul.
+
+    Yields a record for evaluation's JSON: {"layers", "gib", "seconds"} when folded, else {"layers": 0,
+    "reason"}. Each layer's own forward is back, and the folded weights freed, when the block ends."""
+    layers = foldable_layers(model) if enabled else []
+    if not layers:
+        yield {"layers": 0, "reason": "disabled" if not enabled else "no LoRA adapters to fold"}
+        return
+    size = _fold_size(layers)
+    device = layers[0][0].get_base_layer().weight.device
+    free = free_memory_bytes(device)
+    if size > free // 2:
+        reason = (f"the folded weights ({size / 2**30:.1f} GiB) would take more than half of the "
+                  f"{free / 2**30:.1f} GiB free in the memory budget")
+        log.info("Evaluation runs the adapters unfolded: %s.", reason)
+        yield {"layers": 0, "reason": reason}
+        return
+    started = time.perf_counter()
+    saved = []
+    try:
+        with torch.no_grad():
+            for layer, names in layers:
+                weight = _folded_weight(layer, names)
+                base = layer.get_base_layer()
+                bias = None if base.bias is None else base.bias.detach().to(weight.dtype)
+                saved.append((layer, layer.__dict__.get("forward")))
+                layer.forward = _one_matmul(layer, weight, bias)
+        record = {"layers": len(layers), "gib": round(size / 2**30, 2),
+                  "seconds": round(time.perf_counter() - started, 2)}
+        yield record
+    finally:
+        for layer, previous in saved:
+            if previous is None:
+                del layer.forward
+            else:
+                layer.forward = previous
+
+
+def _one_matmul(layer, weight: torch.Tensor, bias: torch.Tensor | None):
+    unfolded = type(layer).forward
+
+    def forward(x, *args, **kwargs):
+        if kwargs.get("adapter_names") is not None:  # peft's per-row adapter choice: not what was folded
+            return unfolded(layer, x, *args, **kwargs)
+        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+    return forward
