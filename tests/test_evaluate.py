@@ -320,6 +320,60 @@ def test_folded_adapters_score_as_the_unfolded_ones_in_one_matmul_a_layer(tiny_p
         hook.remove()
 
 
+def test_running_out_of_memory_while_folding_scores_unfolded_and_says_so(tiny_path, monkeypatch):
+    """The fold's memory estimate can miss (fragmentation, another process on the GPU): running out of memory part
+    way through puts back the layers already folded and evaluates unfolded, with the reason in the result."""
+    from peft.tuners.lora import LoraLayer
+
+    from unsloth_med.models import folding
+
+    model, processor = _load(tiny_path, "mistral3")
+    model = _lora(model)
+    rows = _rows(3)
+    unfolded = evaluate(model, processor, RECIPE, rows, batch_size=3, image_size=IMAGE_SIZE, progress=False,
+                        fold_adapters=False)
+    fold_one, done = folding._folded_weight, []
+
+    def fails_on_the_third(layer, names):  # the GPU's allocator raises this when the copy does not fit
+        if len(done) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        done.append(layer)
+        return fold_one(layer, names)
+
+    monkeypatch.setattr(folding, "_folded_weight", fails_on_the_third)
+    result = evaluate(model, processor, RECIPE, rows, batch_size=3, image_size=IMAGE_SIZE, progress=False)
+    adapted = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert result["folded_adapters"] == {"layers": 0,
+                                         "reason": f"out of GPU memory after folding 2 of {len(adapted)} layers"}
+    assert not any("forward" in m.__dict__ for m in adapted)
+    for got, want in zip(result["predictions"], unfolded["predictions"]):
+        assert got["log_likelihoods"] == want["log_likelihoods"]
+
+
+def test_a_folded_layer_asked_for_per_row_adapters_runs_them_unfolded(tiny_path):
+    """peft's adapter_names picks an adapter per row (mixed-batch inference): not what was folded, so that call runs
+    the layer's own forward; an ordinary call inside the block is the one matmul, with the same output."""
+    from peft.tuners.lora import LoraLayer
+
+    from unsloth_med.models.folding import folded_adapters
+
+    model = _lora(_load(tiny_path, "mistral3")[0])
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    x = torch.randn(2, 3, layer.in_features)
+    with torch.no_grad():
+        want = layer(x)
+        with folded_adapters(model) as record:
+            assert record["layers"] > 0
+            calls = []
+            hook = layer.lora_A["default"].register_forward_hook(lambda *a: calls.append(1))
+            folded = layer(x)
+            assert not calls
+            per_row = layer(x, adapter_names=["default", "default"])
+            assert calls
+            hook.remove()
+    assert torch.allclose(folded, want, atol=1e-5) and torch.allclose(per_row, want, atol=1e-6)
+
+
 def test_only_plain_lora_layers_are_folded(tiny_path):
     """DoRA layers (a magnitude vector rescales W + BA) are not plain sums: evaluation leaves them unfolded; a model
     without adapters has nothing to fold, and says so."""

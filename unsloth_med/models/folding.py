@@ -7,7 +7,8 @@ W = dequantized base + scaling * B @ A: the sum Unsloth's merged 16-bit export w
 the merged model a user ships. The sum is taken in float32, then rounded to the layer's 16-bit dtype once.
 
 It costs a 16-bit copy of every adapted layer (about 24 GiB for the 14B's language model) while the block runs:
-folded only when that copy is at most half of the memory the budget leaves free, and freed when the block ends.
+folded only when that copy is at most half of the memory the budget leaves free, and freed when the block ends. If
+the GPU runs out of memory while folding anyway, the folded layers are put back and evaluation runs unfolded.
 Not folded: DoRA and other LoRA variants, adapters with their own bias, layers that are not linear, merged layers.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import types
 from contextlib import contextmanager
 
 import torch
@@ -103,32 +105,43 @@ def folded_adapters(model, enabled: bool = True):
         yield {"layers": 0, "reason": reason}
         return
     started = time.perf_counter()
-    saved = []
+    saved: list = []
     try:
-        with torch.no_grad():
-            for layer, names in layers:
-                weight = _folded_weight(layer, names)
-                base = layer.get_base_layer()
-                bias = None if base.bias is None else base.bias.detach().to(weight.dtype)
-                saved.append((layer, layer.__dict__.get("forward")))
-                layer.forward = _one_matmul(layer, weight, bias)
-        record = {"layers": len(layers), "gib": round(size / 2**30, 2),
-                  "seconds": round(time.perf_counter() - started, 2)}
+        try:
+            with torch.no_grad():
+                for layer, names in layers:
+                    weight = _folded_weight(layer, names)
+                    base = layer.get_base_layer()
+                    bias = None if base.bias is None else base.bias.detach().to(weight.dtype)
+                    previous = layer.__dict__.get("forward")  # another patch's forward, put back after
+                    saved.append((layer, previous))
+                    layer.forward = _one_matmul(previous or types.MethodType(type(layer).forward, layer), weight, bias)
+            record = {"layers": len(layers), "gib": round(size / 2**30, 2),
+                      "seconds": round(time.perf_counter() - started, 2)}
+        except torch.cuda.OutOfMemoryError:  # the estimate missed (fragmentation, another process): score unfolded
+            record = {"layers": 0, "reason": f"out of GPU memory after folding {len(saved)} of {len(layers)} layers"}
+            _restore(saved)
+            torch.cuda.empty_cache()
+            log.warning("Evaluation runs the adapters unfolded: %s.", record["reason"])
         yield record
     finally:
-        for layer, previous in saved:
-            if previous is None:
-                del layer.forward
-            else:
-                layer.forward = previous
+        _restore(saved)
 
 
-def _one_matmul(layer, weight: torch.Tensor, bias: torch.Tensor | None):
-    unfolded = type(layer).forward
+def _restore(saved: list) -> None:
+    """Each layer's own forward back (the folded weights go with the closures that held them)."""
+    while saved:
+        layer, previous = saved.pop()
+        if previous is None:
+            del layer.forward
+        else:
+            layer.forward = previous
 
+
+def _one_matmul(unfolded, weight: torch.Tensor, bias: torch.Tensor | None):
     def forward(x, *args, **kwargs):
         if kwargs.get("adapter_names") is not None:  # peft's per-row adapter choice: not what was folded
-            return unfolded(layer, x, *args, **kwargs)
+            return unfolded(x, *args, **kwargs)
         return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 
     return forward
