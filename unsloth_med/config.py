@@ -172,8 +172,9 @@ class EvalArgs:
     max_new_tokens: int | None = field(default=None, metadata={"help": "Generation budget. Default: the recipe's."})
     eval_compiled: bool | None = field(default=None, metadata={
         "help": "Run Unsloth's torch.compile'd functions compiled during evaluation. Default: not for label scoring "
-                "(traced, a process's first pass cost 13.6 s more on the 14B shape and later passes were no faster: "
-                "benchmarks/README.md), compiled for generation (captions, answers; not measured eager)."})
+                "(traced, a process's first pass cost 13.6 s more on the 14B shape and packed batches then ran about "
+                "0.15 s faster each: it pays only on splits of thousands of images; benchmarks/README.md), compiled "
+                "for generation (captions, answers; not measured eager)."})
     eval_fold_adapters: bool = field(default=True, metadata={
         "help": "Evaluate a LoRA-tuned model with each adapter folded into its layer's 16-bit weight (the merged "
                 "export's weights): one matmul a layer instead of three; label scoring after training a fifth "
