@@ -1,10 +1,10 @@
 """Evaluation with every LoRA adapter folded into one 16-bit weight per layer, for the length of a block.
 
 Unfolded, each adapted linear layer runs its base matmul (4-bit weights dequantized on every call), then x @ A,
-then @ B, scaled and added. On the 14B shape after training that made label scoring about 19% slower than the
-same scoring without adapters (benchmarks/README.md, session 14). Folded, a layer is one matmul with
-W = dequantized base + scaling * B @ A: the sum Unsloth's merged 16-bit export writes, so the scores are those of
-the merged model a user ships. The sum is taken in float32, then rounded to the layer's 16-bit dtype once.
+then @ B, scaled and added. On the 14B shape after training that made each label-scoring batch about 20% slower
+than with the adapters folded (side by side on an H200: benchmarks/README.md, session 14). Folded, a layer is one
+matmul with W = dequantized base + scaling * B @ A: the sum Unsloth's merged 16-bit export writes, so the scores are
+those of the merged model a user ships. The sum is taken in float32, then rounded to the layer's 16-bit dtype once.
 
 It costs a 16-bit copy of every adapted layer (about 24 GiB for the 14B's language model) while the block runs:
 folded only when that copy is at most half of the memory the budget leaves free, and freed when the block ends. If
