@@ -12,23 +12,17 @@ Writes OUT_DIR/eval_batch_parts.json and OUT_DIR/packed_ops.txt.
 """
 import json
 import sys
-import time
 from pathlib import Path
 
 
 def timed(fn, n=3):
-    """(fastest, median) seconds of `n` calls after one untimed call, the GPU synchronised around each."""
-    import torch
+    """(fastest, median) seconds of `n` calls after one untimed call, each timed by eval_profile's `_timed` (the GPU
+    synchronised around it)."""
+    from eval_profile import _timed  # benchmarks/, beside this script
 
     fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return round(min(times), 4), round(sorted(times)[len(times) // 2], 4)
+    times = sorted(_timed(fn)[1] for _ in range(n))
+    return round(times[0], 4), round(times[len(times) // 2], 4)
 
 
 def main(argv: list[str]) -> int:

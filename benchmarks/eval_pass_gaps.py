@@ -12,7 +12,6 @@ Writes OUT_DIR/eval_gaps.json.
 """
 import json
 import sys
-import time
 from pathlib import Path
 
 
@@ -28,7 +27,7 @@ def main(argv: list[str]) -> int:
     from unsloth_med.backends.unsloth import import_unsloth
 
     import_unsloth()
-    from eval_profile import load_for_evaluation  # benchmarks/, beside this script
+    from eval_profile import _timed, load_for_evaluation  # benchmarks/, beside this script
 
     import unsloth_med.evaluate.classify as classify
     from unsloth_med import pipeline
@@ -40,11 +39,8 @@ def main(argv: list[str]) -> int:
     forward_seconds: list[float] = []
 
     def synchronised(*args, **kwargs):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = score(*args, **kwargs)
-        torch.cuda.synchronize()
-        forward_seconds.append(round(time.perf_counter() - start, 3))
+        out, seconds = _timed(lambda: score(*args, **kwargs))
+        forward_seconds.append(round(seconds, 3))
         return out
 
     def run(name, depth=None, sync=False):

@@ -80,9 +80,9 @@ def _folded_weight(layer, names: list[str]) -> torch.Tensor:
 
 
 def _fold_size(layers) -> int:
-    # 16-bit copies on a GPU (the compute dtype); a float32 model on a CPU keeps float32
-    return sum(layer.get_base_layer().in_features * layer.get_base_layer().out_features
-               * (4 if layer.get_base_layer().weight.dtype == torch.float32 else 2) for layer, _ in layers)
+    """Bytes of the folded copies: 16-bit on a GPU (the compute dtype); a float32 model on a CPU keeps float32."""
+    bases = [layer.get_base_layer() for layer, _ in layers]
+    return sum(b.in_features * b.out_features * (4 if b.weight.dtype == torch.float32 else 2) for b in bases)
 
 
 @contextmanager
