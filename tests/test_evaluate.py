@@ -210,6 +210,8 @@ def test_evaluation_checks_packed_scores_and_falls_back_when_the_mask_is_ignored
     def causal_only(prompt_mask, owners, dtype, attention):  # every continuation token sees every earlier one
         return separate_classes(prompt_mask, torch.zeros_like(owners), dtype, attention)
 
+    # A check that passed is kept with the model it passed on (see the reuse test below): a fresh model checks again.
+    model, processor = _load(tiny_path, "mistral3")
     monkeypatch.setattr(packed, "packed_mask", causal_only)
     with caplog.at_level("WARNING"):
         fallback = evaluate(model, processor, RECIPE, rows, mode="score", batch_size=4, image_size=IMAGE_SIZE,
@@ -237,6 +239,41 @@ def test_evaluation_checks_packed_scores_and_falls_back_when_the_mask_is_ignored
     for prediction, scores in zip(fallback["predictions"], cached):
         assert prediction["prediction"] == RECIPE.labels[int(scores.argmax())]
         assert prediction["log_likelihoods"] == {label: round(float(s), 4) for label, s in zip(RECIPE.labels, scores)}
+
+
+def test_a_later_pass_over_the_same_model_reuses_its_passed_check_until_the_attention_path_changes(tiny_path):
+    """The run's two passes: the base model before training, then the same model with LoRA adapters (peft-wrapped,
+    folded). The second pass reuses the packed check that passed on the first, with no forward for it, and scores
+    exactly what checking again would have allowed; a new attention implementation checks again (a failed check is
+    never kept: the fallback test above)."""
+    model, processor = _load(tiny_path, "mistral3")
+    rows = _rows(4)
+    first = evaluate(model, processor, RECIPE, rows, batch_size=4, image_size=IMAGE_SIZE, progress=False)
+    check = first["input_pipeline"]["label_scoring"]
+    assert check["checked_rows"] == 2 and check["agreed"] and check["check_seconds"] > 0
+
+    tuned = _lora(model)  # the pipeline adds adapters to the model it evaluated before training
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    after = evaluate(tuned, processor, RECIPE, rows, batch_size=4, image_size=IMAGE_SIZE, progress=False)
+    hook.remove()
+    scoring = after["input_pipeline"]["label_scoring"]
+    assert after["folded_adapters"]["layers"] > 0
+    assert scoring == {"strategy": "packed", "checked_rows": 0, "agreed": True, "check_seconds": 0.0,
+                       "reused_check": {k: v for k, v in check.items() if k != "strategy"}}, scoring
+    assert len(forwards) == 1, "the reused check ran forwards: only the batch's own packed forward should run"
+    unfolded = evaluate(tuned, processor, RECIPE, rows, batch_size=4, image_size=IMAGE_SIZE, progress=False,
+                        fold_adapters=False)
+    full = score_rows(tuned, processor, RECIPE, rows, RECIPE.labels, image_size=IMAGE_SIZE, strategy="full")
+    for prediction, scores in zip(after["predictions"], full):  # the reused check's verdict holds for the tuned model
+        assert prediction["log_likelihoods"] == pytest.approx(
+            {label: float(s) for label, s in zip(RECIPE.labels, scores)}, abs=1e-3)
+    assert unfolded["input_pipeline"]["label_scoring"]["checked_rows"] == 0
+
+    tuned.set_attn_implementation("eager")  # another attention path: its own check
+    eager = evaluate(tuned, processor, RECIPE, rows, batch_size=4, image_size=IMAGE_SIZE, progress=False)
+    assert eager["input_pipeline"]["label_scoring"]["checked_rows"] == 2
+    assert "reused_check" not in eager["input_pipeline"]["label_scoring"]
 
 
 def test_classification_called_directly_runs_without_autograd(tiny_path):
@@ -374,6 +411,68 @@ def test_a_folded_layer_asked_for_per_row_adapters_runs_them_unfolded(tiny_path)
     assert torch.allclose(folded, want, atol=1e-5) and torch.allclose(per_row, want, atol=1e-6)
 
 
+def _quantize_language_model(model) -> int:
+    """Every linear layer of the language model as a bitsandbytes NF4 layer (as a 4-bit load leaves it; here on the
+    CPU, where the hf backend loads float32): returns how many."""
+    bnb = pytest.importorskip("bitsandbytes")
+    replaced = 0
+    for parent in list(model.model.language_model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=torch.float32, quant_type="nf4")
+                layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
+                layer.bias = child.bias
+                setattr(parent, name, layer.to("cpu"))  # moving the weight is what quantizes it
+                replaced += 1
+    return replaced
+
+
+def test_dequantized_4bit_layers_score_and_generate_as_the_4bit_ones(tiny_path, monkeypatch):
+    """evaluate(dequantize=True): every 4-bit layer runs on its weight dequantized once for the pass (for generation,
+    where each decoding step would otherwise dequantize every weight again), with the same arithmetic: the same
+    scores and answers, no 4-bit matmul inside the pass, the 4-bit layers themselves again after it. With LoRA
+    adapters their base layers are folded with them, not dequantized twice."""
+    bnb = pytest.importorskip("bitsandbytes")  # a test dependency (pyproject's test extra): runs in CI
+
+    model, processor = _load(tiny_path, "mistral3")
+    quantized = _quantize_language_model(model)
+    assert quantized > 0
+    rows = _rows(4)
+    kw = dict(batch_size=2, image_size=IMAGE_SIZE, progress=False)
+    calls = []
+    four_bit = bnb.nn.Linear4bit.forward
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", lambda self, x: calls.append(1) or four_bit(self, x))
+    as_4bit = [evaluate(model, processor, RECIPE, rows, mode=mode, **kw) for mode in ("score", "generate")]
+    assert calls
+    calls.clear()
+    dequantized = [evaluate(model, processor, RECIPE, rows, mode=mode, dequantize=True, **kw)
+                   for mode in ("score", "generate")]
+    assert not calls, "a 4-bit matmul ran inside the dequantized pass"
+    for result in dequantized:
+        record = result["folded_adapters"]
+        assert record["layers"] == 0 and record["dequantized_layers"] == quantized and "gib" in record, record
+    for got, want in zip(dequantized[0]["predictions"], as_4bit[0]["predictions"]):
+        assert got["log_likelihoods"] == pytest.approx(want["log_likelihoods"], abs=1e-4)
+    assert [p["answer"] for p in dequantized[1]["predictions"]] == [p["answer"] for p in as_4bit[1]["predictions"]]
+    assert dequantized[1]["input_pipeline"]["generated_tokens"] == as_4bit[1]["input_pipeline"]["generated_tokens"]
+    assert not any("forward" in vars(m) for m in model.modules())  # every layer's own forward is back
+    evaluate(model, processor, RECIPE, rows[:1], **kw)
+    assert calls  # the 4-bit layers run again after the pass
+
+    from peft.tuners.lora import LoraLayer
+
+    tuned = _lora(model)
+    adapted = [m for m in tuned.modules() if isinstance(m, LoraLayer)]
+    adapted_4bit = sum(isinstance(m.get_base_layer(), bnb.nn.Linear4bit) for m in adapted)
+    record = evaluate(tuned, processor, RECIPE, rows[:2], mode="generate", dequantize=True, **kw)["folded_adapters"]
+    assert 0 < adapted_4bit < quantized
+    assert record["layers"] == len(adapted) and record["dequantized_layers"] == quantized - adapted_4bit, record
+    unfolded = evaluate(tuned, processor, RECIPE, rows[:2], mode="generate", dequantize=True, fold_adapters=False,
+                        **kw)["folded_adapters"]  # the adapters' own 4-bit base layers are dequantized instead
+    assert unfolded["layers"] == 0 and unfolded["dequantized_layers"] == quantized, unfolded
+
+
 def test_only_plain_lora_layers_are_folded(tiny_path):
     """DoRA layers (a magnitude vector rescales W + BA) are not plain sums: evaluation leaves them unfolded; a model
     without adapters has nothing to fold, and says so."""
@@ -452,6 +551,9 @@ def test_generation_mode_counts_unparseable_answers(tiny_path, overfit_model):
                          progress=False)
     assert [p["answer"] for p in generated["predictions"]] == [ANSWER] * 4
     assert generated["metrics"]["unparseable"] == 0
+    # Generated tokens are counted on the ids: each row's answer and the end of turn it stopped on.
+    stop_and_answer = prompting.answer_ids(processor, family_of(model.config), ANSWER)
+    assert generated["input_pipeline"]["generated_tokens"] == 4 * len(stop_and_answer)
     assert generated["metrics"]["accuracy"] == pytest.approx(sum(r["target"] == ANSWER for r in rows) / 4)
     scored = evaluate(model, processor, RECIPE, rows, mode="score", image_size=IMAGE_SIZE, progress=False)
     assert agreement(scored, generated) == 1.0
@@ -468,6 +570,18 @@ def test_generation_mode_counts_unparseable_answers(tiny_path, overfit_model):
     assert all(p["prediction"] in others.labels for p in rescored["predictions"])
 
 
+def test_generated_tokens_are_counted_up_to_each_rows_first_stop():
+    from unsloth_med.evaluate.caption import generated_token_counts
+
+    pad, stop, other_stop = 0, 2, 7
+    new = torch.tensor([[5, 6, stop, pad, pad],   # stopped at its third token, padded after
+                        [5, 6, 8, 9, 4],          # never stopped: all five
+                        [other_stop, pad, pad, pad, pad],
+                        [stop, 5, stop, 0, 0]])    # the first stop counts
+    assert generated_token_counts(new, [stop, other_stop]) == [3, 5, 1, 1]
+    assert generated_token_counts(new[:, :0], [stop]) == [0, 0, 0, 0]
+
+
 def test_captioning_evaluation_runs_end_to_end(tiny_path):
     model, processor = _load(tiny_path, "mllama")
     rows = [{"image": im, "target": "The radiograph shows a fracture of the distal radius.", "id": f"c{i}"}
@@ -478,6 +592,8 @@ def test_captioning_evaluation_runs_end_to_end(tiny_path):
     assert m["n"] == 3 and m["mode"] == "generate" and m["max_new_tokens"] == 6
     assert 0 <= m["bleu"] <= 100 and 0 <= m["rougeL"] <= 1
     assert [p["id"] for p in result["predictions"]] == ["c0", "c1", "c2"]
+    pipeline = result["input_pipeline"]
+    assert 3 <= pipeline["generated_tokens"] <= 3 * 6 and pipeline["generated_tokens_per_second"] > 0
 
 
 # ----------------------------------------------------------------------------- predict

@@ -38,19 +38,21 @@ def shape_order(dataset) -> list[int] | None:
 
 def evaluate(model, processor, recipe, dataset, *, mode: str = "score", batch_size: int = 8,
              max_new_tokens: int | None = None, image_size: int | None = None, progress: bool = True,
-             eager: bool = False, fold_adapters: bool = True) -> dict:
+             eager: bool = False, fold_adapters: bool = True, dequantize: bool = False) -> dict:
     """Evaluate a model on rows {image, target, id}; see the module docstring for what comes back.
 
     eager=True runs every torch.compile'd function (Unsloth's compiled modules) as plain Python: no tracing, which
     a process pays once per model state before its first compiled pass. fold_adapters: score a LoRA-tuned model
     with each adapter folded into its layer's 16-bit weight (models/folding.py: one matmul a layer, the merged
-    export's weights) where memory allows; `folded_adapters` in the result says what was done."""
+    export's weights) where memory allows; `folded_adapters` in the result says what was done. dequantize: every
+    other 4-bit layer (all of them with fold_adapters=False) runs on its weight dequantized once for the pass, under
+    the same memory rule: the arithmetic of a 4-bit matmul of more than one row, which dequantizes on every call."""
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}: use one of {', '.join(MODES)}")
     image_size = image_size or recipe.image_size
     started = time.perf_counter()
     eager = bool(eager and can_run_eager())  # torch >= 2.6; an older torch traces as before
-    with eager_stance(eager), folded_adapters(model, fold_adapters) as folded:
+    with eager_stance(eager), folded_adapters(model, fold_adapters, dequantize=dequantize) as folded:
         result = _evaluate_grouped(model, processor, recipe, dataset, mode=mode, batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, image_size=image_size, progress=progress)
     seconds = time.perf_counter() - started

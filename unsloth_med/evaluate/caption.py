@@ -193,18 +193,40 @@ def generate_texts(model, processor, recipe, rows: Sequence[dict], *, max_new_to
                    prompt: str | None = None, encoded: dict | None = None) -> list[str]:
     """Greedy answers for a batch of rows {image, ...}: left padding, new tokens only, special tokens dropped.
     `encoded`: the batch from `encode_rows`, when already prepared."""
+    return generate_batch(model, processor, recipe, rows, max_new_tokens=max_new_tokens, image_size=image_size,
+                          family=family, prompt=prompt, encoded=encoded)[0]
+
+
+@torch.inference_mode()
+def generate_batch(model, processor, recipe, rows: Sequence[dict], *, max_new_tokens: int,
+                   image_size: int | None = None, family: Family | None = None,
+                   prompt: str | None = None, encoded: dict | None = None) -> tuple[list[str], list[int]]:
+    """generate_texts' answers, and how many tokens the model generated for each (generated_token_counts)."""
     family = family or family_of(model.config)
     tokenizer = getattr(processor, "tokenizer", processor)
     batch = encoded if encoded is not None else encode_rows(processor, recipe, rows, image_size, prompt)
     device, dtype = model_device_dtype(model)
     inputs = to_model(batch, device, dtype)
+    stops = stop_token_ids(model, processor, family)
     out = model.generate(
         **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-        eos_token_id=stop_token_ids(model, processor, family), pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
         temperature=None, top_p=None, top_k=None,
     )
     new = out[:, inputs["input_ids"].shape[1]:]
-    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    texts = [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return texts, generated_token_counts(new, stops)
+
+
+def generated_token_counts(new: torch.Tensor, stops: Sequence[int]) -> list[int]:
+    """Tokens each row generated: up to and including its first stop token (generate pads a finished row after
+    it), else all of them. Counted on the ids, not by re-tokenizing the decoded text, which drops special tokens
+    and does not give back the same tokens."""
+    if new.numel() == 0:
+        return [0] * int(new.shape[0])
+    stopped = torch.isin(new, torch.tensor(list(stops), device=new.device, dtype=new.dtype))
+    first = torch.where(stopped.any(dim=1), stopped.int().argmax(dim=1) + 1, new.shape[1])
+    return [int(n) for n in first.tolist()]
 
 
 def generate_all(model, processor, recipe, dataset, *, max_new_tokens: int, batch_size: int = 8,
@@ -213,15 +235,14 @@ def generate_all(model, processor, recipe, dataset, *, max_new_tokens: int, batc
     """(row, answer) for every row, one batch at a time; nothing but the answers is kept. `stats` receives the
     input pipeline's timings and the number of generated tokens."""
     family = family_of(model.config)
-    tokenizer = getattr(processor, "tokenizer", processor)
     feed = Prefetch(batches(dataset, batch_size), lambda rows: encode_rows(processor, recipe, rows, image_size),
                     ahead=prefetch_depth(model))
     tokens = 0
     with eval_mode(model), progress_bar(len(dataset), desc, progress) as bar:
         for rows, encoded in feed:
-            answers = generate_texts(model, processor, recipe, rows, max_new_tokens=max_new_tokens,
-                                     image_size=image_size, family=family, encoded=encoded)
-            tokens += sum(len(tokenizer(answer, add_special_tokens=False)["input_ids"]) for answer in answers)
+            answers, counts = generate_batch(model, processor, recipe, rows, max_new_tokens=max_new_tokens,
+                                             image_size=image_size, family=family, encoded=encoded)
+            tokens += sum(counts)
             bar.update(len(rows))
             yield from zip(rows, answers)
     if stats is not None:

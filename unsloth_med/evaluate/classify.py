@@ -4,7 +4,8 @@ Label scoring ranks every class by the model's log-likelihood of answering with 
 plus the family's end-of-turn token, exactly the tokens training puts the loss on. The image is encoded
 once per row, not once per class: by default (strategy "auto") every class's answer tokens are packed
 after the prompt in one forward, each seeing only the prompt and its own class (packed.py), checked on the
-first batch against one full sequence per class; for the other families (Qwen2.5-VL, Mllama, Gemma 3) and flash
+first batch against one full sequence per class (once per model and attention path: a run's pass after training
+reuses the check its pass before training passed); for the other families (Qwen2.5-VL, Mllama, Gemma 3) and flash
 attention the prompt runs with the KV cache on and every class continuation is scored from a copy of that cache.
 Probabilities are the softmax of these log-likelihoods over the classes, so they sum to 1 and no answer is
 ever unparseable.
@@ -40,7 +41,7 @@ from .caption import (
     row_images,
     to_model,
 )
-from .packed import can_pack, check_packed, first_rows, score_packed
+from .packed import can_pack, check_packed, first_rows, passed_check, remember_check, score_packed
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +371,12 @@ def _check_packed(model, processor, recipe, family: Family, rows, encoded: dict,
                   image_size) -> str:
     """The packed strategy's first batch, checked on its first rows against one full sequence per class and the
     cached strategy (packed.py's check_packed). Returns the strategy to go on with; `scoring` records the check
-    (label_scoring in eval_*.json)."""
+    (label_scoring in eval_*.json). A check that passed on an earlier pass over this model along the same attention
+    path is reused, not repeated (packed.passed_check): the run's pass after training saves six forwards."""
+    earlier = passed_check(model, family)
+    if earlier is not None:
+        scoring.update(checked_rows=0, agreed=True, check_seconds=0.0, reused_check=earlier)
+        return "packed"
     start = time.perf_counter()
     checked = list(rows)[:_CHECKED_ROWS]
     reference = torch.stack([_score_full(model, processor, recipe, family, row, image, labels)
@@ -379,6 +385,7 @@ def _check_packed(model, processor, recipe, family: Family, rows, encoded: dict,
     scoring.update(check_packed(model, processor, family, encoded, ids, cached, reference))
     scoring["check_seconds"] = round(time.perf_counter() - start, 3)  # check_packed's float() waits for the GPU
     if scoring["agreed"]:
+        remember_check(model, family, {k: v for k, v in scoring.items() if k != "strategy"})
         return "packed"
     log.warning("Label scoring: the packed strategy failed its check against full sequences on the first rows "
                 "(%s); this model's attention may not take a 4-D mask. Scoring with the cached strategy.",

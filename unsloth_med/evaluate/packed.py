@@ -12,7 +12,8 @@ Only where positions and masks are the model's inputs alone, which is Mistral 3 
 not for 3-D rotary positions derived from the image grid (Qwen2.5-VL), cross-attention masks (Mllama), image
 tokens that attend both ways (Gemma 3 builds that into its own mask), or attention kernels that take no 4-D mask
 (flash). Evaluation checks it on the first rows against one full sequence per class before trusting it
-(check_packed).
+(check_packed), once per model and attention path: a later pass over the same model (a run's pass after training)
+reuses a check that passed (passed_check / remember_check).
 """
 from __future__ import annotations
 
@@ -32,6 +33,49 @@ def attention_implementation(model) -> str | None:
     config = getattr(model, "config", None)
     text = getattr(config, "text_config", None) or config
     return getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
+
+
+def _root(model):
+    """The transformers model under any peft wrapper: the same object before adapters are added and after."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def attention_path(model, family: Family) -> tuple:
+    """What decides whether the attention honours packed_mask: the family, the attention implementation and the
+    function it dispatches to, each attention module's class and forward, dtype and device. Training and folding
+    change weights and linear layers, none of these."""
+    implementation = attention_implementation(model)
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        dispatched = ALL_ATTENTION_FUNCTIONS.get(implementation)
+    except Exception:  # noqa: BLE001 - an older or newer transformers: the modules' forwards still identify the path
+        dispatched = None
+    modules = {(f"{type(m).__module__}.{type(m).__qualname__}", id(type(m).forward), "forward" in vars(m))
+               for m in model.modules() if type(m).__name__.endswith("Attention")}
+    device, dtype = model_device_dtype(model)
+    return (family.name, implementation, id(dispatched), tuple(sorted(modules)), str(dtype), str(device))
+
+
+def passed_check(model, family: Family) -> dict | None:
+    """The check that passed on an earlier pass over this model object (peft wrapper or not) along the same
+    attention path (attention_path), in this process; None when there is none."""
+    earlier = getattr(_root(model), "_unsloth_med_packed_check", None)
+    if earlier is None or earlier[0] != attention_path(model, family):
+        return None
+    return earlier[1]
+
+
+def remember_check(model, family: Family, check: dict) -> None:
+    """Keep a check that passed on the model object itself (it lives and dies with the model); a failed one is
+    not kept, so every pass on that path checks again."""
+    if check.get("agreed"):
+        _root(model)._unsloth_med_packed_check = (attention_path(model, family), dict(check))
+
+
+def forget_check(model) -> None:
+    """Drop the kept check, so that the next pass over this model checks again."""
+    vars(_root(model)).pop("_unsloth_med_packed_check", None)
 
 
 def can_pack(model, family: Family) -> bool:

@@ -10,6 +10,10 @@ It costs a 16-bit copy of every adapted layer (about 24 GiB for the 14B's langua
 folded only when that copy is at most half of the memory the budget leaves free, and freed when the block ends. If
 the GPU runs out of memory while folding anyway, the folded layers are put back and evaluation runs unfolded.
 Not folded: DoRA and other LoRA variants, adapters with their own bias, layers that are not linear, merged layers.
+
+`dequantize` extends the same to the 4-bit layers without a folded adapter: each runs on its weight dequantized once
+for the block, which is what bitsandbytes computes on every call with more than one row. Meant for generation, where
+every decoding step would dequantize every weight again; not on by default until measured (benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -67,36 +71,60 @@ def foldable_layers(model) -> list:
     return found
 
 
+def _is_4bit(module) -> bool:
+    """A bitsandbytes 4-bit linear layer (its weight dequantized on every call)."""
+    return type(module).__name__ == "Linear4bit" and getattr(module.weight, "quant_state", None) is not None
+
+
+def quantized_layers(model, folded: list = ()) -> list:
+    """(layer, []) for every 4-bit linear layer of `model` but the base layers of `folded` (foldable_layers' LoRA
+    layers, whose fold dequantizes them already)."""
+    bases = {id(layer.get_base_layer()) for layer, _ in folded}
+    return [(m, []) for m in model.modules() if _is_4bit(m) and id(m) not in bases]
+
+
 def _folded_weight(layer, names: list[str]) -> torch.Tensor:
     from peft.utils.integrations import dequantize_module_weight
 
-    base = layer.get_base_layer()
+    base = layer.get_base_layer() if names else layer
     weight = dequantize_module_weight(base)
     dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+    if not names:  # a plain 4-bit layer: its weight as every call dequantizes it
+        return weight.to(dtype)
     total = weight.float()
     for name in names:
         total = total + layer.get_delta_weight(name).float().to(total.device)
     return total.to(dtype)
 
 
+def _base(layer, names):
+    return layer.get_base_layer() if names else layer
+
+
 def _fold_size(layers) -> int:
     """Bytes of the folded copies: 16-bit on a GPU (the compute dtype); a float32 model on a CPU keeps float32."""
-    bases = [layer.get_base_layer() for layer, _ in layers]
+    bases = [_base(layer, names) for layer, names in layers]
     return sum(b.in_features * b.out_features * (4 if b.weight.dtype == torch.float32 else 2) for b in bases)
 
 
 @contextmanager
-def folded_adapters(model, enabled: bool = True):
-    """Within the block, every foldable LoRA layer of `model` computes x @ (W + scaling * B @ A) in one matmul.
+def folded_adapters(model, enabled: bool = True, *, dequantize: bool = False):
+    """Within the block, every foldable LoRA layer of `model` computes x @ (W + scaling * B @ A) in one matmul
+    (unless `enabled` is False); with `dequantize`, every other 4-bit linear layer runs on its weight dequantized
+    once (quantized_layers), instead of dequantizing it again on every call.
 
-    Yields a record for evaluation's JSON: {"layers", "gib", "seconds"} when folded, else {"layers": 0,
-    "reason"}. Each layer's own forward is back, and the folded weights freed, when the block ends."""
-    layers = foldable_layers(model) if enabled else []
+    Yields a record for evaluation's JSON: {"layers", "gib", "seconds"} (and "dequantized_layers") when folded,
+    else {"layers": 0, "reason"}. Each layer's own forward is back, and the folded weights freed, when the block
+    ends."""
+    lora = foldable_layers(model) if enabled else []
+    plain = quantized_layers(model, lora) if dequantize else []
+    layers = lora + plain
     if not layers:
-        yield {"layers": 0, "reason": "disabled" if not enabled else "no LoRA adapters to fold"}
+        yield {"layers": 0, "reason": ("disabled" if not enabled else "no LoRA adapters to fold")
+               + (" and no 4-bit layers" if dequantize else "")}
         return
     size = _fold_size(layers)
-    device = layers[0][0].get_base_layer().weight.device
+    device = _base(*layers[0]).weight.device
     free = free_memory_bytes(device)
     if size > free // 2:
         reason = (f"the folded weights ({size / 2**30:.1f} GiB) would take more than half of the "
@@ -111,13 +139,15 @@ def folded_adapters(model, enabled: bool = True):
             with torch.no_grad():
                 for layer, names in layers:
                     weight = _folded_weight(layer, names)
-                    base = layer.get_base_layer()
+                    base = _base(layer, names)
                     bias = None if base.bias is None else base.bias.detach().to(weight.dtype)
                     previous = layer.__dict__.get("forward")  # another patch's forward, put back after
                     saved.append((layer, previous))
                     layer.forward = _one_matmul(previous or types.MethodType(type(layer).forward, layer), weight, bias)
-            record = {"layers": len(layers), "gib": round(size / 2**30, 2),
+            record = {"layers": len(lora), "gib": round(size / 2**30, 2),
                       "seconds": round(time.perf_counter() - started, 2)}
+            if dequantize:
+                record["dequantized_layers"] = len(plain)
         except torch.cuda.OutOfMemoryError:  # the estimate missed (fragmentation, another process): score unfolded
             record = {"layers": 0, "reason": f"out of GPU memory after folding {len(saved)} of {len(layers)} layers"}
             _restore(saved)
