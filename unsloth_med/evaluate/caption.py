@@ -187,12 +187,11 @@ class eval_mode:
 
 
 # ----------------------------------------------------------------------------- generation
-@torch.inference_mode()
 def generate_texts(model, processor, recipe, rows: Sequence[dict], *, max_new_tokens: int,
                    image_size: int | None = None, family: Family | None = None,
                    prompt: str | None = None, encoded: dict | None = None) -> list[str]:
     """Greedy answers for a batch of rows {image, ...}: left padding, new tokens only, special tokens dropped.
-    `encoded`: the batch from `encode_rows`, when already prepared."""
+    `encoded`: the batch from `encode_rows`, when already prepared. Runs in inference mode (generate_batch)."""
     return generate_batch(model, processor, recipe, rows, max_new_tokens=max_new_tokens, image_size=image_size,
                           family=family, prompt=prompt, encoded=encoded)[0]
 

@@ -83,11 +83,16 @@ def quantized_layers(model, folded: list = ()) -> list:
     return [(m, []) for m in model.modules() if _is_4bit(m) and id(m) not in bases]
 
 
+def _base(layer, names: list[str]):
+    """The linear layer whose weight is folded: a LoRA layer's base layer; a plain 4-bit layer (no adapter names)
+    itself."""
+    return layer.get_base_layer() if names else layer
+
+
 def _folded_weight(layer, names: list[str]) -> torch.Tensor:
     from peft.utils.integrations import dequantize_module_weight
 
-    base = layer.get_base_layer() if names else layer
-    weight = dequantize_module_weight(base)
+    weight = dequantize_module_weight(_base(layer, names))
     dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
     if not names:  # a plain 4-bit layer: its weight as every call dequantizes it
         return weight.to(dtype)
@@ -95,10 +100,6 @@ def _folded_weight(layer, names: list[str]) -> torch.Tensor:
     for name in names:
         total = total + layer.get_delta_weight(name).float().to(total.device)
     return total.to(dtype)
-
-
-def _base(layer, names):
-    return layer.get_base_layer() if names else layer
 
 
 def _fold_size(layers) -> int:
