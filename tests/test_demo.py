@@ -40,6 +40,12 @@ def test_demo_learns_through_the_image(demo_run):
     assert after >= 0.8 and after > before + 0.3  # the README's reproducible claim: >= 0.8 on any machine
     assert "Accuracy" in stdout and "before" in stdout and "after" in stdout  # the printed before/after table
     assert f"Demo: accuracy {after:.3f} on this machine ({metrics['n_test']} generated test X-rays)" in stdout
+    low, high = metrics["after"]["accuracy_ci95"]  # how sure: the 95% intervals and the paired test, printed too
+    assert low < after < high and high - low < 0.2
+    change = metrics["after_vs_before"]
+    assert change["n"] == metrics["n_test"] and change["mcnemar_exact_p"] < 1e-6
+    assert change["accuracy"]["ci95"][0] > 0.3  # the gain is far outside chance, not just its point estimate
+    assert "95% interval" in stdout and f"right only after, {change['right_only_before']} right only before" in stdout
 
 
 def test_demo_credits_the_generated_data_and_names_the_model_as_given(demo_run):

@@ -259,3 +259,19 @@ def test_a_recipe_modules_own_import_error_is_reported_with_its_cause(tmp_path, 
     assert "Unknown recipe" not in message
     with pytest.raises(ConfigError, match="Unknown recipe 'recipe_that_does_not_exist_xyz'"):
         get_recipe("recipe_that_does_not_exist_xyz")
+
+
+def test_model_card_gives_each_score_its_95_percent_interval(tmp_path):
+    from unsloth_med.evaluate import classification_metrics
+
+    labels = list(get_recipe("bone_fracture").labels)
+    targets = [labels[i % len(labels)] for i in range(140)]
+    for key, right in (("before", 14), ("after", 120)):  # the first `right` answers are right
+        answers = [t if i < right else labels[(labels.index(t) + 1) % len(labels)] for i, t in enumerate(targets)]
+        (tmp_path / f"eval_{key}.json").write_text(json.dumps(
+            {"metrics": classification_metrics(targets, answers, labels), "predictions": []}))
+    after = json.loads((tmp_path / "eval_after.json").read_text())["metrics"]
+    card = model_card(get_recipe("bone_fracture"), base_model="a/b", run_dir=tmp_path)
+    low, high = after["accuracy_ci95"]
+    assert f"| 0.8571 [{low:.3f}, {high:.3f}] |" in card and "95% intervals (Wilson for accuracy" in card
+    assert "accuracy_ci95" not in card  # the interval rides with its score, not as a row of its own

@@ -186,3 +186,34 @@ def test_check_data_command_writes_the_summary_json(bone_break_dir, tmp_path):
     summary = json.loads(out.read_text())
     assert summary["sizes"] == {"train": 989, "test": 140}
     assert len(summary["leaked_test_images"]) == 15 and "leaked test images:" in done.stdout
+
+
+def test_a_run_on_the_real_data_scores_both_passes_again_without_its_15_leaked_test_images(
+        bone_break_dir, tiny_path, tmp_path, capsys):
+    """The whole job on the real bone-break folders (tiny model, one step): the 15 copies stay in the test split
+    (the default), and the table is followed by both passes' accuracy on the other 125 test images."""
+    import json
+
+    from unsloth_med.cli import train_command
+    from unsloth_med.evaluate import classification_metrics
+
+    tiny_path("mistral3")
+    out = tmp_path / "run"
+    assert train_command(["--data_dir", str(bone_break_dir), "--model", "tiny:mistral3", "--backend", "hf",
+                          "--image_size", "64", "--max_steps", "1", "--save_strategy", "no", "--export", "adapter",
+                          "--output_dir", str(out)], get_recipe("bone_fracture")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    leaked = {entry["test_id"] for entry in metrics["data"]["leaked_test_images"]}
+    held = metrics["without_leaked_test_images"]
+    assert len(leaked) == held["leaked_removed"] == 15 and metrics["n_test"] == 140
+    for side in ("before", "after"):
+        rows = [p for p in json.loads((out / f"eval_{side}.json").read_text())["predictions"] if p["id"] not in leaked]
+        expected = classification_metrics([p["target"] for p in rows], [p["prediction"] for p in rows],
+                                          metrics[side]["labels"])
+        assert held[side]["n"] == len(rows) == 125
+        assert held[side]["accuracy"] == pytest.approx(expected["accuracy"])
+        assert held[side]["accuracy_ci95"] == pytest.approx(expected["accuracy_ci95"])
+    assert held["after_vs_before"]["n"] == 125 and metrics["after_vs_before"]["n"] == 140
+    printed = capsys.readouterr().out
+    assert "Without the 15 test examples whose image copies a training image (125 left)" in printed
+    assert "Without the 15 test examples" in (out / "report.md").read_text()

@@ -101,3 +101,45 @@ def test_format_table(before_after):
     generated = format_table(None, _result([None, LABELS[1]], mode="generate"))
     assert any(line.startswith("Unparseable answers") and line.split()[-2:] == ["1", "-"]
                for line in generated.splitlines())
+
+
+def test_the_table_gives_95_percent_intervals_and_the_paired_test(tmp_path, before_after):
+    before, after = before_after
+    metrics = write_report(tmp_path, RECIPE, before, after)
+    change = metrics["after_vs_before"]
+    assert change["n"] == 20 and change["right_only_after"] == 16 and change["right_only_before"] == 2
+    lines = format_table(before, after, metrics).splitlines()
+    intervals = [line.split() for line in lines if line.strip().startswith("95% interval")]
+    assert len(intervals) == 2  # accuracy, macro-F1
+    accuracy_row = " ".join(intervals[0][2:])
+    low, high = after["metrics"]["accuracy_ci95"]
+    assert f"[{low:.3f}, {high:.3f}]" in accuracy_row
+    low, high = change["accuracy"]["ci95"]
+    assert accuracy_row.endswith(f"[{low:+.3f}, {high:+.3f}]")
+    assert any("16 right only after, 2 right only before; McNemar exact p = 0.0013" in line for line in lines)
+    report = (tmp_path / "report.md").read_text()
+    assert f"| 95% interval | [{before['metrics']['accuracy_ci95'][0]:.3f}," in report
+    assert "McNemar exact p = 0.0013" in report
+
+
+def test_scores_without_the_leaked_test_images_are_those_of_the_other_examples(tmp_path, before_after):
+    before, after = before_after
+    leaks = [{"test_id": "t3", "train_id": "r1", "mad": 0.001}, {"test_id": "t7", "train_id": "r2", "mad": 0.003}]
+    metrics = write_report(tmp_path, RECIPE, before, after, extra={"data": {"leaked_test_images": leaks}})
+    held = metrics["without_leaked_test_images"]
+    assert held["leaked_removed"] == 2
+    for side, result in (("before", before), ("after", after)):
+        rows = [p for p in result["predictions"] if p["id"] not in ("t3", "t7")]
+        expected = classification_metrics([p["target"] for p in rows], [p["prediction"] for p in rows],
+                                          sorted({p["target"] for p in rows}, key=LABELS.index))
+        assert held[side]["n"] == 18
+        assert held[side]["accuracy"] == pytest.approx(expected["accuracy"])
+        assert held[side]["macro_f1"] == pytest.approx(expected["macro_f1"])
+    assert held["after_vs_before"]["n"] == 18
+    sentence = (f"Without the 2 test examples whose image copies a training image (18 left), accuracy: before "
+                f"{held['before']['accuracy']:.4f}")
+    assert sentence in format_table(before, after, metrics) and sentence in (tmp_path / "report.md").read_text()
+    # leaks that name no scored example (dropped before evaluation) change nothing
+    dropped = write_report(tmp_path, RECIPE, before, after,
+                           extra={"data": {"leaked_test_images": [{"test_id": "gone", "mad": 0.0}]}})
+    assert "without_leaked_test_images" not in dropped

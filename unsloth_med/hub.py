@@ -153,8 +153,22 @@ def _metrics_section(metrics: dict | None) -> list[str]:
     if shown:
         lines.append("")
     lines += ["| metric | before (base model) | after (fine-tuned) |", "|---|---|---|"]
-    lines += [f"| {k} | {_fmt(before.get(k))} | {_fmt(after.get(k))} |" for k in keys]
+    lines += [f"| {k} | {_cell(before, k)} | {_cell(after, k)} |" for k in keys]
+    if any(_interval(side, k) for side in (before, after) for k in keys):
+        lines += ["", "In brackets: 95% intervals (Wilson for accuracy, a bootstrap over the test examples for "
+                      "macro-F1); the test split is small, so read differences inside them as chance."]
     return lines
+
+
+def _interval(scores: dict, key: str) -> list | None:
+    """The evaluation's 95% interval of `key` (`<key>_ci95`, evaluate/uncertainty.py), when it has one."""
+    ci = scores.get(f"{key}_ci95")
+    return ci if isinstance(ci, list) and len(ci) == 2 and all(_number(x) for x in ci) else None
+
+
+def _cell(scores: dict, key: str) -> str:
+    ci = _interval(scores, key)
+    return _fmt(scores.get(key)) + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and _number(scores.get(key)) else "")
 
 
 def _config_section(config: dict | None) -> str | None:

@@ -477,7 +477,7 @@ def write_results(ctx: RunContext) -> None:
     timings = ctx.breakdown()
     _write_status(run_dir, stage="done", complete=True, wall_seconds=round(timings["total"], 1), timings_s=timings,
                   garbage_collection=collector.since(ctx.collections_before))
-    print(format_table(before, after))
+    print(format_table(before, after, ctx.metrics))
     if ctx.config.run.demo and after is not None and "accuracy" in after.get("metrics", after):
         scores = after.get("metrics", after)
         print(f"Demo: accuracy {scores['accuracy']:.3f} on this machine ({scores.get('n', '?')} generated test "

@@ -42,6 +42,7 @@ from .caption import (
     to_model,
 )
 from .packed import can_pack, check_packed, first_rows, passed_check, remember_check, score_packed
+from .uncertainty import intervals
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,8 @@ def _score_full(model, processor, recipe, family: Family, row: dict, image, labe
 # ----------------------------------------------------------------------------- metrics
 def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str], *,
                            mode: str = "score") -> dict:
-    """accuracy, macro-F1, per-class precision/recall/F1/support, confusion matrix (rows = true, labels order).
+    """accuracy, macro-F1 (each with its 95% interval: uncertainty.py), per-class precision/recall/F1/support,
+    confusion matrix (rows = true, labels order).
 
     A prediction of None (an unparseable answer) counts as wrong: it lowers the recall of its true class,
     stays out of the confusion matrix, and is counted in `unparseable` and `unparseable_by_class`.
@@ -261,6 +263,7 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], 
         for label, p, r, f, s in zip(labels, precision, recall, f1, support)
     }
     metrics["confusion_matrix"] = confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    metrics.update(intervals(y_true, y_pred, labels))  # 95%: Wilson for accuracy, bootstrap for macro-F1
     if mode == "generate":
         bad = Counter(t for t, p in zip(y_true, y_pred) if p == UNPARSEABLE)
         metrics["unparseable"] = int(sum(bad.values()))

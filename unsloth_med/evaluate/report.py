@@ -1,7 +1,9 @@
 """The run's report: metrics.json, report.md and PNG plots, before vs after training.
 
-    metrics.json        {"recipe", "task", "before": {metrics}, "after": {metrics}, "n_test", "mode", **extra}
-    report.md           a before/after table, the plots, example predictions, leaked test images
+    metrics.json        {"recipe", "task", "before": {metrics}, "after": {metrics}, "n_test", "mode", **extra};
+                        classification adds "after_vs_before" (the paired test) and, when test images copy
+                        training images, "without_leaked_test_images" (both passes scored without them)
+    report.md           a before/after table with 95% intervals, the plots, example predictions, leaked test images
     loss.png            training loss per step (from the trainer's log history)
     confusion_before.png, confusion_after.png, per_class_f1.png   (classification)
 
@@ -61,8 +63,9 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def _rows(before: dict | None, after: dict | None) -> list[tuple[str, str, str, str]]:
+def _rows(before: dict | None, after: dict | None, summary: dict | None = None) -> list[tuple[str, str, str, str]]:
     b, a = _metrics(before), _metrics(after)
+    change_of = (summary or {}).get("after_vs_before") or {}
     task = _task_of(a, b)
     rows = []
     for key, name in HEADLINE[task]:
@@ -74,6 +77,10 @@ def _rows(before: dict | None, after: dict | None) -> list[tuple[str, str, str, 
         if isinstance(va, (int, float)) and isinstance(vb, (int, float)):
             change = f"{va - vb:+.{digits}f}"
         rows.append((name, _fmt(vb, digits), _fmt(va, digits), change))
+        ib, ia = (b or {}).get(f"{key}_ci95"), (a or {}).get(f"{key}_ci95")
+        ic = (change_of.get(key) or {}).get("ci95")
+        if ib or ia or ic:
+            rows.append(("  95% interval", _interval(ib), _interval(ia), _interval(ic, signed=True)))
     for key, name in (("unparseable", "Unparseable answers"),):
         vb, va = (b or {}).get(key), (a or {}).get(key)
         if vb is not None or va is not None:
@@ -84,9 +91,79 @@ def _rows(before: dict | None, after: dict | None) -> list[tuple[str, str, str, 
     return rows
 
 
-def format_table(before: dict | None, after: dict | None) -> str:
-    """A short plain-text table of the headline metrics, before vs after training."""
-    rows = [("metric", "before", "after", "change")] + _rows(before, after)
+def _interval(ci: Sequence[float] | None, signed: bool = False) -> str:
+    if not ci:
+        return "-"
+    form = "{:+.3f}" if signed else "{:.3f}"
+    return f"[{form.format(ci[0])}, {form.format(ci[1])}]"
+
+
+def comparisons(before: dict | None, after: dict | None, leaks: Sequence[dict] | None) -> dict:
+    """For classification: after against before on the same examples (`after_vs_before`: uncertainty.paired_change),
+    and both passes scored again without the test examples whose image copies a training image
+    (`without_leaked_test_images`): those measure memory, not generalisation."""
+    side = _metrics(after) or _metrics(before) or {}
+    labels = side.get("labels")
+    if not labels:
+        return {}
+    from .uncertainty import paired_change
+
+    out: dict[str, Any] = {}
+    found_before, found_after = _predictions(before), _predictions(after)
+    if found_before and found_after:
+        out["after_vs_before"] = paired_change(found_before, found_after, labels)
+    gone = {str(entry.get("test_id", entry.get("test"))) for entry in leaks or ()}
+    held = _without(gone, found_before, found_after, labels, side.get("mode") or "score") if gone else None
+    if held:
+        out["without_leaked_test_images"] = held
+    return out
+
+
+def _without(gone: set[str], found_before: list[dict], found_after: list[dict], labels, mode: str) -> dict | None:
+    """The headline scores of both passes on the examples whose id is not in `gone`; None when none was."""
+    from .classify import classification_metrics
+    from .uncertainty import paired_change
+
+    kept = {"before": [p for p in found_before if str(p.get("id")) not in gone],
+            "after": [p for p in found_after if str(p.get("id")) not in gone]}
+    removed = max(len(found_before) - len(kept["before"]), len(found_after) - len(kept["after"]))
+    if not removed:
+        return None
+    held: dict[str, Any] = {"leaked_removed": removed}
+    for name, rows in kept.items():
+        if rows:
+            targets = {str(p["target"]) for p in rows}  # macro-F1 over the classes these examples have, as on a split
+            scores = classification_metrics([p["target"] for p in rows], [p["prediction"] for p in rows],
+                                            [label for label in labels if str(label) in targets], mode=mode)
+            held[name] = {key: scores[key] for key in ("n", "accuracy", "accuracy_ci95", "macro_f1", "macro_f1_ci95")}
+    if kept["before"] and kept["after"]:
+        held["after_vs_before"] = paired_change(kept["before"], kept["after"], labels)
+    return held
+
+
+def comparison_lines(summary: dict | None) -> list[str]:
+    """The sentences under the table: the paired test, and the scores without the leaked test images."""
+    lines = []
+    change = (summary or {}).get("after_vs_before")
+    if change:
+        lines.append(f"After against before on the same {change['n']} examples: {change['right_only_after']} right "
+                     f"only after, {change['right_only_before']} right only before; McNemar exact "
+                     f"p = {change['mcnemar_exact_p']:.2g}. Intervals are 95%: Wilson for accuracy, a bootstrap over "
+                     "the examples for the rest.")
+    held = (summary or {}).get("without_leaked_test_images")
+    if held:
+        parts = [f"{name} {_fmt(held[name]['accuracy'])} {_interval(held[name]['accuracy_ci95'])}"
+                 for name in ("before", "after") if held.get(name)]
+        n = (held.get("after") or held.get("before") or {}).get("n")
+        lines.append(f"Without the {held['leaked_removed']} test examples whose image copies a training image "
+                     f"({n} left), accuracy: {', '.join(parts)}.")
+    return lines
+
+
+def format_table(before: dict | None, after: dict | None, summary: dict | None = None) -> str:
+    """A short plain-text table of the headline metrics, before vs after training, with their 95% intervals.
+    `summary`: what write_report returned, for the paired test and the scores without leaked test images."""
+    rows = [("metric", "before", "after", "change")] + _rows(before, after, summary)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = []
     for k, r in enumerate(rows):
@@ -95,12 +172,12 @@ def format_table(before: dict | None, after: dict | None) -> str:
             lines.append("  ".join("-" * w for w in widths))
     mode = (_metrics(after) or _metrics(before) or {}).get("mode")
     title = f"Test-set metrics ({mode})" if mode else "Test-set metrics"
-    return title + "\n" + "\n".join(lines)
+    return "\n".join([title, *lines, *comparison_lines(summary)])
 
 
-def _markdown_table(before: dict | None, after: dict | None) -> str:
+def _markdown_table(before: dict | None, after: dict | None, summary: dict | None = None) -> str:
     lines = ["| metric | before | after | change |", "|---|---:|---:|---:|"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in _rows(before, after)]
+    lines += [f"| {a.strip()} | {b} | {c} | {d} |" for a, b, c, d in _rows(before, after, summary)]
     return "\n".join(lines)
 
 
@@ -256,6 +333,8 @@ def write_report(run_dir, recipe, before: dict | None, after: dict | None, *, lo
         "mode": latest.get("mode"),
         **(extra or {}),
     }
+    if metrics["task"] == "classification":
+        metrics.update(comparisons(before, after, _leaks(metrics)))
     plots: dict[str, Path | None] = {"loss": plot_loss(log_history or (), run_dir / "loss.png")}
     if metrics["task"] == "classification":
         for side, m in (("before", mb), ("after", ma)):
@@ -279,7 +358,8 @@ def _report_markdown(recipe, metrics: dict, before, after, plots: dict[str, Path
     attribution = getattr(getattr(recipe, "source", None), "attribution", "")
     if attribution:
         lines += ["", f"Data: {attribution}"]
-    lines += ["", "## Results", "", _markdown_table(before, after), ""]
+    lines += ["", "## Results", "", _markdown_table(before, after, metrics), ""]
+    lines += [f"- {line}" for line in comparison_lines(metrics)]
     for side, m in (("before", metrics.get("before")), ("after", metrics.get("after"))):
         if m and m.get("unparseable"):
             lines.append(f"- {side}: {m['unparseable']} of {m.get('n')} answers named no class (counted as wrong).")
