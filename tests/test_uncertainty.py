@@ -14,6 +14,7 @@ from sklearn.metrics import f1_score
 from unsloth_med.evaluate import classification_metrics
 from unsloth_med.evaluate.uncertainty import (
     accuracy_interval,
+    clustered_interval,
     codes,
     intervals,
     macro_f1,
@@ -113,3 +114,19 @@ def test_the_same_predictions_twice_change_nothing():
     assert change["macro_f1"] == {"difference": 0.0, "ci95": [0.0, 0.0]}
     assert paired_change(_predictions(targets[:2], answers[:2]), _predictions(targets[:2], answers[:2], ids=["x", "y"]),
                          LABELS) is None
+
+
+def test_asking_the_same_question_again_about_an_image_does_not_narrow_its_interval():
+    """Questions about one image are resampled together: a copy of every question adds no evidence, and the
+    interval stays exactly what it was; resampled one question at a time it would narrow as if it did."""
+    rng = random.Random(5)
+    right = [float(rng.random() < 0.7) for _ in range(60)]
+    images = [f"image{k}" for k in range(60)]
+    once = clustered_interval(right, images)
+    twice = clustered_interval(right + right, images + images)
+    assert twice == pytest.approx(once, abs=1e-12)
+    low, high = once
+    assert low < sum(right) / 60 < high
+    as_if_independent = clustered_interval(right + right, [f"row{k}" for k in range(120)])
+    assert as_if_independent[1] - as_if_independent[0] < 0.8 * (high - low)
+    assert clustered_interval([1.0, 0.0], ["one image", "one image"]) is None  # one image: nothing to resample

@@ -295,6 +295,9 @@ def test_vqa_metrics_equal_hand_computed_values():
     # BLEU-1 over open rows: 3 matched unigrams of 6 predicted; 6 predicted >= 5 reference tokens: no penalty
     assert m["open_bleu1"] == pytest.approx(3 / 6)
     assert m["overall_accuracy"] == pytest.approx(3 / 7) and m["per_type"]["closed"]["n"] == 4
+    for key in ("overall_accuracy", "closed_accuracy", "closed_accuracy_scored", "open_exact_match"):
+        low, high = m[f"{key}_ci95"]  # 95%, resampling images (here each row is an image of its own)
+        assert 0 <= low <= m[key] <= high <= 1, key
     ceilings = blind_ceilings([{"image_id": "a", "question": "q1", "target": "yes"},
                                {"image_id": "a", "question": "q2", "target": "no"},
                                {"image_id": "b", "question": "q1", "target": "no"},
@@ -405,6 +408,8 @@ def test_vqa_demo_beats_both_blind_ceilings(tmp_path):
     # the closed questions too (0.5 from the question alone): the old demo answered "yes" to all of them
     assert after["closed_accuracy"] >= 0.6 and after["closed_accuracy_scored"] >= 0.6
     assert "Ceiling: image only" in done.stdout and "Closed accuracy" in done.stdout
+    low, high = after["closed_accuracy_ci95"]  # resampled by image: the demo asks several questions per image
+    assert low <= after["closed_accuracy"] <= high and "95% interval" in done.stdout
     assert (out / "per_answer_type.png").is_file()
 
 

@@ -9,7 +9,9 @@ standard answers, from scipy:
   gives the same interval every time it is written;
 - before against after, on the same examples: McNemar's exact test (a binomial test on the examples only one of
   the two got right), and paired bootstrap intervals of the two differences (each resample draws the same
-  examples for both).
+  examples for both);
+- VQA, where one image carries several questions: a bootstrap that resamples whole images (`clustered_interval`),
+  since questions about one image are not independent and resampling them one by one would narrow the interval.
 
 Nothing here knows about models: it takes labels and predictions, as metrics.json and eval_*.json hold them.
 """
@@ -81,6 +83,18 @@ def macro_f1_interval(y_true: Sequence, y_pred: Sequence, labels: Sequence[str],
     k = len(labels)
     return _bootstrap(codes(y_true, y_pred, labels), lambda t, p, axis: macro_f1(t, p, k, axis), k, level,
                       resamples, seed)
+
+
+def clustered_interval(values: Sequence[float], groups: Sequence, level: float = LEVEL, resamples: int = RESAMPLES,
+                       seed: int = SEED) -> list[float] | None:
+    """A percentile bootstrap interval of the mean of `values` when rows come in groups that are not independent
+    (VQA asks several questions about one image): whole groups are resampled and the mean is taken over their rows.
+    None below two groups."""
+    index: dict[str, int] = {}
+    rows = np.array([index.setdefault(str(g), len(index)) for g in groups], dtype=np.int64)
+    sums = np.bincount(rows, weights=np.asarray(values, dtype=np.float64), minlength=len(index))
+    counts = np.bincount(rows, minlength=len(index)).astype(np.float64)
+    return _bootstrap((sums, counts), lambda s, c, axis: s.sum(axis) / c.sum(axis), 0, level, resamples, seed)
 
 
 def intervals(y_true: Sequence, y_pred: Sequence, labels: Sequence[str]) -> dict:

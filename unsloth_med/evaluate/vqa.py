@@ -91,7 +91,32 @@ def vqa_metrics(rows: Sequence[dict]) -> dict:
     if "open" in per_type:
         flat.update(open_exact_match=per_type["open"]["accuracy"], open_recall=per_type["open"]["recall"],
                     open_token_f1=per_type["open"]["token_f1"], open_bleu1=per_type["open"]["bleu1"])
+    flat.update(_intervals(rows))
     return {**flat, "per_type": per_type, "overall": overall}
+
+
+def _intervals(rows: Sequence[dict]) -> dict:
+    """95% intervals of the accuracies, resampling whole images (uncertainty.clustered_interval): the questions
+    about one image are not independent. A row without an image id counts as an image of its own."""
+    from .uncertainty import clustered_interval
+
+    def right(row: dict, key: str) -> float:
+        return float(row.get(key) is not None and normalize(row[key]) == normalize(row["target"]))
+
+    groups = [row.get("image_id") or f"row {k}" for k, row in enumerate(rows)]
+    closed = [k for k, row in enumerate(rows) if row["answer_type"] == "closed"]
+    opened = [k for k, row in enumerate(rows) if row["answer_type"] == "open"]
+    out = {"overall_accuracy_ci95": clustered_interval([right(r, "prediction") for r in rows], groups)}
+    if closed:
+        out["closed_accuracy_ci95"] = clustered_interval([right(rows[k], "prediction") for k in closed],
+                                                         [groups[k] for k in closed])
+        if any(rows[k].get("scored") is not None for k in closed):
+            out["closed_accuracy_scored_ci95"] = clustered_interval([right(rows[k], "scored") for k in closed],
+                                                                    [groups[k] for k in closed])
+    if opened:
+        out["open_exact_match_ci95"] = clustered_interval([right(rows[k], "prediction") for k in opened],
+                                                          [groups[k] for k in opened])
+    return out
 
 
 def closed_answer_set(dataset) -> list[str]:
