@@ -88,7 +88,7 @@ def main(argv: list[str]) -> int:
 
         import_unsloth()
 
-    from eval_profile import load_for_evaluation
+    from eval_profile import load_for_evaluation, with_trained_adapters
 
     from unsloth_med import pipeline
     from unsloth_med.evaluate import evaluate
@@ -115,12 +115,7 @@ def main(argv: list[str]) -> int:
         run("dequantized", batch_size=batch_size, dequantize=True)
 
     # After training: the recipe's adapters, B non-zero as training leaves it.
-    tuned = ctx.backend.add_adapters(model, config.lora, config.model, seed=0)
-    with torch.no_grad():
-        for name, param in tuned.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 1e-3)
-    tuned = ctx.backend.for_inference(tuned)
+    tuned = with_trained_adapters(ctx, model, config)
     run("LoRA folded", target=tuned, batch_size=default_batch)
     run("LoRA unfolded", target=tuned, batch_size=default_batch, fold_adapters=False)
     run("LoRA folded, rest dequantized", target=tuned, batch_size=default_batch, dequantize=True)

@@ -42,6 +42,19 @@ def load_for_evaluation(pipeline, recipe, config):
     return ctx, model
 
 
+def with_trained_adapters(ctx, model, config):
+    """`model` with LoRA adapters added as the recipe adds them, B made non-zero as training leaves it, on the
+    backend's inference path: what a run's pass after training scores."""
+    import torch
+
+    tuned = ctx.backend.add_adapters(model, config.lora, config.model, seed=0)
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 1e-3)
+    return ctx.backend.for_inference(tuned)
+
+
 def main(argv: list[str]) -> int:
     out_dir, recipe_args = Path(argv[0]), argv[1:]
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from sklearn.metrics import f1_score
 from unsloth_med.evaluate import classification_metrics
 from unsloth_med.evaluate.uncertainty import (
     accuracy_interval,
+    clustered_change,
     clustered_interval,
     codes,
     intervals,
@@ -130,3 +131,21 @@ def test_asking_the_same_question_again_about_an_image_does_not_narrow_its_inter
     as_if_independent = clustered_interval(right + right, [f"row{k}" for k in range(120)])
     assert as_if_independent[1] - as_if_independent[0] < 0.8 * (high - low)
     assert clustered_interval([1.0, 0.0], ["one image", "one image"]) is None  # one image: nothing to resample
+
+
+def test_a_change_measured_on_the_same_images_is_surer_than_two_separate_intervals_suggest():
+    """Before and after share their images, so the change's interval resamples the same images for both: with
+    passes that agree on most rows it is far narrower than the two accuracies' intervals would make it look."""
+    rng = random.Random(6)
+    images = [f"image{k // 3}" for k in range(150)]  # 50 images, 3 questions each
+    before = [float(rng.random() < 0.5) for _ in images]
+    after = [1.0 if b or rng.random() < 0.4 else 0.0 for b in before]  # after fixes some, breaks none
+    change = clustered_change(before, after, images)
+    assert change["difference"] == pytest.approx(sum(after) / 150 - sum(before) / 150)
+    low, high = change["ci95"]
+    assert 0 < low < change["difference"] < high  # no question got worse: the change is surely positive
+    # as if the two passes had been measured on different images: the widths add in quadrature
+    unpaired = sum((h - lo) ** 2 for lo, h in (clustered_interval(before, images), clustered_interval(after, images)))
+    assert high - low < 0.8 * unpaired ** 0.5
+    assert clustered_change(before + before, after + after, images + images) == change  # copies add nothing
+    assert clustered_change(before, before, images) == {"difference": 0.0, "ci95": [0.0, 0.0]}

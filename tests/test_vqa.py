@@ -273,7 +273,7 @@ def test_every_image_of_a_two_image_sample_is_validated_prepared_and_leak_checke
 
 # ----------------------------------------------------------------------------- metrics
 def test_vqa_metrics_equal_hand_computed_values():
-    from unsloth_med.evaluate.vqa import blind_ceilings, normalize, vqa_metrics
+    from unsloth_med.evaluate.vqa import blind_ceilings, normalize, paired_vqa_change, vqa_metrics
 
     rows = [  # closed: 2 right (one only after normalising), 2 wrong (one empty): all 4 in the denominator
         {"answer_type": "closed", "target": "yes", "prediction": "Yes.", "scored": "yes"},
@@ -298,6 +298,13 @@ def test_vqa_metrics_equal_hand_computed_values():
     for key in ("overall_accuracy", "closed_accuracy", "closed_accuracy_scored", "open_exact_match"):
         low, high = m[f"{key}_ci95"]  # 95%, resampling images (here each row is an image of its own)
         assert 0 <= low <= m[key] <= high <= 1, key
+    rows = [{**row, "id": f"q{k}"} for k, row in enumerate(rows)]
+    change = paired_vqa_change([{**row, "prediction": row["target"], "scored": None} for row in rows], rows)
+    assert change["n"] == 7 and change["images"] == 7  # each row its own image here
+    assert (change["right_only_before"], change["right_only_after"]) == (4, 0)  # before: every answer right
+    assert change["overall_accuracy"]["difference"] == pytest.approx(3 / 7 - 1)
+    assert "closed_accuracy_scored" not in change  # the pass before scored nothing: no difference to take
+    assert paired_vqa_change(rows, [{**rows[0], "id": "elsewhere"}]) is None
     ceilings = blind_ceilings([{"image_id": "a", "question": "q1", "target": "yes"},
                                {"image_id": "a", "question": "q2", "target": "no"},
                                {"image_id": "b", "question": "q1", "target": "no"},
@@ -410,6 +417,10 @@ def test_vqa_demo_beats_both_blind_ceilings(tmp_path):
     assert "Ceiling: image only" in done.stdout and "Closed accuracy" in done.stdout
     low, high = after["closed_accuracy_ci95"]  # resampled by image: the demo asks several questions per image
     assert low <= after["closed_accuracy"] <= high and "95% interval" in done.stdout
+    change = json.loads((out / "metrics.json").read_text())["after_vs_before"]
+    assert change["n"] == after["n"] and change["images"] < change["n"]  # several questions per image
+    assert change["overall_accuracy"]["ci95"][0] > 0  # training surely helped, whatever images were drawn
+    assert f"{change['right_only_after']} right only after" in done.stdout
     assert (out / "per_answer_type.png").is_file()
 
 

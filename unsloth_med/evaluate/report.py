@@ -99,10 +99,15 @@ def _interval(ci: Sequence[float] | None, signed: bool = False) -> str:
 
 
 def comparisons(before: dict | None, after: dict | None, leaks: Sequence[dict] | None) -> dict:
-    """For classification: after against before on the same examples (`after_vs_before`: uncertainty.paired_change),
-    and both passes scored again without the test examples whose image copies a training image
-    (`without_leaked_test_images`): those measure memory, not generalisation."""
+    """After against before on the same examples (`after_vs_before`: uncertainty.paired_change for classification,
+    vqa.paired_vqa_change for VQA); for classification, both passes scored again without the test examples whose
+    image copies a training image (`without_leaked_test_images`): those measure memory, not generalisation."""
     side = _metrics(after) or _metrics(before) or {}
+    if _task_of(side) == "vqa":
+        from .vqa import paired_vqa_change
+
+        change = paired_vqa_change(_predictions(before), _predictions(after))
+        return {"after_vs_before": change} if change else {}
     labels = side.get("labels")
     if not labels:
         return {}
@@ -145,7 +150,12 @@ def comparison_lines(summary: dict | None) -> list[str]:
     """The sentences under the table: the paired test, and the scores without the leaked test images."""
     lines = []
     change = (summary or {}).get("after_vs_before")
-    if change:
+    if change and "images" in change:  # VQA
+        lines.append(f"After against before on the same {change['n']} questions about {change['images']} images: "
+                     f"{change['right_only_after']} right only after, {change['right_only_before']} right only "
+                     "before. Intervals are 95%, a bootstrap over images (the questions about one image are "
+                     "resampled together).")
+    elif change:
         lines.append(f"After against before on the same {change['n']} examples: {change['right_only_after']} right "
                      f"only after, {change['right_only_before']} right only before; McNemar exact "
                      f"p = {change['mcnemar_exact_p']:.2g}. Intervals are 95%: Wilson for accuracy, a bootstrap over "
@@ -333,7 +343,7 @@ def write_report(run_dir, recipe, before: dict | None, after: dict | None, *, lo
         "mode": latest.get("mode"),
         **(extra or {}),
     }
-    if metrics["task"] == "classification":
+    if metrics["task"] in ("classification", "vqa"):
         metrics.update(comparisons(before, after, _leaks(metrics)))
     plots: dict[str, Path | None] = {"loss": plot_loss(log_history or (), run_dir / "loss.png")}
     if metrics["task"] == "classification":

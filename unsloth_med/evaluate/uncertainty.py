@@ -90,11 +90,26 @@ def clustered_interval(values: Sequence[float], groups: Sequence, level: float =
     """A percentile bootstrap interval of the mean of `values` when rows come in groups that are not independent
     (VQA asks several questions about one image): whole groups are resampled and the mean is taken over their rows.
     None below two groups."""
+    counts, sums = _per_group(groups, values)
+    return _bootstrap((sums, counts), lambda s, c, axis: s.sum(axis) / c.sum(axis), 0, level, resamples, seed)
+
+
+def clustered_change(before: Sequence[float], after: Sequence[float], groups: Sequence, level: float = LEVEL,
+                     resamples: int = RESAMPLES, seed: int = SEED) -> dict:
+    """After against before on the same rows, when rows come in groups (`clustered_interval`): the difference of
+    the means and its paired percentile bootstrap interval, each resample drawing the same groups for both."""
+    counts, was, now = _per_group(groups, before, after)
+    return {"difference": float(now.sum() / counts.sum() - was.sum() / counts.sum()),
+            "ci95": _bootstrap((was, now, counts), lambda b, a, c, axis: (a.sum(axis) - b.sum(axis)) / c.sum(axis),
+                               0, level, resamples, seed)}
+
+
+def _per_group(groups: Sequence, *values: Sequence[float]) -> tuple[np.ndarray, ...]:
+    """(rows per group, then each of `values` summed per group), groups in order of first appearance."""
     index: dict[str, int] = {}
     rows = np.array([index.setdefault(str(g), len(index)) for g in groups], dtype=np.int64)
-    sums = np.bincount(rows, weights=np.asarray(values, dtype=np.float64), minlength=len(index))
-    counts = np.bincount(rows, minlength=len(index)).astype(np.float64)
-    return _bootstrap((sums, counts), lambda s, c, axis: s.sum(axis) / c.sum(axis), 0, level, resamples, seed)
+    sums = [np.bincount(rows, weights=np.asarray(v, dtype=np.float64), minlength=len(index)) for v in values]
+    return (np.bincount(rows, minlength=len(index)).astype(np.float64), *sums)
 
 
 def intervals(y_true: Sequence, y_pred: Sequence, labels: Sequence[str]) -> dict:

@@ -95,27 +95,61 @@ def vqa_metrics(rows: Sequence[dict]) -> dict:
     return {**flat, "per_type": per_type, "overall": overall}
 
 
+def _right(row: dict, key: str) -> float:
+    """1.0 when the row's `key` answer ("prediction" or "scored") matches its target once normalised."""
+    return float(row.get(key) is not None and normalize(row[key]) == normalize(row["target"]))
+
+
+def _image_groups(rows: Sequence[dict]) -> list[str]:
+    """Each row's image, the unit that intervals resample; a row without an image id is an image of its own."""
+    return [row.get("image_id") or f"row {k}" for k, row in enumerate(rows)]
+
+
+# (metric, answer type or None for every row, which answer): the accuracies that carry intervals
+_ACCURACIES = (("overall_accuracy", None, "prediction"), ("closed_accuracy", "closed", "prediction"),
+               ("closed_accuracy_scored", "closed", "scored"), ("open_exact_match", "open", "prediction"))
+
+
+def _subsets(rows: Sequence[dict]):
+    """(metric, indices of its rows, which answer) for each accuracy the rows have."""
+    for name, kind, key in _ACCURACIES:
+        chosen = [k for k, row in enumerate(rows) if kind is None or row["answer_type"] == kind]
+        if chosen and (key == "prediction" or any(rows[k].get(key) is not None for k in chosen)):
+            yield name, chosen, key
+
+
 def _intervals(rows: Sequence[dict]) -> dict:
     """95% intervals of the accuracies, resampling whole images (uncertainty.clustered_interval): the questions
-    about one image are not independent. A row without an image id counts as an image of its own."""
+    about one image are not independent."""
     from .uncertainty import clustered_interval
 
-    def right(row: dict, key: str) -> float:
-        return float(row.get(key) is not None and normalize(row[key]) == normalize(row["target"]))
+    groups = _image_groups(rows)
+    return {f"{name}_ci95": clustered_interval([_right(rows[k], key) for k in chosen], [groups[k] for k in chosen])
+            for name, chosen, key in _subsets(rows)}
 
-    groups = [row.get("image_id") or f"row {k}" for k, row in enumerate(rows)]
-    closed = [k for k, row in enumerate(rows) if row["answer_type"] == "closed"]
-    opened = [k for k, row in enumerate(rows) if row["answer_type"] == "open"]
-    out = {"overall_accuracy_ci95": clustered_interval([right(r, "prediction") for r in rows], groups)}
-    if closed:
-        out["closed_accuracy_ci95"] = clustered_interval([right(rows[k], "prediction") for k in closed],
-                                                         [groups[k] for k in closed])
-        if any(rows[k].get("scored") is not None for k in closed):
-            out["closed_accuracy_scored_ci95"] = clustered_interval([right(rows[k], "scored") for k in closed],
-                                                                    [groups[k] for k in closed])
-    if opened:
-        out["open_exact_match_ci95"] = clustered_interval([right(rows[k], "prediction") for k in opened],
-                                                          [groups[k] for k in opened])
+
+def paired_vqa_change(before: Sequence[dict], after: Sequence[dict]) -> dict | None:
+    """After against before on the same questions (prediction rows matched by id): per accuracy, the difference
+    and its paired bootstrap interval over images (uncertainty.clustered_change); and how many questions only
+    one pass answered right. None when the two passes share no question."""
+    from .uncertainty import clustered_change
+
+    earlier = {str(row.get("id")): row for row in before}
+    pairs = [(earlier[str(row.get("id"))], row) for row in after if str(row.get("id")) in earlier]
+    if not pairs:
+        return None
+    rows = [row for _, row in pairs]
+    groups = _image_groups(rows)
+    was = [_right(b, "prediction") for b, _ in pairs]
+    now = [_right(a, "prediction") for _, a in pairs]
+    out: dict = {"n": len(pairs), "images": len(set(groups)),
+                 "right_only_before": sum(b > a for b, a in zip(was, now)),
+                 "right_only_after": sum(a > b for b, a in zip(was, now))}
+    for name, chosen, key in _subsets(rows):
+        if key == "scored" and any(pairs[k][0].get(key) is None for k in chosen):
+            continue  # the pass before did not score these questions: no difference to take
+        out[name] = clustered_change([_right(pairs[k][0], key) for k in chosen],
+                                     [_right(pairs[k][1], key) for k in chosen], [groups[k] for k in chosen])
     return out
 
 
