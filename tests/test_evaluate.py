@@ -423,6 +423,10 @@ def _quantize_language_model(model) -> int:
                                           compute_dtype=torch.float32, quant_type="nf4")
                 layer.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4")
                 layer.bias = child.bias
+                # On a CPU with AVX512-BF16, bitsandbytes (0.50) packs the weight for its own kernel on the first
+                # forward in eval mode and computes in bfloat16 (and peft's dequantize then reads the packed
+                # layout wrongly). A GPU's 4-bit layer dequantizes and multiplies in the compute dtype: keep that.
+                layer.support_avx512bf16_for_cpu = False
                 setattr(parent, name, layer.to("cpu"))  # moving the weight is what quantizes it
                 replaced += 1
     return replaced

@@ -2,6 +2,7 @@
 large listings, full disks. GPU faults (real out-of-memory, kill -9 with unsloth) are in test_gpu_faults.py."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -86,9 +87,12 @@ def _in_process(capsys, argv: list[str]) -> subprocess.CompletedProcess:
     from unsloth_med.cli import main
 
     capsys.readouterr()
+    frozen = gc.get_freeze_count()
     with pytest.raises(SystemExit) as exited:
         main(argv)
     out, err = capsys.readouterr()
+    # Called with an argv the CLI does not own the process: it freezes none of its caller's objects (collector.py)
+    assert gc.get_freeze_count() <= frozen, "the CLI froze its caller's objects"
     return subprocess.CompletedProcess(argv, exited.value.code, out, err)
 
 

@@ -50,6 +50,9 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     basic_logging()
+    # The process's own command (argv from sys.argv) owns the process: its time breakdown starts with the process
+    # and it freezes its imports (collector.py). Called with an argv, from a script or a test, it owns neither.
+    whole_process = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -60,5 +63,5 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     module_name, func_name = COMMANDS[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    extra = {"whole_process": True} if name == "train" else {}  # its time breakdown starts with the process
+    extra = {"whole_process": whole_process} if name == "train" else {}
     sys.exit(friendly(lambda: func(rest, **extra)))

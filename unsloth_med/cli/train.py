@@ -35,6 +35,7 @@ def train_command(argv: list[str], recipe=None, *, prog: str = "unsloth-med trai
 def recipe_main(recipe, argv: list[str] | None = None) -> None:
     """Entry point of `python -m unsloth_med.recipes.<name>` (the recipe's one-line `__main__`)."""
     basic_logging()
+    whole_process = argv is None  # the process's own command (cli.main says why)
     argv = sys.argv[1:] if argv is None else argv
     prog = f"python -m unsloth_med.recipes.{recipe.name}"
-    sys.exit(friendly(lambda: train_command(argv, recipe, prog=prog, whole_process=True)))
+    sys.exit(friendly(lambda: train_command(argv, recipe, prog=prog, whole_process=whole_process)))
