@@ -97,7 +97,7 @@ def main(argv: list[str]) -> int:
     rows = ctx.test_set.select(range(min(images, len(ctx.test_set))))
     default_batch = ctx.eval_kw["batch_size"]
     record: dict = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "model": config.model.model,
-                    "images": len(rows), "max_new_tokens": ctx.eval_kw["max_new_tokens"],
+                    "images": len(rows), "max_new_tokens": ctx.eval_kw["max_new_tokens"] or RECIPE.max_new_tokens,
                     "eager": ctx.eval_kw["eager"], "default_batch_size": default_batch,
                     "stages_s": dict(ctx.timings), "passes": []}
     print(f"{record['gpu']}: {len(rows)} images, {record['max_new_tokens']} new tokens at most; stages {ctx.timings}")

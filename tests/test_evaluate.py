@@ -429,6 +429,8 @@ def _quantize_language_model(model) -> int:
                 layer.support_avx512bf16_for_cpu = False
                 setattr(parent, name, layer.to("cpu"))  # moving the weight is what quantizes it
                 replaced += 1
+    # As a 4-bit load marks it: peft then wraps these layers in its own bitsandbytes LoRA class, as on a GPU
+    model.is_loaded_in_4bit = True
     return replaced
 
 
@@ -469,9 +471,14 @@ def test_dequantized_4bit_layers_score_and_generate_as_the_4bit_ones(tiny_path, 
     tuned = _lora(model)
     adapted = [m for m in tuned.modules() if isinstance(m, LoraLayer)]
     adapted_4bit = sum(isinstance(m.get_base_layer(), bnb.nn.Linear4bit) for m in adapted)
-    record = evaluate(tuned, processor, RECIPE, rows[:2], mode="generate", dequantize=True, **kw)["folded_adapters"]
+    assert any(type(m).__module__ == "peft.tuners.lora.bnb" for m in adapted)  # peft's wrapper of a 4-bit layer
+    folded_only = evaluate(tuned, processor, RECIPE, rows[:2], mode="score", **kw)
+    both = evaluate(tuned, processor, RECIPE, rows[:2], mode="score", dequantize=True, **kw)
+    record = both["folded_adapters"]
     assert 0 < adapted_4bit < quantized
     assert record["layers"] == len(adapted) and record["dequantized_layers"] == quantized - adapted_4bit, record
+    for got, want in zip(both["predictions"], folded_only["predictions"]):  # the adapters still count
+        assert got["log_likelihoods"] == pytest.approx(want["log_likelihoods"], abs=1e-4)
     unfolded = evaluate(tuned, processor, RECIPE, rows[:2], mode="generate", dequantize=True, fold_adapters=False,
                         **kw)["folded_adapters"]  # the adapters' own 4-bit base layers are dequantized instead
     assert unfolded["layers"] == 0 and unfolded["dequantized_layers"] == quantized, unfolded

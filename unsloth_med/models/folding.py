@@ -72,8 +72,12 @@ def foldable_layers(model) -> list:
 
 
 def _is_4bit(module) -> bool:
-    """A bitsandbytes 4-bit linear layer (its weight dequantized on every call)."""
-    return type(module).__name__ == "Linear4bit" and getattr(module.weight, "quant_state", None) is not None
+    """A bitsandbytes 4-bit linear layer (its weight dequantized on every call). Not peft's LoRA wrapper of one:
+    it shares the class name and, through a property, the weight, and taking it for a plain layer would patch the
+    wrapper's folded forward over with its base weight alone, dropping the adapter (seen on an H200, session 17)."""
+    cls = type(module)
+    return (cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes")
+            and getattr(module.weight, "quant_state", None) is not None)
 
 
 def quantized_layers(model, folded: list = ()) -> list:
