@@ -13,7 +13,9 @@ Not folded: DoRA and other LoRA variants, adapters with their own bias, layers t
 
 `dequantize` extends the same to the 4-bit layers without a folded adapter: each runs on its weight dequantized once
 for the block, which is what bitsandbytes computes on every call with more than one row. Meant for generation, where
-every decoding step would dequantize every weight again; not on by default until measured (benchmarks/README.md).
+every decoding step would dequantize every weight again: on an H200 the 11B shape's base model generated 1.42x the
+tokens/s, and label scoring gained nothing (benchmarks/README.md, session 17). Off by default until its GPU test
+passes again after the fix in `_is_4bit`.
 """
 from __future__ import annotations
 
