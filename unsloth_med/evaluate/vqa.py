@@ -65,14 +65,14 @@ def _group_metrics(rows: Sequence[dict]) -> dict:
     recalls, f1s = zip(*(token_scores(r["prediction"], r["target"]) for r in rows)) if rows else ((), ())
     out = {
         "n": len(rows),
-        "accuracy": sum(normalize(r["prediction"]) == normalize(r["target"]) for r in rows) / len(rows),
+        "accuracy": sum(_right(r, "prediction") for r in rows) / len(rows),
         "recall": sum(recalls) / len(rows),
         "token_f1": sum(f1s) / len(rows),
         "bleu1": bleu1([r["prediction"] for r in rows], [r["target"] for r in rows]),
     }
     scored = [r for r in rows if r.get("scored") is not None]
     if scored:
-        out["accuracy_scored"] = sum(normalize(r["scored"]) == normalize(r["target"]) for r in scored) / len(rows)
+        out["accuracy_scored"] = sum(_right(r, "scored") for r in scored) / len(rows)
     return out
 
 
@@ -96,8 +96,12 @@ def vqa_metrics(rows: Sequence[dict]) -> dict:
 
 
 def _right(row: dict, key: str) -> float:
-    """1.0 when the row's `key` answer ("prediction" or "scored") matches its target once normalised."""
-    return float(row.get(key) is not None and normalize(row[key]) == normalize(row["target"]))
+    """1.0 when the row's `key` answer ("prediction" or "scored") matches its target once normalised: the one
+    definition of a right answer, for the accuracies and their intervals. A question never scored is wrong."""
+    answer = row.get(key)
+    if answer is None and key == "scored":
+        return 0.0
+    return float(normalize(answer) == normalize(row["target"]))
 
 
 def _image_groups(rows: Sequence[dict]) -> list[str]:
