@@ -42,8 +42,8 @@ def main(argv: list[str]) -> int:
 
     from unsloth_med import pipeline
     from unsloth_med.evaluate import evaluate, shape_order
-    from unsloth_med.evaluate.caption import batches, encode_rows, model_device_dtype, to_model
     from unsloth_med.evaluate.classify import dataset_labels, label_token_ids, score_encoded
+    from unsloth_med.evaluate.inputs import batches, encode_rows, model_device_dtype, to_model
     from unsloth_med.evaluate.packed import score_packed
     from unsloth_med.models.families import family_of
 

@@ -101,6 +101,8 @@ def test_label_scoring_and_generation_agree(demo_run):
     print(f"label scoring vs generation agreement: {rate:.3f} on {len(scored['predictions'])} images")
     assert len(scored["predictions"]) == 120 and rate == 1.0
     assert scored["timing"]["compiled"] is False  # label scoring runs eager by default (--eval_compiled)
+    # the pass after training read the 8 batches the pass before encoded, and encoded none itself
+    assert scored["encoded_batches"]["reused"] == 8 and scored["encoded_batches"]["encoded"] == 0, scored
 
 
 def test_predict_prints_a_class_with_probabilities(demo_run):

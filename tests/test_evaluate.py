@@ -276,6 +276,82 @@ def test_a_later_pass_over_the_same_model_reuses_its_passed_check_until_the_atte
     assert "reused_check" not in eager["input_pipeline"]["label_scoring"]
 
 
+def _xray_rows(bone_break_dir, n: int) -> list[dict]:
+    """Rows as a prepared test split holds them: real X-ray files, by path."""
+    files = sorted(bone_break_dir.rglob("*.jpg"))[:n]
+    return [{"image": str(f), "target": RECIPE.labels[i % len(RECIPE.labels)], "id": f"x{i}"}
+            for i, f in enumerate(files)]
+
+
+def test_the_pass_after_training_reads_the_batches_the_pass_before_encoded(tiny_path, bone_break_dir):
+    """A run's two passes over one split share an EncodedBatches: the second encodes nothing, reads every batch,
+    and scores exactly what encoding again gives; no forward wrote into a kept tensor."""
+    from unsloth_med.evaluate import EncodedBatches
+    from unsloth_med.evaluate.inputs import encode_rows
+
+    model, processor = _load(tiny_path, "mistral3")
+    rows, store = _xray_rows(bone_break_dir, 6), EncodedBatches()
+    before = evaluate(model, processor, RECIPE, rows, batch_size=4, image_size=IMAGE_SIZE, progress=False,
+                      inputs=store)
+    assert before["encoded_batches"]["reused"] == 0 and before["encoded_batches"]["encoded"] == 2
+    assert len(store.kept) == 2 and store.kept_bytes > 0
+    tuned = _lora(model)
+    after = evaluate(tuned, processor, RECIPE, rows, batch_size=4, image_size=IMAGE_SIZE, progress=False,
+                     inputs=store)
+    assert after["encoded_batches"] == {"reused": 2, "encoded": 0, "kept_mib": before["encoded_batches"]["kept_mib"]}
+    fresh = evaluate(tuned, processor, RECIPE, rows, batch_size=4, image_size=IMAGE_SIZE, progress=False)
+    assert "encoded_batches" not in fresh
+    assert [p["log_likelihoods"] for p in after["predictions"]] == [p["log_likelihoods"] for p in fresh["predictions"]]
+    assert after["predictions"] != before["predictions"]  # the adapters changed the scores: a real second pass
+    for kept, batch in zip(store.kept.values(), (rows[:4], rows[4:])):
+        again = encode_rows(processor, RECIPE, batch, IMAGE_SIZE)
+        assert kept.keys() == again.keys()
+        assert all(torch.equal(kept[k], again[k]) for k in kept if isinstance(kept[k], torch.Tensor))
+
+
+def test_generation_passes_share_encoded_batches_too(tiny_path, bone_break_dir):
+    from unsloth_med.evaluate import EncodedBatches
+
+    model, processor = _load(tiny_path, "mllama")
+    rows = [{**row, "target": "A fracture of the distal radius."} for row in _xray_rows(bone_break_dir, 3)]
+    store = EncodedBatches()
+    kw = dict(batch_size=2, max_new_tokens=5, image_size=IMAGE_SIZE, progress=False)
+    first = evaluate(model, processor, CAPTION_RECIPE, rows, inputs=store, **kw)
+    second = evaluate(model, processor, CAPTION_RECIPE, rows, inputs=store, **kw)
+    assert first["encoded_batches"]["encoded"] == 2 and second["encoded_batches"]["reused"] == 2
+    assert second["encoded_batches"]["encoded"] == 0
+    assert [p["prediction"] for p in second["predictions"]] == [p["prediction"] for p in first["predictions"]]
+
+
+def test_encoded_batches_are_served_only_for_the_same_prompts_images_and_size(tiny_path, bone_break_dir, tmp_path):
+    """What a batch is found by: another image size, another instruction, another file, or images held in memory
+    (no file to name them by) each encode again; a limit of 0 keeps nothing; a kept batch is served for the same
+    rows whichever row objects carry them."""
+    from unsloth_med.evaluate import EncodedBatches
+
+    _, processor = _load(tiny_path, "mistral3")
+    rows = _xray_rows(bone_break_dir, 3)
+    store = EncodedBatches()
+    encode = store.encoder(processor, RECIPE, IMAGE_SIZE)
+    encode(rows)
+    encode([dict(row) for row in rows])
+    assert store.stats == {"reused": 1, "encoded": 1}
+    store.encoder(processor, RECIPE, 32)(rows)
+    store.encoder(processor, dataclasses.replace(RECIPE, instruction=RECIPE.instruction + " Be brief."),
+                  IMAGE_SIZE)(rows)
+    other = [dict(rows[0], image=str(sorted(bone_break_dir.rglob("*.jpg"))[7])), *rows[1:]]
+    encode(other)
+    assert store.stats == {"reused": 1, "encoded": 4}
+    in_memory = _rows(2)
+    encode(in_memory)
+    encode(in_memory)
+    assert store.stats == {"reused": 1, "encoded": 6} and len(store.kept) == 4
+    nothing = EncodedBatches(limit_bytes=0)
+    for _ in range(2):
+        nothing.encoder(processor, RECIPE, IMAGE_SIZE)(rows)
+    assert nothing.stats == {"reused": 0, "encoded": 2} and not nothing.kept and nothing.kept_bytes == 0
+
+
 def test_classification_called_directly_runs_without_autograd(tiny_path):
     """evaluate_classification called on its own (as the GPU tests and users do), with autograd on, keeps no graph:
     every forward runs in inference mode, as under evaluate(), and the scores it returns carry no gradient."""

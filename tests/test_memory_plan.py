@@ -192,7 +192,7 @@ def test_prefetch_keeps_the_order_and_times_the_input_side(ahead):
     import threading
     import time
 
-    from unsloth_med.evaluate.caption import Prefetch
+    from unsloth_med.evaluate.inputs import Prefetch
 
     threads = set()
 

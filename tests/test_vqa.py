@@ -338,6 +338,7 @@ def test_three_questions_per_real_bone_break_image_train_a_tiny_model(bone_break
     after = json.loads((out / "eval_after.json").read_text())
     assert len(after["predictions"]) == 12 and {p["answer_type"] for p in after["predictions"]} == {"closed", "open"}
     assert after["timing"]["compiled"] is True  # generation keeps Unsloth's compiled functions by default
+    assert after["encoded_batches"]["reused"] == 2 and after["encoded_batches"]["encoded"] == 0  # the pass before's
     assert {"image_id", "question", "answer_type", "target", "prediction"} <= set(after["predictions"][0])
     assert sum("loss" in json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()) == 3
 

@@ -161,6 +161,7 @@ class RunContext:
     model: Any = None
     processor: Any = None
     eval_kw: dict = dataclasses.field(default_factory=dict)
+    eval_inputs: Any = None  # the pass before training's encoded batches, read again by the pass after it
     budget: tuple[float, str] | None = None  # the GPU memory budget (GiB, why); None on a CPU
     lazy: bool = False  # the training split's images are decoded as batches need them (data/lazy.py)
     resume_from: str | None = None
@@ -324,15 +325,16 @@ def load_model(ctx: RunContext) -> None:
 
 def evaluate_before(ctx: RunContext) -> None:
     """The untrained model's scores; a resumed run keeps those it measured the first time."""
-    from .evaluate import evaluate
+    from .evaluate import EncodedBatches, evaluate
     from .train import last_checkpoint
 
     config, run_dir = ctx.config, ctx.run_dir
     ctx.resume_from = ctx.ranks.broadcast(last_checkpoint(run_dir) if config.run.resume else None)  # rank 0's view
     if config.eval.eval_before and not ctx.resume_from:
         _write_status(run_dir, stage="eval_before")
+        ctx.eval_inputs = EncodedBatches() if config.eval.eval_after else None
         ctx.before = evaluate(ctx.backend.for_inference(ctx.model), ctx.processor, ctx.recipe, ctx.test_set,
-                              **ctx.eval_kw)
+                              inputs=ctx.eval_inputs, **ctx.eval_kw)
         (ctx.files / "eval_before.json").write_text(json.dumps(ctx.before, indent=1))
     elif ctx.resume_from and (run_dir / "eval_before.json").exists():
         ctx.before = json.loads((run_dir / "eval_before.json").read_text())
@@ -438,8 +440,9 @@ def evaluate_after(ctx: RunContext) -> None:
     _write_status(ctx.run_dir, stage="eval_after")
     if ctx.config.eval.eval_after:
         ctx.after = evaluate(ctx.backend.for_inference(ctx.model), ctx.processor, ctx.recipe, ctx.test_set,
-                             **ctx.eval_kw)
+                             inputs=ctx.eval_inputs, **ctx.eval_kw)
         (ctx.files / "eval_after.json").write_text(json.dumps(ctx.after, indent=1))
+    ctx.eval_inputs = None  # its memory back before the export, which may need the RAM
     ctx.ranks.finish()
     ctx.stop = not ctx.ranks.is_main
 

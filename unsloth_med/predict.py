@@ -178,8 +178,9 @@ def _readable(images: Sequence[str]) -> tuple[list[str], list[dict]]:
 def predict_loaded(loaded: Loaded, images: Sequence[str], *, top_k: int = 3, batch_size: int = 8,
                    max_new_tokens: int | None = None, question: str | None = None,
                    together: bool = False) -> list[dict]:
-    from .evaluate.caption import batches, eval_mode, generate_texts
+    from .evaluate.caption import generate_texts
     from .evaluate.classify import score_rows
+    from .evaluate.inputs import batches, eval_mode
 
     rec = loaded.recipe
     if rec.is_vqa and not question:

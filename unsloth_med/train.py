@@ -442,7 +442,7 @@ def warm_up_shapes(trainer, dataset) -> dict:
     import torch
 
     from .data.batching import batch_kind, describe_kind, one_batch_of_each_kind
-    from .evaluate.caption import Prefetch
+    from .evaluate.inputs import Prefetch
     from .memory_plan import step_without_update
 
     if "image_shape" not in getattr(dataset, "column_names", []):

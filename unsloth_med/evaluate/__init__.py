@@ -20,6 +20,7 @@ from ..models.folding import folded_adapters
 from ..models.stance import can_run_eager, eager_stance
 from .caption import caption_metrics, evaluate_captioning
 from .classify import agreement, classification_metrics, evaluate_classification, match_label
+from .inputs import EncodedBatches
 from .vqa import evaluate_vqa, vqa_metrics
 
 MODES = ("score", "generate")
@@ -38,7 +39,8 @@ def shape_order(dataset) -> list[int] | None:
 
 def evaluate(model, processor, recipe, dataset, *, mode: str = "score", batch_size: int = 8,
              max_new_tokens: int | None = None, image_size: int | None = None, progress: bool = True,
-             eager: bool = False, fold_adapters: bool = True, dequantize: bool = False) -> dict:
+             eager: bool = False, fold_adapters: bool = True, dequantize: bool = False,
+             inputs: EncodedBatches | None = None) -> dict:
     """Evaluate a model on rows {image, target, id}; see the module docstring for what comes back.
 
     eager=True runs every torch.compile'd function (Unsloth's compiled modules) as plain Python: no tracing, which
@@ -46,16 +48,23 @@ def evaluate(model, processor, recipe, dataset, *, mode: str = "score", batch_si
     with each adapter folded into its layer's 16-bit weight (models/folding.py: one matmul a layer, the merged
     export's weights) where memory allows; `folded_adapters` in the result says what was done. dequantize: every
     other 4-bit layer (all of them with fold_adapters=False) runs on its weight dequantized once for the pass, under
-    the same memory rule: the arithmetic of a 4-bit matmul of more than one row, which dequantizes on every call."""
+    the same memory rule: the arithmetic of a 4-bit matmul of more than one row, which dequantizes on every call.
+    inputs: an EncodedBatches shared by passes over the same split (a run's passes before and after training):
+    a later pass reads the batches an earlier one encoded; `encoded_batches` in the result counts them."""
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}: use one of {', '.join(MODES)}")
     image_size = image_size or recipe.image_size
     started = time.perf_counter()
     eager = bool(eager and can_run_eager())  # torch >= 2.6; an older torch traces as before
+    counted = dict(inputs.stats) if inputs is not None else None
     with eager_stance(eager), folded_adapters(model, fold_adapters, dequantize=dequantize) as folded:
         result = _evaluate_grouped(model, processor, recipe, dataset, mode=mode, batch_size=batch_size,
-                                   max_new_tokens=max_new_tokens, image_size=image_size, progress=progress)
+                                   max_new_tokens=max_new_tokens, image_size=image_size, progress=progress,
+                                   inputs=inputs)
     seconds = time.perf_counter() - started
+    if inputs is not None:
+        result["encoded_batches"] = {**{k: inputs.stats[k] - counted[k] for k in counted},
+                                     "kept_mib": round(inputs.kept_bytes / 2**20, 1)}
     result["timing"] = {"seconds": round(seconds, 2), "batch_size": batch_size,
                         "examples_per_second": round(len(dataset) / seconds, 2) if seconds > 0 else None,
                         "compiled": not eager}
@@ -75,16 +84,18 @@ def _evaluate_grouped(model, processor, recipe, dataset, **kw) -> dict:
 
 
 def _evaluate_once(model, processor, recipe, dataset, *, mode, batch_size, max_new_tokens, image_size,
-                   progress) -> dict:
+                   progress, inputs) -> dict:
     # Each evaluate_* runs itself in torch.inference_mode(), however it is called.
     if recipe.is_vqa:
         return evaluate_vqa(model, processor, recipe, dataset, batch_size=batch_size,
-                            max_new_tokens=max_new_tokens, image_size=image_size, progress=progress)
+                            max_new_tokens=max_new_tokens, image_size=image_size, progress=progress, inputs=inputs)
     if recipe.is_classification:
         return evaluate_classification(model, processor, recipe, dataset, mode=mode, batch_size=batch_size,
-                                       max_new_tokens=max_new_tokens, image_size=image_size, progress=progress)
+                                       max_new_tokens=max_new_tokens, image_size=image_size, progress=progress,
+                                       inputs=inputs)
     return evaluate_captioning(model, processor, recipe, dataset, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, image_size=image_size, progress=progress)
+                               max_new_tokens=max_new_tokens, image_size=image_size, progress=progress, inputs=inputs)
 
 
-__all__ = ["MODES", "agreement", "caption_metrics", "classification_metrics", "evaluate", "match_label", "vqa_metrics"]
+__all__ = ["MODES", "EncodedBatches", "agreement", "caption_metrics", "classification_metrics", "evaluate",
+           "match_label", "vqa_metrics"]

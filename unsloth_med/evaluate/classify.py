@@ -28,12 +28,14 @@ from ..errors import DataError
 from ..models import prompting
 from ..models.families import Family, family_of
 from ..models.folding import free_memory_bytes
-from .caption import (
+from .caption import generate_all
+from .inputs import (
+    EncodedBatches,
     Prefetch,
     batches,
     encode_rows,
+    encoder,
     eval_mode,
-    generate_all,
     model_device_dtype,
     prefetch_depth,
     progress_bar,
@@ -129,7 +131,7 @@ def score_rows(model, processor, recipe, rows: Sequence[dict], labels: Sequence[
 
 
 def score_encoded(model, processor, family: Family, encoded: dict, ids: Sequence[Sequence[int]]) -> torch.Tensor:
-    """score_rows' cached strategy on a batch already encoded (`caption.encode_rows`)."""
+    """score_rows' cached strategy on a batch already encoded (`inputs.encode_rows`)."""
     device, dtype = model_device_dtype(model)
     tokenizer = getattr(processor, "tokenizer", processor)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -300,19 +302,20 @@ def agreement(pred_a: Sequence, pred_b: Sequence) -> float:
 @torch.inference_mode()  # as evaluate() runs it; here too for callers that call it directly
 def evaluate_classification(model, processor, recipe, dataset, *, mode: str = "score", batch_size: int = 8,
                             max_new_tokens: int | None = None, image_size: int | None = None, progress: bool = True,
-                            strategy: str = "auto") -> dict:
+                            strategy: str = "auto", inputs: EncodedBatches | None = None) -> dict:
     labels = dataset_labels(recipe, dataset)  # the whole split's classes, also when this rank scores a part of it
     dataset, rows = my_shard(dataset, batch_size)  # under DDP: this rank's batches; all gathered below
     stats: dict = {}  # the input pipeline: seconds preparing batches, seconds waiting for them
     if mode == "score":
         predictions = list(_iter_scored(model, processor, recipe, dataset, labels, batch_size=batch_size,
-                                        image_size=image_size, progress=progress, strategy=strategy, stats=stats))
+                                        image_size=image_size, progress=progress, strategy=strategy, stats=stats,
+                                        inputs=inputs))
     elif mode == "generate":
         max_new_tokens = max_new_tokens or recipe.max_new_tokens
         predictions = []
         for row, answer in generate_all(model, processor, recipe, dataset, max_new_tokens=max_new_tokens,
                                         batch_size=batch_size, image_size=image_size, progress=progress,
-                                        desc="evaluate (generate)", stats=stats):
+                                        desc="evaluate (generate)", stats=stats, inputs=inputs):
             label = match_label(answer, labels)
             predictions.append({"id": str(row.get("id", len(predictions))), "target": recipe.target(row),
                                 "prediction": label, "answer": answer, "parsed": label is not None})
@@ -327,7 +330,7 @@ def evaluate_classification(model, processor, recipe, dataset, *, mode: str = "s
 
 
 def _iter_scored(model, processor, recipe, dataset, labels, *, batch_size, image_size, progress, strategy,
-                 stats: dict | None = None):
+                 stats: dict | None = None, inputs: EncodedBatches | None = None):
     family = family_of(model.config)
     ids = label_token_ids(processor, family, labels)
     if strategy == "auto":
@@ -336,8 +339,9 @@ def _iter_scored(model, processor, recipe, dataset, labels, *, batch_size, image
         first = dataset[0]
         check_label_tokenization(processor, family, recipe, prompt_text(processor, recipe, first), labels, ids, first)
     encoded_ahead = strategy in ("cache", "packed")
-    feed = Prefetch(batches(dataset, batch_size), lambda rows: encode_rows(processor, recipe, rows, image_size)
-                    if encoded_ahead else None, ahead=prefetch_depth(model) if encoded_ahead else 0)
+    encode = encoder(processor, recipe, image_size, inputs)
+    feed = Prefetch(batches(dataset, batch_size), encode if encoded_ahead else (lambda rows: None),
+                    ahead=prefetch_depth(model) if encoded_ahead else 0)
     scoring: dict = {"strategy": strategy}
     # Each batch's seconds, the first one's check included: where a pass's time goes. Reading the scores below
     # waits for the GPU, so each figure is the batch's whole cost.

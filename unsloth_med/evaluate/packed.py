@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from ..models.families import Family
-from .caption import model_device_dtype, to_model
+from .inputs import model_device_dtype, to_model
 
 #: The attention implementations that take a custom 4-D mask (boolean for sdpa, additive for eager).
 MASKED_ATTENTION = ("sdpa", "eager")

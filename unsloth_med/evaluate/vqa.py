@@ -25,7 +25,8 @@ from typing import Iterable, Sequence
 import torch
 
 from ..data.samples import image_refs
-from .caption import batches, eval_mode, generate_all, progress_bar
+from .caption import generate_all
+from .inputs import EncodedBatches, batches, eval_mode, progress_bar
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
 PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
@@ -168,7 +169,7 @@ def closed_answer_set(dataset) -> list[str]:
 
 @torch.inference_mode()  # as evaluate() runs it; here too for callers that call it directly
 def evaluate_vqa(model, processor, recipe, dataset, *, batch_size: int = 8, max_new_tokens: int | None = None,
-                 image_size: int | None = None, progress: bool = True) -> dict:
+                 image_size: int | None = None, progress: bool = True, inputs: EncodedBatches | None = None) -> dict:
     """Greedy answers for every row, label scores over the closed answer set for closed rows; vqa_metrics."""
     from .classify import score_rows
 
@@ -176,7 +177,7 @@ def evaluate_vqa(model, processor, recipe, dataset, *, batch_size: int = 8, max_
     predictions = []
     for row, answer in generate_all(model, processor, recipe, dataset, max_new_tokens=max_new_tokens,
                                     batch_size=batch_size, image_size=image_size, progress=progress,
-                                    desc="evaluate (answers)"):
+                                    desc="evaluate (answers)", inputs=inputs):
         predictions.append({"id": str(row["id"]), "image_id": _image_id(row), "question": row.get("question", ""),
                             "answer_type": row.get("answer_type") or "open", "target": recipe.target(row),
                             "prediction": answer})
