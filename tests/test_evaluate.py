@@ -352,6 +352,16 @@ def test_encoded_batches_are_served_only_for_the_same_prompts_images_and_size(ti
     assert nothing.stats == {"reused": 0, "encoded": 2} and not nothing.kept and nothing.kept_bytes == 0
 
 
+def test_rows_without_ids_are_named_by_their_position_in_both_modes(tiny_path):
+    """A paired comparison matches passes by id: rows without one get their position, never one shared id."""
+    model, processor = _load(tiny_path, "mistral3")
+    rows = [{k: v for k, v in row.items() if k != "id"} for row in _rows(3)]
+    for mode in ("score", "generate"):
+        result = evaluate(model, processor, RECIPE, rows, mode=mode, batch_size=2, max_new_tokens=2,
+                          image_size=IMAGE_SIZE, progress=False)
+        assert [p["id"] for p in result["predictions"]] == ["0", "1", "2"], mode
+
+
 def test_classification_called_directly_runs_without_autograd(tiny_path):
     """evaluate_classification called on its own (as the GPU tests and users do), with autograd on, keeps no graph:
     every forward runs in inference mode, as under evaluate(), and the scores it returns carry no gradient."""

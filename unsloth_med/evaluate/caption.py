@@ -26,6 +26,7 @@ from .inputs import (
     progress_bar,
     to_model,
 )
+from .text import RougeTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,8 @@ def generate_all(model, processor, recipe, dataset, *, max_new_tokens: int, batc
 
 # ----------------------------------------------------------------------------- metrics
 def caption_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict:
-    """Corpus BLEU (sacrebleu, 0-100) and mean ROUGE-L F-measure (0-1).
+    """Corpus BLEU (sacrebleu, 0-100) and mean ROUGE-L F-measure (0-1; rouge_score, on text.py's words where the
+    text is not ASCII).
 
     No BERTScore: its model (roberta-large) cannot be fetched offline and nothing here tests it, so it is
     not offered. A recipe's `score_text` can add it (or any metric) where its model is available."""
@@ -126,7 +128,7 @@ def caption_metrics(predictions: Sequence[str], references: Sequence[str]) -> di
         metrics.update(bleu=0.0, rougeL=0.0)
         return metrics
     metrics["bleu"] = float(sacrebleu.corpus_bleu(predictions, [references]).score)
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=RougeTokenizer())  # rouge_score's own for ASCII
     scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
     metrics["rougeL"] = float(sum(scores) / len(scores))
     return metrics

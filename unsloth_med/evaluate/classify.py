@@ -237,8 +237,8 @@ def _score_full(model, processor, recipe, family: Family, row: dict, image, labe
 # ----------------------------------------------------------------------------- metrics
 def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], labels: Sequence[str], *,
                            mode: str = "score") -> dict:
-    """accuracy, macro-F1 (each with its 95% interval: uncertainty.py), per-class precision/recall/F1/support,
-    confusion matrix (rows = true, labels order).
+    """accuracy, macro-F1 over the classes that occur (each with its 95% interval: uncertainty.py), per-class
+    precision/recall/F1/support for every label, confusion matrix (rows = true, labels order).
 
     A prediction of None (an unparseable answer) counts as wrong: it lowers the recall of its true class,
     stays out of the confusion matrix, and is counted in `unparseable` and `unparseable_by_class`.
@@ -259,7 +259,11 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], 
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, average=None, zero_division=0)
     metrics["accuracy"] = float(accuracy_score(y_true, y_pred))
-    metrics["macro_f1"] = float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
+    # Over the classes that occur (a target or a prediction), as the bootstrap interval and the paired change
+    # (uncertainty.macro_f1) take it: a recipe class absent from this split, and never predicted, has no F1 to
+    # average; scoring it 0 would put the estimate outside its own interval.
+    occurring = [label for label in labels if label in set(y_true) | set(y_pred)]
+    metrics["macro_f1"] = float(f1_score(y_true, y_pred, labels=occurring, average="macro", zero_division=0))
     metrics["per_class"] = {
         label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
         for label, p, r, f, s in zip(labels, precision, recall, f1, support)
@@ -346,6 +350,7 @@ def _iter_scored(model, processor, recipe, dataset, labels, *, batch_size, image
     # Each batch's seconds, the first one's check included: where a pass's time goes. Reading the scores below
     # waits for the GPU, so each figure is the batch's whole cost.
     batch_seconds: list[float] = []
+    done = 0  # rows scored: a row without an id is named by its position, as generation names it
     with eval_mode(model), progress_bar(len(dataset), "evaluate (label scores)", progress) as bar:
         for rows, encoded in feed:
             started = time.perf_counter()
@@ -362,10 +367,11 @@ def _iter_scored(model, processor, recipe, dataset, labels, *, batch_size, image
             probs = scores.softmax(dim=-1)
             for i, row in enumerate(rows):
                 best = int(scores[i].argmax())
-                yield {"id": str(row.get("id", "")), "target": recipe.target(row), "prediction": labels[best],
+                yield {"id": str(row.get("id", done + i)), "target": recipe.target(row), "prediction": labels[best],
                        "probabilities": {label: round(float(p), 6) for label, p in zip(labels, probs[i])},
                        "log_likelihoods": {label: round(float(s), 4) for label, s in zip(labels, scores[i])}}
             batch_seconds.append(round(time.perf_counter() - started, 3))
+            done += len(rows)
             bar.update(len(rows))
     if stats is not None:
         stats.update(feed.summary(), label_scoring=scoring, batch_seconds=batch_seconds)

@@ -13,9 +13,12 @@ or None when that side was not evaluated.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+log = logging.getLogger(__name__)
 
 HEADLINE = {
     "classification": (("accuracy", "Accuracy"), ("macro_f1", "Macro-F1")),
@@ -101,7 +104,18 @@ def _interval(ci: Sequence[float] | None, signed: bool = False) -> str:
 def comparisons(before: dict | None, after: dict | None, leaks: Sequence[dict] | None) -> dict:
     """After against before on the same examples (`after_vs_before`: uncertainty.paired_change for classification,
     vqa.paired_vqa_change for VQA); for classification, both passes scored again without the test examples whose
-    image copies a training image (`without_leaked_test_images`): those measure memory, not generalisation."""
+    image copies a training image (`without_leaked_test_images`): those measure memory, not generalisation.
+    Predictions whose ids repeat cannot be paired: the report then says why it has no comparison, and is written."""
+    from .uncertainty import RepeatedIds
+
+    try:
+        return _comparisons(before, after, leaks)
+    except RepeatedIds as error:
+        log.warning("No paired comparison of after against before: %s", error)
+        return {"no_comparison": str(error)}
+
+
+def _comparisons(before: dict | None, after: dict | None, leaks: Sequence[dict] | None) -> dict:
     side = _metrics(after) or _metrics(before) or {}
     if _task_of(side) == "vqa":
         from .vqa import paired_vqa_change
@@ -136,10 +150,9 @@ def _without(gone: set[str], found_before: list[dict], found_after: list[dict], 
         return None
     held: dict[str, Any] = {"leaked_removed": removed}
     for name, rows in kept.items():
-        if rows:
-            targets = {str(p["target"]) for p in rows}  # macro-F1 over the classes these examples have, as on a split
-            scores = classification_metrics([p["target"] for p in rows], [p["prediction"] for p in rows],
-                                            [label for label in labels if str(label) in targets], mode=mode)
+        if rows:  # macro-F1 over the classes these examples have (targets, predictions), as on a whole split
+            scores = classification_metrics([p["target"] for p in rows], [p["prediction"] for p in rows], labels,
+                                            mode=mode)
             held[name] = {key: scores[key] for key in ("n", "accuracy", "accuracy_ci95", "macro_f1", "macro_f1_ci95")}
     if kept["before"] and kept["after"]:
         held["after_vs_before"] = paired_change(kept["before"], kept["after"], labels)
@@ -160,6 +173,8 @@ def comparison_lines(summary: dict | None) -> list[str]:
                      f"only after, {change['right_only_before']} right only before; McNemar exact "
                      f"p = {change['mcnemar_exact_p']:.2g}. Intervals are 95%: Wilson for accuracy, a bootstrap over "
                      "the examples for the rest.")
+    if (summary or {}).get("no_comparison"):
+        lines.append(f"No paired comparison of after against before: {summary['no_comparison']}.")
     held = (summary or {}).get("without_leaked_test_images")
     if held:
         parts = [f"{name} {_fmt(held[name]['accuracy'])} {_interval(held[name]['accuracy_ci95'])}"

@@ -119,6 +119,24 @@ def intervals(y_true: Sequence, y_pred: Sequence, labels: Sequence[str]) -> dict
             "macro_f1_ci95": macro_f1_interval(y_true, y_pred, labels)}
 
 
+class RepeatedIds(ValueError):
+    """Two predictions of one pass carry the same id: the passes cannot be paired."""
+
+
+def matched_by_id(before: Sequence[dict], after: Sequence[dict]) -> list[tuple[dict, dict]]:
+    """(before, after) prediction pairs of the same example, matched by id, in the after pass's order. Ids must be
+    unique within each pass: pairing on a repeated id would silently compare different examples."""
+    for side, rows in (("before", before), ("after", after)):
+        seen: set[str] = set()
+        repeated = sorted({i for i in (str(p.get("id")) for p in rows) if i in seen or seen.add(i)})
+        if repeated:
+            raise RepeatedIds(f"the predictions {side} training repeat the ids {repeated[:5]}: a paired comparison "
+                             "matches the two passes by id, so every example needs its own (give each row an "
+                             "`id`, or let the loaders name them)")
+    earlier = {str(p.get("id")): p for p in before}
+    return [(earlier[str(p.get("id"))], p) for p in after if str(p.get("id")) in earlier]
+
+
 def paired_change(before: Sequence[dict], after: Sequence[dict], labels: Sequence[str], level: float = LEVEL,
                   resamples: int = RESAMPLES, seed: int = SEED) -> dict | None:
     """After against before on the same examples (predictions {"id", "target", "prediction"}, matched by id):
@@ -126,8 +144,7 @@ def paired_change(before: Sequence[dict], after: Sequence[dict], labels: Sequenc
     None when the two passes share no example."""
     from scipy.stats import binomtest
 
-    earlier = {str(p.get("id")): p for p in before}
-    pairs = [(earlier[str(p.get("id"))], p) for p in after if str(p.get("id")) in earlier]
+    pairs = matched_by_id(before, after)
     if not pairs:
         return None
     true, was = codes([b["target"] for b, _ in pairs], [b["prediction"] for b, _ in pairs], labels)

@@ -18,7 +18,6 @@ The two ceilings of the offline demo live here too: how well a model could do se
 from __future__ import annotations
 
 import re
-import string
 from collections import Counter, defaultdict
 from typing import Iterable, Sequence
 
@@ -27,21 +26,22 @@ import torch
 from ..data.samples import image_refs
 from .caption import generate_all
 from .inputs import EncodedBatches, batches, eval_mode, progress_bar
+from .text import strip_punctuation, tokens
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
-PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
 ANSWER_TYPES = ("closed", "open")
 
 
 def normalize(text: str) -> str:
-    """Lower case, no punctuation, no articles, single spaces."""
-    text = ARTICLES.sub(" ", str(text or "").lower().translate(PUNCTUATION))
+    """Lower case, no punctuation (any script's: text.py), no articles, single spaces."""
+    text = ARTICLES.sub(" ", strip_punctuation(str(text or "").lower()))
     return " ".join(text.split())
 
 
 def token_scores(prediction: str, reference: str) -> tuple[float, float]:
-    """(recall, F1) of the normalised tokens; multiset overlap, as in SQuAD."""
-    pred, ref = normalize(prediction).split(), normalize(reference).split()
+    """(recall, F1) of the normalised tokens (a Chinese character or kana is a token: text.py); multiset overlap,
+    as in SQuAD."""
+    pred, ref = tokens(normalize(prediction)), tokens(normalize(reference))
     if not ref:
         return float(not pred), float(not pred)
     common = sum((Counter(pred) & Counter(ref)).values())
@@ -52,13 +52,14 @@ def token_scores(prediction: str, reference: str) -> tuple[float, float]:
 
 
 def bleu1(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus BLEU with unigrams only (brevity penalty included), 0-1, on normalised text."""
+    """Corpus BLEU with unigrams only (brevity penalty included), 0-1, on normalised tokens (token_scores')."""
     from sacrebleu.metrics import BLEU
 
     if not predictions:
         return float("nan")
     metric = BLEU(max_ngram_order=1, tokenize="none", effective_order=True)
-    score = metric.corpus_score([normalize(p) for p in predictions], [[normalize(r) for r in references]])
+    words = lambda text: " ".join(tokens(normalize(text)))  # noqa: E731 - sacrebleu splits on spaces
+    score = metric.corpus_score([words(p) for p in predictions], [[words(r) for r in references]])
     return score.score / 100.0
 
 
@@ -71,9 +72,10 @@ def _group_metrics(rows: Sequence[dict]) -> dict:
         "token_f1": sum(f1s) / len(rows),
         "bleu1": bleu1([r["prediction"] for r in rows], [r["target"] for r in rows]),
     }
-    scored = [r for r in rows if r.get("scored") is not None]
-    if scored:
-        out["accuracy_scored"] = sum(_right(r, "scored") for r in scored) / len(rows)
+    # Label scores exist for closed questions only: their accuracy is the closed group's, over all its rows (one
+    # never scored counts wrong); over a mix of closed and open questions it would count every open one wrong.
+    if any(r.get("scored") is not None for r in rows) and all(r["answer_type"] == "closed" for r in rows):
+        out["accuracy_scored"] = sum(_right(r, "scored") for r in rows) / len(rows)
     return out
 
 
@@ -137,10 +139,9 @@ def paired_vqa_change(before: Sequence[dict], after: Sequence[dict]) -> dict | N
     """After against before on the same questions (prediction rows matched by id): per accuracy, the difference
     and its paired bootstrap interval over images (uncertainty.clustered_change); and how many questions only
     one pass answered right. None when the two passes share no question."""
-    from .uncertainty import clustered_change
+    from .uncertainty import clustered_change, matched_by_id
 
-    earlier = {str(row.get("id")): row for row in before}
-    pairs = [(earlier[str(row.get("id"))], row) for row in after if str(row.get("id")) in earlier]
+    pairs = matched_by_id(before, after)
     if not pairs:
         return None
     rows = [row for _, row in pairs]
