@@ -209,8 +209,7 @@ def load_data(ctx: RunContext) -> None:
     from .data.checks import drop_leaked, leak_counts, leak_message, leaked_test_images
     from .data.lazy import is_lazy, scan_split
     from .data.samples import check_placeholders, pack_questions
-    from .data.sources import load_recipe_data, subsample
-    from .data.splits import split_by_image
+    from .data.sources import run_splits, subsample
     from .data.summary import summarize
     from .data.validate import validate_splits
     from .recipes.generic import resolve_recipe
@@ -231,9 +230,8 @@ def load_data(ctx: RunContext) -> None:
 
     seed = config.training.seed
     image_size = config.data.image_size or recipe.image_size
-    splits = load_recipe_data(recipe, data_dir, seed=seed)
-    if config.data.split_by == "image":
-        splits = split_by_image(splits, test_fraction=config.data.test_fraction, seed=seed)
+    splits = run_splits(recipe, data_dir, seed=seed, split_by=config.data.split_by,
+                        test_fraction=config.data.test_fraction)
     check_placeholders(recipe.instruction, splits["train"].column_names, data_dir or recipe.source.id)
     train_set = subsample(splits["train"], config.data.max_train_samples, seed)
     test_set = subsample(splits["test"], config.data.max_eval_samples, seed)

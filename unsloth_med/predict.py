@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,6 +26,8 @@ from typing import Any, Sequence
 import torch
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 INFO_FILE = "unsloth_med.json"
 
@@ -38,6 +41,7 @@ class Loaded:
     kind: str  # "run", "adapter", "merged" or "checkpoint"
     source: str
     data_dir: str | None = None  # a run's recorded data folder
+    config: dict = dataclasses.field(default_factory=dict)  # a run's config.yaml (seed, split), {} for other sources
 
 
 def _read_json(path: Path) -> dict:
@@ -141,7 +145,7 @@ def load_for_inference(model_dir_or_run_dir: str | Path, *, recipe=None, backend
 
     # The sizing the model was trained with.
     fit = image_fit(model.config, int(image_size), buckets=recorded_buckets(info, config))
-    return Loaded(model, processor, _with_labels(rec, info), fit, kind, source, data_dir)
+    return Loaded(model, processor, _with_labels(rec, info), fit, kind, source, data_dir, config)
 
 
 def predict(model_dir_or_run_dir: str | Path, images: Sequence[str], *, top_k: int = 3, recipe=None,
@@ -214,6 +218,25 @@ def predict_loaded(loaded: Loaded, images: Sequence[str], *, top_k: int = 3, bat
     return results
 
 
+def _the_runs_examples(test, run_dir: Path):
+    """The rows of `test` that the run evaluated (the ids in its eval_after.json, else eval_before.json); all of
+    `test`, with a warning, when the run recorded none or none of them are here (other data)."""
+    recorded = next((run_dir / name for name in ("eval_after.json", "eval_before.json")
+                     if (run_dir / name).is_file()), None)
+    if recorded is None:
+        return test
+    ids = {str(p.get("id")) for p in _read_json(recorded).get("predictions") or ()}
+    keep = [i for i, row_id in enumerate(test["id"]) if str(row_id) in ids]
+    if not keep:
+        log.warning("None of the %d test examples in %s are in this data's test split: evaluating all %d of its "
+                    "test examples instead", len(ids), recorded, len(test))
+        return test
+    if len(keep) < len(ids):
+        log.warning("%d of the %d test examples in %s are not in this data's test split: evaluating the %d that "
+                    "are", len(ids) - len(keep), len(ids), recorded, len(keep))
+    return test.select(keep)
+
+
 def format_predictions(results: Sequence[dict]) -> str:
     """Plain text for the terminal: one block per image."""
     lines = []
@@ -235,15 +258,25 @@ def format_predictions(results: Sequence[dict]) -> str:
 
 def evaluate_saved_model(model: str, *, recipe_name: str | None = None, data_dir: str | None = None,
                          mode: str = "score", batch_size: int = 8, max_eval_samples: int | None = None,
-                         max_new_tokens: int | None = None, seed: int = 3407, progress: bool = True) -> dict:
+                         max_new_tokens: int | None = None, seed: int | None = None, progress: bool = True) -> dict:
     """`unsloth-med evaluate`: a saved model (run / adapter / merged folder, hub id, tiny:<family>) on a
-    recipe's test split, without training. Returns evaluate()'s {"metrics", "predictions"}."""
-    from .data.sources import load_recipe_data, subsample
+    recipe's test split, without training. Returns evaluate()'s {"metrics", "predictions"}.
+
+    A run folder is evaluated on the test split the run made (its seed, its --split_by, its --test_fraction) and,
+    where its eval_*.json names them, on the very examples it evaluated (after --max_eval_samples, unreadable
+    images and dropped copies of training images): a split made with other settings would hold training images.
+    `seed` (default: the run's, else 3407) makes the split and draws --max_eval_samples."""
+    from .data.sources import run_splits, subsample
     from .evaluate import evaluate
 
     loaded = load_for_inference(model, recipe=recipe_name)
     data_dir = data_dir or loaded.data_dir
-    test = subsample(load_recipe_data(loaded.recipe, data_dir, seed=seed)["test"], max_eval_samples, seed)
+    data = loaded.config.get("data") or {}
+    if seed is None:
+        seed = (loaded.config.get("training") or {}).get("seed", 3407)
+    test = run_splits(loaded.recipe, data_dir, seed=seed, split_by=data.get("split_by", "row"),
+                      test_fraction=data.get("test_fraction", 0.1))["test"]
+    test = subsample(_the_runs_examples(test, Path(model)) if loaded.kind == "run" else test, max_eval_samples, seed)
     result = evaluate(loaded.model, loaded.processor, loaded.recipe, test, mode=mode, batch_size=batch_size,
                       max_new_tokens=max_new_tokens, image_size=loaded.image_size, progress=progress)
     result["metrics"]["model"] = loaded.source

@@ -27,7 +27,8 @@ def check_data_command(argv: list[str]) -> int:
         argv.pop(at)
     config = parse_config(argv, prog="unsloth-med check-data")
     recipe = resolve_recipe(get_recipe(config.run.recipe), config)
-    summary = check_data(recipe, config.data.data_dir, image_size=config.data.image_size)
+    summary = check_data(recipe, config.data.data_dir, image_size=config.data.image_size, seed=config.training.seed,
+                         split_by=config.data.split_by, test_fraction=config.data.test_fraction)
     print(format_check(summary, data_dir=config.data.data_dir, json_path=json_path))
     if json_path:
         Path(json_path).write_text(json.dumps(summary, indent=1))

@@ -224,18 +224,20 @@ def drop_leaked(test_dataset, leaks: Sequence[dict]):
 
 # ----------------------------------------------------------------------------- check-data
 def check_data(recipe, data_dir: str | None = None, *, threshold: float = DEFAULT_THRESHOLD,
-               image_size: int | None = None, out_dir: str | Path | None = None) -> dict:
+               image_size: int | None = None, out_dir: str | Path | None = None, seed: int = 3407,
+               split_by: str = "row", test_fraction: float = 0.1) -> dict:
     """Everything `unsloth-med check-data` reports: sizes, class counts, unusable images, leaked test images.
 
     `recipe` is a Recipe (the command resolves names: data/ never imports recipes). Nothing is dropped here;
-    the summary lists what a run would skip.
+    the summary lists what a run would skip. The splits are the ones a run with the same seed, --split_by and
+    --test_fraction makes (sources.run_splits).
     """
-    from .sources import load_recipe_data
+    from .sources import run_splits
     from .summary import summarize
     from .validate import validate_splits
 
     image_size = image_size or recipe.image_size
-    splits = load_recipe_data(recipe, data_dir)
+    splits = run_splits(recipe, data_dir, seed=seed, split_by=split_by, test_fraction=test_fraction)
     clean, skipped = validate_splits(dict(splits), image_size=image_size, max_bad_fraction=1.0)
     summary = summarize(recipe, clean, Path(out_dir) if out_dir else None, image_size=image_size)
     summary["skipped_images"] = skipped

@@ -228,6 +228,19 @@ def load_recipe_data(recipe: "Recipe", data_dir: str | None = None, *, seed: int
     raise DataError(f"Recipe '{recipe.name}' has an unknown data source kind '{source.kind}'.")
 
 
+def run_splits(recipe: "Recipe", data_dir: str | None = None, *, seed: int = 3407, split_by: str = "row",
+               test_fraction: float = 0.1) -> "DatasetDict":
+    """The train/test splits a training run makes of the recipe's data: load_recipe_data with the run's seed, then
+    with split_by="image" a re-split in which no image is in both (splits.split_by_image). `unsloth-med evaluate`
+    and `check-data` call it with the run's settings, so that they see the test split the run saw."""
+    splits = load_recipe_data(recipe, data_dir, seed=seed)
+    if split_by == "image":
+        from .splits import split_by_image
+
+        splits = split_by_image(splits, test_fraction=test_fraction, seed=seed)
+    return splits
+
+
 def subsample(dataset, limit: int | None, seed: int):
     """At most `limit` rows, chosen at random (seeded) so every class can appear."""
     if not limit or len(dataset) <= limit:
