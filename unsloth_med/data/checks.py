@@ -32,6 +32,7 @@ from PIL import Image
 from ..errors import ImageError
 from .check_cache import remembered
 from .images import load_image, raw_image_column, raw_image_lists
+from .splits import image_key
 
 log = logging.getLogger(__name__)
 
@@ -253,13 +254,23 @@ def leak_counts(test_dataset, leaks: Sequence[dict]) -> dict:
     """Distinct test images and how many of them are leaked, beside the rows they carry (several questions
     can share one image, so rows overstate the leak)."""
     ids = [str(x) for x in _column(test_dataset, "id")]
-    images = [x if isinstance(x, (str, os.PathLike)) else ids[k] for k, x in enumerate(raw_image_column(test_dataset))]
+    images = [x if isinstance(x, (str, os.PathLike)) else _content_key(x, ids[k])
+              for k, x in enumerate(raw_image_column(test_dataset))]
     groups = _column(test_dataset, "image_group")
     key = [str(g) if g else str(img) for g, img in zip(groups, images)]
     leaked_ids = {str(entry.get("test_id", entry.get("test"))) for entry in leaks}
     leaked_keys = {key[k] for k, tid in enumerate(ids) if tid in leaked_ids or str(images[k]) in leaked_ids}
     return {"test_images": len(set(key)), "leaked_images": len(leaked_keys), "test_rows": len(ids),
             "leaked_rows": sum(1 for k in key if k in leaked_keys)}
+
+
+def _content_key(image: Any, row_id: str) -> str:
+    """An image that is not a path (a HF Image feature's bytes: VQA-RAD stores a copy per question) is one image
+    by content, as --split_by image counts it; the row id when it has nothing to hash."""
+    try:
+        return f"sha256:{image_key(image)}"
+    except (OSError, KeyError, TypeError):
+        return row_id
 
 
 def leak_message(counts: dict) -> str:

@@ -5,10 +5,10 @@
   answer-type column (closed/open; yes/no answers are closed when it is absent) and an optional
   image-group column (which rows show the same image, for `--split_by image`).
 - **LLaVA / ShareGPT** `conversations`: [{"from": "human"|"gpt"|"system", "value": "<image>\\n..."}],
-  with `image` (one path) or `images` (several); each `<image>` marks where an image goes.
+  with `image` (one path, or a list of them) or `images` (several); each `<image>` marks where an image goes.
 - **OpenAI / HF** `messages`: [{"role", "content": "text" | [{"type": "text", "text"} | {"type": "image",
-  "image": path?} | {"type": "image_url", "image_url": {"url"}}]}]; images come from the parts or
-  from an `images` column.
+  "image": path?} | {"type": "image_url", "image_url": {"url"} or url}]}]; images come from the parts or
+  from an `images` column (string content may mark them with `<image>`, as LLaMA-Factory writes them).
 """
 from __future__ import annotations
 
@@ -40,17 +40,24 @@ def _parts(text: str, images_left: list[int]) -> list[dict]:
     return parts
 
 
-def _content(content: Any, found: list[str]) -> list[dict]:
+def _content(content: Any, found: list[str], where: str) -> list[dict]:
     """OpenAI/HF content -> content parts; image paths/URLs inside the parts are appended to `found`."""
     if isinstance(content, str):
-        return [{"type": "text", "text": content}]
+        # LLaMA-Factory's multimodal `messages`: string content whose <image> marks place the `images`
+        return _parts(content, [0]) if IMAGE_MARK in content else [{"type": "text", "text": content}]
     parts = []
     for part in content or []:
+        if not isinstance(part, dict):
+            raise DataError(f"{where}: a content part is a {type(part).__name__} ({str(part)[:40]!r}), not an object. "
+                            'Write each part as {"type": "text", "text": ...} or {"type": "image", "image": path}, '
+                            "or give the whole content as one string.")
         kind = part.get("type")
         if kind == "text":
             parts.append({"type": "text", "text": str(part.get("text", ""))})
         elif kind in ("image", "image_url"):
-            ref = part.get("image") or part.get("path") or part.get("url") or (part.get("image_url") or {}).get("url")
+            url = part.get("image_url")  # {"url": ...}, or the URL itself (some exporters write it bare)
+            ref = (part.get("image") or part.get("path") or part.get("url")
+                   or (url.get("url") if isinstance(url, dict) else url))
             if isinstance(ref, str) and ref:
                 found.append(ref)
             parts.append({"type": "image"})
@@ -76,7 +83,7 @@ def to_messages(record: Mapping[str, Any], column: str, where: str) -> tuple[lis
         if "value" in turn:
             content = _parts(str(turn["value"]), [0])
         else:
-            content = _content(turn.get("content"), found)
+            content = _content(turn.get("content"), found, f"{where}, '{column}' turn {len(messages) + 1}")
         messages.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: a conversation without an assistant turn has nothing to train on.")
@@ -85,14 +92,23 @@ def to_messages(record: Mapping[str, Any], column: str, where: str) -> tuple[lis
 
 def images_of(record: Mapping[str, Any], image_column: str | None, found: Sequence[str]) -> list[str]:
     """The record's images: an `images` list column, else its image column, else the paths inside its turns."""
-    value = record.get("images")
-    if isinstance(value, str) and value.strip().startswith("["):
-        value = json.loads(value)
+    value = _image_list(record.get("images"))
     if isinstance(value, list) and value:
         return [str(v) for v in value]
     if image_column and record.get(image_column) not in (None, ""):
-        return [str(record[image_column])]
+        value = _image_list(record[image_column])  # LLaVA-OneVision: "image": ["a.jpg", "b.jpg"]
+        return [str(v) for v in value] if isinstance(value, list) else [str(value)]
     return list(found)
+
+
+def _image_list(value: Any) -> Any:
+    """A cell that lists images: a list, or its JSON text (a CSV cell); other values as they are."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value  # a file name that starts with '['
+    return value
 
 
 def conversation_row(record: Mapping[str, Any], column: str, image_column: str | None, where: str) -> dict | None:

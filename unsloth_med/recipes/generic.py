@@ -197,7 +197,8 @@ def resolve_recipe(recipe: Recipe, config_or_values: Any = None, *, seed: int | 
     - `classify` / `caption` placeholders: built from the data values (data_dir, labels, instruction,
       columns, template, split settings); labels not given are read from data_dir.
     - any other recipe: returned as is, except that a non-empty `instruction` value replaces its
-      instruction (`{labels}` filled from the recipe's classes).
+      instruction (`{labels}` filled from the recipe's classes); recipes reading a TableSource also take
+      `split_column` and `test_fraction` (vqa recipes: their columns, `image_column`, `drop_duplicates`).
     """
     values = _values(config_or_values)
     if seed is None:
@@ -228,13 +229,20 @@ def resolve_recipe(recipe: Recipe, config_or_values: Any = None, *, seed: int | 
     instruction = values.get("instruction")
     if instruction:
         recipe = dataclasses.replace(recipe, instruction=fill_instruction(instruction, recipe.labels))
-    if recipe.is_vqa and isinstance(recipe.source, TableSource):  # vqa recipes: columns from the config
-        columns = {k: values[k] for k in VQA_FIELDS if values.get(k)}
-        if values.get("image_column"):
-            columns["image_column"] = values["image_column"]
-        if values.get("drop_duplicates"):
-            columns["drop_duplicates"] = True
-        recipe = dataclasses.replace(recipe, source=dataclasses.replace(recipe.source, **columns))
+    if isinstance(recipe.source, TableSource):  # table recipes (vqa, product_catalog): data settings from the config
+        columns: dict[str, Any] = {}
+        if values.get("split_column") is not None:  # '' too: ignore the data's split column
+            columns["split_column"] = values["split_column"]
+        if values.get("test_fraction"):
+            columns["test_fraction"] = float(values["test_fraction"])
+        if recipe.is_vqa:  # vqa recipes: columns from the config
+            columns.update({k: values[k] for k in VQA_FIELDS if values.get(k)})
+            if values.get("image_column"):
+                columns["image_column"] = values["image_column"]
+            if values.get("drop_duplicates"):
+                columns["drop_duplicates"] = True
+        if columns:
+            recipe = dataclasses.replace(recipe, source=dataclasses.replace(recipe.source, **columns))
     return recipe
 
 

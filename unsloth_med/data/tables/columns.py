@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import string
+from collections import Counter
 from typing import Any, Mapping, Sequence
 
 from ...errors import ConfigError, DataError
@@ -29,6 +30,13 @@ def _split_of(value: str, train_names: Sequence[str], test_names: Sequence[str])
     if v in VAL_NAMES:
         return "val"
     return None
+
+
+def _unknown_splits(where: str, split_col: str | None, bad: Counter) -> DataError:
+    """The error for split values that are neither train, test nor validation (listings of any format)."""
+    shown = ", ".join(f"{k!r} ({v})" for k, v in bad.most_common(5))
+    return DataError(f"{where}: unknown values in split column '{split_col}': {shown}. Use train or test "
+                     "(val/validation/dev count as test when there is no test).")
 
 
 def _pick_column(columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, where: str,

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ...errors import DataError
 from ..conversations import conversation_row
-from .columns import IMAGE_COLUMNS, _split_column, _split_of
+from .columns import IMAGE_COLUMNS, _split_column, _split_of, _unknown_splits
 from .holdout import _dedupe_ids
 from .locations import resolve_image
 
@@ -23,7 +24,7 @@ def _conversation_rows(records: Sequence[Mapping[str, Any]], columns: Sequence[s
     """Rows of a LLaVA/ShareGPT `conversations` or OpenAI/HF `messages` listing (data/conversations.py)."""
     image_col = next((c for c in ((image_column,) if image_column else IMAGE_COLUMNS) if c in columns), None)
     split_col = _split_column(columns, split_column)
-    rows, dropped = [], 0
+    rows, dropped, bad_splits = [], 0, Counter()
     for number, record in enumerate(records, 1):
         row = conversation_row(record, chat_col, image_col, f"{where}, row {number}")
         if row is None:
@@ -34,7 +35,12 @@ def _conversation_rows(records: Sequence[Mapping[str, Any]], columns: Sequence[s
             row["more_images"] = json.dumps([resolve_image(v, base_dir) for v in json.loads(row["more_images"])])
         value = str(record.get(split_col) or "").strip() if split_col else ""
         split = _split_of(value, split_names[:1], split_names[1:]) if value else None
+        if value and split is None:  # named, not left empty: say which values (as question/answer listings do)
+            bad_splits[value] += 1
+            continue
         rows.append({**row, "id": str(record.get("id") or f"{Path(row['image']).name}"), "split": split})
+    if bad_splits:
+        raise _unknown_splits(where, split_col, bad_splits)
     if dropped:
         log.warning("%s: %d conversations without an image were skipped", where, dropped)
     if not rows:

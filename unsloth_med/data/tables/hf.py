@@ -66,6 +66,8 @@ def load_hf_table(name_or_path: str, *, task: str = "captioning", image_column: 
                  or next((n for n in names if _split_of(n, (), (test_split,)) == "test"), None)
                  or next((n for n in names if _split_of(n, (), ()) == "val"), None))
     where = f"dataset '{name_or_path}'"
+    if test_name == train_name:  # its only split is a validation split: train on it, hold a test split out of it
+        test_name = None
     columns = loaded[train_name].column_names
     chat_col = conversation_column(columns) if task == "vqa" else None
     if chat_col:  # LLaVA/ShareGPT `conversations` or OpenAI `messages`, with an image column or an `images` list
@@ -96,13 +98,23 @@ def load_hf_table(name_or_path: str, *, task: str = "captioning", image_column: 
         return out
 
     def extras_of(part) -> dict[str, list[str]]:
-        """VQA: question, answer type (and image group) per row."""
+        """VQA: question, answer type (and image group) per row, and every other non-image column as text, for
+        instructions that name it ("{modality}: {question}"), as a listing's rows carry them."""
         if not vqa_cols:
             return {}
+        other = {}
+        for name, feature in part.features.items():
+            if name in (image_col, "image", "target", "id", "split") or _image_kind(feature):
+                continue
+            values = part[name][:]
+            if isinstance(feature, datasets.ClassLabel):
+                values = [feature.int2str(v) if v is not None and v >= 0 else None for v in values]
+            other[name] = ["" if v is None else str(v) for v in values]
         text_cols = [c for c in (vqa_cols["question"], vqa_cols["answer"], vqa_cols["answer_type"],
                                  vqa_cols["image_group"]) if c]
         fields = [vqa_fields(record, **vqa_cols) for record in part.select_columns(text_cols)]
-        return {key: [str(f.get(key, "")) for f in fields] for key in ("question", "answer_type", "image_group")}
+        return {**other, **{key: [str(f.get(key, "")) for f in fields]
+                            for key in ("question", "answer_type", "image_group")}}
 
     def convert(part, split_name: str) -> "datasets.Dataset":
         targets = targets_of(part)
@@ -222,6 +234,7 @@ def _hf_conversations(loaded, train_name: str, test_name: str | None, chat_col: 
         rows, _ = _conversation_rows(records(loaded[name], name), columns, chat_col, where=f"{where}/{name}",
                                      base_dir=None, image_column=image_column, split_column=None,
                                      split_names=("train", "test"))
+        rows = _localize(rows, f"{where}/{name}")  # image URLs (string columns) downloaded, as a listing's are
         parts[split] = [dict(row, split=split) for row in rows]
     if "test" not in parts:
         log.warning("%s has no test split: holding out %.0f%% of '%s' (seed %d)",

@@ -21,6 +21,7 @@ from .columns import (
     _pick_column,
     _split_column,
     _split_of,
+    _unknown_splits,
     _vqa_columns,
 )
 from .conversation_rows import _conversation_rows
@@ -144,9 +145,7 @@ def rows_from_records(records: Sequence[Mapping[str, Any]], *, where: str, base_
                      "target": target, "id": str(image).strip(), "split": split,
                      **({"image_id": str(image).strip(), **vqa_fields(record, **vqa_cols)} if vqa_cols else {})})
     if bad_splits:
-        raise DataError(f"{where}: unknown values in split column '{split_col}': "
-                        f"{', '.join(f'{k!r} ({v})' for k, v in bad_splits.most_common(5))}. Use train or test "
-                        "(val/validation/dev count as test when there is no test).")
+        raise _unknown_splits(where, split_col, bad_splits)
     if dropped:
         log.warning("%s: %d rows without an image or a %s were skipped", where, dropped,
                     "target" if target_template else f"'{target_col}'")

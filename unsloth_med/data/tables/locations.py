@@ -4,6 +4,7 @@ downloaded once into the cache (offline: a clear NetworkError).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import urllib.error
@@ -119,17 +120,24 @@ def fetch_urls(urls: Iterable[str], *, where: str, workers: int = 8) -> dict[str
 
 
 def _localize(rows: list[dict], where: str) -> list[dict]:
-    """Download URL images (cached) and drop rows whose download failed."""
-    urls = [r["image"] for r in rows if is_url(r["image"])]
+    """Download URL images (cached), every image of a row (`more_images` too), and drop rows with an image
+    whose download failed: a sample that lacks one of its images cannot be trained as written."""
+    def images(row: dict) -> list[str]:
+        return [row["image"], *json.loads(row.get("more_images") or "[]")]
+
+    urls = [image for row in rows for image in images(row) if is_url(image)]
     if not urls:
         return rows
     local = fetch_urls(urls, where=where)
     kept = []
     for row in rows:
-        if is_url(row["image"]):
-            if not local.get(row["image"]):
-                continue
-            row["image"] = local[row["image"]]
+        found = images(row)
+        if any(is_url(image) and not local.get(image) for image in found):
+            continue
+        found = [local[image] if is_url(image) else image for image in found]
+        row["image"] = found[0]
+        if "more_images" in row:
+            row["more_images"] = json.dumps(found[1:])
         kept.append(row)
     return kept
 
