@@ -362,6 +362,40 @@ def test_rows_without_ids_are_named_by_their_position_in_both_modes(tiny_path):
         assert [p["id"] for p in result["predictions"]] == ["0", "1", "2"], mode
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "mistral3"])
+def test_batches_encoded_in_threads_keep_the_padding_side_they_asked_for(tiny_path, family):
+    """A GPU pass prefetches left-padded batches in two threads while its first batch's check encodes full
+    sequences right-padded on the main thread; the side is the processor's shared state. Every prefetched batch
+    must come back left-padded (a short row starts with padding); before encode took a lock, some did not."""
+    from transformers import AutoProcessor
+
+    from unsloth_med.evaluate.inputs import Prefetch
+    from unsloth_med.models.families import FAMILIES
+
+    processor = AutoProcessor.from_pretrained(tiny_path(family))
+    prompting.prepare_processor(processor, FAMILIES[family])
+    image = Image.new("RGB", (64, 64))
+
+    def conversation(question, answer=None):
+        turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return turns + ([{"role": "assistant", "content": [{"type": "text", "text": answer}]}] if answer else [])
+
+    prompts = [prompting.render(processor, conversation("hi" if i % 2 else "Is there a bone fracture in this X-ray?"),
+                                add_generation_prompt=True) for i in range(8)]
+    full = [prompting.render(processor, conversation("Is there a fracture?", label))
+            for label in ("yes", "no", "maybe")]
+    sides = []
+    for _ in range(15):
+        feed = Prefetch(range(4), lambda _: prompting.encode(processor, prompts, [image] * 8, padding_side="left"),
+                        ahead=2)
+        for k, (_, encoded) in enumerate(feed):
+            if k == 0:
+                right = prompting.encode(processor, full, [image] * 3, padding_side="right")
+                assert int(right["attention_mask"][1][-1]) == 0  # "no" is shorter than "maybe": padded at the end
+            sides.append("left" if int(encoded["attention_mask"][1][0]) == 0 else "right")
+    assert sides == ["left"] * 60
+
+
 def test_classification_called_directly_runs_without_autograd(tiny_path):
     """evaluate_classification called on its own (as the GPU tests and users do), with autograd on, keeps no graph:
     every forward runs in inference mode, as under evaluate(), and the scores it returns carry no gradient."""

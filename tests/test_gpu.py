@@ -643,6 +643,27 @@ def test_memory_cap_keeps_the_effective_batch_and_refuses_an_impossible_cap(tiny
         torch.cuda.set_per_process_memory_fraction(1.0)
 
 
+def test_training_without_gradient_checkpointing_runs(tiny_model, tmp_path):
+    """--use_gradient_checkpointing false: Unsloth's for_training must not switch checkpointing back on in layers
+    that have no checkpoint function (it did: AttributeError '_gradient_checkpointing_func' at the first step)."""
+    import datasets
+
+    from unsloth_med.train import build_trainer
+
+    backend = _backend()
+    model, processor = backend.load(str(tiny_model("mistral3")),
+                                    ModelArgs(load_in_4bit=True, use_gradient_checkpointing="false"))
+    model = backend.add_adapters(model, _lora(), ModelArgs(use_gradient_checkpointing="false"), seed=0)
+    backend.for_training(model)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    fit = image_fit(model.config, IMAGE_SIZE, buckets=True)
+    train_set, _ = prepare_images(datasets.Dataset.from_list(_make_rows(tmp_path / "images")), fit, tmp_path / "p")
+    collator = backend.collator(model, processor, RECIPE, image_size=fit, max_seq_length=4096)
+    trainer = build_trainer(model, processor, train_set, collator, _training_args(tmp_path / "run", steps=2), tmp_path)
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
 def test_warm_up_at_train_start_runs_every_batch_kind_and_leaves_training_unchanged(tiny_model, tmp_path):
     """The pipeline's shape warm-up runs inside Trainer.train, after Unsloth's reset of graphs compiled before
     train(): one forward + backward per kind of micro-batch, no optimizer step. Losses match a run without it."""

@@ -278,7 +278,10 @@ class UnslothBackend:
     def for_training(self, model):
         from unsloth import FastVisionModel
 
-        FastVisionModel.for_training(model)
+        # With the run's checkpointing setting: for_training's default (True) sets `gradient_checkpointing` on every
+        # layer, and a model loaded with --use_gradient_checkpointing false has no checkpoint function for them to
+        # call (AttributeError '_gradient_checkpointing_func' at the first training forward).
+        FastVisionModel.for_training(model, use_gradient_checkpointing=getattr(model, "_unsloth_med_gc", True))
         return model
 
     def for_inference(self, model):

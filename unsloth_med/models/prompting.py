@@ -10,6 +10,7 @@ Three rules hold everywhere in the package:
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 from ..errors import SampleTooLongError
@@ -38,17 +39,25 @@ def render(processor: Any, messages: list[dict], *, add_generation_prompt: bool 
     return processor.apply_chat_template(bare, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+# Evaluation encodes its next batches in threads (left padding) while the main thread may encode full sequences
+# (right padding) for the packed check. The padding side is state the threads share: the tokenizer's attribute, and
+# the fast tokenizer's padding direction in its Rust object, which every call sets. Without one encode at a time
+# a prefetched batch came back right-padded (14 of 80 in a CPU reproduction) and was scored from a padding column.
+_ENCODE_LOCK = threading.Lock()
+
+
 def encode(processor: Any, texts: Sequence[str], images: Sequence[Any], *, padding_side: str = "right"):
-    """Tokenize rendered texts with their images (one image, or a list of images, per text); a BatchFeature."""
+    """Tokenize rendered texts with their images (one image, or a list of images, per text); a BatchFeature.
+    One encode at a time in a process (_ENCODE_LOCK): the padding side is the processor's shared state."""
     tokenizer = getattr(processor, "tokenizer", processor)
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = padding_side
-    try:
-        return processor(images=[im if isinstance(im, list) else [im] for im in images], text=list(texts),
-                         add_special_tokens=False,
-                         padding=True, return_tensors="pt")
-    finally:
-        tokenizer.padding_side = old_side
+    with _ENCODE_LOCK:
+        old_side = tokenizer.padding_side
+        tokenizer.padding_side = padding_side
+        try:
+            return processor(images=[im if isinstance(im, list) else [im] for im in images], text=list(texts),
+                             add_special_tokens=False, padding=True, return_tensors="pt")
+        finally:
+            tokenizer.padding_side = old_side
 
 
 def answer_ids(processor: Any, family: Family, answer: str) -> list[int]:
