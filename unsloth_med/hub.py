@@ -5,9 +5,9 @@ datasets, tags, license, pipeline_tag), then the recipe, the training config, th
 metrics of the run, the dataset's attribution and the medical disclaimer.
 
 `push` uploads an exported folder with `huggingface_hub` (`create_repo` + `upload_folder`), private
-by default. The token comes from HF_TOKEN or the user's `hf auth login`; this module never reads it
-into a message, a log line or a file. Without network it raises NetworkError saying the export is
-saved locally and how to push it later.
+by default. The token comes from the run's `--hub_token` (secrets.given_hub_token), else HF_TOKEN or the
+user's `hf auth login`; this module never reads it into a message, a log line or a file. Without network
+it raises NetworkError saying the export is saved locally and how to push it later.
 
     unsloth-med push DIR OWNER/NAME [--public]
 """
@@ -24,7 +24,7 @@ import yaml
 
 from .data.images import recorded_buckets
 from .errors import ConfigError, CredentialsError, ExportError, NetworkError
-from .secrets import redact, secret_values
+from .secrets import given_hub_token, redact, secret_values
 
 log = logging.getLogger(__name__)
 
@@ -191,11 +191,13 @@ def _config_section(config: dict | None) -> str | None:
 def model_card(recipe, *, base_model: str, export_format: str = "merged-16bit", run_dir: str | Path | None = None,
                metrics: dict | None = None, config: dict | None = None, image_size: int | None = None,
                verification: dict | None = None, license: str | None = None, repo_id: str | None = None,
-               weights: str | None = None, model_name: str | None = None) -> str:
-    """README.md text for an exported folder (merged 16-bit weights or a LoRA adapter).
+               weights: str | None = None, model_name: str | None = None, gguf: dict | None = None) -> str:
+    """README.md text for an exported folder (merged 16-bit weights, a LoRA adapter, or GGUF).
 
     `weights`: what a merged-format export holds, as export.json words it (e.g. a full fine-tune in float32);
-    `model_name`: the model as the user named it (default `base_model`, the checkpoint that was loaded).
+    `model_name`: the model as the user named it (default `base_model`, the checkpoint that was loaded);
+    `gguf`: for export_format "gguf", the GGUF export's record (export.json: quant, family, usage, verification):
+    the card then tells how to run the files in llama.cpp and Ollama instead of loading them with transformers.
 
     `metrics` and `config` default to the run folder's metrics.json (or eval_before/eval_after.json)
     and config.yaml. The text passes through `redact`, so no secret can reach the card.
@@ -204,6 +206,9 @@ def model_card(recipe, *, base_model: str, export_format: str = "merged-16bit", 
     config = config if config is not None else read_run_config(run_dir)
     source = getattr(recipe, "source", None)
     adapter = export_format == "adapter"
+    is_gguf = export_format == "gguf"
+    if is_gguf and not gguf:
+        raise ValueError("model_card(export_format='gguf') needs the GGUF export's record (gguf=...)")
     name = getattr(recipe, "name", "custom")
 
     named = model_name or base_model
@@ -212,18 +217,24 @@ def model_card(recipe, *, base_model: str, export_format: str = "merged-16bit", 
         meta["base_model"] = named
     elif _is_hub_id(base_model):
         meta["base_model"] = base_model
-    meta["library_name"] = "peft" if adapter else "transformers"
+    if not is_gguf:  # the Hub reads a GGUF repo's files itself; no Python library loads them
+        meta["library_name"] = "peft" if adapter else "transformers"
     meta["pipeline_tag"] = "image-text-to-text"
     meta["license"] = license or base_model_license(named if _is_hub_id(named) else base_model)
     if source is not None and source.kind == "hf" and _is_hub_id(source.id):
         meta["datasets"] = [source.id]
     tags = ["unsloth-med", "unsloth", "medical", "medical-imaging", "vision-language-model", "image-text-to-text",
             "trl", "sft", "lora" if adapter else "merged-lora", name.replace("_", "-")]
+    if is_gguf:
+        tags[1:1] = ["gguf", "llama.cpp"]
     meta["tags"] = list(dict.fromkeys(tags))
 
     title = repo_id.split("/")[-1] if repo_id else f"{name} fine-tune of {Path(str(named)).name}"
     if adapter:
         what = "a LoRA adapter (load it on top of the base model with peft)"
+    elif is_gguf:
+        what = (f"GGUF for llama.cpp and Ollama: the language model ({str(gguf.get('quant', 'f16')).upper()}) and "
+                "its vision encoder and projector (mmproj, F16), converted from the merged weights")
     else:
         merged = weights or "merged 16-bit weights (the LoRA adapter folded into the base model)"
         what = f"{merged}; loads with plain transformers"
@@ -243,9 +254,10 @@ def model_card(recipe, *, base_model: str, export_format: str = "merged-16bit", 
         lines.append(f"- Instruction given with each image: \"{recipe.instruction}\"")
     size = image_size or (((config or {}).get("data") or {}).get("image_size")) or getattr(recipe, "image_size", None)
     if size and recorded_buckets(None, config):
+        how = ("give llama.cpp images sized the same way (the llama.cpp check below did)" if is_gguf
+               else "size images the same way at inference (`unsloth-med predict` does)")
         lines.append(f"- Images were scaled so the longest side is {size} px (down to the vision patch grid) "
-                     "and padded with black into the nearest fixed shape (square, 3:4, 1:2, 1:3); size images "
-                     "the same way at inference (`unsloth-med predict` does).")
+                     f"and padded with black into the nearest fixed shape (square, 3:4, 1:2, 1:3); {how}.")
     elif size:
         lines.append(f"- Images are resized so the longest side is at most {size} px; use the same size at inference.")
     lines.append("")
@@ -262,10 +274,43 @@ def model_card(recipe, *, base_model: str, export_format: str = "merged-16bit", 
     lines.append(getattr(source, "attribution", "") or "See the dataset's own card or page for its license and terms.")
     lines.append("")
 
-    target = repo_id or "PATH_OR_REPO"
+    if is_gguf:
+        lines += _gguf_usage(gguf, repo_id)
+    else:
+        lines += _python_usage(recipe, adapter=adapter, target=repo_id or "PATH_OR_REPO", loadable=loadable,
+                               size=size)
+
+    if verification and not is_gguf:  # a GGUF card's usage section says how llama.cpp was checked
+        lines += ["## Export check", "", _verification_text(verification), ""]
+
+    lines += ["## Limitations", "",
+              "- Trained and evaluated on one public dataset; performance on other hospitals, scanners, populations or "
+              "image types is unknown.",
+              "- Test-set numbers above are only as good as the test split (see the dataset attribution for its "
+              "provenance).",
+              f"- {DISCLAIMER}", ""]
+    return redact("\n".join(lines))
+
+
+def _gguf_usage(gguf: dict, repo_id: str | None) -> list[str]:
+    """The GGUF card's usage: llama-mtmd-cli, llama-server and Ollama lines, and what the llama.cpp check found."""
+    from .gguf.export import model_card_section
+
+    family = gguf.get("family") or ("qwen2_5_vl" if gguf.get("image_tokens") else "mistral3")
+    heading, body = model_card_section(gguf["usage"], gguf["verification"], str(gguf.get("quant", "f16")),
+                                       family).split("\n\n", 1)
+    download = []
+    if repo_id and gguf.get("text_gguf") and gguf.get("mmproj_gguf"):
+        download = [f"Download both files (and the Modelfile): `hf download {repo_id} {gguf['text_gguf']} "
+                    f"{gguf['mmproj_gguf']} Modelfile --local-dir .`", ""]
+    return [heading, "", *download, body]
+
+
+def _python_usage(recipe, *, adapter: bool, target: str, loadable: str, size) -> list[str]:
+    """The transformers (and peft) snippet of a merged or adapter card."""
     instruction = getattr(recipe, "instruction", "Describe this image.")
-    lines += ["## Usage", "", "```python", "from PIL import Image",
-              "from transformers import AutoModelForImageTextToText, AutoProcessor"]
+    lines = ["## Usage", "", "```python", "from PIL import Image",
+             "from transformers import AutoModelForImageTextToText, AutoProcessor"]
     if adapter:
         lines += ["from peft import PeftModel", "",
                   f'processor = AutoProcessor.from_pretrained("{target}")',
@@ -284,17 +329,7 @@ def model_card(recipe, *, base_model: str, export_format: str = "merged-16bit", 
               "```", "",
               "The processor carries the chat template the model was trained with; "
               "keep it (and the instruction above).", ""]
-
-    if verification:
-        lines += ["## Export check", "", _verification_text(verification), ""]
-
-    lines += ["## Limitations", "",
-              "- Trained and evaluated on one public dataset; performance on other hospitals, scanners, populations or "
-              "image types is unknown.",
-              "- Test-set numbers above are only as good as the test split (see the dataset attribution for its "
-              "provenance).",
-              f"- {DISCLAIMER}", ""]
-    return redact("\n".join(lines))
+    return lines
 
 
 def _verification_text(verification: dict) -> str:
@@ -320,13 +355,14 @@ def _verification_text(verification: dict) -> str:
 def write_model_card(folder: str | Path, *, run_dir: str | Path | None = None, repo_id: str | None = None) -> Path:
     """(Re)write folder/README.md from its unsloth_med.json (+ export.json) and the run's metrics, atomically.
 
-    Useful after the run's metrics.json exists (the pipeline exports before it writes the report).
+    Useful after the run's metrics.json exists (the pipeline exports before it writes the report). Works for
+    merged, adapter and GGUF exports (a GGUF card has the llama.cpp / Ollama usage, not transformers').
     """
     from .recipes import get_recipe, recorded_recipe
 
     folder = Path(folder)
-    info = json.loads((folder / "unsloth_med.json").read_text())
     export = json.loads((folder / "export.json").read_text()) if (folder / "export.json").is_file() else {}
+    info = _export_info(folder, export)
     if "data_source" in info:  # the recipe as the run resolved it: instruction, labels, data actually used
         recipe = recorded_recipe(info)
     else:  # written by an older unsloth-med: rebuild it from the run's config; say why when that fails
@@ -339,13 +375,31 @@ def write_model_card(folder: str | Path, *, run_dir: str | Path | None = None, r
         except ConfigError as exc:
             raise ExportError(f"Could not rebuild the recipe of {folder} for its model card: {exc}. Export the run "
                               "again (unsloth-med export RUN_DIR), which records the recipe in the export.") from exc
-    text = model_card(recipe, base_model=info.get("base_model", "?"), export_format=info.get("format", "merged-16bit"),
+    export_format = info.get("format", "merged-16bit")
+    text = model_card(recipe, base_model=info.get("base_model", "?"), export_format=export_format,
                       run_dir=run_dir, image_size=info.get("image_size"), verification=export.get("verification"),
-                      repo_id=repo_id, weights=export.get("weights"), model_name=info.get("model"))
+                      repo_id=repo_id, weights=export.get("weights"), model_name=info.get("model"),
+                      gguf=export if export_format == "gguf" else None)
     tmp = folder / ".README.md.tmp"
     tmp.write_text(text)
     os.replace(tmp, folder / "README.md")
     return folder / "README.md"
+
+
+def _export_info(folder: Path, export: dict) -> dict:
+    """The export's unsloth_med.json; for a GGUF folder written before GGUF exports carried one, its source's
+    (the merged folder it was converted from)."""
+    if (folder / "unsloth_med.json").is_file():
+        return json.loads((folder / "unsloth_med.json").read_text())
+    if export.get("format") == "gguf":
+        source = Path(str(export.get("source", "")), "unsloth_med.json")
+        if source.is_file():
+            return {**json.loads(source.read_text()), "format": "gguf"}
+        raise ExportError(f"{folder} is a GGUF export without unsloth_med.json, and {source} (the merged folder it "
+                          "was converted from) is gone, so its model card cannot be written. Export the run again: "
+                          "unsloth-med export RUN_DIR --format gguf")
+    raise ExportError(f"{folder} has no unsloth_med.json: it is not a folder unsloth-med exported. Export the run "
+                      "first: unsloth-med export RUN_DIR --format merged-16bit|adapter|gguf")
 
 
 # ----------------------------------------------------------------------------- secrets check
@@ -353,7 +407,8 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
 
 
 def files_with_secrets(folder: str | Path, values: list[str] | None = None) -> list[str]:
-    """Files under `folder` that contain the value of a secret environment variable.
+    """Files under `folder` that contain a secret value: of a secret environment variable, of a secret option on
+    the command line (--hub_token) or of one taken from the run's options (secrets.secret_values).
 
     Weight files are checked in their header only (safetensors metadata), the rest in full.
     """
@@ -396,8 +451,8 @@ def push(folder: str | Path, repo_id: str, *, private: bool = True) -> str:
         log.warning("%s has no README.md: the Hub repo will have no model card (and no medical disclaimer)", folder)
     leaked = files_with_secrets(folder)
     if leaked:
-        raise ExportError(f"Refusing to upload {folder}: these files contain the value of a secret environment "
-                          f"variable: {', '.join(leaked)}. Remove it from them first.")
+        raise ExportError(f"Refusing to upload {folder}: these files contain the value of a secret (an environment "
+                          f"variable or a token option): {', '.join(leaked)}. Remove it from them first.")
 
     import huggingface_hub
     from huggingface_hub import HfApi
@@ -406,12 +461,13 @@ def push(folder: str | Path, repo_id: str, *, private: bool = True) -> str:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise NetworkError("HF_HUB_OFFLINE is set, so nothing can be uploaded. "
                            + _push_later(folder, repo_id, private))
-    if not huggingface_hub.get_token():
+    token = given_hub_token()  # the run's --hub_token; None: HF_TOKEN or `hf auth login`, as huggingface_hub finds
+    if not (token or huggingface_hub.get_token()):
         raise CredentialsError("No Hugging Face token found. Set HF_TOKEN (a token with write access, from "
                                "https://huggingface.co/settings/tokens) or run `hf auth login`. "
                                + _push_later(folder, repo_id, private))
     # HF_ENDPOINT is read now (huggingface_hub reads it once, at import).
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None)
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
     network_errors: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
     try:
         import httpx

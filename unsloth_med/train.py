@@ -364,6 +364,11 @@ def _sft_trainer_class():
 
 
 def build_trainer(model, processor, train_dataset, collator, training_args, run_dir: Path):
+    from .secrets import take_hub_token
+
+    # The trainer pickles its arguments into each checkpoint (training_args.bin): no token may be in them. The CLI
+    # takes --hub_token out when it parses the options; this covers a config built any other way.
+    take_hub_token(training_args)
     if training_args.train_sampling_strategy in ("group_by_length", "batch_rebalance") and \
             "length" not in getattr(train_dataset, "column_names", []):
         from .errors import ConfigError

@@ -28,9 +28,12 @@ def generic_main(argv: list[str] | None = None) -> int:
 
     def job() -> int:
         from ..config import parse_config
+        from ..secrets import remember_command_line_secrets, take_hub_token
 
+        remember_command_line_secrets(argv)  # redacted from every message and log line from here on
         base = placeholder(kind)
         config = parse_config(argv[1:], base, prog=f"python -m unsloth_med.recipes.generic {kind}")
+        take_hub_token(config.training)  # --hub_token: kept for the push, out of every file the trainer writes
         recipe = resolve_recipe(base, config)
         record_resolved(config, recipe)
         from ..pipeline import run

@@ -9,7 +9,9 @@ from .base import basic_logging, friendly, seconds_since_process_start
 def train_command(argv: list[str], recipe=None, *, prog: str = "unsloth-med train", whole_process: bool = False) -> int:
     """`whole_process`: the job is this process's command, so its time breakdown starts at the process's start."""
     from ..config import parse_config
+    from ..secrets import remember_command_line_secrets, take_hub_token
 
+    remember_command_line_secrets(argv)  # redacted from every message and log line from here on
     if not {"-h", "--help", "--help-all"} & set(argv):
         from ..options import check_known_options
 
@@ -20,6 +22,7 @@ def train_command(argv: list[str], recipe=None, *, prog: str = "unsloth-med trai
         # gets all of its optimizations (and no "imported after" warning). Nothing happens without a GPU.
         import_unsloth_first(argv)
     config = parse_config(argv, recipe, prog=prog)  # before the pipeline's imports: typos fail at once
+    take_hub_token(config.training)  # --hub_token: kept for the push, out of every file the trainer writes
     from ..pipeline import run
     from ..recipes import get_recipe
 

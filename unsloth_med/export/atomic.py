@@ -106,8 +106,8 @@ def _check_no_secrets(folder: Path) -> None:
 
     leaked = files_with_secrets(folder)
     if leaked:
-        raise ExportError("The export would contain the value of a secret environment variable in: "
-                          f"{', '.join(leaked)}. Nothing was written. "
+        raise ExportError("The export would contain the value of a secret (an environment variable or a token "
+                          f"option) in: {', '.join(leaked)}. Nothing was written. "
                           "Remove the secret from the config or model files and export again.")
 
 

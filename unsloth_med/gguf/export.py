@@ -10,7 +10,9 @@
    last-position logits (max abs difference within the type's tolerance, same argmax, same top-5), the prompt's
    token count (image + text), and for classification recipes the per-label log-probabilities (same predicted
    label). Written to export.json; a disagreement raises ExportError and keeps nothing.
-4. A model card with the exact `llama-mtmd-cli`, `llama-server` and Ollama lines, and an Ollama Modelfile.
+4. A model card (hub.model_card: the run's metrics, data attribution and the medical disclaimer, with the exact
+   `llama-mtmd-cli`, `llama-server` and Ollama lines), unsloth_med.json (the recipe as the run recorded it, so
+   `export --push-to-hub` and `unsloth-med push` can rebuild the card) and an Ollama Modelfile.
 
 Llama 3.2 Vision (mllama) is refused: llama.cpp has no converter for its cross-attention layout.
 """
@@ -309,14 +311,23 @@ def _merged_folder(run_dir: Path) -> Path:
     return Path(export_run(run_dir, format="merged-16bit")["path"])
 
 
+def _merged_base_model(merged: Path, default: str) -> str:
+    """The base model the merged weights came from, as merged/unsloth_med.json records it (else the run's)."""
+    try:
+        return json.loads((merged / "unsloth_med.json").read_text()).get("base_model") or default
+    except (OSError, ValueError):
+        return default
+
+
 def export_gguf(run_dir, *, out: str | None = None, quant: str = "f16", threads: int = 2) -> dict:
     """Text GGUF + mmproj GGUF of a finished run, verified in llama.cpp; default destination RUN_DIR/gguf."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from ..data.images import load_image
-    from ..export.atomic import _AtomicDir, _check_no_secrets, _folder_listing, _write_json
+    from ..data.images import fit_record, load_image, recorded_buckets
+    from ..export.atomic import _AtomicDir, _check_no_secrets, _folder_listing, _recipe_info, _write_json
     from ..export.from_run import _run_info, _run_recipe, _verification_dataset
     from ..export.verify import VERIFY_ROWS, synthetic_rows
+    from ..hub import model_card
     from ..models.families import family_of, image_fit
 
     if quant not in QUANTS:
@@ -339,7 +350,8 @@ def export_gguf(run_dir, *, out: str | None = None, quant: str = "f16", threads:
     dataset = _verification_dataset(recipe, config)
     rows = synthetic_rows(recipe, VERIFY_ROWS) if dataset is None or len(dataset) == 0 else \
         [dict(dataset[i]) for i in range(min(VERIFY_ROWS, len(dataset)))]
-    fit = image_fit(model.config, meta.get("image_size") or recipe.image_size)
+    # Sized as the run trained (and as the merged export verified): padded into the recorded buckets, if any.
+    fit = image_fit(model.config, meta.get("image_size") or recipe.image_size, buckets=recorded_buckets(meta, config))
     images = [load_image(row["image"], fit) for row in rows]
     reference = _hf_reference(model, processor, recipe, images, family)
     bounds = _image_token_bounds(model, processor, images, family.name)
@@ -362,13 +374,19 @@ def export_gguf(run_dir, *, out: str | None = None, quant: str = "f16", threads:
         instruction = next(c["text"] for c in recipe.prompt()[0]["content"] if c.get("type") == "text")
         usage = usage_lines(text_name, mmproj_name, instruction, bounds, name.lower())
         (tmp / "Modelfile").write_text(modelfile(text_name, mmproj_name, family.name))
-        card = f"# {name} (GGUF)\n\nGGUF files of the merged fine-tune in `{merged}` (its model card has the " \
-               "metrics, data and training details).\n\n" + model_card_section(usage, verification, quant, family.name)
-        (tmp / "README.md").write_text(card)
+        base_model = _merged_base_model(merged, meta["base_model"])
+        _write_json(tmp / "unsloth_med.json", {**_recipe_info(recipe, meta.get("model")), "base_model": base_model,
+                                               **fit_record(fit), "format": "gguf", "quant": quant})
+        gguf = {"quant": quant, "family": family.name, "text_gguf": text_name, "mmproj_gguf": mmproj_name,
+                "usage": usage, "image_tokens": bounds, "verification": verification}
+        (tmp / "README.md").write_text(model_card(recipe, base_model=base_model, export_format="gguf",
+                                                  run_dir=run_dir, image_size=fit_record(fit)["image_size"],
+                                                  model_name=meta.get("model"), gguf=gguf))
         files, size = _folder_listing(tmp)
         _check_no_secrets(tmp)
-        result = {"format": "gguf", "quant": quant, "text_gguf": text_name, "mmproj_gguf": mmproj_name,
-                  "source": str(merged), "recipe": recipe.name, "base_model": meta["base_model"],
+        result = {"format": "gguf", "quant": quant, "family": family.name, "text_gguf": text_name,
+                  "mmproj_gguf": mmproj_name, "source": str(merged), "recipe": recipe.name,
+                  "base_model": meta["base_model"],
                   "llama_cpp": {"commit": llamacpp.LLAMA_CPP_COMMIT,
                                 "llama_cpp_python_sdist": llamacpp.LLAMA_CPP_PYTHON_VERSION},
                   "usage": usage, "image_tokens": bounds, "files": files + ["export.json"], "size_bytes": size,
