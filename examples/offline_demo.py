@@ -11,4 +11,5 @@ from unsloth_med.recipes import get_recipe
 recipe = get_recipe("bone_fracture")
 config = parse_config(["--demo", "--output_dir", sys.argv[1] if len(sys.argv) > 1 else "runs/demo-from-python"], recipe)
 metrics = run(recipe, config)
-print("accuracy before -> after:", metrics["before"]["accuracy"], "->", metrics["after"]["accuracy"])
+if metrics:  # under torchrun only rank 0 reports; the other ranks get {}
+    print("accuracy before -> after:", metrics["before"]["accuracy"], "->", metrics["after"]["accuracy"])

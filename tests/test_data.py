@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image, ImageOps
@@ -72,6 +73,29 @@ def test_sample_grid_shows_each_class_s_first_training_images_in_their_cells(bon
         grid = np.asarray(png.convert("L"), dtype=float)
     dark = np.argwhere(grid[:round((cell + band) * scale), :round(cell * scale)] < 100)
     assert np.ptp(dark[:, 0]) > 0.85 * cell * scale and np.ptp(dark[:, 1]) > 0.4 * cell * scale
+
+
+def test_an_unreadable_training_image_leaves_its_cell_of_the_sample_grid_empty(tmp_path):
+    """With lazy images (a large split, checked from headers) a truncated file can reach samples.png; the grid
+    marks its cell, and the run goes on to skip it in training (it stopped the data stage with an ImageError)."""
+    import numpy as np
+    from datasets import Dataset
+
+    from unsloth_med.data.summary import sample_grid
+
+    paths = []
+    for k in range(2):
+        path = tmp_path / f"x{k}.png"
+        Image.fromarray(np.full((64, 64, 3), 40, dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    Path(paths[0]).write_bytes(Path(paths[0]).read_bytes()[:40])  # cut off: the header reads, the pixels do not
+    rows = Dataset.from_list([{"image": p, "target": RECIPE.labels[0]} for p in paths])
+    with Image.open(sample_grid(RECIPE, rows, tmp_path / "samples.png")) as png:
+        grid = np.asarray(png.convert("L"), dtype=float)
+    cell, band, scale = 256, 32, 0.75
+    first = grid[round(band * scale):round((cell + band) * scale), :round(cell * scale)]
+    second = grid[round(band * scale):round((cell + band) * scale), round(cell * scale):round(2 * cell * scale)]
+    assert first.min() > 200 and second.min() < 100  # the unreadable image's cell is blank, the next one drawn
 
 
 def test_any_level_of_the_layout_is_accepted(bone_break_dir):

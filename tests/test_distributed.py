@@ -174,6 +174,42 @@ def test_sharded_evaluation_gives_the_predictions_of_one_process(tmp_path, tiny_
         assert results[0] == results[1], mode  # every prediction, probability and metric
 
 
+@pytest.mark.slow
+def test_vqa_evaluation_is_split_across_ranks_and_a_rank_may_have_nothing_to_prepare(tiny_path, tmp_path):
+    """VQA answers and closed label scores: each rank does its share (before, every rank did the whole split),
+    and the gathered result is one process's. A one-row split prepared by two ranks: rank 1 has no rows (this
+    crashed: 'Original column name _prepared not in the dataset')."""
+    import torch
+
+    from unsloth_med.backends.hf import HFBackend
+    from unsloth_med.config import ModelArgs
+    from unsloth_med.data.sources import load_recipe_data
+    from unsloth_med.evaluate import evaluate
+    from unsloth_med.pipeline import demo_data_dir
+    from unsloth_med.recipes import get_recipe
+
+    recipe = get_recipe("radiology_vqa")
+    model_dir, listing, n = str(tiny_path("mistral3")), demo_data_dir(recipe), 10
+    out = tmp_path / "vqa.json"
+    done = subprocess.run(_torchrun(str(REPO / "tests" / "ddp_vqa_worker.py"), model_dir, str(listing), str(n),
+                                    str(out)), env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    sharded = json.loads(out.read_text())
+    assert sharded["world"] == 2 and sharded["prepared_rows"] == 1
+
+    torch.set_num_threads(1)
+    model, processor = HFBackend().load(model_dir, ModelArgs())
+    rows_seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: rows_seen.append(kwargs["input_ids"].shape[0])
+                                    if kwargs.get("pixel_values") is not None else None, with_kwargs=True)
+    test = load_recipe_data(recipe, str(listing), seed=0)["test"].select(range(n))
+    single = evaluate(model, processor, recipe, test, batch_size=4, max_new_tokens=2, image_size=32, progress=False)
+    assert all(0 < seen < sum(rows_seen) for seen in sharded["rows_seen"]), (sharded["rows_seen"], sum(rows_seen))
+    assert sum(sharded["rows_seen"]) == sum(rows_seen)  # every question once, on one rank
+    single = json.loads(json.dumps({k: v for k, v in single.items() if k not in ("timing", "input_pipeline")}))
+    assert single["predictions"] == sharded["predictions"] and single["metrics"] == sharded["metrics"]
+
+
 def _corrupt_copy(source: Path, target: Path) -> Path:
     """A node-local copy of the data in which every training image is cut off: unreadable on that node only."""
     shutil.copytree(source, target)

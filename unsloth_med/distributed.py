@@ -88,7 +88,9 @@ class Ranks:
         """fn(dataset, *args) for a cached preparation: each rank first prepares its share of the rows, then
         every rank runs it on all rows (from the cache, which the ranks filled together)."""
         if self.world > 1:
-            fn(my_shard(dataset, 1, self)[0], *args)
+            part = my_shard(dataset, 1, self)[0]
+            if len(part):  # a split with fewer rows than ranks leaves some ranks nothing to prepare
+                fn(part, *args)
             self.barrier()
         return fn(dataset, *args)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PIL import ImageOps
 
+from ..errors import ImageError
 from .images import column_values, load_image
 
 
@@ -52,10 +53,14 @@ def sample_grid(recipe, dataset, path: Path, *, per_class: int = 3, max_images: 
     ax = fig.add_axes((0, 0, 1, 1))
     ax.axis("off")
     for n, i in enumerate(picks):
-        # scaled to fill its cell (small images grow, as each axes grew them before), centred in it
-        image = np.asarray(ImageOps.contain(load_image(dataset[i]["image"]), (cell - 2 * gutter,) * 2))
         top, left = divmod(n, cols)
         top, left = top * (cell + band) + band, left * cell
+        try:  # scaled to fill its cell (small images grow, as each axes grew them before), centred in it
+            image = np.asarray(ImageOps.contain(load_image(dataset[i]["image"]), (cell - 2 * gutter,) * 2))
+        except ImageError:  # a large split is checked lazily (data/lazy.py): training skips what cannot be read
+            ax.text(left + cell / 2, top - band / 2, f"{str(targets[i])[:20]} (unreadable)", ha="center",
+                    va="center", fontsize=7)
+            continue
         y, x = top + (cell - image.shape[0]) // 2, left + (cell - image.shape[1]) // 2
         canvas[y:y + image.shape[0], x:x + image.shape[1]] = image
         ax.text(left + cell / 2, top - band / 2, str(targets[i])[:28], ha="center", va="center", fontsize=7)

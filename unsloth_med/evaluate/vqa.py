@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ..data.samples import image_refs
+from ..distributed import gather_in_order, my_shard
 from .caption import generate_all
 from .inputs import EncodedBatches, batches, eval_mode, progress_bar
 from .text import strip_punctuation, tokens
@@ -175,6 +176,10 @@ def evaluate_vqa(model, processor, recipe, dataset, *, batch_size: int = 8, max_
     from .classify import score_rows
 
     max_new_tokens = max_new_tokens or recipe.max_new_tokens
+    # The whole split's closed answers (one rank's part may hold only "yes"), then this rank's batches (under DDP;
+    # all of them in one process), gathered below.
+    closed_set = closed_answer_set(dataset) if "answer_type" in dataset.column_names else []
+    dataset, rows_of_ranks = my_shard(dataset, batch_size)
     predictions = []
     for row, answer in generate_all(model, processor, recipe, dataset, max_new_tokens=max_new_tokens,
                                     batch_size=batch_size, image_size=image_size, progress=progress,
@@ -182,7 +187,6 @@ def evaluate_vqa(model, processor, recipe, dataset, *, batch_size: int = 8, max_
         predictions.append({"id": str(row["id"]), "image_id": _image_id(row), "question": row.get("question", ""),
                             "answer_type": row.get("answer_type") or "open", "target": recipe.target(row),
                             "prediction": answer})
-    closed_set = closed_answer_set(dataset) if "answer_type" in dataset.column_names else []
     if len(closed_set) > 1:
         closed = [i for i, p in enumerate(predictions) if p["answer_type"] == "closed"]
         subset = dataset.select(closed)
@@ -194,6 +198,7 @@ def evaluate_vqa(model, processor, recipe, dataset, *, batch_size: int = 8, max_
                     predictions[closed[done + k]]["scored"] = closed_set[int(scores[k].argmax())]
                 done += len(rows)
                 bar.update(len(rows))
+    predictions = gather_in_order(predictions, rows_of_ranks)
     metrics = vqa_metrics(predictions)
     metrics.update(mode="generate + closed label scores", max_new_tokens=max_new_tokens, closed_answers=closed_set)
     metrics.update({f"{side}_ceiling": value for side, value in blind_ceilings(predictions).items()})
