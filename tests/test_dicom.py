@@ -201,6 +201,48 @@ def test_a_truncated_dicom_is_called_truncated_wherever_it_was_cut(tmp_path):
         assert "no Pixel Data" not in text
 
 
+def test_corrupt_headers_past_the_preamble_are_image_errors_that_validation_counts(tmp_path, monkeypatch):
+    """A transfer syntax that is no UID, and files cut or damaged anywhere: each is one ImageError naming the file
+    (a ValueError from pydicom stopped the run instead of being skipped); validation counts them; and a multi-frame
+    file is refused under the error policy even after a run under the default policy checked it as usable."""
+    import datasets
+
+    from unsloth_med.data.validate import validate_split
+
+    good = _file("CT_small.dcm")
+    data = open(good, "rb").read()
+    bad_syntax = tmp_path / "bad_syntax.dcm"
+    bad_syntax.write_bytes(data.replace(b"1.2.840.10008.1.2.1\x00", b"1.2.840.10008.1.2.7\x00", 1))
+    assert data != bad_syntax.read_bytes()
+    rng = np.random.default_rng(0)
+    damaged = []
+    for k in range(12):  # bytes flipped past the preamble: whatever pydicom raises, one ImageError
+        flipped = bytearray(data)
+        for at in rng.integers(132, len(data), 8):
+            flipped[at] ^= 0xFF
+        path = tmp_path / f"flipped{k}.dcm"
+        path.write_bytes(bytes(flipped))
+        damaged.append(path)
+    with pytest.raises(ImageError, match="bad_syntax.dcm"):
+        load_image(bad_syntax)
+    for path in damaged:
+        try:
+            load_image(path)
+        except ImageError as error:
+            assert path.name in str(error)
+    rows = [{"image": str(p), "target": "a", "id": p.name} for p in (bad_syntax, *damaged)]
+    rows.append({"image": good, "target": "a", "id": "good"})
+    _, skipped = validate_split(datasets.Dataset.from_list(rows), "train", image_size=64, max_bad_fraction=1.0)
+    assert "bad_syntax.dcm" in {s["id"] for s in skipped}
+
+    multi = [{"image": _file("rtdose.dcm"), "target": "a", "id": "multi"}, {"image": good, "target": "a", "id": "one"}]
+    kept, skipped = validate_split(datasets.Dataset.from_list(multi), "train", image_size=64, max_bad_fraction=1.0)
+    assert len(kept) == 2 and not skipped  # the default policy: its first frame
+    monkeypatch.setenv(dicom_mod.MULTIFRAME_ENV, "error")
+    kept, skipped = validate_split(datasets.Dataset.from_list(multi), "train", image_size=64, max_bad_fraction=1.0)
+    assert len(kept) == 1 and [s["id"] for s in skipped] == ["multi"]  # not the remembered verdict of the default
+
+
 def test_not_dicom_empty_and_missing_files(tmp_path):
     fake = tmp_path / "fake.dcm"
     fake.write_text("this is not a DICOM file at all")

@@ -755,6 +755,12 @@ def test_predict_on_a_run_folder_gives_a_class_and_probabilities_summing_to_one(
     images = _image_files(tmp_path)
     results = predict(run, images, top_k=3)
     assert [r["image"] for r in results] == images
+    unreadable = tmp_path / "unreadable.png"
+    unreadable.write_bytes(b"not a png")
+    mixed = predict(run, [images[0], str(unreadable), images[1]], top_k=3)  # reported in the order given
+    assert [r["image"] for r in mixed] == [images[0], str(unreadable), images[1]] and "error" in mixed[1]
+    together = predict(run, images, together=True)  # one answer about both images names both
+    assert len(together) == 1 and together[0]["image"] == " + ".join(images)
     for r in results:
         assert r["label"] in RECIPE.labels
         assert math.isclose(sum(r["probabilities"].values()), 1.0, abs_tol=1e-6)

@@ -275,7 +275,7 @@ def test_adapter_export_of_a_generic_classify_run_keeps_its_labels(tiny_path, tm
     backend, model, processor, base = _tuned(tiny_path, "mistral3")
     run = _fake_run(tmp_path, model, processor, base)
     (run / "adapter" / "unsloth_med.json").write_text(json.dumps({"recipe": "classify", "base_model": base,
-                                                                  "image_size": IMAGE_SIZE}))
+                                                                  "image_size": IMAGE_SIZE, "image_buckets": True}))
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["data"].update(labels=["normal", "pneumonia"], instruction="Normal or pneumonia? {labels}")
     (run / "config.yaml").write_text(yaml.safe_dump(config))
@@ -284,6 +284,10 @@ def test_adapter_export_of_a_generic_classify_run_keeps_its_labels(tiny_path, tm
     assert info["recipe"] == "classify" and info["labels"] == ["normal", "pneumonia"]
     assert info["instruction"] == "Normal or pneumonia? normal, pneumonia"
     assert "Classes (2): normal, pneumonia" in Path(result["path"], "README.md").read_text()
+    # the run padded its images into fixed shapes: the export says so, and predict on it sizes them the same way
+    from unsloth_med.predict import load_for_inference
+
+    assert info["image_buckets"] is True and load_for_inference(result["path"]).image_size.buckets is True
 
 
 def test_export_of_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):

@@ -35,6 +35,13 @@ def test_sixteen_bit_grayscale_is_stretched_not_clipped(tmp_path):
     assert px.min() == 0 and px.max() == 255  # the used range fills 8 bits
 
 
+def test_a_float_image_with_nan_or_inf_pixels_is_stretched_over_its_finite_ones(tmp_path):
+    arr = np.linspace(-1.0, 3.0, 64 * 32, dtype=np.float32).reshape(64, 32)
+    arr[0, 0], arr[5, 5] = np.nan, np.inf  # one bad pixel made the whole image black
+    px = np.asarray(load_image(_save(Image.fromarray(arr, "F"), tmp_path / "map.tif")))[..., 0]
+    assert px.max() == 255 and px[-1, -1] == 255 and px[1, 0] < 5 and px[0, 0] == 0 and px[5, 5] == 0
+
+
 def test_cmyk_palette_alpha_and_grayscale_become_rgb(tmp_path):
     cmyk = _save(Image.new("CMYK", (40, 30), (0, 0, 0, 0)), tmp_path / "scan.jpg")
     palette = Image.new("P", (20, 20))

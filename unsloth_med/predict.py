@@ -205,7 +205,7 @@ def predict_loaded(loaded: Loaded, images: Sequence[str], *, top_k: int = 3, bat
                 for row, p in zip(chunk, probs):
                     order = torch.argsort(p, descending=True).tolist()
                     top = [{"label": rec.labels[i], "probability": float(p[i])} for i in order[:max(1, top_k)]]
-                    results.append({"image": row["image"], "label": top[0]["label"],
+                    results.append({"image": row["id"], "label": top[0]["label"],  # every image of a --together row
                                     "probability": top[0]["probability"], "top": top,
                                     "probabilities": {rec.labels[i]: float(p[i]) for i in range(len(p))}})
             else:
@@ -215,7 +215,8 @@ def predict_loaded(loaded: Loaded, images: Sequence[str], *, top_k: int = 3, bat
                 key = "answer" if rec.is_vqa else "caption"
                 results += [{"image": row["id"], **({"question": question} if rec.is_vqa else {}), key: answer}
                             for row, answer in zip(chunk, answers)]
-    return results
+    given = {str(image): k for k, image in enumerate(images)}  # in the order given, unreadable ones in their place
+    return sorted(results, key=lambda r: given.get(r["image"].split(" + ")[0], len(given)))
 
 
 def _the_runs_examples(test, run_dir: Path):

@@ -54,10 +54,27 @@ def _quiet_pydicom_decoders() -> None:
         logger.addFilter(_DropDecoderTracebacks())
 
 
+def multiframe_policy() -> str:
+    """What a multi-frame file gives: its first frame ("first", the default) or an error
+    (UNSLOTH_MED_DICOM_MULTIFRAME=error)."""
+    return (os.environ.get(MULTIFRAME_ENV) or "first").lower()
+
+
 def load_dicom(source: Any, *, multiframe: str | None = None) -> Image.Image:
-    """A PIL image ("L" for grayscale, "RGB" for colour, 8 bits) from a DICOM file path, bytes or file object."""
+    """A PIL image ("L" for grayscale, "RGB" for colour, 8 bits) from a DICOM file path, bytes or file object.
+    Every failure is an ImageError naming the file, so that validation counts and skips it."""
     name = str(source) if isinstance(source, (str, os.PathLike)) else f"<DICOM {type(source).__name__}>"
-    multiframe = (multiframe or os.environ.get(MULTIFRAME_ENV) or "first").lower()
+    try:
+        return _load_dicom(source, name, (multiframe or multiframe_policy()).lower())
+    except ImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds past the header too (a transfer syntax
+        # that is no UID, a bad length in an element read on access): one error the run counts and skips
+        raise ImageError(f"{name}: not a readable DICOM file ({type(exc).__name__}: {str(exc)[:200]}). Re-export "
+                         "it or remove it from the dataset.") from exc
+
+
+def _load_dicom(source: Any, name: str, multiframe: str) -> Image.Image:
     if multiframe not in MULTIFRAME_CHOICES:
         raise ImageError(f"{name}: multi-frame policy '{multiframe}' is not one of {', '.join(MULTIFRAME_CHOICES)} "
                          f"(set {MULTIFRAME_ENV}=first or error).")

@@ -44,7 +44,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # High bit depth: stretch the used range to 0..255 instead of clipping at 255.
         arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
+        finite = np.isfinite(arr)  # a float image may hold NaN or inf pixels: they would make the range NaN (black)
+        lo, hi = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0.0, 0.0)
+        arr = np.where(finite, arr, lo)
         scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) * (255.0 / (hi - lo))
         img = Image.fromarray(scaled.astype(np.uint8), "L")
     if img.mode == "P":

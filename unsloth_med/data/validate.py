@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import DataError, ImageError
 from .check_cache import remembered
+from .dicom import multiframe_policy
 from .images import load_image, raw_image_lists
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def validate_split(dataset, split: str, *, image_size: int | None, max_bad_fract
         return dataset, []
     rows = raw_image_lists(dataset)
     found = each_image_once(rows, lambda source: _problem(source, image_size), workers,
-                            remember=f"usable:v1:{image_size}")
+                            remember=f"usable:v1:{image_size}:{multiframe_policy()}")  # the policy decides too
     ids = dataset["id"][:]  # one read of the column
     skipped, bad_rows = [], set()
     for k, images in enumerate(rows):

@@ -23,9 +23,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def export_adapter(adapter_dir, out_dir, *, recipe, base_model: str, image_size, run_dir=None,
-                   model_name: str | None = None) -> dict:
-    """Copy a run's adapter (+ processor) into out_dir with a model card; check it reloads. Atomic."""
+def export_adapter(adapter_dir, out_dir, *, recipe, base_model: str, image_size, image_buckets: bool = False,
+                   run_dir=None, model_name: str | None = None) -> dict:
+    """Copy a run's adapter (+ processor) into out_dir with a model card; check it reloads. Atomic.
+    `image_buckets`: whether the run padded its images into fixed shapes (recorded, so that predict and evaluate
+    on the export size images as training did)."""
     from peft import PeftConfig
     from transformers import AutoProcessor
 
@@ -60,7 +62,7 @@ def export_adapter(adapter_dir, out_dir, *, recipe, base_model: str, image_size,
                               "the run saved an incomplete processor.")
         text = processor.apply_chat_template(recipe.prompt(), tokenize=False, add_generation_prompt=True)
         info = {**_recipe_info(recipe, model_name), "base_model": base_model, "image_size": image_size,
-                "format": "adapter"}
+                "image_buckets": bool(image_buckets), "format": "adapter"}
         _write_json(tmp / "unsloth_med.json", info)
         verification = {"files_identical_to_run": True, "lora_tensors": sum("lora_" in k for k in keys),
                         "peft_config": True,

@@ -109,7 +109,8 @@ def export_run(run_dir, *, format: str = "merged-16bit", out: str | None = None,
     adapter_dir = run_dir / "adapter"
     if format == "adapter":
         return export_adapter(adapter_dir, Path(out) if out else run_dir / "adapter-export", recipe=recipe,
-                              base_model=base_model, image_size=image_size, run_dir=run_dir,
+                              base_model=base_model, image_size=image_size,
+                              image_buckets=recorded_buckets(meta, config), run_dir=run_dir,
                               model_name=meta.get("model"))
 
     model_args = _model_args(config)
