@@ -12,6 +12,10 @@ across sections, so the flags are flat). Values are applied in this order, later
 
     package defaults  <  the recipe's defaults  <  presets (--demo, --quick)  <  --config FILE  <  flags
 
+With --resume, the run folder's own config.yaml comes just below --config FILE: the run continues with the
+settings it was started with, less what --config or flags change (e.g. a larger --max_steps). The settings
+its checkpoints are made of (RESUME_FIXED) cannot change.
+
 Parsing is TRL's `TrlParser` (an `HfArgumentParser`); `--help` prints the short grouped help of
 options.py, `--help-all` every option with its help.
 """
@@ -281,8 +285,11 @@ def _section_fields() -> dict[str, set[str]]:
     return fields
 
 
-def read_yaml_tree(path: str | Path) -> dict[str, Any]:
-    """A nested config file, flattened to {field: value}; unknown sections or keys are errors."""
+def read_yaml_tree(path: str | Path, *, strict: bool = True) -> dict[str, Any]:
+    """A nested config file, flattened to {field: value}; unknown sections or keys are errors.
+
+    `strict=False` skips them instead: a run's own config.yaml, written by the package, may hold an option
+    that another version of TRL no longer has."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file not found: {path}. Pass an existing YAML file to --config.")
@@ -295,11 +302,15 @@ def read_yaml_tree(path: str | Path) -> dict[str, Any]:
     fields = _section_fields()
     flat: dict[str, Any] = {}
     for section, values in tree.items():
+        if not strict and (section not in fields or not isinstance(values, dict)):
+            continue
         if section not in fields:
             raise ConfigError(f"{path}: unknown section '{section}'. Sections: {', '.join(fields)}.")
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: section '{section}' must be a mapping of option: value.")
         for key, value in values.items():
+            if not strict and key not in fields[section]:
+                continue
             if key not in fields[section]:
                 close = difflib.get_close_matches(key, sorted(fields[section]), n=1)
                 owner = next((s for s, names in fields.items() if key in names), None)
@@ -368,7 +379,7 @@ def build_parser(prog: str = "unsloth-med train"):
 
 
 def parse_config(argv: list[str] | None, recipe=None, *, prog: str = "unsloth-med train") -> Config:
-    """Resolve the config from defaults, the recipe, presets, --config and flags.
+    """Resolve the config from defaults, the recipe, presets, the resumed run's config.yaml, --config and flags.
 
     `--help` (short, grouped) and `--help-all` print and exit; an unknown flag is an error before anything
     heavy (torch, TRL) is imported."""
@@ -390,34 +401,46 @@ def parse_config(argv: list[str] | None, recipe=None, *, prog: str = "unsloth-me
     pre.add_argument("--recipe")
     pre.add_argument("--demo", nargs="?", const="true")
     pre.add_argument("--quick", nargs="?", const="true")
+    pre.add_argument("--resume", nargs="?", const="true")
+    pre.add_argument("--output_dir", "--output-dir")
     known, _ = pre.parse_known_args(argv)
     if recipe is None and known.recipe:
         from .recipes import get_recipe
 
         recipe = get_recipe(known.recipe)
 
-    layers: list[dict[str, Any]] = [TRAINING_DEFAULTS, device_defaults()]
+    # (where the values come from, for messages; the values), later wins
+    layers: list[tuple[str, dict[str, Any]]] = [("the defaults", TRAINING_DEFAULTS),
+                                                ("the defaults", device_defaults())]
     if recipe is not None:
-        layers.append({"recipe": recipe.name, **recipe.defaults})
+        layers.append((f"recipe {recipe.name}'s defaults", {"recipe": recipe.name, **recipe.defaults}))
         for flag, preset in (("demo", "demo.yaml"), ("quick", "quick.yaml")):
             if _truthy(getattr(known, flag)):
                 path = presets_dir() / recipe.name / preset
                 if not path.is_file():
                     raise ConfigError(f"Recipe '{recipe.name}' has no --{flag} preset ({path} is missing).")
-                layers.append(read_yaml_tree(path))
+                layers.append((str(path), read_yaml_tree(path)))
+    from_file = read_yaml_tree(known.config) if known.config else {}
+    resume = _truthy(known.resume if known.resume is not None else str(from_file.get("resume")))
+    saved_path, saved = _resumed_run_config(known.output_dir or from_file.get("output_dir"), recipe) if resume \
+        else (None, {})
+    if saved:
+        layers.append((str(saved_path), saved))
     if known.config:
-        layers.append(read_yaml_tree(known.config))
+        layers.append((known.config, from_file))
 
     parser = build_parser(prog)
-    for layer in layers:
+    for _, layer in layers:
         parser.set_defaults_with_config(**layer)
-    args = [a for a in argv if a != "--config"]
-    if known.config:
-        args.remove(known.config)
+    args = _without_config_option(argv)
     try:
-        run, model, lora, data, training, eval_, export = parser.parse_args_into_dataclasses(args=args)
+        sections = parser.parse_args_into_dataclasses(args=args)
     except ValueError as exc:  # TrainingArguments validation, e.g. bf16 without a GPU
         raise ConfigError(f"invalid training option: {exc}") from exc
+    run, model, lora, data, training, eval_, export = sections
+    _check_choices(parser, sections, layers)
+    if saved:
+        _check_unchanged_on_resume(sections, saved, saved_path, args, known.config, from_file)
     if model.max_micro_batch is not None and model.max_micro_batch < 1:
         raise ConfigError(f"--max_micro_batch {model.max_micro_batch}: the largest micro-batch to try must be at least "
                           "1; leave it unset to try the whole effective batch first.")
@@ -426,6 +449,116 @@ def parse_config(argv: list[str] | None, recipe=None, *, prog: str = "unsloth-me
     if training.output_dir in (None, "", "trainer_output"):
         training.output_dir = str(Path("runs") / f"{run.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
     return Config(run=run, model=model, lora=lora, data=data, training=training, eval=eval_, export=export)
+
+
+def _without_config_option(argv: list[str]) -> list[str]:
+    """argv less `--config FILE` and `--config=FILE` (read above; no section has a field of that name)."""
+    args, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--config":
+            skip = True
+        elif not token.startswith("--config="):
+            args.append(token)
+    return args
+
+
+def _choices(hint: Any) -> tuple | None:
+    """The values a Literal field (or an optional one) takes; None for any other type."""
+    import typing
+
+    members = typing.get_args(hint) if typing.get_origin(hint) is not typing.Literal else (hint,)
+    members = [m for m in members if m is not type(None)]
+    if not members or any(typing.get_origin(m) is not typing.Literal for m in members):
+        return None
+    return tuple(value for m in members for value in typing.get_args(m))
+
+
+def _check_choices(parser, sections, layers: list[tuple[str, dict[str, Any]]]) -> None:
+    """Every Literal field holds one of its values, wherever it came from. argparse checks the choices of a flag
+    only: a value from --config, a preset or a resumed run's config.yaml reached the run unchecked (an
+    `export: merged` that exported nothing, an `eval_mode: generat` that failed after the model loaded)."""
+    import argparse
+    import typing
+
+    for section in sections:
+        hints = typing.get_type_hints(type(section))
+        for f in dataclasses.fields(section):
+            choices = _choices(hints.get(f.name))
+            value = getattr(section, f.name)
+            if choices is None or value is None or value in choices:
+                continue
+            where = next((source for source, layer in reversed(layers) if f.name in layer), "the defaults")
+            action = next(a for a in parser._actions if a.dest == f.name)  # HfArgumentParser gives it the choices
+            try:  # argparse's own check of a flag's value: the very error a bad flag gets
+                parser._check_value(action, value)
+            except argparse.ArgumentError as exc:
+                raise ConfigError(f"{exc}, set in {where}") from None
+
+
+#: What a run's checkpoints are made of: the base model, whether they hold adapters or the whole model, the
+#: adapters' shape (rank, bias), the layers they sit on and their scale. A resume with another value fails to
+#: load them (a size mismatch) or continues them in a model they were not trained in. Everything else may change
+#: on --resume: a larger --max_steps, a smaller batch or --image_size after running out of memory.
+RESUME_FIXED = ("model", "full_finetune", "lora_r", "lora_alpha", "use_rslora", "lora_bias", "finetune_vision_layers",
+                "finetune_language_layers", "finetune_attention_modules", "finetune_mlp_modules")
+
+
+def _resumed_run_config(output_dir: str | None, recipe) -> tuple[Path | None, dict[str, Any]]:
+    """The settings the run in output_dir was started with (its config.yaml, flattened); none when the run
+    stopped before it recorded them (it then trained nothing to continue)."""
+    if not output_dir:
+        raise ConfigError("--resume continues the run in --output_dir: name its folder, e.g. "
+                          "--resume --output_dir runs/NAME.")
+    path = Path(output_dir) / "config.yaml"
+    if not path.is_file():
+        return None, {}
+    saved = read_yaml_tree(path, strict=False)
+    saved.pop("output_dir", None)  # where the folder is now (it may have been moved), not where it was
+    if recipe is not None and saved.get("recipe") not in (None, recipe.name):
+        raise ConfigError(f"--resume: the run in {output_dir} is a '{saved['recipe']}' run ({path}), not "
+                          f"'{recipe.name}'. Resume it with its own recipe (unsloth-med train --recipe "
+                          f"{saved['recipe']} --resume --output_dir {output_dir}), or train '{recipe.name}' into "
+                          "another --output_dir.")
+    return path, saved
+
+
+def _same_model(given: str | None, saved: str | None) -> bool:
+    """Whether two model names load the same checkpoint (config.yaml records it resolved: tiny:<family> is its
+    folder, a local folder may be named by another path)."""
+    if given == saved or given is None or saved is None:
+        return given == saved
+    if given.startswith("tiny:"):
+        from .models import resolve_model_name
+
+        given = resolve_model_name(given, None, "")
+    return os.path.realpath(given) == os.path.realpath(saved)
+
+
+def _check_unchanged_on_resume(sections, saved: dict[str, Any], saved_path: Path, args: list[str],
+                               config_file: str | None, from_file: dict[str, Any]) -> None:
+    """Refuse a --config or flag value that contradicts what the resumed run's checkpoints are made of."""
+    values = {f.name: getattr(section, f.name) for section in sections for f in dataclasses.fields(section)}
+    for name in RESUME_FIXED:
+        if name not in saved:
+            continue
+        given, was = values[name], saved[name]
+        if (_same_model(given, was) if name == "model" else given == was):
+            continue
+        given, was = _as_flag_value(given), _as_flag_value(was)
+        flags = {f"--{name}", f"--{name.replace('_', '-')}", f"--no_{name}", f"--no-{name.replace('_', '-')}"}
+        by_flag = any(token.split("=", 1)[0] in flags for token in args)
+        source = f"--{name} {given}" if by_flag or name not in from_file else f"{config_file} ({name}: {given})"
+        raise ConfigError(
+            f"{source}: the run being resumed was trained with {name} {was} ({saved_path}), and its checkpoints "
+            f"cannot continue with another value. Drop it to continue the run as it was, or train with {name} "
+            f"{given} from the start into another --output_dir."
+        )
+
+
+def _as_flag_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _truthy(value: str | None) -> bool:

@@ -17,9 +17,10 @@ FULL_TEXTS = ("no space left", "storagefull", "os error 28", "disk quota exceede
 NEARLY_FULL_BYTES = 1 << 20  # below 1 MiB free, a failed write is taken to be the full disk
 
 
-def update_json(path: Path, fields: dict) -> None:
-    """Write `fields` into the JSON object at `path`, keeping the keys it already holds."""
+def update_json(path: Path, fields: dict, *, drop: tuple[str, ...] = ()) -> None:
+    """Write `fields` into the JSON object at `path`, keeping the keys it already holds (less those in `drop`)."""
     kept = json.loads(path.read_text()) if path.is_file() else {}
+    kept = {key: value for key, value in kept.items() if key not in drop}
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     partial.write_text(json.dumps({**kept, **fields}, indent=1))
     os.replace(partial, path)  # a reader never meets a half-written file

@@ -40,9 +40,14 @@ def _setup_logging(run_dir: Path, name: str = "run.log") -> logging.Handler:
     return handler
 
 
-def _write_status(run_dir: Path, **fields) -> None:
+def _write_status(run_dir: Path, *, drop: tuple[str, ...] = (), **fields) -> None:
     if distributed.current().is_main:  # under DDP rank 0 alone writes the run folder
-        update_json(run_dir / "run.json", {**fields, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        update_json(run_dir / "run.json", {**fields, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}, drop=drop)
+
+
+# What only a run that got to the end writes into run.json (write_results). A resumed run's folder still holds the
+# earlier run's: its first status write drops them, so that it never claims a completion or times it did not reach.
+FINISHED_KEYS = ("complete", "wall_seconds", "timings_s", "garbage_collection")
 
 
 def _read_json(path: Path):
@@ -77,17 +82,30 @@ def prepare_run_dir(config: Config) -> tuple[Path, RunLock]:
     return run_dir, lock
 
 
-def _push(run_dir: Path, config: Config) -> None:
-    """Push the run's export; a failure (no network, no token) leaves the complete run and says how to retry."""
+def _push(run_dir: Path, config: Config, *, merged_now: bool) -> None:
+    """Push the run's export; a failure (no network, no token) leaves the complete run and says how to retry.
+
+    merged/ only when this run's export wrote it (`merged_now`): one left from an earlier training of the folder
+    holds other weights than the adapter this run trained, under a card that would describe this run's metrics."""
     from .export import export_run
     from .hub import push, write_model_card
 
-    folder = run_dir / "merged"
-    if not folder.is_dir():
+    folder = folder_to_push(run_dir, config.export.export, merged_now=merged_now)
+    if folder is None:
         folder = Path(export_run(run_dir, format="adapter")["path"])
     write_model_card(folder, run_dir=run_dir, repo_id=config.export.push_to_hub_id)
     url = push(folder, config.export.push_to_hub_id, private=not config.export.hub_public)
     print(f"Pushed {folder} to {url}")
+
+
+def folder_to_push(run_dir: Path, export: str, *, merged_now: bool) -> Path | None:
+    """What --push_to_hub_id uploads: what this run's export stage wrote (gguf/ for --export gguf, with its
+    llama.cpp card; else merged/); None when it wrote nothing, and the adapter is exported and pushed."""
+    if not merged_now:
+        return None
+    if export == "gguf" and (run_dir / "gguf").is_dir():
+        return run_dir / "gguf"
+    return run_dir / "merged"
 
 
 def out_of_memory_error(config: Config, run_dir: Path) -> BackendError:
@@ -100,9 +118,11 @@ def out_of_memory_error(config: Config, run_dir: Path) -> BackendError:
         f"--per_device_train_batch_size (now {config.training.per_device_train_batch_size}; raise "
         f"--gradient_accumulation_steps, now {config.training.gradient_accumulation_steps}, "
         "to keep the effective batch), "
-        "--load_in_4bit true, --finetune_vision_layers false, --lora_r. "
-        + (f"Then continue from {checkpoint} with --resume --output_dir {run_dir}." if checkpoint
-           else "No checkpoint was written yet; start again with the smaller settings.")
+        "--load_in_4bit true. "
+        + (f"Then continue from {checkpoint} with --resume --output_dir {run_dir} and those flags. " if checkpoint
+           else "No checkpoint was written yet; start again with the smaller settings. ")
+        + "Or adapt less of the model, from the start into another --output_dir (a checkpoint's adapters cannot "
+          "change shape): --finetune_vision_layers false, a smaller --lora_r."
     )
 
 
@@ -215,6 +235,7 @@ def load_data(ctx: RunContext) -> None:
     from .recipes.generic import resolve_recipe
 
     config, ranks, files = ctx.config, ctx.ranks, ctx.files
+    _write_status(ctx.run_dir, stage="data", complete=False, drop=FINISHED_KEYS)  # the run's first status write
     ctx.backend = pick_backend(config.model.backend)
     data_dir = config.data.data_dir
     demo_data = config.run.demo and data_dir is None  # the generated images, not the recipe's data
@@ -226,7 +247,7 @@ def load_data(ctx: RunContext) -> None:
         recipe = dataclasses.replace(recipe, source=dataclasses.replace(recipe.source, id="",
                                                                         attribution=DEMO_ATTRIBUTION))
     ctx.recipe = recipe
-    _write_status(ctx.run_dir, recipe=recipe.name, backend=ctx.backend.name, stage="data")
+    _write_status(ctx.run_dir, recipe=recipe.name, backend=ctx.backend.name)
 
     seed = config.training.seed
     image_size = config.data.image_size or recipe.image_size
@@ -408,7 +429,29 @@ def train_model(ctx: RunContext) -> None:
         ctx.summary["skipped_in_training"] = skipped_in_training(files)
     record = {**recipe_record(ctx.recipe), "model": ctx.named_model, "base_model": ctx.model_name,
               **fit_record(ctx.fit)}
+    if ctx.ranks.is_main:
+        _set_aside_earlier_exports(run_dir)
     save_adapter(ctx.model, ctx.processor, files, record)
+
+
+# The exports `unsloth-med export` writes into a run folder by default. Made from the adapter a resumed run is about
+# to replace, they hold another model than the run's from then on, and the push (merged/) and the GGUF export
+# (which converts an existing merged/) would take them for this run's.
+EARLIER_EXPORTS = ("merged", "gguf", "adapter-export")
+
+
+def _set_aside_earlier_exports(run_dir: Path) -> None:
+    """Rename the exports of the folder's earlier adapter (moved, never deleted: they are still that model)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in EARLIER_EXPORTS:
+        folder = run_dir / name
+        if folder.is_dir():
+            aside, n = run_dir / f"{name}-superseded-{stamp}", 1
+            while aside.exists():  # two resumes within a second
+                aside, n = run_dir / f"{name}-superseded-{stamp}-{n}", n + 1
+            folder.rename(aside)
+            log.warning("%s was exported from the adapter this resumed training replaces: moved to %s (it is not "
+                        "the model this run trains; delete it when no longer needed)", folder, aside)
 
 
 def _plan_memory(ctx: RunContext, trainer) -> dict:
@@ -488,8 +531,8 @@ def write_results(ctx: RunContext) -> None:
 
 
 def push_export(ctx: RunContext) -> None:
-    if ctx.config.export.push_to_hub_id:
-        _push(ctx.run_dir, ctx.config)
+    if ctx.config.export.push_to_hub_id:  # ctx.exported: merged/ (and gguf/) written by this run's export stage
+        _push(ctx.run_dir, ctx.config, merged_now=ctx.exported is not None)
 
 
 def format_timings(timings: dict) -> str:

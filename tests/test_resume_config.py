@@ -1,0 +1,222 @@
+"""--resume continues the run as it was configured (its config.yaml), refuses what its checkpoints cannot change,
+never keeps the earlier run's completion, and never pushes an export of an earlier adapter; YAML values get the
+checks flags get. Real in-process runs of `python -m unsloth_med.recipes.generic classify` on a tiny model."""
+from __future__ import annotations
+
+import _thread
+import hashlib
+import json
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+# 3 classes x 4 images of 32 px, one of each class held out by the listing's split column.
+COLOURS = {"cat": (200, 30, 30), "dog": (30, 200, 30), "fox": (30, 30, 200)}
+FAST = ["--model", "tiny:mistral3", "--image_size", "32", "--eval_before", "false", "--eval_after", "false",
+        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--save_total_limit", "3",
+        "--seed", "5"]
+
+
+@pytest.fixture(scope="module")
+def listing(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("listing")
+    rows = ["path,label,split"]
+    for label, colour in COLOURS.items():
+        for i in range(4):
+            path = root / "img" / label / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (32, 32), tuple(min(255, c + 12 * i) for c in colour)).save(path)
+            rows.append(f"img/{label}/{i}.png,{label},{'test' if i == 0 else 'train'}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root / "labels.csv"
+
+
+def _classify(capsys, *argv: str) -> subprocess.CompletedProcess:
+    """`python -m unsloth_med.recipes.generic classify ARGV` in this process: its own entry and error handling."""
+    from unsloth_med.cli import generic_main
+
+    capsys.readouterr()
+    code = generic_main(["classify", *argv])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
+def _interrupted_after(capsys, path: Path, *argv: str) -> subprocess.CompletedProcess:
+    """The run, stopped by a real Ctrl-C (KeyboardInterrupt in the main thread) once `path` exists."""
+    done = threading.Event()
+
+    def press_ctrl_c():
+        deadline = time.time() + 600
+        while not path.exists() and not done.is_set() and time.time() < deadline:
+            time.sleep(0.02)
+        if not done.is_set():
+            _thread.interrupt_main()
+
+    watcher = threading.Thread(target=press_ctrl_c, daemon=True)
+    watcher.start()
+    try:
+        return _classify(capsys, *argv)
+    finally:
+        done.set()
+        watcher.join()
+
+
+def _status(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def _saved(run_dir: Path) -> dict:
+    return yaml.safe_load((run_dir / "config.yaml").read_text())
+
+
+def _state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained(listing, tmp_path_factory) -> Path:
+    """A finished 2-step run with lora_r 8 and checkpoint-2 (read only; tests that resume copy it)."""
+    from unsloth_med.cli import generic_main
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    code = generic_main(["classify", "--data_dir", str(listing), "--output_dir", str(run_dir), *FAST,
+                         "--max_steps", "2", "--save_steps", "2", "--lora_r", "8", "--lora_alpha", "8"])
+    assert code == 0 and _status(run_dir)["complete"] is True
+    return run_dir
+
+
+def test_resume_continues_with_the_runs_own_settings_and_never_keeps_the_old_completion(listing, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    settings = tmp_path / "settings.yaml"  # passed as --config=FILE: that form is read too
+    settings.write_text(yaml.safe_dump({"training": {"max_steps": 6, "save_steps": 2, "learning_rate": 1e-3},
+                                        "lora": {"lora_r": 8, "lora_alpha": 8}}))
+    first = _classify(capsys, "--data_dir", str(listing), "--output_dir", str(run_dir), *FAST, f"--config={settings}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert _state(run_dir / "checkpoint-6")["global_step"] == 6 and _status(run_dir)["complete"] is True
+    assert "report" in _status(run_dir)["timings_s"]
+
+    # Resumed to train longer (the flag wins over the saved max_steps; the same model named as the user named it is
+    # no change), then Ctrl-C after checkpoint-8: run.json no longer claims the earlier run's completion or times.
+    stopped = _interrupted_after(capsys, run_dir / "checkpoint-8" / "trainer_state.json",
+                                 "--resume", "--output_dir", str(run_dir), "--max_steps", "30",
+                                 "--model", "tiny:mistral3")
+    assert stopped.returncode == 130 and "continue with --resume" in stopped.stderr, stopped.stderr[-3000:]
+    status = _status(run_dir)
+    assert status["stage"] == "train" and status["complete"] is False
+    assert "wall_seconds" not in status and "report" not in status.get("timings_s", {})
+    saved = _saved(run_dir)
+    assert saved["training"]["max_steps"] == 30 and saved["training"]["learning_rate"] == 1e-3
+    assert saved["lora"]["lora_r"] == 8 and saved["data"]["image_size"] == 32
+
+    # What the interrupted message says, exactly: --resume --output_dir DIR, nothing else repeated.
+    resumed = _classify(capsys, "--resume", "--output_dir", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    state = _state(run_dir / "checkpoint-30")
+    assert state["global_step"] == 30
+    logged = {h["step"]: h["learning_rate"] for h in state["log_history"] if "learning_rate" in h}
+    # Step 20 trains at the linear decay from 1e-3 after 5 warm-up steps (the default 2e-4 would be a fifth of it).
+    assert logged[20] == pytest.approx(1e-3 * (30 - 19) / (30 - 5), rel=0.02)
+    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    saved = _saved(run_dir)
+    training = saved["training"]
+    assert (training["max_steps"], training["learning_rate"], saved["lora"]["lora_r"]) == (30, 1e-3, 8)
+    assert saved["training"]["seed"] == 5 and saved["run"]["resume"] is True
+    assert _status(run_dir)["complete"] is True
+
+
+def test_resume_refuses_what_its_checkpoints_are_made_of(trained, listing, tmp_path, capsys):
+    before = _hashes(trained)
+    other = tmp_path / "other.yaml"
+    other.write_text("lora: {lora_r: 4}\n")
+    for argv, said in ((["--lora_r", "16"], "--lora_r 16: the run being resumed was trained with lora_r 8"),
+                       (["--no_finetune_vision_layers"], "--finetune_vision_layers false: the run being resumed was "
+                                                         "trained with finetune_vision_layers true"),
+                       (["--model", "someone/another-model"], "--model someone/another-model: the run being resumed "
+                                                              "was trained with model "),
+                       ([f"--config={other}"], f"{other} (lora_r: 4): the run being resumed was trained with "
+                                               "lora_r 8")):
+        refused = _classify(capsys, "--resume", "--output_dir", str(trained), *argv)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        message = refused.stderr.strip().splitlines()[-1]
+        assert said in message and str(trained / "config.yaml") in message, message
+        assert "another --output_dir" in message and "Traceback" not in refused.stderr
+
+    # Another recipe's module on the folder.
+    from unsloth_med.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--recipe", "bone_fracture", "--resume", "--output_dir", str(trained)])
+    assert exited.value.code == 2
+    assert "is a 'classify' run" in capsys.readouterr().err
+    assert _hashes(trained) == before  # refused before anything was written
+
+    # --resume without a folder to resume.
+    refused = _classify(capsys, "--resume", "--data_dir", str(listing))
+    assert refused.returncode == 2 and "--resume --output_dir" in refused.stderr
+
+
+def test_yaml_values_get_the_choice_check_a_flag_gets(listing, tmp_path, capsys):
+    for section, name, bad in (("export", "export", "merged"), ("eval", "eval_mode", "generat")):
+        flag = _classify(capsys, "--data_dir", str(listing), "--output_dir", str(tmp_path / "flag"), *FAST,
+                         f"--{name}", bad)
+        flag_error = flag.stderr.strip().splitlines()[-1]
+        assert flag.returncode == 2 and f"argument --{name}" in flag_error and f"invalid choice: '{bad}'" in flag_error
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({section: {name: bad}}))
+        for given in (["--config", str(path)], [f"--config={path}"]):
+            from_file = _classify(capsys, "--data_dir", str(listing), "--output_dir", str(tmp_path / "run"), *FAST,
+                                  *given)
+            assert from_file.returncode == 2, from_file.stderr[-3000:]
+            assert from_file.stderr.strip().splitlines()[-1] == f"{flag_error}, set in {path}"
+    assert not (tmp_path / "run").exists() and not (tmp_path / "flag").exists()  # refused before the run started
+
+
+def test_the_push_takes_no_export_of_an_earlier_adapter(trained, tmp_path, capsys):
+    """A merged/ exported at step 2 is not this run's model once training resumes to step 4: it is moved aside
+    (kept), and the push uploads the run's own export. The Hub is offline here (conftest): the push's error names
+    the folder it would have uploaded."""
+    from unsloth_med.cli import main
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    with pytest.raises(SystemExit) as exited:
+        main(["export", str(run_dir), "--format", "merged-16bit"])
+    assert exited.value.code == 0
+    step_2 = _hashes(run_dir / "merged")
+
+    pushed = _classify(capsys, "--resume", "--output_dir", str(run_dir), "--max_steps", "4",
+                       "--push_to_hub_id", "someone/x")
+    assert pushed.returncode == 2 and "HF_HUB_OFFLINE is set" in pushed.stderr, pushed.stderr[-3000:]
+    assert f"saved locally in {run_dir / 'adapter-export'}" in pushed.stderr  # the adapter this run trained
+    assert _state(run_dir / "checkpoint-4")["global_step"] == 4 and _status(run_dir)["complete"] is True
+    assert not (run_dir / "merged").exists()  # a GGUF export would otherwise convert the step-2 weights
+    [aside] = run_dir.glob("merged-superseded-*")
+    assert _hashes(aside) == step_2 and f"moved to {aside}" in (run_dir / "run.log").read_text()
+
+    # This run's own merged export is what it pushes.
+    pushed = _classify(capsys, "--resume", "--output_dir", str(run_dir), "--max_steps", "5", "--save_steps", "1",
+                       "--export", "merged-16bit", "--push_to_hub_id", "someone/x")
+    assert pushed.returncode == 2 and f"saved locally in {run_dir / 'merged'}" in pushed.stderr, pushed.stderr[-3000:]
+    assert json.loads((run_dir / "merged" / "export.json").read_text())["verification"]["passed"]
+
+
+def test_the_push_uploads_what_the_runs_export_stage_wrote(tmp_path):
+    from unsloth_med.pipeline import folder_to_push
+
+    (tmp_path / "merged").mkdir()
+    assert folder_to_push(tmp_path, "merged-16bit", merged_now=False) is None  # an earlier export: the adapter
+    assert folder_to_push(tmp_path, "merged-16bit", merged_now=True) == tmp_path / "merged"
+    (tmp_path / "gguf").mkdir()
+    assert folder_to_push(tmp_path, "gguf", merged_now=True) == tmp_path / "gguf"  # --export gguf: the GGUF files
+    assert folder_to_push(tmp_path, "merged-16bit", merged_now=True) == tmp_path / "merged"
