@@ -210,6 +210,38 @@ def test_vqa_evaluation_is_split_across_ranks_and_a_rank_may_have_nothing_to_pre
     assert single["predictions"] == sharded["predictions"] and single["metrics"] == sharded["metrics"]
 
 
+@pytest.mark.slow
+def test_images_skipped_in_training_on_every_rank_are_listed_and_counted(tmp_path, tiny_path):
+    """A lazy listing under two ranks: each rank meets some of the 4 unreadable images. Rank 0's list and count
+    hold all of them (a rank's own list was in its scratch folder, deleted at its end: 2 of 4 were lost)."""
+    import numpy as np
+    from PIL import Image
+
+    tiny_path("mistral3")
+    root = tmp_path / "data"
+    (root / "img").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = ["path,label,split"]
+    for i in range(18):
+        path = root / "img" / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8), "L").save(path)
+        if i in (3, 7, 10, 14):
+            path.write_bytes(path.read_bytes()[:300])  # the header reads, the pixels do not
+        lines.append(f"img/{path.name},{'ab'[i % 2]},{'test' if i >= 16 else 'train'}")
+    (root / "listing.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    args = ["-m", "unsloth_med.recipes.generic", "classify", "--data_dir", str(root / "listing.csv"), "--model",
+            "tiny:mistral3", "--lazy_images_above", "0", "--max_steps", "4", "--image_size", "64",
+            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--save_strategy", "no",
+            "--eval_before", "false", "--eval_after", "false", "--max_bad_fraction", "0.5", "--output_dir", str(out)]
+    done = subprocess.run(_torchrun(*args), env=_env(), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    skipped = [json.loads(line) for line in (out / "skipped_in_training.jsonl").read_text().splitlines()]
+    names = sorted(Path(s["image"]).name for s in skipped)
+    assert names == ["10.png", "14.png", "3.png", "7.png"], names  # 4 steps x 2 ranks x 2 rows: one epoch, each once
+    assert json.loads((out / "metrics.json").read_text())["data"]["skipped_in_training"] == 4
+
+
 def _corrupt_copy(source: Path, target: Path) -> Path:
     """A node-local copy of the data in which every training image is cut off: unreadable on that node only."""
     shutil.copytree(source, target)

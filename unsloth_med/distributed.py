@@ -67,13 +67,17 @@ class Ranks:
         _dist().broadcast_object_list(box, src=0)
         return box[0]
 
-    def min(self, value: int) -> int:
-        """The smallest `value` of all ranks (what every rank can afford)."""
+    def gather(self, value: Any) -> list:
+        """Every rank's `value`, in rank order, on every rank ([value] in a single process)."""
         if not _dist():
-            return value
+            return [value]
         values: list = [None] * self.world
         _dist().all_gather_object(values, value)
-        return min(values)
+        return values
+
+    def min(self, value: int) -> int:
+        """The smallest `value` of all ranks (what every rank can afford)."""
+        return min(self.gather(value))
 
     def main_first(self, fn, *args):
         """fn(*args) on rank 0, then on the other ranks (which then find what rank 0 made: a download, a cache)."""

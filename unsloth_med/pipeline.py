@@ -366,7 +366,7 @@ def train_model(ctx: RunContext) -> None:
     runs inside Trainer.train before the step clock starts) is recorded apart as `warm_up` when train_stats.json
     says how long the steps themselves took."""
     from .data.images import fit_record
-    from .data.lazy import SKIP_FILE, LazyImages, skipped_in_training
+    from .data.lazy import SKIP_FILE, LazyImages, add_skipped, skipped_in_training
     from .disk import is_disk_full
     from .models.speedups import apply_training_speedups
     from .recipes import recipe_record
@@ -425,8 +425,11 @@ def train_model(ctx: RunContext) -> None:
         update_json(run_dir / "train_stats.json", {"warm_up_parts": parts.record(
             steps_seconds, (stats.get("shape_warmup") or {}).get("seconds", 0.0))})
     ctx.model = trainer.model
-    if ctx.lazy:
-        ctx.summary["skipped_in_training"] = skipped_in_training(files)
+    if ctx.lazy:  # every rank's skips; the other ranks' side files are scratch: rank 0 lists theirs with its own
+        per_rank = ctx.ranks.gather(skipped_in_training(files))
+        if ctx.ranks.is_main:
+            add_skipped(files, [record for records in per_rank[1:] for record in records])
+        ctx.summary["skipped_in_training"] = sum(len(records) for records in per_rank)
     record = {**recipe_record(ctx.recipe), "model": ctx.named_model, "base_model": ctx.model_name,
               **fit_record(ctx.fit)}
     if ctx.ranks.is_main:

@@ -185,7 +185,14 @@ class LazyImages:
         return self.collator(usable)
 
 
-def skipped_in_training(run_dir: str | Path) -> int:
-    """How many training images the collators skipped (all data loader workers together)."""
+def skipped_in_training(run_dir: str | Path) -> list[dict]:
+    """The training images this process's collators skipped (all its data loader workers together)."""
     path = Path(run_dir) / SKIP_FILE
-    return sum(1 for _ in path.open()) if path.is_file() else 0
+    return [json.loads(line) for line in path.open() if line.strip()] if path.is_file() else []
+
+
+def add_skipped(run_dir: str | Path, records: list[dict]) -> None:
+    """Append other processes' skipped images (the other ranks', whose own side files are scratch) to the list."""
+    if records:
+        with open(Path(run_dir) / SKIP_FILE, "a") as f:
+            f.writelines(json.dumps(record) + "\n" for record in records)
