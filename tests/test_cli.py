@@ -186,3 +186,15 @@ def test_seconds_since_process_start_counts_what_ran_before():
             "print(s())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert 1.2 <= float(done.stdout) < 60, done
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("mlflow") is not None, reason="mlflow is installed here")
+def test_an_experiment_logger_that_is_not_installed_is_refused_before_any_work():
+    """--report_to mlflow without mlflow: it failed when the trainer was built, after the data checks, the model
+    load and the evaluation before training."""
+    from unsloth_med.config import parse_config
+
+    with pytest.raises(ConfigError, match=r"--report_to mlflow: not installed here.*\[logging\]"):
+        parse_config(["--recipe", "bone_fracture", "--report_to", "mlflow"])
+    assert parse_config(["--recipe", "bone_fracture", "--report_to", "tensorboard"]).training.report_to == \
+        ["tensorboard"]

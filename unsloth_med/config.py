@@ -439,6 +439,7 @@ def parse_config(argv: list[str] | None, recipe=None, *, prog: str = "unsloth-me
         raise ConfigError(f"invalid training option: {exc}") from exc
     run, model, lora, data, training, eval_, export = sections
     _check_choices(parser, sections, layers)
+    _check_report_to(training)
     if saved:
         _check_unchanged_on_resume(sections, saved, saved_path, args, known.config, from_file)
     if model.max_micro_batch is not None and model.max_micro_batch < 1:
@@ -449,6 +450,21 @@ def parse_config(argv: list[str] | None, recipe=None, *, prog: str = "unsloth-me
     if training.output_dir in (None, "", "trainer_output"):
         training.output_dir = str(Path("runs") / f"{run.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
     return Config(run=run, model=model, lora=lora, data=data, training=training, eval=eval_, export=export)
+
+
+def _check_report_to(training) -> None:
+    """An experiment logger (--report_to) that is not installed failed when the trainer was built: after the data
+    checks, the model load and the evaluation before training. Say so before any of them."""
+    wanted = training.report_to
+    names = [n for n in ([wanted] if isinstance(wanted, str) else list(wanted or [])) if n not in ("none", "all")]
+    if not names:
+        return
+    from transformers.integrations import get_available_reporting_integrations
+
+    missing = [name for name in names if name not in get_available_reporting_integrations()]
+    if missing:
+        raise ConfigError(f"--report_to {', '.join(missing)}: not installed here. Install it (pip install -e "
+                          "\".[logging]\" adds tensorboard and wandb), or set report_to none.")
 
 
 def _without_config_option(argv: list[str]) -> list[str]:
