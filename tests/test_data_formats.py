@@ -113,6 +113,17 @@ def test_a_content_part_that_is_not_an_object_is_a_data_error(tmp_path):
         load_table(listing, task="vqa")
 
 
+def test_a_turn_that_is_not_an_object_is_a_data_error(tmp_path):
+    from unsloth_med.data.tables import load_table
+
+    _image(tmp_path / "img0.png", "red")
+    listing = _jsonl(tmp_path / "chat.jsonl", [{"messages": ["What colour?", {"role": "assistant", "content": "red"}],
+                                                "image": "img0.png"}])
+    with pytest.raises(DataError, match=r"chat\.jsonl, row 1: turn 1 of 'messages' is a str \('What colour\?'\), "
+                                     r"not an object\. Write each turn as \{\"role\": \.\.\., \"content\": \.\.\.\} "):
+        load_table(listing, task="vqa")
+
+
 def test_unknown_split_values_in_a_conversation_listing_are_named(tmp_path):
     from unsloth_med.data.tables import load_table
 

@@ -76,6 +76,10 @@ def to_messages(record: Mapping[str, Any], column: str, where: str) -> tuple[lis
         raise DataError(f"{where}: column '{column}' must hold a list of turns.")
     messages, found = [], []
     for turn in raw:
+        if not isinstance(turn, Mapping):
+            raise DataError(f"{where}: turn {len(messages) + 1} of '{column}' is a {type(turn).__name__} "
+                            f"({str(turn)[:40]!r}), not an object. Write each turn as {{\"role\": ..., \"content\": "
+                            "...} (OpenAI) or {\"from\": ..., \"value\": ...} (ShareGPT).")
         role = ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
         if role is None:
             raise DataError(f"{where}: unknown speaker {turn.get('from', turn.get('role'))!r} in '{column}' "
