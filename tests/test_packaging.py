@@ -53,6 +53,12 @@ def test_the_demo_runs_from_the_installed_wheel(wheel, tmp_path):
                            timeout=120)
     module_file, presets = where.stdout.split()
     assert Path(module_file).is_relative_to(target) and Path(presets) == target / "unsloth_med" / "presets"
+    # The README's `--config recipes/<recipe>/<name>.yaml`, outside a checkout: the shipped copy is read.
+    code = ("from unsloth_med.config import parse_config; c = parse_config(['--recipe', 'bone_fracture', '--config', "
+            "'recipes/bone_fracture/ministral3-14b.yaml']); print(c.model.model)")
+    read = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert read.stdout.split()[-1:] == ["unsloth/Ministral-3-14B-Instruct-2512-unsloth-bnb-4bit"], read.stderr[-2000:]
     out = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "unsloth_med.recipes.bone_fracture", "--demo", "--max_steps", "2",
                            "--max_eval_samples", "10", "--output_dir", str(out)],

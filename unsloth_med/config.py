@@ -195,8 +195,9 @@ class ExportArgs:
                 "verified by reloading them with plain transformers; 'gguf' also writes f16 text + mmproj GGUF "
                 "files for llama.cpp / Ollama to gguf/, verified in llama.cpp."})
     push_to_hub_id: str | None = field(default=None, metadata={
-        "help": "After the run, push the export (merged/ or the adapter) to this Hub repo, OWNER/NAME. Token: "
-                "HF_TOKEN or `hf auth login`; never printed or saved."})
+        "help": "After the run, push what it exported (gguf/ with --export gguf, else merged/), or else the "
+                "adapter, to this Hub repo, OWNER/NAME. Token: HF_TOKEN, `hf auth login` or --hub_token; never "
+                "printed or saved."})
     hub_public: bool = field(default=False, metadata={"help": "Make the pushed repo public (default: private)."})
 
 
@@ -253,6 +254,17 @@ def presets_dir() -> Path:
         if candidate.is_dir():
             return candidate
     return here.parent / "recipes"
+
+
+def config_file_path(given: str) -> str:
+    """--config FILE as given, or, when no such file exists and it names one of the shipped recipe configs
+    (`recipes/<recipe>/<name>.yaml`, as the README writes them), that config inside the installed package: the
+    README's commands then work outside a checkout too."""
+    path = Path(given)
+    if path.is_file() or path.parts[:1] != ("recipes",):
+        return given
+    shipped = presets_dir().joinpath(*path.parts[1:])
+    return str(shipped) if shipped.is_file() else given
 
 
 #: The attribute Unsloth sets on the config classes it generates (unsloth/models/rl.py, 2026.10).
@@ -420,6 +432,8 @@ def parse_config(argv: list[str] | None, recipe=None, *, prog: str = "unsloth-me
                 if not path.is_file():
                     raise ConfigError(f"Recipe '{recipe.name}' has no --{flag} preset ({path} is missing).")
                 layers.append((str(path), read_yaml_tree(path)))
+    if known.config:
+        known.config = config_file_path(known.config)
     from_file = read_yaml_tree(known.config) if known.config else {}
     resume = _truthy(known.resume if known.resume is not None else str(from_file.get("resume")))
     saved_path, saved = _resumed_run_config(known.output_dir or from_file.get("output_dir"), recipe) if resume \

@@ -58,7 +58,7 @@ ESSENTIAL_TRAINING = {  # name: (metavar, help)
     "lr_scheduler_type": ("NAME", "linear (default), cosine, constant, ..."),
     "warmup_steps": ("X", "Steps of linear warm-up (default 5; a value < 1 is a fraction of the steps)."),
     "optim": ("NAME", "Optimizer (default: adamw_8bit on a GPU, adamw_torch on CPU); --help-all lists all."),
-    "seed": ("N", "Seed for data order and adapter initialisation (default 3407)."),
+    "seed": ("N", "Seed for data order and the held-out split (default 3407; adapters: --lora_random_state)."),
     "logging_steps": ("N", "Log the loss every N steps (default 1)."),
     "save_steps": ("N", "Checkpoint every N steps (default 100; keeps the last 2). --resume continues from one."),
     "report_to": ("NAME", "none (default), tensorboard or wandb."),
@@ -111,7 +111,7 @@ def _metavar(field: dataclasses.Field) -> str:
 
 def _summary(text: str, room: int) -> str:
     """The help's first sentence, cut at its last clause boundary that fits on the line (full text: --help-all)."""
-    text = " ".join(str(text).split()).replace("e.g. ", "e.g.~")
+    text = " ".join(str(text).split()).replace("%%", "%").replace("e.g. ", "e.g.~")  # %%: argparse's escape
     end = text.find(". ")
     text = (text if end < 0 else text[:end + 1]).replace("e.g.~", "e.g. ")
     if len(text) <= room:
