@@ -64,7 +64,14 @@ def test_kill_dash_nine_then_resume_matches_an_uninterrupted_run(bone_break_dir,
     # Without --resume the folder is protected; with it, training continues from the last complete checkpoint.
     refused = subprocess.run(_cmd(bone_break_dir, crashed), env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--resume" in refused.stderr
-    subprocess.run(_cmd(bone_break_dir, crashed, "--resume"), check=True, env=env, capture_output=True, timeout=600)
+    from unsloth_med.train import last_checkpoint
+
+    resumed_from = int(Path(last_checkpoint(crashed)).name.split("-")[-1])  # 3 or 6: where the kill found it
+    resumed = subprocess.run(_cmd(bone_break_dir, crashed, "--resume"), check=True, env=env, capture_output=True,
+                             text=True, timeout=600)
+    # It continued: its first step is the one after the checkpoint (a retrain from step 1 gives the same losses).
+    steps = [line.split()[1] for line in resumed.stdout.splitlines() if line.startswith("step ")]
+    assert steps and steps[0] == f"{resumed_from + 1}/9" and steps[-1] == "9/9", steps
 
     assert json.loads((crashed / "run.json").read_text())["complete"] is True
     expected, got = _final_losses(straight), _final_losses(crashed)
