@@ -128,6 +128,22 @@ def _run(args, cwd, env_extra=None, timeout=900):
 
 
 @pytest.mark.slow
+def test_the_generic_command_owns_its_process_as_the_recipe_commands_do(bone_break_dir, tmp_path):
+    """`python -m unsloth_med.recipes.generic classify`: the time breakdown starts at the process's start and the
+    imports are frozen (on a GPU, unsloth is imported first), as for `python -m unsloth_med.recipes.<name>`; it ran
+    the pipeline directly, with none of these."""
+    run = tmp_path / "run"
+    proc = _run(["unsloth_med.recipes.generic", "classify", "--data_dir", str(bone_break_dir / "labels.csv"),
+                 "--model", "tiny:mistral3", "--max_steps", "1", "--max_train_samples", "8", "--max_eval_samples", "4",
+                 "--eval_before", "false", "--eval_after", "false", "--image_size", "64", "--save_strategy", "no",
+                 "--output_dir", str(run)], REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    status = json.loads((run / "run.json").read_text())
+    assert list(status["timings_s"])[:2] == ["startup", "setup"] and status["timings_s"]["startup"] > 0.5
+    assert status["garbage_collection"]["frozen_objects"] > 100_000 and status["recipe"] == "classify"
+
+
+@pytest.mark.slow
 def test_pipeline_records_prepared_images_and_step_stats(bone_break_dir, tmp_path):
     run = tmp_path / "run"
     proc = _run(["unsloth_med.recipes.bone_fracture", "--data_dir", str(bone_break_dir), "--model", "tiny:mistral3",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 from .base import basic_logging, friendly
+from .train import train_command
 
 GENERIC_USAGE = """usage: python -m unsloth_med.recipes.generic {classify,caption} --data_dir DATA [options]
 
@@ -18,6 +19,7 @@ def generic_main(argv: list[str] | None = None) -> int:
     from ..recipes.generic import TASK_ALIASES, placeholder, record_resolved, resolve_recipe
 
     basic_logging()
+    whole_process = argv is None  # the process's own command (cli.main says why)
     argv = list(sys.argv[1:] if argv is None else argv)
     asked_help = bool(argv) and argv[0] in ("-h", "--help")
     kind = TASK_ALIASES.get(argv[0].strip().lower()) if argv else None
@@ -26,19 +28,11 @@ def generic_main(argv: list[str] | None = None) -> int:
               file=sys.stdout if asked_help else sys.stderr)
         return 0 if asked_help else 2
 
-    def job() -> int:
-        from ..config import parse_config
-        from ..secrets import remember_command_line_secrets, take_hub_token
-
-        remember_command_line_secrets(argv)  # redacted from every message and log line from here on
-        base = placeholder(kind)
-        config = parse_config(argv[1:], base, prog=f"python -m unsloth_med.recipes.generic {kind}")
-        take_hub_token(config.training)  # --hub_token: kept for the push, out of every file the trainer writes
+    def resolve(base, config):
         recipe = resolve_recipe(base, config)
         record_resolved(config, recipe)
-        from ..pipeline import run
+        return recipe
 
-        run(recipe, config)
-        return 0
-
-    return friendly(job)
+    # As any training command: unsloth imported first on a GPU, the imports frozen, the time from process start.
+    return friendly(lambda: train_command(argv[1:], placeholder(kind), whole_process=whole_process, resolve=resolve,
+                                          prog=f"python -m unsloth_med.recipes.generic {kind}"))

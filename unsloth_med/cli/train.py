@@ -6,8 +6,10 @@ import sys
 from .base import basic_logging, friendly, seconds_since_process_start
 
 
-def train_command(argv: list[str], recipe=None, *, prog: str = "unsloth-med train", whole_process: bool = False) -> int:
-    """`whole_process`: the job is this process's command, so its time breakdown starts at the process's start."""
+def train_command(argv: list[str], recipe=None, *, prog: str = "unsloth-med train", whole_process: bool = False,
+                  resolve=None) -> int:
+    """`whole_process`: the job is this process's command, so its time breakdown starts at the process's start.
+    `resolve(recipe, config)`: the recipe to run, from the parsed config (the generic recipes build theirs)."""
     from ..config import parse_config
     from ..secrets import remember_command_line_secrets, take_hub_token
 
@@ -30,8 +32,8 @@ def train_command(argv: list[str], recipe=None, *, prog: str = "unsloth-med trai
         from ..collector import freeze_imports
 
         freeze_imports()
-    run(recipe or get_recipe(config.run.recipe), config,
-        startup_s=seconds_since_process_start() if whole_process else None)
+    recipe = resolve(recipe, config) if resolve is not None else (recipe or get_recipe(config.run.recipe))
+    run(recipe, config, startup_s=seconds_since_process_start() if whole_process else None)
     return 0
 
 
