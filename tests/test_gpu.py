@@ -622,6 +622,8 @@ def test_memory_cap_keeps_the_effective_batch_and_refuses_an_impossible_cap(tiny
     try:
         roomy = fit_micro_batch(trainer, train_set, max_memory_gib=40)
         assert roomy["micro_batch"] == effective and roomy["gradient_accumulation_steps"] == 1
+        # probe steps train nothing: TRL's token count and token metrics do not count them
+        assert trainer._total_train_tokens == 0 and not any(trainer._metrics["train"].values())
         # A cap half way from what is in use now to the full batch's peak: the full micro-batch cannot fit,
         # so the accumulation path must run (smaller micro-batch, same effective batch).
         in_use = torch.cuda.memory_allocated() / 2**30

@@ -60,3 +60,22 @@ def test_a_run_that_fails_in_the_data_stage_records_its_times_and_blocks_no_reru
     assert list(status["timings_s"]) == ["setup", "data", "total"]
     with pytest.raises(UnslothMedError, match="No class folders found"):  # not "already holds a run"
         train_command(argv, get_recipe("bone_fracture"))
+
+
+def test_a_stage_that_fails_after_timing_a_part_apart_counts_that_part_once():
+    """Training times its warm-up apart, then saving the adapter fails (a full disk): the failed run's breakdown
+    still adds up to its total (the warm-up was counted in both warm_up and train)."""
+    import time
+
+    def train(ctx):
+        time.sleep(0.2)
+        ctx.timings["warm_up"] = 0.2
+        time.sleep(0.1)
+        raise OSError(28, "No space left on device")
+
+    ctx = pipeline.RunContext(get_recipe("bone_fracture"), None)
+    with pytest.raises(OSError):
+        pipeline._run_stage(ctx, "train", train)
+    timings = ctx.breakdown()
+    assert timings["warm_up"] == pytest.approx(0.2) and timings["train"] == pytest.approx(0.1, abs=0.05)
+    assert timings["warm_up"] + timings["train"] == pytest.approx(timings["total"], abs=0.05), timings

@@ -74,7 +74,31 @@ def test_kill_dash_nine_then_resume_matches_an_uninterrupted_run(bone_break_dir,
     assert steps and steps[0] == f"{resumed_from + 1}/9" and steps[-1] == "9/9", steps
 
     assert json.loads((crashed / "run.json").read_text())["complete"] is True
+    # train_log.jsonl holds every step once: what the killed run logged after its checkpoint was dropped.
+    logged = [json.loads(line) for line in (crashed / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == list(range(1, 10))
+    assert len([r for r in logged if "train_runtime" in r]) == 1
     expected, got = _final_losses(straight), _final_losses(crashed)
     assert sorted(got) == list(range(1, 10))
     for step in (7, 8, 9):
         assert got[step] == pytest.approx(expected[step], rel=1e-3, abs=1e-4), (step, got[step], expected[step])
+
+
+def test_the_training_log_keeps_each_step_once_across_a_resume(tmp_path):
+    """The interrupted run logged steps 1-5 and a summary; resumed from checkpoint-3, the log keeps 1-3 and the
+    resumed session appends 4 on (a kill between checkpoints left steps 4-5 in it twice)."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from unsloth_med.train import JsonlLogCallback
+
+    path = tmp_path / "train_log.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*({"step": k, "loss": 1.0 / k} for k in range(1, 6)),
+                                                            {"step": 5, "train_runtime": 9.0}]))
+    callback, args = JsonlLogCallback(path), TrainingArguments(str(tmp_path / "out"), report_to="none")
+    callback.on_train_begin(args, TrainerState(global_step=3), TrainerControl())
+    callback.on_log(args, TrainerState(global_step=4), TrainerControl(), logs={"loss": 0.2})
+    assert [(r["step"], "loss" in r) for r in map(json.loads, path.read_text().splitlines())] == \
+        [(1, True), (2, True), (3, True), (4, True)]
+    fresh = JsonlLogCallback(path)  # a run from step 0 (a new run into a new folder) keeps what it finds
+    fresh.on_train_begin(args, TrainerState(global_step=0), TrainerControl())
+    assert len(path.read_text().splitlines()) == 4

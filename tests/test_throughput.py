@@ -218,10 +218,16 @@ def test_bench_cli_runs_a_path_and_writes_json_and_table(bone_break_dir, tmp_pat
     assert "--max_steps" in defaults["command_run"] and defaults["timings_s"]["train"] > 0
     summary = json.loads((out / f"cpu-test_{model.name}_summary.json").read_text())
     assert [(r["path"], r["batch_size"]) for r in summary["rows"]] == [("hf-bf16", 2), ("hf-bf16", 4),
-                                                                        ("recipe-defaults", 2)]
+                                                                        ("recipe-defaults", 8)]  # 2 x 4 a step
     assert summary["rows"][0]["x_hf_bf16_b2"] == pytest.approx(1.0)
     table = (out / f"cpu-test_{model.name}.md").read_text()
-    assert "| hf-bf16 | — | 2 |" in table and "| hf-bf16 | — | 4 |" in table and "| recipe-defaults | — | 2 |" in table
+    assert "| hf-bf16 | — | 2 |" in table and "| hf-bf16 | — | 4 |" in table and "| recipe-defaults | — | 8 |" in table
+    # Under --max_memory_gib the row carries its cap, for the table and the comparison with the HF rows inside it.
+    from unsloth_med.bench import table_rows
+
+    assert "max_memory_gib" in defaults and defaults["max_memory_gib"] is None  # no cap on this run
+    capped = {**defaults, "max_memory_gib": 24}
+    assert table_rows([capped])[0]["memory_cap_gib"] == 24
 
 
 def _tiny_mistral3_batch(sizes):

@@ -229,7 +229,9 @@ def recipe_defaults_row(args, model_dir: Path, work: Path) -> dict:
     status = json.loads((run / "run.json").read_text())
     losses = [json.loads(line).get("loss") for line in (run / "train_log.jsonl").read_text().splitlines()]
     losses = [x for x in losses if x is not None]
-    batch = {"batch_size": stats.get("micro_batch"), "samples_per_step": stats.get("samples_per_step"),
+    # batch_size: the samples of one optimizer step (micro-batch x accumulation), as the other rows' batch is theirs
+    batch = {"batch_size": stats.get("samples_per_step"), "micro_batch": stats.get("micro_batch"),
+             "samples_per_step": stats.get("samples_per_step"),
              "samples_per_s": stats.get("samples_per_second"),
              "samples_per_s_all_steps": stats.get("samples_per_second_all_steps"),
              "median_step_s": stats.get("median_step_seconds"), "max_over_median": stats.get("max_over_median"),
@@ -237,6 +239,7 @@ def recipe_defaults_row(args, model_dir: Path, work: Path) -> dict:
              "peak_reserved_gib": stats.get("peak_reserved_gib"), "data_share": stats.get("data_share"),
              "warmup_s": (stats.get("shape_warmup") or {}).get("seconds"), "final_loss": losses[-1] if losses else None}
     return {"path": RECIPE_DEFAULTS, "command_run": cmd[2:], "memory_plan": stats.get("memory_plan"),
+            "max_memory_gib": args.max_memory_gib,  # the cap it ran under: the table's column and the HF comparison
             "checkpointed_layers": stats.get("checkpointed_layers"), "gpu": stats.get("device"),
             "load_s": (status.get("timings_s") or {}).get("load_model"), "timings_s": status.get("timings_s"),
             "batches": [batch]}

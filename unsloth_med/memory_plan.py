@@ -267,12 +267,24 @@ def step_without_update(trainer, rows: list[dict] | None, *, eager: bool = False
     # No collective in a step of one rank alone: TRL gathers its token metrics across the ranks, and under DDP
     # a rank that ran out of memory (or probes one more size) would leave the others waiting in that gather.
     trainer.accelerator.gather_for_metrics = lambda value, **_: value
+    # TRL's compute_loss (the GPU path) counts every step's tokens, entropy and token accuracy into what the first
+    # logged step reports: a probe or warm-up step trains nothing and must not be counted.
+    metrics = getattr(trainer, "_metrics", None)
+    kept = {mode: {k: list(v) for k, v in values.items()} for mode, values in metrics.items()} \
+        if isinstance(metrics, dict) else None
+    tokens = getattr(trainer, "_total_train_tokens", None)
     try:
         with eager_stance(eager):
             trainer.training_step(trainer.model, collated if collated is not None else trainer.data_collator(rows))
     finally:
         del trainer.accelerator.gather_for_metrics
         trainer.model.zero_grad(set_to_none=True)
+        if kept is not None:
+            for mode, values in kept.items():
+                metrics[mode].clear()
+                metrics[mode].update(values)
+        if tokens is not None:
+            trainer._total_train_tokens = tokens
 
 
 class _Prober:

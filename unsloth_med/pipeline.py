@@ -192,13 +192,16 @@ class RunContext:
     export_error: ExportError | None = None
     metrics: dict = dataclasses.field(default_factory=dict)
     stop: bool = False  # set on ranks other than 0 once the ranks' shared work is done
+    timed_before_stage: set = dataclasses.field(default_factory=set)  # the timings' keys when the stage started
 
     def breakdown(self) -> dict:
         """Seconds per finished stage, the stage in progress under its own name, and the total so far."""
         now = time.perf_counter()
         timings = dict(self.timings)
         if self.stage_started and self.current_stage not in timings:
-            timings[self.current_stage] = now - self.stage_started
+            # less any part the stage already timed apart (the training's warm-up, when saving the adapter fails)
+            carved = sum(seconds for key, seconds in timings.items() if key not in self.timed_before_stage)
+            timings[self.current_stage] = now - self.stage_started - carved
         return {**{name: round(max(seconds, 0.0), 3) for name, seconds in timings.items()},
                 "total": round(now - self.started, 3)}
 
@@ -562,7 +565,7 @@ STAGES: tuple[tuple[str, Callable[[RunContext], None]], ...] = (
 
 def _run_stage(ctx: RunContext, name: str, stage: Callable[[RunContext], None]) -> None:
     """Run one stage and record its seconds, less any part the stage timed apart (the training's warm-up)."""
-    timed_before = set(ctx.timings)
+    ctx.timed_before_stage = timed_before = set(ctx.timings)
     ctx.current_stage, ctx.stage_started = name, time.perf_counter()
     stage(ctx)
     elapsed = time.perf_counter() - ctx.stage_started

@@ -24,15 +24,32 @@ log = logging.getLogger(__name__)
 
 
 class JsonlLogCallback(TrainerCallback):
-    """Append every log record (loss, lr, grad norm) to <run>/train_log.jsonl as it happens."""
+    """Append every log record (loss, lr, grad norm) to <run>/train_log.jsonl as it happens.
+
+    A resumed run starts from its last complete checkpoint: the records the interrupted run logged after it (and
+    its closing summary, if it wrote one) are dropped first, so that every step is in the file once."""
 
     def __init__(self, path: Path):
         self.path = path
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0 and state.is_world_process_zero and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines() if line.strip()
+                    and _before_resume(json.loads(line), state.global_step)]
+            partial = self.path.with_name(f".{self.path.name}.tmp")
+            partial.write_text("".join(line + "\n" for line in kept))
+            partial.replace(self.path)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and state.is_world_process_zero:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def _before_resume(record: dict, step: int) -> bool:
+    """Whether a logged record belongs to the steps a run resumed at `step` keeps: up to the checkpoint, and not a
+    session's closing summary (train_runtime...), which the resumed session writes again."""
+    return int(record.get("step", 0)) <= step and "train_runtime" not in record
 
 
 def _duration(seconds: float) -> str:
