@@ -27,6 +27,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def require(module: str):
+    """`module` imported; a package of pyproject's test extra, so in CI its absence is a failure (a broken install
+    must not turn the tests that need it into silent skips); elsewhere those tests are skipped."""
+    if os.environ.get("CI"):
+        import importlib
+
+        try:
+            return importlib.import_module(module)
+        except ImportError as exc:
+            pytest.fail(f"{module} is missing: it is in the test extra (pip install -e '.[test]'): {exc}",
+                        pytrace=False)
+    return pytest.importorskip(module)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
     """Tiny models and generated data go to a per-session cache, never the user's home."""

@@ -7,8 +7,9 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import require
 
-pydicom = pytest.importorskip("pydicom")
+pydicom = require("pydicom")
 from pydicom.data import get_testdata_file  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import require
 from PIL import Image
 
 from unsloth_med.backends.hf import HFBackend, VisionCollator
@@ -534,7 +535,7 @@ def test_a_folded_layer_asked_for_per_row_adapters_runs_them_unfolded(tiny_path)
 def _quantize_language_model(model) -> int:
     """Every linear layer of the language model as a bitsandbytes NF4 layer (as a 4-bit load leaves it; here on the
     CPU, where the hf backend loads float32): returns how many."""
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = require("bitsandbytes")
     replaced = 0
     for parent in list(model.model.language_model.modules()):
         for name, child in list(parent.named_children()):
@@ -559,7 +560,7 @@ def test_dequantized_4bit_layers_score_and_generate_as_the_4bit_ones(tiny_path, 
     where each decoding step would otherwise dequantize every weight again), with the same arithmetic: the same
     scores and answers, no 4-bit matmul inside the pass, the 4-bit layers themselves again after it. With LoRA
     adapters their base layers are folded with them, not dequantized twice."""
-    bnb = pytest.importorskip("bitsandbytes")  # a test dependency (pyproject's test extra): runs in CI
+    bnb = require("bitsandbytes")  # a test dependency (pyproject's test extra): runs in CI
 
     model, processor = _load(tiny_path, "mistral3")
     quantized = _quantize_language_model(model)
