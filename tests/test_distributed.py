@@ -311,9 +311,14 @@ def test_resume_under_ddp_after_sigkill_of_the_whole_job(tmp_path, bone_break_di
     psutil.wait_procs(ranks, timeout=30)
     assert not json.loads((crashed / "run.json").read_text()).get("complete")
 
+    from unsloth_med.train import last_checkpoint
+
+    resumed_from = int(Path(last_checkpoint(crashed)).name.split("-")[-1])
     resumed = subprocess.run(_torchrun(*_recipe(*args, "--output_dir", str(crashed), "--resume")), env=_env(),
                              capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
+    steps = [line.split()[1] for line in resumed.stdout.splitlines() if line.startswith("step ")]
+    assert steps and steps[0] == f"{resumed_from + 1}/6", steps  # continued from the checkpoint, not retrained
     assert json.loads((crashed / "run.json").read_text())["complete"] is True
     expected, got = _losses(straight, 6), _losses(crashed, 6)
     assert sorted(got) == list(range(1, 7))

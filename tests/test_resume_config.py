@@ -120,8 +120,13 @@ def test_resume_continues_with_the_runs_own_settings_and_never_keeps_the_old_com
     assert saved["lora"]["lora_r"] == 8 and saved["data"]["image_size"] == 32
 
     # What the interrupted message says, exactly: --resume --output_dir DIR, nothing else repeated.
+    from unsloth_med.train import last_checkpoint
+
+    resumed_from = int(Path(last_checkpoint(run_dir)).name.split("-")[-1])
     resumed = _classify(capsys, "--resume", "--output_dir", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [line.split()[1] for line in resumed.stdout.splitlines() if line.startswith("step ")]
+    assert resumed_from >= 8 and steps[0] == f"{resumed_from + 1}/30", steps  # continued, not retrained
     state = _state(run_dir / "checkpoint-30")
     assert state["global_step"] == 30
     logged = {h["step"]: h["learning_rate"] for h in state["log_history"] if "learning_rate" in h}
