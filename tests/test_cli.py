@@ -127,7 +127,10 @@ def test_check_data_takes_train_data_options_and_lists_leaked_pairs(tmp_path, ca
     import json
 
     listing = _listing(tmp_path)
-    out = tmp_path / "summary.json"
+    with pytest.raises(SystemExit) as exit:  # a --json that cannot be written fails before the checks, in one line
+        main(["check-data", "--recipe", "classify", "--data_dir", str(listing), "--json", str(tmp_path)])
+    assert exit.value.code == 2 and capsys.readouterr().err.startswith(f"error: cannot write --json {tmp_path}")
+    out = tmp_path / "new" / "summary.json"  # its folder is made
     with pytest.raises(SystemExit) as exit:
         main(["check-data", "--recipe", "classify", "--data_dir", str(listing), "--image_column", "file",
               "--target_column", "diagnosis", "--labels", "normal,broken", "--json", str(out)])

@@ -290,6 +290,25 @@ def test_adapter_export_of_a_generic_classify_run_keeps_its_labels(tiny_path, tm
     assert info["image_buckets"] is True and load_for_inference(result["path"]).image_size.buckets is True
 
 
+def test_an_export_replaces_only_an_earlier_export_never_another_folder(tiny_path, tmp_path):
+    """--out names a folder holding something else (or the run folder itself): refused before anything is written,
+    that folder intact (it was moved aside and deleted). An earlier export at --out is replaced."""
+    backend, model, processor, base = _tuned(tiny_path, "mistral3")
+    run = _fake_run(tmp_path, model, processor, base)
+    mine = tmp_path / "models"
+    (mine / "important").mkdir(parents=True)
+    (mine / "important" / "keep.txt").write_text("data")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for out in (mine, run):
+        with pytest.raises(ExportError, match="holds no export .no export.json.; an export replaces"):
+            export_run(run, format="adapter", out=str(out))
+    assert (mine / "important" / "keep.txt").read_text() == "data"
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    first = export_run(run, format="adapter", out=str(tmp_path / "export"))
+    again = export_run(run, format="adapter", out=str(tmp_path / "export"))  # an export: replaced
+    assert first["path"] == again["path"] and Path(again["path"], "export.json").is_file()
+
+
 def test_export_of_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit):
         export_command([str(tmp_path), "--public"])  # --public needs --push-to-hub

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError, UnslothMedError
@@ -21,6 +22,24 @@ def friendly(fn: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print("interrupted: the run folder keeps its last checkpoint; continue with --resume", file=sys.stderr)
         return 130
+
+
+def output_file(path: str | None, flag: str) -> Path | None:
+    """A command's output file, checked before its work: its folder is made, and a file that cannot be written is
+    a ConfigError now, not a traceback after minutes of evaluation or data checks."""
+    if path is None:
+        return None
+    import os
+
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {flag} {path}: {exc.strerror or exc}. Choose a writable path.") from exc
+    if target.is_dir() or not os.access(target if target.exists() else target.parent, os.W_OK):
+        raise ConfigError(f"cannot write {flag} {path}: {'it is a folder' if target.is_dir() else 'permission denied'}"
+                          ". Choose a writable file path.")
+    return target
 
 
 def seconds_since_process_start() -> float | None:

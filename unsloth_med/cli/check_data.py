@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from ..errors import ConfigError
 from ..options import option_line, section_lines
+from .base import output_file
 
 
 def check_data_command(argv: list[str]) -> int:
@@ -26,12 +26,13 @@ def check_data_command(argv: list[str]) -> int:
         json_path = argv.pop(at + 1)
         argv.pop(at)
     config = parse_config(argv, prog="unsloth-med check-data")
+    json_file = output_file(json_path, "--json")  # checked before the data checks, not after them
     recipe = resolve_recipe(get_recipe(config.run.recipe), config)
     summary = check_data(recipe, config.data.data_dir, image_size=config.data.image_size, seed=config.training.seed,
                          split_by=config.data.split_by, test_fraction=config.data.test_fraction)
     print(format_check(summary, data_dir=config.data.data_dir, json_path=json_path))
-    if json_path:
-        Path(json_path).write_text(json.dumps(summary, indent=1))
+    if json_file:
+        json_file.write_text(json.dumps(summary, indent=1))
     return 0
 
 

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from .base import ArgumentParser
+from .base import ArgumentParser, output_file
 
 
 def evaluate_command(argv: list[str]) -> int:
@@ -21,9 +20,10 @@ def evaluate_command(argv: list[str]) -> int:
     parser.add_argument("--max_eval_samples", "--max-eval-samples", type=int)
     parser.add_argument("--output", help="write the metrics JSON here")
     args = parser.parse_args(argv)
+    output = output_file(args.output, "--output")  # checked before the evaluation, not after it
     result = evaluate_saved_model(args.model, recipe_name=args.recipe, data_dir=args.data_dir, mode=args.mode,
                                   batch_size=args.batch_size, max_eval_samples=args.max_eval_samples)
     print(format_table(None, result))
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=1))
+    if output:
+        output.write_text(json.dumps(result, indent=1))
     return 0

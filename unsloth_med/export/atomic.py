@@ -61,6 +61,19 @@ def _publish(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _check_replaceable(out_dir: Path) -> None:
+    """Publishing replaces what is at out_dir: only an earlier export (its export.json, written last, says it
+    was one) or an empty folder. `--out ~/models` or `--out RUN_DIR` deleted that folder and everything in it."""
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        return
+    if out_dir.is_dir() and not out_dir.is_symlink() and (
+            (out_dir / "export.json").is_file() or not any(out_dir.iterdir())):
+        return
+    what = "a file" if not out_dir.is_dir() else "a folder that holds no export (no export.json)"
+    raise ExportError(f"{out_dir} is {what}; an export replaces what is at its destination, so nothing was written. "
+                      "Choose a new folder (--out), or move that one away first.")
+
+
 class _AtomicDir:
     """`with _AtomicDir(out) as tmp:` write into tmp; published as `out` only if the block completes."""
 
@@ -68,6 +81,7 @@ class _AtomicDir:
         self.out_dir, self.needed_bytes = out_dir, needed_bytes
 
     def __enter__(self) -> Path:
+        _check_replaceable(self.out_dir)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_partials(self.out_dir)
         self.tmp = _partial_dir(self.out_dir)
