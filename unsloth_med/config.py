@@ -520,7 +520,10 @@ def _check_choices(parser, sections, layers: list[tuple[str, dict[str, Any]]]) -
             if choices is None or value is None or value in choices:
                 continue
             where = next((source for source, layer in reversed(layers) if f.name in layer), "the defaults")
-            action = next(a for a in parser._actions if a.dest == f.name)  # HfArgumentParser gives it the choices
+            action = next((a for a in parser._actions if a.dest == f.name), None)  # HfArgumentParser's, with choices
+            if action is None:  # a field the parser has no flag for
+                raise ConfigError(f"{f.name}: invalid choice {value!r} (choose from {', '.join(map(repr, choices))}), "
+                                  f"set in {where}")
             try:  # argparse's own check of a flag's value: the very error a bad flag gets
                 parser._check_value(action, value)
             except argparse.ArgumentError as exc:
