@@ -194,14 +194,17 @@ class RunContext:
     stop: bool = False  # set on ranks other than 0 once the ranks' shared work is done
     timed_before_stage: set = dataclasses.field(default_factory=set)  # the timings' keys when the stage started
 
+    def timed_apart(self) -> float:
+        """Seconds the stage in progress recorded under names of their own (the training's warm-up)."""
+        return sum(seconds for key, seconds in self.timings.items() if key not in self.timed_before_stage)
+
     def breakdown(self) -> dict:
         """Seconds per finished stage, the stage in progress under its own name, and the total so far."""
         now = time.perf_counter()
         timings = dict(self.timings)
         if self.stage_started and self.current_stage not in timings:
             # less any part the stage already timed apart (the training's warm-up, when saving the adapter fails)
-            carved = sum(seconds for key, seconds in timings.items() if key not in self.timed_before_stage)
-            timings[self.current_stage] = now - self.stage_started - carved
+            timings[self.current_stage] = now - self.stage_started - self.timed_apart()
         return {**{name: round(max(seconds, 0.0), 3) for name, seconds in timings.items()},
                 "total": round(now - self.started, 3)}
 
@@ -565,12 +568,10 @@ STAGES: tuple[tuple[str, Callable[[RunContext], None]], ...] = (
 
 def _run_stage(ctx: RunContext, name: str, stage: Callable[[RunContext], None]) -> None:
     """Run one stage and record its seconds, less any part the stage timed apart (the training's warm-up)."""
-    ctx.timed_before_stage = timed_before = set(ctx.timings)
+    ctx.timed_before_stage = set(ctx.timings)
     ctx.current_stage, ctx.stage_started = name, time.perf_counter()
     stage(ctx)
-    elapsed = time.perf_counter() - ctx.stage_started
-    carved = sum(seconds for key, seconds in ctx.timings.items() if key not in timed_before)
-    ctx.timings[name] = elapsed - carved
+    ctx.timings[name] = time.perf_counter() - ctx.stage_started - ctx.timed_apart()
     ctx.stage_started = 0.0
 
 

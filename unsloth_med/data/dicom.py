@@ -162,8 +162,7 @@ def _read(pydicom, InvalidDicomError, source: Any, name: str):
         raise ImageError(f"{name}: the file is truncated: it ends after {_size_of(source)}, inside its header "
                          f"({type(exc).__name__}: {exc}). Copy or export it again, or remove it from the "
                          "dataset.") from exc
-    except Exception as exc:  # pydicom raises many kinds on corrupt headers
-        raise ImageError(f"{name}: not a readable DICOM file ({type(exc).__name__}: {exc}).") from exc
+    # Any other kind pydicom raises on a corrupt header becomes load_dicom's one ImageError for the file.
 
 
 def _size_of(source: Any) -> str:

@@ -57,8 +57,12 @@ def row_images(rows: Sequence[dict], image_size) -> list[list]:
 
 def encode_rows(processor: Any, recipe, rows: Sequence[dict], image_size, prompt: str | None = None) -> dict:
     """The prompts of `rows` with their images, tokenized and left-padded (on the CPU), ready for the model."""
-    return prompting.encode(processor, row_prompts(processor, recipe, rows, prompt), row_images(rows, image_size),
-                            padding_side="left")
+    return _encode_prompted(processor, row_prompts(processor, recipe, rows, prompt), rows, image_size)
+
+
+def _encode_prompted(processor: Any, prompts: Sequence[str], rows: Sequence[dict], image_size) -> dict:
+    """Rendered prompts with their rows' images, left-padded: what every evaluation batch is."""
+    return prompting.encode(processor, prompts, row_images(rows, image_size), padding_side="left")
 
 
 class EncodedBatches:
@@ -95,7 +99,7 @@ class EncodedBatches:
                 self.stats["reused" if kept is not None else "encoded"] += 1
             if kept is not None:
                 return dict(kept)  # a new dict: a caller may pop from it; the tensors are read, never written
-            encoded = prompting.encode(processor, prompts, row_images(rows, image_size), padding_side="left")
+            encoded = _encode_prompted(processor, prompts, rows, image_size)
             size = sum(v.numel() * v.element_size() for v in encoded.values() if isinstance(v, torch.Tensor))
             with self._lock:
                 if key is not None and key not in self.kept and self.kept_bytes + size <= self.limit_bytes:
