@@ -264,7 +264,7 @@ def test_an_hf_dataset_with_only_a_validation_split_holds_out_a_test_split(tmp_p
 @pytest.mark.parametrize("name", ["vqa", "radiology_vqa", "product_catalog"])
 def test_table_recipes_take_the_split_column_and_test_fraction_from_the_config(name):
     from unsloth_med.recipes import get_recipe
-    from unsloth_med.recipes.generic import resolve_recipe
+    from unsloth_med.recipes.resolve import resolve_recipe
 
     recipe = resolve_recipe(get_recipe(name), {"split_column": "fold", "test_fraction": 0.3})
     assert recipe.source.split_column == "fold" and recipe.source.test_fraction == 0.3
@@ -275,7 +275,7 @@ def test_table_recipes_take_the_split_column_and_test_fraction_from_the_config(n
 def test_vqa_recipe_splits_a_listing_by_the_configured_column_and_fraction(tmp_path):
     from unsloth_med.data.sources import load_recipe_data
     from unsloth_med.recipes import get_recipe
-    from unsloth_med.recipes.generic import resolve_recipe
+    from unsloth_med.recipes.resolve import resolve_recipe
 
     lines = ["image,question,answer,part"]
     for i in range(8):

@@ -19,9 +19,9 @@ from unsloth_med.data.tables import load_folders, load_table
 from unsloth_med.data.tables.holdout import stratified_split
 from unsloth_med.data.tables.locations import OFFLINE_ENV, url_cache_path
 from unsloth_med.errors import ConfigError, DataError, NetworkError
-from unsloth_med.recipes.generic import (
-    CLASSIFY_INSTRUCTION,
-    TableSource,
+from unsloth_med.recipes.base import TableSource
+from unsloth_med.recipes.generic import CLASSIFY_INSTRUCTION
+from unsloth_med.recipes.resolve import (
     build_generic_recipe,
     parse_labels,
     placeholder,

@@ -210,7 +210,7 @@ def _export_folder(tmp_path, recipe, **extra):
 
 @pytest.mark.parametrize("kind", ["classify", "caption"])
 def test_card_of_a_generic_recipe_run_names_its_instruction_labels_and_data(kind, run_dir, tmp_path):
-    from unsloth_med.recipes.generic import build_generic_recipe
+    from unsloth_med.recipes.resolve import build_generic_recipe
 
     recipe = build_generic_recipe(kind, data_source="/data/own/labels.csv",
                                   labels=["normal", "pneumonia"] if kind == "classify" else None,

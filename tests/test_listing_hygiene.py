@@ -11,7 +11,7 @@ from PIL import Image
 
 from unsloth_med.data.sources import load_recipe_data
 from unsloth_med.data.tables import load_folders, load_table
-from unsloth_med.recipes.generic import placeholder, resolve_recipe
+from unsloth_med.recipes.resolve import placeholder, resolve_recipe
 
 
 def _png(path: Path, shade: int = 128) -> Path:
@@ -133,7 +133,7 @@ def test_recipe_class_folders_follow_the_same_path_rule(tmp_path, monkeypatch):
 @pytest.mark.parametrize("shared", ["real", "symlink"])
 def test_real_bone_break_listing_matches_its_folders_through_a_symlink(bone_break_dir, tmp_path, shared):
     """The real dataset, reached directly and through a symlink to it (how a checkout's ../shared often is)."""
-    from unsloth_med.recipes.generic import build_generic_recipe
+    from unsloth_med.recipes.resolve import build_generic_recipe
 
     root = bone_break_dir
     if shared == "symlink":

@@ -7,30 +7,41 @@ import json
 import pytest
 
 from unsloth_med.data.sources import load_recipe_data
+from unsloth_med.data.synthetic_catalog import write_demo_catalog
+from unsloth_med.data.templates import read_fields, read_number, template_labels
 from unsloth_med.errors import NetworkError
-from unsloth_med.recipes.product_catalog import (
-    RECIPE,
-    TEMPLATE,
-    catalog_metrics,
-    parse_catalog_text,
-    parse_price,
-    write_demo_catalog,
-)
+from unsloth_med.recipes.product_catalog import RECIPE, TEMPLATE, catalog_metrics
 
 
-def test_parse_catalog_text_cuts_at_field_labels():
+def parse_catalog_text(text):
+    return read_fields(text, TEMPLATE)
+
+
+def test_answers_are_read_back_at_the_template_labels():
+    assert template_labels(TEMPLATE) == (("title", "Product:"), ("category", "Category:"), ("price", "Full Price:"))
     assert parse_catalog_text("Product: Red Bag, large, Category: BAGS, Full Price: $1,890.00") == {
         "title": "Red Bag, large", "category": "BAGS", "price": "$1,890.00"}
     assert parse_catalog_text("  product:X,   category : Y ,full price: 10") == {"title": "X", "category": "Y",
                                                                                  "price": "10"}
+    # Any order, text before the first label, a label repeated (its first value kept).
+    assert parse_catalog_text("Sure! Category: BAGS; Full Price: 10, Product: Tote\nProduct: other") == {
+        "title": "Tote", "category": "BAGS", "price": "10"}
     assert parse_catalog_text("Product: X, Full Price: 10") is None  # a field is missing
     assert parse_catalog_text("no idea") is None
 
 
+def test_other_templates_are_read_back_too():
+    template = "Findings: {findings}\nImpression: {impression}"
+    assert read_fields("findings: No fracture, no effusion. IMPRESSION: normal", template) == {
+        "findings": "No fracture, no effusion.", "impression": "normal"}
+    with pytest.raises(ValueError, match="no label before {b}"):
+        template_labels("A: {a}{b}")
+
+
 @pytest.mark.parametrize("text, value", [("1890", 1890.0), ("$1,890.00", 1890.0), ("USD 49.5", 49.5),
                                          ("free", None), ("", None), (None, None)])
-def test_parse_price(text, value):
-    assert parse_price(text) == value
+def test_read_number(text, value):
+    assert read_number(text) == value
 
 
 def test_catalog_metrics_known_answers():

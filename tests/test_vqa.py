@@ -124,7 +124,7 @@ def test_unsloth_collator_labels_every_assistant_turn(tmp_path, tiny_path, famil
 def test_question_answer_listing_fills_the_instruction_per_row(tmp_path):
     from unsloth_med.data.sources import load_recipe_data
     from unsloth_med.recipes import get_recipe
-    from unsloth_med.recipes.generic import resolve_recipe
+    from unsloth_med.recipes.resolve import resolve_recipe
 
     img = _image(tmp_path / "x.png", "gray")
     listing = tmp_path / "qa.csv"

@@ -366,7 +366,7 @@ def write_model_card(folder: str | Path, *, run_dir: str | Path | None = None, r
     if "data_source" in info:  # the recipe as the run resolved it: instruction, labels, data actually used
         recipe = recorded_recipe(info)
     else:  # written by an older unsloth-med: rebuild it from the run's config; say why when that fails
-        from .recipes.generic import resolve_recipe
+        from .recipes.resolve import resolve_recipe
 
         try:
             recipe = resolve_recipe(get_recipe(info["recipe"]), {**((read_run_config(run_dir) or {}).get("data") or {}),

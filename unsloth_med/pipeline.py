@@ -238,7 +238,7 @@ def load_data(ctx: RunContext) -> None:
     from .data.sources import run_splits, subsample
     from .data.summary import summarize
     from .data.validate import validate_splits
-    from .recipes.generic import resolve_recipe
+    from .recipes.resolve import resolve_recipe
 
     config, ranks, files = ctx.config, ctx.ranks, ctx.files
     _write_status(ctx.run_dir, stage="data", complete=False, drop=FINISHED_KEYS)  # the run's first status write
@@ -307,7 +307,7 @@ def prepare_data(ctx: RunContext) -> None:
     from .data.prepare import check_image_tokens, prepare_images
     from .models import resolve_model_name
     from .models.families import image_fit
-    from .recipes.generic import record_resolved
+    from .recipes.resolve import record_resolved
 
     config, ranks, recipe, backend = ctx.config, ctx.ranks, ctx.recipe, ctx.backend
     ctx.named_model = config.model.model or resolve_model_name(None, recipe, backend.name)

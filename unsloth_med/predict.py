@@ -136,7 +136,7 @@ def load_for_inference(model_dir_or_run_dir: str | Path, *, recipe=None, backend
         model, processor = engine.load(resolve_model_name(source, rec, engine.name), _model_args())
         image_size, kind = rec.image_size, "checkpoint"
     model = engine.for_inference(model)
-    from .recipes.generic import resolve_recipe
+    from .recipes.resolve import resolve_recipe
 
     recorded = {**info, **((config.get("data") or {}) if kind == "run" else {})}
     rec = resolve_recipe(rec, recorded) if recorded.get("labels") or recorded.get("instruction") else rec

@@ -12,7 +12,7 @@ def check_data_command(argv: list[str]) -> int:
     from ..config import parse_config
     from ..data.checks import check_data
     from ..recipes import get_recipe
-    from ..recipes.generic import resolve_recipe
+    from ..recipes.resolve import resolve_recipe
 
     if "-h" in argv or "--help" in argv:
         print(check_data_help())

@@ -16,7 +16,8 @@ Every option of `unsloth-med train --help` works here too."""
 
 
 def generic_main(argv: list[str] | None = None) -> int:
-    from ..recipes.generic import TASK_ALIASES, placeholder, record_resolved, resolve_recipe
+    from ..recipes.generic import TASK_ALIASES
+    from ..recipes.resolve import placeholder, record_resolved, resolve_recipe
 
     basic_logging()
     whole_process = argv is None  # the process's own command (cli.main says why)

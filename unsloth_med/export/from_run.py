@@ -51,7 +51,7 @@ def _run_recipe(meta: dict, config: dict):
         if meta.get(key) and not values.get(key):
             values[key] = meta[key]
     try:
-        from ..recipes.generic import resolve_recipe
+        from ..recipes.resolve import resolve_recipe
     except ImportError:
         return recipe
     try:

@@ -10,15 +10,15 @@ from .base import DataSource, Recipe
 BUILTIN = ("bone_fracture", "radiology_caption", "radiology_vqa", "classify", "caption", "vqa", "product_catalog")
 
 
-GENERIC = ("classify", "caption")  # built from config values (recipes/generic.py), no module of their own
+GENERIC = ("classify", "caption")  # built from config values (recipes/resolve.py), no RECIPE of their own
 
 
 def get_recipe(name: str) -> Recipe:
     """A built-in recipe by name, or any importable module path that defines RECIPE.
 
-    `classify` / `caption` come back unconfigured: `generic.resolve_recipe(recipe, config)` fills them in."""
+    `classify` / `caption` come back unconfigured: `resolve.resolve_recipe(recipe, config)` fills them in."""
     if name in GENERIC:
-        from .generic import placeholder
+        from .resolve import placeholder
 
         return placeholder(name)
     module_name = f"{__name__}.{name}" if name in BUILTIN else name

@@ -7,7 +7,7 @@ its default model and its per-recipe config defaults. Everything else is the pip
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 from ..data import samples
 
@@ -34,6 +34,30 @@ class DataSource:
 
 
 @dataclass(frozen=True)
+class TableSource(DataSource):
+    """A DataSource for listings, class folders and HF datasets with configurable columns.
+
+    kind "auto" finds the format from the data location (a .csv/.tsv/.jsonl/.json listing, a folder of
+    class folders, a save_to_disk folder, or a HF dataset name); "table" is the same dispatch, named
+    for sources whose default is a table. Empty column names are detected from the data.
+    """
+
+    kind: str = "auto"
+    image_column: str = ""
+    target_column: str = ""
+    data_format: str = "auto"  # auto | table | class_folders | hf
+    target_template: str = ""  # "{title} costs {price}": the target from several columns
+    column_aliases: tuple[tuple[str, tuple[str, ...]], ...] = ()  # template/image name -> columns to try, in order
+    split_column: str = "split"
+    test_fraction: float = 0.1
+    question_column: str = "question"  # vqa: the question and answer columns, optional answer type / image group
+    answer_column: str = "answer"
+    answer_type_column: str = ""
+    image_group_column: str = ""
+    drop_duplicates: bool = False  # listings: keep one of rows that repeat an earlier row
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     task: TaskKind
@@ -45,6 +69,9 @@ class Recipe:
     image_size: int = 512  # longest image side fed to the model; it drives memory use
     max_new_tokens: int = 16  # generation budget at evaluation
     defaults: dict[str, Any] = field(default_factory=dict)  # config overrides, flat names
+    # Captioning: extra metrics from (predictions, references), reported beside BLEU/ROUGE-L (product_catalog's
+    # per-field exact match). A plain function, so a recipe needs no subclass for it.
+    score_text: Callable[[Sequence[str], Sequence[str]], Mapping[str, Any]] | None = None
 
     def target(self, example: dict) -> str:
         """The answer text of a loaded example (sources put it in the `target` column)."""

@@ -8,8 +8,7 @@ match, recall, token F1, BLEU-1.
     python -m unsloth_med.recipes.radiology_vqa --demo --output_dir runs/vqa-demo   # offline, CPU
     python -m unsloth_med.recipes.radiology_vqa --quick --split_by image            # 30 steps, GPU
 """
-from .base import Recipe
-from .generic import TableSource
+from .base import Recipe, TableSource
 
 INSTRUCTION = (
     "You are an expert radiologist. Answer the question about this image in as few words as possible "

@@ -10,8 +10,8 @@
 Other column names: --question_column, --answer_column, --answer_type_column, --image_group_column.
 The instruction may name any column: --instruction "Modality: {modality}. {question}".
 """
-from .base import Recipe
-from .generic import DEFAULT_MODEL, DEFAULT_MODEL_4BIT, TableSource
+from .base import Recipe, TableSource
+from .generic import DEFAULT_MODEL, DEFAULT_MODEL_4BIT
 
 INSTRUCTION = "Answer the question about the image in as few words as possible.\nQuestion: {question}"
 

@@ -76,7 +76,7 @@ def _listing_in(path: Path) -> Path:
 
 def load_source(source, data_dir: str | None = None, *, labels: Sequence[str] = (), task: str = "classification",
                 seed: int = 3407) -> "DatasetDict":
-    """A recipe source of kind "table" or "auto" (see recipes.generic.TableSource) as train/test splits."""
+    """A recipe source of kind "table" or "auto" (see recipes.base.TableSource) as train/test splits."""
     location = data_dir or getattr(source, "id", "")
     if not location:
         raise DataError("No data given: pass --data_dir (a CSV/JSONL listing, a folder with one sub-folder per class, "
