@@ -144,6 +144,26 @@ def test_check_data_takes_train_data_options_and_lists_leaked_pairs(tmp_path, ca
     assert [leak["test_id"] for leak in summary["leaked_test_images"]] and summary["leaked_count"] == 1
 
 
+def test_check_data_on_questions_counts_examples_and_images_and_says_how_to_resplit(tmp_path, capsys):
+    """VQA-RAD's own split asks test questions about training images. check-data said "train: 10 images" of ten
+    questions, and flagged every pair "[labels differ]" (two questions have two answers by design)."""
+    rng = np.random.default_rng(1)
+    rows = ["image,question,answer,split"]
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"img{i}.png")
+        for q, question in enumerate(("Is there a fracture?", "Which bone?", "Which side?")):
+            split = "test" if i < 2 and q > 0 else "train"
+            rows.append(f"img{i}.png,{question},answer {i}{q},{split}")
+    (tmp_path / "vqa.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(SystemExit) as exit:
+        main(["check-data", "--recipe", "vqa", "--data_dir", str(tmp_path / "vqa.csv")])
+    assert exit.value.code == 0
+    text = capsys.readouterr().out
+    assert "train: 8 examples, test: 4 examples" in text
+    assert "leaked test images: 4" in text and "labels differ" not in text
+    assert "2 of 2 test images (carrying 4 of 4 test rows)" in text and "--split_by image" in text
+
+
 def test_check_data_help_and_errors(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["check-data", "--help"])

@@ -38,10 +38,13 @@ def check_data_command(argv: list[str]) -> int:
 
 def format_check(summary: dict, *, data_dir: str | None = None, json_path: str | None = None, shown: int = 5) -> str:
     """check-data's summary for a person: sizes, classes per split, unusable images, the first leaked pairs."""
+    from ..data.checks import leak_message
+
     sizes = summary.get("sizes", {})
+    vqa = summary.get("task") == "vqa"  # rows are questions (several per image), not images
     lines = [f"check-data: recipe {summary.get('recipe')}, data {data_dir or '(the recipe default)'}, "
              f"images sized to {summary.get('image_size')} px",
-             "  " + ", ".join(f"{name}: {n} images" for name, n in sizes.items())]
+             "  " + ", ".join(f"{name}: {n} {'examples' if vqa else 'images'}" for name, n in sizes.items())]
     counts = summary.get("class_counts")
     if counts:
         names = list(counts)
@@ -57,15 +60,24 @@ def format_check(summary: dict, *, data_dir: str | None = None, json_path: str |
     lines.append(f"leaked test images: {len(leaks)}" + (" (near-identical copies of training images)" if leaks else "")
                  + (more if len(leaks) > shown else ""))
     for leak in leaks[:shown]:
+        # Two answers about one image differ by design (other questions): only a class filed twice is worth a note.
         labels = (f"  [labels differ: {leak.get('test_label')} / {leak.get('train_label')}]"
-                  if leak.get("test_label") != leak.get("train_label") else "")
-        lines.append(f"  test {leak.get('test')}  =  train {leak.get('train')}{labels}")
+                  if not vqa and leak.get("test_label") != leak.get("train_label") else "")
+        lines.append(f"  test {_named(leak, 'test')}  =  train {_named(leak, 'train')}{labels}")
     if len(leaks) > shown:
         lines.append(f"  ... and {len(leaks) - shown} more")
+    if leaks and summary.get("leak_counts"):
+        lines.append(f"  {leak_message(summary['leak_counts'])}")
     if leaks:
         lines.append("hint: remove them from the test split, or train with --drop_leaked_test_images to evaluate "
                      "without them.")
     return "\n".join(lines)
+
+
+def _named(leak: dict, side: str) -> str:
+    """A leaked image by its path, or by its row's id when it has none (an image held in a dataset: 'test[3]')."""
+    name = str(leak.get(side))
+    return str(leak.get(f"{side}_id") or name) if name.startswith(f"{side}[") else name
 
 
 def check_data_help(width: int = 120) -> str:

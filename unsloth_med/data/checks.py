@@ -246,6 +246,9 @@ def check_data(recipe, data_dir: str | None = None, *, threshold: float = DEFAUL
     summary["leak_threshold"] = threshold
     summary["leaked_test_images"] = leaks
     summary["leaked_count"] = len(leaks)
+    summary["task"] = recipe.task
+    if "test" in clean:  # by image, beside rows: several questions can share one image
+        summary["leak_counts"] = leak_counts(clean["test"], leaks)
     return summary
 
 

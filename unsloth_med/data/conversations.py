@@ -44,7 +44,7 @@ def _content(content: Any, found: list[str], where: str) -> list[dict]:
     """OpenAI/HF content -> content parts; image paths/URLs inside the parts are appended to `found`."""
     if isinstance(content, str):
         # LLaMA-Factory's multimodal `messages`: string content whose <image> marks place the `images`
-        return _parts(content, [0]) if IMAGE_MARK in content else [{"type": "text", "text": content}]
+        return _parts(content, [0]) if IMAGE_MARK in content else [{"type": "text", "text": content.strip()}]
     parts = []
     for part in content or []:
         if not isinstance(part, dict):
@@ -53,7 +53,9 @@ def _content(content: Any, found: list[str], where: str) -> list[dict]:
                             "or give the whole content as one string.")
         kind = part.get("type")
         if kind == "text":
-            parts.append({"type": "text", "text": str(part.get("text", ""))})
+            # Stripped, as ShareGPT turns are: some chat templates trim text (Gemma 3's own), others glue a leading
+            # newline to their header's, so an answer's tokens as written would not be the tokens trained.
+            parts.append({"type": "text", "text": str(part.get("text") or "").strip()})
         elif kind in ("image", "image_url"):
             url = part.get("image_url")  # {"url": ...}, or the URL itself (some exporters write it bare)
             ref = (part.get("image") or part.get("path") or part.get("url")
@@ -84,8 +86,8 @@ def to_messages(record: Mapping[str, Any], column: str, where: str) -> tuple[lis
         if role is None:
             raise DataError(f"{where}: unknown speaker {turn.get('from', turn.get('role'))!r} in '{column}' "
                             f"(use one of {', '.join(ROLES)}).")
-        if "value" in turn:
-            content = _parts(str(turn["value"]), [0])
+        if "value" in turn:  # a null value is an empty turn, not the text "None"
+            content = _parts("" if turn["value"] is None else str(turn["value"]), [0])
         else:
             content = _content(turn.get("content"), found, f"{where}, '{column}' turn {len(messages) + 1}")
         messages.append({"role": role, "content": content})

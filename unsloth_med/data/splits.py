@@ -12,7 +12,7 @@ import hashlib
 import logging
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 from .images import raw_image_lists
 
@@ -30,10 +30,9 @@ def image_key(source: Any) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def image_groups(dataset) -> list[str]:
-    """One key per row: its image group when filled, else the content hashes of its images, joined: rows that
-    share any image (a study that is one row's current image and another row's prior) are one group."""
-    groups = list(dataset["image_group"][:]) if "image_group" in dataset.column_names else [""] * len(dataset)
+def joined_groups(keys_per_row: Iterable[Sequence[str]]) -> list[str]:
+    """One key per row, the same for rows linked by any key they share (a study that is one row's current image
+    and another row's prior): each row's first key, rows joined through shared keys (union-find)."""
     parent: dict[str, str] = {}
 
     def find(key: str) -> str:
@@ -44,12 +43,19 @@ def image_groups(dataset) -> list[str]:
         return key
 
     row_keys = []
-    for group, images in zip(groups, raw_image_lists(dataset)):
-        keys = [f"group:{group}"] if group else [image_key(source) for source in images]
+    for keys in keys_per_row:
         for other in keys[1:]:
             parent[find(other)] = find(keys[0])
         row_keys.append(keys[0])
     return [find(key) for key in row_keys]
+
+
+def image_groups(dataset) -> list[str]:
+    """One key per row: its image group when filled, else the content hashes of its images, joined: rows that
+    share any image are one group."""
+    groups = list(dataset["image_group"][:]) if "image_group" in dataset.column_names else [""] * len(dataset)
+    return joined_groups([f"group:{group}"] if group else [image_key(source) for source in images]
+                         for group, images in zip(groups, raw_image_lists(dataset)))
 
 
 def split_by_image(splits, *, test_fraction: float, seed: int):

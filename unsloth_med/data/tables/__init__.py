@@ -105,8 +105,15 @@ def load_source(source, data_dir: str | None = None, *, labels: Sequence[str] = 
     if fmt == "class_folders":
         if task != "classification":
             common.pop("vqa", None)
+            folder = Path(location).expanduser()
+            listings = sorted(p.name for p in folder.iterdir() if p.is_file() and is_listing(p))
+            if len(listings) > 1:  # SLAKE's layout: train.json, validate.json, test.json beside imgs/
+                raise DataError(f"{location} holds {len(listings)} listings ({', '.join(listings[:6])}), so it is not "
+                                "clear which to read. Pass one file with --data_dir, or merge them into one listing "
+                                "with a split column (train/test) so the run keeps your test split.")
             raise DataError(f"{location} is a folder of class folders, which only a classification recipe can use. "
-                            "For captions, pass a CSV/JSONL listing with an image column and a text column.")
+                            "For captions or questions, pass a CSV/JSONL listing with an image column and a text "
+                            "column (or question and answer columns).")
         return load_folders(location, labels=labels, **common)
     if fmt == "hf":
         return load_hf_table(location, task=task, image_column=image_column, target_column=target_column,

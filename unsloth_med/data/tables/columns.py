@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 from ...errors import ConfigError, DataError
 
 IMAGE_COLUMNS = ("path", "image", "image_path", "filepath", "file_path", "file", "filename", "file_name",
-                 "imageurl", "image_url", "url")
+                 "imageurl", "image_url", "url", "image_name", "img_name")  # the last two: VQA-RAD's, SLAKE's
 LABEL_COLUMNS = ("label", "class", "class_name", "category", "diagnosis", "target")
 TEXT_COLUMNS = ("text", "caption", "report", "findings", "description", "answer", "target")
 SPLIT_COLUMNS = ("split", "subset", "fold")

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
@@ -21,8 +19,8 @@ from .columns import (
     _vqa_columns,
 )
 from .conversation_rows import _conversation_rows
-from .holdout import _assign_splits, _check_labels, _to_datasetdict
-from .locations import _localize, is_url
+from .holdout import _assign_splits, _check_labels, _to_datasetdict, held_out_groups
+from .locations import _localize, cached_image_bytes, is_url
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -147,10 +145,24 @@ def load_hf_table(name_or_path: str, *, task: str = "captioning", image_column: 
                      if not isinstance(train.features["image"], datasets.Image) else None)
             if parts is not None:
                 return _to_datasetdict(parts)
-        split = train.train_test_split(test_size=test_fraction, seed=seed)
-        log.warning("%s has no test split: holding out %.0f%% of '%s' (seed %d)",
-                    where, 100 * test_fraction, train_name, seed)
-        out = datasets.DatasetDict({"train": split["train"], "test": split["test"]})
+        keys = None
+        if task != "classification":  # questions / captions: whole images held out (by content: rows may hold copies)
+            from ..splits import image_groups
+
+            keys = image_groups(train)
+        # classification, no image shown twice (split as before), or one image that every row shows
+        if keys is None or len(set(keys)) in (1, len(keys)):
+            split = train.train_test_split(test_size=test_fraction, seed=seed)
+            log.warning("%s has no test split: holding out %.0f%% of '%s' (seed %d)",
+                        where, 100 * test_fraction, train_name, seed)
+            out = datasets.DatasetDict({"train": split["train"], "test": split["test"]})
+        else:
+            held = held_out_groups(keys, test_fraction=test_fraction, seed=seed)
+            log.warning("%s has no test split: holding out %.0f%% of the images of '%s', every row that shows them "
+                        "(%d of %d images, seed %d)", where, 100 * test_fraction, train_name, len(held),
+                        len(set(keys)), seed)
+            out = datasets.DatasetDict({"train": train.select([i for i, k in enumerate(keys) if k not in held]),
+                                        "test": train.select([i for i, k in enumerate(keys) if k in held])})
     else:
         out = datasets.DatasetDict({"train": train, "test": convert(loaded[test_name], test_name)})
     if task == "classification" and labels:
@@ -161,37 +173,21 @@ def load_hf_table(name_or_path: str, *, task: str = "captioning", image_column: 
 def _image_file(value, where: str) -> str:
     """A dataset's image cell as a file path: a path as it is, image bytes (an undecoded Image feature) or a PIL
     image written once into the cache by content (the conversation rows name their images by path)."""
-    import hashlib
     import io
 
     from PIL import Image
 
-    from ..sources import cache_dir
-
     if isinstance(value, dict):
         if value.get("bytes"):
-            data = value["bytes"]
-        elif value.get("path"):
+            return cached_image_bytes(value["bytes"])
+        if value.get("path"):
             return str(value["path"])
-        else:
-            raise DataError(f"{where}: an image cell holds neither bytes nor a path.")
-    elif isinstance(value, Image.Image):
+        raise DataError(f"{where}: an image cell holds neither bytes nor a path.")
+    if isinstance(value, Image.Image):
         buffer = io.BytesIO()
         value.save(buffer, format="PNG")
-        data = buffer.getvalue()
-    else:
-        return str(value)
-    with Image.open(io.BytesIO(data)) as image:
-        suffix = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}.get(image.format,
-                                                                                                       ".png")
-    folder = cache_dir() / "hf-images"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / (hashlib.sha1(data).hexdigest() + suffix)
-    if not path.is_file():
-        partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        partial.write_bytes(data)
-        os.replace(partial, path)  # complete or absent, whoever writes it
-    return str(path)
+        return cached_image_bytes(buffer.getvalue())
+    return str(value)
 
 
 def _image_kind(feature) -> str | None:

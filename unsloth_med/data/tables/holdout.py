@@ -3,6 +3,7 @@ when the data has no test split, the label check, unique ids.
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections import Counter, defaultdict
@@ -43,6 +44,32 @@ def stratified_split(rows: Sequence[dict], *, test_fraction: float, seed: int, s
     return train, test
 
 
+def image_group_keys(rows: Sequence[dict]) -> list[str]:
+    """One key per row: rows that show the same image (several questions or captions about one X-ray; a multi-image
+    row that shares any image with another) get the same key. Its `image_group` value when filled, else its image
+    paths as listed (copies under other names are the leakage check's to find)."""
+    from ..splits import joined_groups
+
+    def keys(row: dict) -> list[str]:
+        if row.get("image_group"):
+            return [f"group:{row['image_group']}"]
+        more = row.get("more_images") or "[]"
+        return [f"image:{ref}" for ref in [row["image"], *(json.loads(more) if isinstance(more, str) else more)]]
+
+    return joined_groups(keys(row) for row in rows)
+
+
+def held_out_groups(keys: Sequence[str], *, test_fraction: float, seed: int) -> set[str]:
+    """The group keys held out for testing: `test_fraction` of the distinct groups (at least one, never all),
+    seeded and independent of row order."""
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise ConfigError(f"test_fraction must be between 0 and 1 (got {test_fraction}).")
+    distinct = sorted(set(keys))
+    random.Random(f"{seed}:images").shuffle(distinct)
+    n_test = min(max(1, round(len(distinct) * test_fraction)), len(distinct) - 1)
+    return set(distinct[:n_test])
+
+
 def _assign_splits(rows: list[dict], *, where: str, stratify: bool, test_fraction: float, seed: int,
                    had_split_column: bool) -> dict[str, list[dict]]:
     """rows carry 'split' in {'train', 'test', 'val', None}: the final train and test lists."""
@@ -64,13 +91,24 @@ def _assign_splits(rows: list[dict], *, where: str, stratify: bool, test_fractio
         if not train:
             raise DataError(f"{where}: no usable rows.")
         how = "no split column" if not had_split_column else "no test rows"
-        train, test = stratified_split(train, test_fraction=test_fraction, seed=seed, stratify=stratify)
+        keys = [] if stratify else image_group_keys(train)
+        if stratify or len(set(keys)) == len(train):  # classes, or no image shown twice (split as before: by row)
+            train, test = stratified_split(train, test_fraction=test_fraction, seed=seed, stratify=stratify)
+            by = "stratified by class" if stratify else "random"
+        elif len(set(keys)) < 2:  # every row shares an image with another: cannot part
+            train, test = stratified_split(train, test_fraction=test_fraction, seed=seed, stratify=False)
+            by = "random rows; they all share images, so the test images are in training too"
+        else:  # questions / captions about one image: whole images held out, or a test row's image is trained on
+            held = held_out_groups(keys, test_fraction=test_fraction, seed=seed)
+            train, test = ([r for r, k in zip(train, keys) if k not in held],
+                           [r for r, k in zip(train, keys) if k in held])
+            by = f"whole images: {len(held)} of {len(set(keys))}, with every row that shows them"
         if not test:
             raise DataError(f"{where}: too few examples to hold out a test split ({len(train)} rows"
                             + (f"; every class has fewer than {MIN_CLASS_SIZE_FOR_TEST}" if stratify else "")
                             + "). Add a split column (train/test) or more examples.")
         log.warning("%s: %s; held out %d of %d examples for testing (%s, %.0f%%, seed %d).", where, how, len(test),
-                    len(train) + len(test), "stratified by class" if stratify else "random", 100 * test_fraction, seed)
+                    len(train) + len(test), by, 100 * test_fraction, seed)
     if not train:
         raise DataError(f"{where}: no training rows (every row is in the test split).")
     return {"train": train, "test": test}

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ...errors import DataError
-from ..conversations import conversation_column, vqa_fields
+from ..conversations import _image_list, conversation_column, vqa_fields
 from .columns import (
     IMAGE_COLUMNS,
     LABEL_COLUMNS,
@@ -26,7 +26,7 @@ from .columns import (
 )
 from .conversation_rows import _conversation_rows
 from .holdout import _assign_splits, _check_labels, _dedupe_ids, _to_datasetdict, duplicate_rows, merge_label_variants
-from .locations import _check_paths_exist, _localize, absolute, resolve_image
+from .locations import _check_paths_exist, _localize, absolute, image_location, is_data_url
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -141,9 +141,17 @@ def rows_from_records(records: Sequence[Mapping[str, Any]], *, where: str, base_
         # vqa: every other column rides along, for instructions that name it ("{modality}: {question}")
         extra = {str(k): "" if v is None else str(v) for k, v in record.items() if k not in (image_col, split_col)
                  } if vqa_cols else {}
-        rows.append({**extra, "image": str(image).strip() if base_dir is None else resolve_image(image, base_dir),
-                     "target": target, "id": str(image).strip(), "split": split,
-                     **({"image_id": str(image).strip(), **vqa_fields(record, **vqa_cols)} if vqa_cols else {})})
+        # several images of one sample (two views of a patient): a list, or its JSON text in a CSV cell
+        listed = _image_list(image)
+        images = listed if isinstance(listed, list) else [image]
+        if not images or any(v in (None, "") for v in images):
+            dropped += 1
+            continue
+        located = [image_location(v, base_dir) for v in images]
+        name = Path(located[0]).name if is_data_url(images[0]) else str(images[0]).strip()  # not a whole inline image
+        rows.append({**extra, "image": located[0], "target": target, "id": name, "split": split,
+                     **({"more_images": json.dumps(located[1:])} if len(located) > 1 else {}),
+                     **({"image_id": name, **vqa_fields(record, **vqa_cols)} if vqa_cols else {})})
     if bad_splits:
         raise _unknown_splits(where, split_col, bad_splits)
     if dropped:

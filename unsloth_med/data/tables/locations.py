@@ -3,10 +3,14 @@ downloaded once into the cache (offline: a clear NetworkError).
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import io
 import json
 import logging
 import os
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -33,12 +37,63 @@ def absolute(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.path.expanduser(path)))
 
 
+def is_data_url(value: Any) -> bool:
+    """An image given inline (`data:image/png;base64,...`), as OpenAI-style chat exports write it."""
+    return isinstance(value, str) and value.lstrip()[:5].lower() == "data:"
+
+
+def cached_image_bytes(data: bytes) -> str:
+    """Image bytes (a data URL's, a dataset's) written once into the cache, named by content; the path."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ..sources import cache_dir
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            suffix = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}.get(image.format,
+                                                                                                       ".png")
+    except (UnidentifiedImageError, OSError):  # not an image: the image checks report it, naming this file
+        suffix = ".img"
+    folder = cache_dir() / "hf-images"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (hashlib.sha1(data).hexdigest() + suffix)
+    if not path.is_file():
+        partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        partial.write_bytes(data)
+        os.replace(partial, path)  # complete or absent, whoever writes it
+    return str(path)
+
+
+def data_url_file(value: str) -> str:
+    """A base64 data URL's image as a cached file (the same bytes: the same file)."""
+    header, _, payload = value.strip().partition(",")
+    if ";base64" not in header.lower():
+        raise DataError(f"An image is a data URL that is not base64 ({value.strip()[:40]!r}...). Write it as "
+                        "data:image/png;base64,<data>, or give a file path or an http(s) URL.")
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise DataError(f"An image data URL holds no valid base64 data ({exc}; it starts {value.strip()[:40]!r}). "
+                        "Re-encode the image, or give a file path or an http(s) URL.") from exc
+    return cached_image_bytes(data)
+
+
+def image_location(value: Any, base_dir: Path | None) -> str:
+    """resolve_image, or the value as it is when there is no listing folder (a dataset's column); a data URL
+    becomes a cached file either way."""
+    if is_data_url(value):
+        return data_url_file(value)
+    return str(value).strip() if base_dir is None else resolve_image(value, base_dir)
+
+
 def resolve_image(value: Any, base_dir: Path) -> str:
     """A listing's image value as a loadable location: URLs unchanged, relative paths against base_dir,
     Windows separators (images\\x.png, written by a listing made on Windows) read as folders."""
     text = str(value).strip()
     if is_url(text):
         return text
+    if is_data_url(text):
+        return data_url_file(text)
     if text.lower().startswith("file://"):
         text = urllib.parse.unquote(urllib.parse.urlparse(text).path)
     if "\\" in text and os.sep == "/" and not (base_dir / text).exists():
@@ -144,12 +199,34 @@ def _localize(rows: list[dict], where: str) -> list[dict]:
 
 def _check_paths_exist(rows: list[dict], base_dir: Path, where: str) -> None:
     """Fail early, with the resolution rule, when most listed paths do not exist (a wrong base folder)."""
+    def exists(path: str) -> bool:
+        try:
+            return Path(path).exists()
+        except OSError:  # a name too long to be a path (a cell that holds something else)
+            return False
+
     sample = [r for r in rows if not is_url(r["image"])][:50]
-    missing = [r for r in sample if not Path(r["image"]).exists()]
+    missing = [r for r in sample if not exists(r["image"])]
     if sample and len(missing) > len(sample) // 2:
         example = missing[0]
         raise DataError(
             f"{where}: {len(missing)} of the first {len(sample)} listed images do not exist (e.g. '{example['id']}' -> "
             f"{example['image']}). Relative paths are resolved against the listing's folder ({base_dir}); write "
-            "them relative to it, or absolute."
+            "them relative to it, or absolute." + _found_below(base_dir, example["id"])
         )
+
+
+def _found_below(base_dir: Path, listed: str) -> str:
+    """Where a missing listed image is, when it sits in a sub-folder of the listing's folder (VQA-RAD keeps its
+    images in 'VQA_RAD Image Folder/', SLAKE in 'imgs/', beside the JSON): the sentence that says so, or ''."""
+    if Path(listed).is_absolute() or is_url(listed):
+        return ""
+    try:
+        folders = sorted(p for p in base_dir.iterdir() if p.is_dir())[:200]
+        found = next((folder for folder in folders if (folder / listed).is_file()), None)
+    except OSError:
+        return ""
+    if found is None:
+        return ""
+    return (f" '{listed}' is in the sub-folder '{found.name}': move the listing into {found}, or write the paths "
+            f"as '{found.name}/{listed}'.")
