@@ -338,6 +338,11 @@ def load_model(ctx: RunContext) -> None:
     config.model.use_gradient_checkpointing = checkpointing_mode(config.model.use_gradient_checkpointing,
                                                                   ctx.budget[0] if ctx.budget else None)
     ctx.model, ctx.processor = ctx.backend.load(ctx.model_name, config.model)
+    if ctx.train_set is not None:  # a sample too long for max_seq_length stops the run now, not hours into training
+        from .models.prompting import check_sample_lengths
+
+        check_sample_lengths(ctx.processor, ctx.recipe, ctx.train_set, config.model.max_seq_length, ctx.fit.max_side
+                             if ctx.fit else config.data.image_size)
     if config.model.training_speedups:  # evaluation before training runs the vision tower batched too
         batch_same_size_images(ctx.model)
     batch_size = config.eval.eval_batch_size or (32 if torch.cuda.is_available() else 8)

@@ -60,7 +60,8 @@ class VisionCollator:
             samples.check_image_count(self.family.name, len(refs), row.get("id", str(i)))
             images.append([load_image(ref, self.image_size) for ref in refs])
             conversations.append(self.recipe.to_conversation(row, images=images[-1]))
-        texts = [prompting.render(self.processor, conversation) for conversation in conversations]
+        texts = [prompting.render(self.processor, conversation, sample_id=row.get("id", str(i)))
+                 for i, (row, conversation) in enumerate(zip(rows, conversations))]
         batch = prompting.encode(self.processor, texts, images, padding_side="right")
         labels = torch.full_like(batch["input_ids"], -100)
         lengths = batch["attention_mask"].sum(dim=1).tolist()

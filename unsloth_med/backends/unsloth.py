@@ -167,7 +167,7 @@ class UnslothCollator:
         self.family = family_of(model.config)
         # An int image_size gets the model's patch-grid snapping; the pipeline passes its ImageFit.
         self.image_size = image_fit(model.config, image_size)
-        self.recipe, self.max_seq_length = recipe, max_seq_length
+        self.recipe, self.max_seq_length, self.processor = recipe, max_seq_length, processor
         self.inner = collator_cls(
             model,
             processor,
@@ -196,7 +196,17 @@ class UnslothCollator:
         return {"messages": self.recipe.to_conversation(row, images=images)}
 
     def __call__(self, rows: list[dict]) -> dict:
-        batch = self.inner([self.example(row) for row in rows])
+        from jinja2.exceptions import TemplateError
+
+        examples = [self.example(row) for row in rows]
+        try:
+            batch = self.inner(examples)
+        except TemplateError:
+            # The wrapped collator renders the template itself: name the sample whose conversation the template
+            # refuses (prompting.render raises that DataError), instead of a jinja traceback.
+            for i, (row, example) in enumerate(zip(rows, examples)):
+                prompting.render(self.processor, example["messages"], sample_id=row.get("id", str(i)))
+            raise
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         for i, row in enumerate(rows):
             prompting.check_length(int(lengths[i]), self.max_seq_length, row.get("id", str(i)), self.image_size)

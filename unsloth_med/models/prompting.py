@@ -3,8 +3,8 @@
 Three rules hold everywhere in the package:
 - The chat template renders the BOS token, so the processor must not add another
   (`add_special_tokens=False`).
-- The answer is the assistant text plus the family's end-of-turn token; loss and label scores
-  cover exactly those tokens (`answer_span`).
+- The answer is the assistant text (as the chat template renders it: Gemma 3's own trims it) plus the
+  family's end-of-turn token; loss and label scores cover exactly those tokens (`answer_span`).
 - Nothing is ever truncated: a sample longer than `max_seq_length` is an error naming it, because
   cutting inside the image tokens silently breaks the image/token alignment.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Sequence
 
-from ..errors import SampleTooLongError
+from ..errors import DataError, SampleTooLongError
 from .families import Family
 
 
@@ -28,15 +28,29 @@ def prepare_processor(processor: Any, family: Family) -> Any:
     return processor
 
 
-def render(processor: Any, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
-    """The chat template applied to one conversation, as text (image placeholders included)."""
+def render(processor: Any, messages: list[dict], *, add_generation_prompt: bool = False, sample_id: str = "") -> str:
+    """The chat template applied to one conversation, as text (image placeholders included).
+
+    A template that refuses a conversation (Gemma 3's own: "Conversation roles must alternate", e.g. an image-only
+    user turn followed by the question's user turn) is a DataError naming the sample and its roles, not a jinja
+    traceback from inside the first training batch that holds it."""
+    from jinja2.exceptions import TemplateError
+
     # Image objects stay out of the template call: only the placeholder matters for the text.
     bare = [
         {**m, "content": [{k: v for k, v in c.items() if k != "image"} for c in m["content"]]}
         if isinstance(m.get("content"), list) else m
         for m in messages
     ]
-    return processor.apply_chat_template(bare, tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+        return processor.apply_chat_template(bare, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as exc:
+        roles = " -> ".join(str(m.get("role")) for m in messages)
+        raise DataError(
+            f"{f'Sample {sample_id}: t' if sample_id else 'T'}his model's chat template refuses the conversation "
+            f"(roles {roles}): {str(exc).rstrip('.')}. Write each sample as the template expects it (e.g. one "
+            "user turn holding both the image and the question, user and assistant turns alternating)."
+        ) from exc
 
 
 # Evaluation encodes its next batches in threads (left padding) while the main thread may encode full sequences
@@ -87,14 +101,32 @@ def answer_span(input_ids: Sequence[int], length: int, target: Sequence[int], tr
     return start, end
 
 
+# Stands in for an answer to find where the template puts it: no template trims or escapes it (it is no whitespace).
+_ANSWER_MARK = "\x00UNSLOTH_MED_ANSWER\x00"
+
+
+def rendered_answer(processor: Any, family: Family, messages: list[dict], turn: int, rendered: str) -> str:
+    """The text of assistant turn `turn` as the chat template writes it into `rendered` (the conversation cut right
+    after that turn). A checkpoint's own template may change it: Gemma 3's trims every text part, so an answer
+    "Yes.\n" is rendered, and trained, as "Yes."; its tokens must be looked for as rendered, not as written."""
+    from ..data.samples import text_of
+
+    marked = render(processor, messages[:turn] + [{"role": "assistant", "content": [{"type": "text",
+                                                                                    "text": _ANSWER_MARK}]}])
+    before = marked.split(_ANSWER_MARK, 1)[0]
+    if _ANSWER_MARK not in marked or not rendered.startswith(before) or family.response_end not in rendered:
+        return text_of(messages[turn])
+    return rendered[len(before):].rsplit(family.response_end, 1)[0]
+
+
 def assistant_spans(processor: Any, family: Family, messages: list[dict], images: list, input_ids: Sequence[int],
                     length: int, sample_id: str = "") -> list[tuple[int, int]]:
     """[start, end) of every assistant answer (text + end-of-turn) in one right-padded encoded conversation.
 
     The last answer ends the sequence. An earlier one ends where the conversation cut right after it
     ends: that prefix is encoded with its own images (image tokens expand) to find its length, and
-    `answer_span` checks the answer tokens really sit there."""
-    from ..data.samples import count_images, text_of
+    `answer_span` checks the answer tokens (the answer as the template renders it) really sit there."""
+    from ..data.samples import count_images
 
     spans = []
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -108,9 +140,94 @@ def assistant_spans(processor: Any, family: Family, messages: list[dict], images
             encoded = processor(images=[images[:n_images]] if n_images else None, text=[text],
                                 add_special_tokens=False, return_tensors="pt")
             end = int(encoded["attention_mask"].sum())
-        target = answer_ids(processor, family, text_of(messages[turn]))
+        target = answer_ids(processor, family, rendered_answer(processor, family, messages, turn, text))
         spans.append(answer_span(input_ids, end, target, trailing_ids(processor, family, text), sample_id))
     return spans
+
+
+# What a chat template may add around a conversation's own text, in tokens (headers, a default system prompt like
+# Llama 3.2's dated one): rows whose text + image tokens stay this far below max_seq_length are not tokenized.
+TEMPLATE_SLACK = 256
+
+
+def image_expansion(processor: Any, size: tuple[int, int], cache: dict | None = None) -> int:
+    """Tokens an image of this (fitted) size adds to a rendered text beyond its placeholder's own: what the processor
+    expands the placeholder into (Pixtral's rows of [IMG] and [IMG_BREAK], Qwen's image pads, Gemma 3's fixed 256),
+    found by encoding a blank image of that size once; it depends on the size alone."""
+    if cache is not None and size in cache:
+        return cache[size]
+    from PIL import Image
+
+    text = render(processor, [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "x"}]}])
+    tokenizer = getattr(processor, "tokenizer", processor)
+    plain = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    full = int(encode(processor, [text], [[Image.new("RGB", size)]])["attention_mask"].sum())
+    if cache is not None:
+        cache[size] = full - plain
+    return full - plain
+
+
+def _sizes(shape: Any) -> list[tuple[int, int]]:
+    """'512x384+384x512' (the image_shape column preparation writes) -> [(512, 384), (384, 512)]."""
+    sizes = []
+    for item in str(shape or "").split("+"):
+        width, _, height = item.partition("x")
+        if width.isdigit() and height.isdigit():
+            sizes.append((int(width), int(height)))
+    return sizes
+
+
+def samples_over_length(processor: Any, recipe: Any, dataset: Any, max_seq_length: int,
+                        batch_size: int = 1024) -> list[tuple[str, int]]:
+    """(id, tokens) of the training rows longer than max_seq_length, found before training: the collators find such
+    a row only when a batch holds it, maybe hours in, and a --resume meets it again.
+
+    A row's length is its rendered text's tokens plus what each of its images expands to at its prepared size
+    (`image_expansion`, by the `image_shape` column; without it, nothing: a lower bound), as the collator counts
+    it. Only rows that could be too long are tokenized: a token holds at least one byte of UTF-8 text."""
+    from ..data.samples import image_refs
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    expansions: dict[tuple[int, int], int] = {}
+    over = []
+    for batch in dataset.iter(batch_size=batch_size):
+        names = list(batch)
+        for k in range(len(batch[names[0]]) if names else 0):
+            row = {name: batch[name][k] for name in names}
+            images = image_refs(row) if row.get("image") is not None else []
+            added = sum(image_expansion(processor, size, expansions) for size in _sizes(row.get("image_shape")))
+            conversation = recipe.to_conversation(row, images=[None] * len(images))
+            if added + sum(len(text.encode()) for text in _texts(conversation)) + TEMPLATE_SLACK <= max_seq_length:
+                continue
+            length = len(tokenizer(render(processor, conversation), add_special_tokens=False)["input_ids"]) + added
+            if length > max_seq_length:
+                over.append((str(row.get("id", k)), length))
+    return over
+
+
+def _texts(conversation: list[dict]) -> list[str]:
+    """Every text of a conversation: string contents and text parts."""
+    texts = []
+    for turn in conversation:
+        content = turn.get("content")
+        for part in content if isinstance(content, list) else [{"text": content}]:
+            if isinstance(part, dict) and part.get("text"):
+                texts.append(str(part["text"]))
+    return texts
+
+
+def check_sample_lengths(processor: Any, recipe: Any, dataset: Any, max_seq_length: int,
+                         image_size: int | None) -> None:
+    """SampleTooLongError before training when any training row is certain not to fit (`samples_over_length`)."""
+    over = samples_over_length(processor, recipe, dataset, max_seq_length)
+    if over:
+        longest = max(over, key=lambda item: item[1])
+        raise SampleTooLongError(
+            f"{len(over)} of {len(dataset)} training samples need more than max_seq_length={max_seq_length} tokens "
+            f"(image + text; up to {longest[1]}, sample {longest[0]}; e.g. "
+            f"{', '.join(sample_id for sample_id, _ in over[:3])}). Found before training, as every batch holding one "
+            f"would stop it: raise --max_seq_length, shorten or drop those samples, or lower --image_size (now "
+            f"{image_size}) to use fewer image tokens.")
 
 
 def check_length(length: int, max_seq_length: int, sample_id: str, image_size: int | None) -> None:
