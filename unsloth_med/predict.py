@@ -155,8 +155,11 @@ def predict(model_dir_or_run_dir: str | Path, images: Sequence[str], *, top_k: i
 
     Classification: {"image", "label", "probability", "top": [{"label", "probability"}, ...top_k],
     "probabilities": {every class}}; probabilities come from label scoring and sum to 1 over all classes.
-    Captioning: {"image", "caption"}. VQA (`question`): {"image", "question", "answer"}.
-    An image that cannot be read gives {"image", "error"} and the others are still answered.
+    Captioning: {"image", "caption"}. VQA (`question`): {"image", "question", "answer"}; either with "cut_off_at":
+    max_new_tokens when generation stopped the answer there before the model ended it.
+    A folder stands for the image files in it. An image that cannot be read gives {"image", "error"} and the others
+    are still answered.
+    max_new_tokens (default: what the run evaluated with, its eval.max_new_tokens, else the recipe's).
     """
     loaded = model_dir_or_run_dir if isinstance(model_dir_or_run_dir, Loaded) else \
         load_for_inference(model_dir_or_run_dir, recipe=recipe)
@@ -164,13 +167,30 @@ def predict(model_dir_or_run_dir: str | Path, images: Sequence[str], *, top_k: i
                           question=question, together=together)
 
 
+def _in_folders(images: Sequence[str]) -> list[str]:
+    """`images` with each folder replaced by the image files in it (sorted; not its sub-folders). A folder used to
+    be read as one image and reported as "file not found", though it was there."""
+    from .data.images import IMAGE_EXTENSIONS
+
+    out: list[str] = []
+    for image in images:
+        folder = Path(str(image))
+        files = sorted(str(p) for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS) \
+            if folder.is_dir() else []
+        out += files or [str(image)]  # an empty folder stays, to be reported as not read
+    return out
+
+
 def _readable(images: Sequence[str]) -> tuple[list[str], list[dict]]:
     """(images that decode, {"image", "error"} for each one that does not)."""
-    from .data.images import load_image
+    from .data.images import IMAGE_EXTENSIONS, load_image
     from .errors import ImageError
 
     good, bad = [], []
     for image in images:
+        if Path(str(image)).is_dir():
+            bad.append({"image": str(image), "error": f"a folder with no image files ({', '.join(IMAGE_EXTENSIONS)})"})
+            continue
         try:
             load_image(str(image))
             good.append(str(image))
@@ -182,13 +202,14 @@ def _readable(images: Sequence[str]) -> tuple[list[str], list[dict]]:
 def predict_loaded(loaded: Loaded, images: Sequence[str], *, top_k: int = 3, batch_size: int = 8,
                    max_new_tokens: int | None = None, question: str | None = None,
                    together: bool = False) -> list[dict]:
-    from .evaluate.caption import generate_texts
+    from .evaluate.caption import generate_batch
     from .evaluate.classify import score_rows
     from .evaluate.inputs import batches, eval_mode
 
     rec = loaded.recipe
     if rec.is_vqa and not question:
         raise ConfigError(f"Recipe '{rec.name}' answers questions: pass --question \"...\".")
+    images = _in_folders(images)
     good, results = _readable(images)
     rows = [{"image": str(image), "id": str(image)} for image in good]
     if together and rows:
@@ -209,14 +230,27 @@ def predict_loaded(loaded: Loaded, images: Sequence[str], *, top_k: int = 3, bat
                                     "probability": top[0]["probability"], "top": top,
                                     "probabilities": {rec.labels[i]: float(p[i]) for i in range(len(p))}})
             else:
-                answers = generate_texts(loaded.model, loaded.processor, rec, chunk,
-                                         max_new_tokens=max_new_tokens or rec.max_new_tokens,
-                                         image_size=loaded.image_size)
+                budget = max_new_tokens or _recorded_max_new_tokens(loaded)
+                answers, _, cut_off = generate_batch(loaded.model, loaded.processor, rec, chunk,
+                                                     max_new_tokens=budget, image_size=loaded.image_size)
                 key = "answer" if rec.is_vqa else "caption"
-                results += [{"image": row["id"], **({"question": question} if rec.is_vqa else {}), key: answer}
-                            for row, answer in zip(chunk, answers)]
+                results += [{"image": row["id"], **({"question": question} if rec.is_vqa else {}), key: answer,
+                             **({"cut_off_at": budget} if cut else {})}  # the budget ended it, not the model
+                            for row, answer, cut in zip(chunk, answers, cut_off)]
     given = {str(image): k for k, image in enumerate(images)}  # in the order given, unreadable ones in their place
     return sorted(results, key=lambda r: given.get(r["image"].split(" + ")[0], len(given)))
+
+
+def _recorded_eval(loaded: Loaded) -> dict:
+    """The run's eval section (config.yaml), {} for other sources."""
+    section = loaded.config.get("eval")
+    return section if isinstance(section, dict) else {}
+
+
+def _recorded_max_new_tokens(loaded: Loaded) -> int:
+    """The generation budget the run evaluated with (its --max_new_tokens), else the recipe's: a run trained on
+    long reports with --max_new_tokens 256 and evaluated again at the recipe's 128 would score cut-off answers."""
+    return int(_recorded_eval(loaded).get("max_new_tokens") or loaded.recipe.max_new_tokens)
 
 
 def _the_runs_examples(test, run_dir: Path):
@@ -245,11 +279,13 @@ def format_predictions(results: Sequence[dict]) -> str:
         if "error" in r:
             lines.append(f"{r['image']}\n  NOT READ: {r['error']}")
             continue
+        cut = (f"\n  (cut off at {r['cut_off_at']} new tokens: raise --max_new_tokens for the whole answer)"
+               if r.get("cut_off_at") else "")
         if "answer" in r:
-            lines.append(f"{r['image']}\n  Q: {r['question']}\n  A: {r['answer']}")
+            lines.append(f"{r['image']}\n  Q: {r['question']}\n  A: {r['answer']}{cut}")
             continue
         if "caption" in r:
-            lines.append(f"{r['image']}\n  {r['caption']}")
+            lines.append(f"{r['image']}\n  {r['caption']}{cut}")
             continue
         lines.append(f"{r['image']}\n  {r['label']}  ({r['probability']:.1%})")
         for alt in r.get("top", [])[1:]:
@@ -258,7 +294,7 @@ def format_predictions(results: Sequence[dict]) -> str:
 
 
 def evaluate_saved_model(model: str, *, recipe_name: str | None = None, data_dir: str | None = None,
-                         mode: str = "score", batch_size: int = 8, max_eval_samples: int | None = None,
+                         mode: str | None = None, batch_size: int = 8, max_eval_samples: int | None = None,
                          max_new_tokens: int | None = None, seed: int | None = None, progress: bool = True) -> dict:
     """`unsloth-med evaluate`: a saved model (run / adapter / merged folder, hub id, tiny:<family>) on a
     recipe's test split, without training. Returns evaluate()'s {"metrics", "predictions"}.
@@ -266,7 +302,9 @@ def evaluate_saved_model(model: str, *, recipe_name: str | None = None, data_dir
     A run folder is evaluated on the test split the run made (its seed, its --split_by, its --test_fraction) and,
     where its eval_*.json names them, on the very examples it evaluated (after --max_eval_samples, unreadable
     images and dropped copies of training images): a split made with other settings would hold training images.
-    `seed` (default: the run's, else 3407) makes the split and draws --max_eval_samples."""
+    `seed` (default: the run's, else 3407) makes the split and draws --max_eval_samples. `mode` and
+    `max_new_tokens` default to what the run evaluated with (its eval.eval_mode, eval.max_new_tokens), so that the
+    same model gives the numbers of its eval_after.json; else label scoring and the recipe's budget."""
     from .data.sources import run_splits, subsample
     from .evaluate import evaluate
 
@@ -278,7 +316,10 @@ def evaluate_saved_model(model: str, *, recipe_name: str | None = None, data_dir
     test = run_splits(loaded.recipe, data_dir, seed=seed, split_by=data.get("split_by", "row"),
                       test_fraction=data.get("test_fraction", 0.1))["test"]
     test = subsample(_the_runs_examples(test, Path(model)) if loaded.kind == "run" else test, max_eval_samples, seed)
+    recorded = _recorded_eval(loaded)
+    mode = mode or recorded.get("eval_mode") or "score"
     result = evaluate(loaded.model, loaded.processor, loaded.recipe, test, mode=mode, batch_size=batch_size,
-                      max_new_tokens=max_new_tokens, image_size=loaded.image_size, progress=progress)
+                      max_new_tokens=max_new_tokens or _recorded_max_new_tokens(loaded), image_size=loaded.image_size,
+                      progress=progress)
     result["metrics"]["model"] = loaded.source
     return result

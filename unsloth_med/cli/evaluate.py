@@ -15,14 +15,18 @@ def evaluate_command(argv: list[str]) -> int:
     parser.add_argument("--model", required=True, help="run folder, merged model folder, hub id or tiny:<family>")
     parser.add_argument("--recipe", help="recipe name (default: the one recorded in the run/merged folder)")
     parser.add_argument("--data_dir", "--data-dir", help="local copy of the recipe's dataset")
-    parser.add_argument("--mode", choices=["score", "generate"], default="score")
+    parser.add_argument("--mode", choices=["score", "generate"],
+                        help="classification: label scoring or generation (default: the run's, else score)")
+    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int,
+                        help="generation budget (default: the run's, else the recipe's)")
     parser.add_argument("--batch_size", "--batch-size", type=int, default=8)
     parser.add_argument("--max_eval_samples", "--max-eval-samples", type=int)
     parser.add_argument("--output", help="write the metrics JSON here")
     args = parser.parse_args(argv)
     output = output_file(args.output, "--output")  # checked before the evaluation, not after it
     result = evaluate_saved_model(args.model, recipe_name=args.recipe, data_dir=args.data_dir, mode=args.mode,
-                                  batch_size=args.batch_size, max_eval_samples=args.max_eval_samples)
+                                  batch_size=args.batch_size, max_eval_samples=args.max_eval_samples,
+                                  max_new_tokens=args.max_new_tokens)
     print(format_table(None, result))
     if output:
         output.write_text(json.dumps(result, indent=1))

@@ -11,16 +11,18 @@ def predict_command(argv: list[str]) -> int:
 
     parser = ArgumentParser(prog="unsloth-med predict", description="The model's answer for each image.")
     parser.add_argument("--model", required=True, help="run folder or merged model folder")
-    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("images", nargs="+", help="image files, or folders of them")
     parser.add_argument("--top_k", "--top-k", type=int, default=3)
     parser.add_argument("--question", help="VQA recipes: the question asked about each image")
     parser.add_argument("--recipe", help="the recipe, when the model folder does not record it")
     parser.add_argument("--together", action="store_true", help="one answer about all the images together")
+    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int,
+                        help="captions and answers: generation budget (default: the run's, else the recipe's)")
     args = parser.parse_args(argv)
     results = predict(args.model, args.images, top_k=args.top_k, question=args.question, together=args.together,
-                      recipe=args.recipe)
+                      recipe=args.recipe, max_new_tokens=args.max_new_tokens)
     print(format_predictions(results))
     unread = [r["image"] for r in results if "error" in r]
     if unread:
-        print(f"{len(unread)} of {len(args.images)} images could not be read: {', '.join(unread)}", file=sys.stderr)
+        print(f"{len(unread)} of {len(results)} images could not be read: {', '.join(unread)}", file=sys.stderr)
     return 1 if unread else 0

@@ -60,8 +60,10 @@ def generate_texts(model, processor, recipe, rows: Sequence[dict], *, max_new_to
 @torch.inference_mode()
 def generate_batch(model, processor, recipe, rows: Sequence[dict], *, max_new_tokens: int,
                    image_size: int | None = None, family: Family | None = None,
-                   prompt: str | None = None, encoded: dict | None = None) -> tuple[list[str], list[int]]:
-    """generate_texts' answers, and how many tokens the model generated for each (generated_token_counts)."""
+                   prompt: str | None = None,
+                   encoded: dict | None = None) -> tuple[list[str], list[int], list[bool]]:
+    """generate_texts' answers, how many tokens the model generated for each (generated_token_counts), and which
+    answers were cut off at max_new_tokens before the model ended them (cut_off)."""
     family = family or family_of(model.config)
     tokenizer = getattr(processor, "tokenizer", processor)
     batch = encoded if encoded is not None else encode_rows(processor, recipe, rows, image_size, prompt)
@@ -75,7 +77,16 @@ def generate_batch(model, processor, recipe, rows: Sequence[dict], *, max_new_to
     )
     new = out[:, inputs["input_ids"].shape[1]:]
     texts = [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    return texts, generated_token_counts(new, stops)
+    return texts, generated_token_counts(new, stops), cut_off_rows(new, stops)
+
+
+def cut_off_rows(new: torch.Tensor, stops: Sequence[int]) -> list[bool]:
+    """Whether each row of generated ids holds no stop token: generation ended it at max_new_tokens in the middle
+    of its answer (a caption cut short, a class name cut down to a shorter class's name)."""
+    if new.numel() == 0:
+        return [False] * int(new.shape[0])
+    stopped = torch.isin(new, torch.tensor(list(stops), device=new.device, dtype=new.dtype))
+    return [not bool(ended) for ended in stopped.any(dim=1).tolist()]
 
 
 def generated_token_counts(new: torch.Tensor, stops: Sequence[int]) -> list[int]:
@@ -91,20 +102,26 @@ def generated_token_counts(new: torch.Tensor, stops: Sequence[int]) -> list[int]
 
 def generate_all(model, processor, recipe, dataset, *, max_new_tokens: int, batch_size: int = 8,
                  image_size: int | None = None, progress: bool = True, desc: str = "generate",
-                 stats: dict | None = None, inputs: EncodedBatches | None = None) -> Iterator[tuple[dict, str]]:
-    """(row, answer) for every row, one batch at a time; nothing but the answers is kept. `stats` receives the
-    input pipeline's timings and the number of generated tokens; `inputs` keeps encoded batches between passes."""
+                 stats: dict | None = None,
+                 inputs: EncodedBatches | None = None) -> Iterator[tuple[dict, str, bool]]:
+    """(row, answer, cut off at max_new_tokens) for every row, one batch at a time; nothing but the answers is
+    kept. `stats` receives the input pipeline's timings, the number of generated tokens and of answers cut off;
+    `inputs` keeps encoded batches between passes."""
     family = family_of(model.config)
     feed = Prefetch(batches(dataset, batch_size), encoder(processor, recipe, image_size, inputs),
                     ahead=prefetch_depth(model))
-    tokens = 0
+    tokens = cut = 0
     with eval_mode(model), progress_bar(len(dataset), desc, progress) as bar:
         for rows, encoded in feed:
-            answers, counts = generate_batch(model, processor, recipe, rows, max_new_tokens=max_new_tokens,
-                                             image_size=image_size, family=family, encoded=encoded)
+            answers, counts, cut_off = generate_batch(model, processor, recipe, rows, max_new_tokens=max_new_tokens,
+                                                      image_size=image_size, family=family, encoded=encoded)
             tokens += sum(counts)
+            cut += sum(cut_off)
             bar.update(len(rows))
-            yield from zip(rows, answers)
+            yield from zip(rows, answers, cut_off)
+    if cut:  # scores of answers the budget cut short measure the budget, not the model
+        log.warning("%d of %d answers were cut off at max_new_tokens=%d before the model ended them: raise "
+                    "--max_new_tokens (cut_off in eval_*.json)", cut, len(dataset), max_new_tokens)
     if stats is not None:
         stats.update(feed.summary(), generated_tokens=tokens)
 
@@ -143,20 +160,25 @@ def evaluate_captioning(model, processor, recipe, dataset, *, batch_size: int = 
     dataset, rows = my_shard(dataset, batch_size)  # under DDP: this rank's batches; all gathered below
     predictions, stats = [], {}
     started = time.perf_counter()
-    for row, answer in generate_all(model, processor, recipe, dataset, max_new_tokens=max_new_tokens,
-                                    batch_size=batch_size, image_size=image_size, progress=progress,
-                                    desc="evaluate (captions)", stats=stats, inputs=inputs):
+    for row, answer, cut in generate_all(model, processor, recipe, dataset, max_new_tokens=max_new_tokens,
+                                         batch_size=batch_size, image_size=image_size, progress=progress,
+                                         desc="evaluate (captions)", stats=stats, inputs=inputs):
         predictions.append({"id": str(row.get("id", len(predictions))), "target": recipe.target(row),
-                            "prediction": answer})
+                            "prediction": answer, "cut_off": cut})
     predictions = gather_in_order(predictions, rows)
     metrics = caption_metrics([p["prediction"] for p in predictions], [p["target"] for p in predictions])
     score_text = getattr(recipe, "score_text", None)  # recipe-specific metrics (product_catalog: fields, price MAE)
     if callable(score_text):
         metrics.update(score_text([p["prediction"] for p in predictions], [p["target"] for p in predictions]))
-    metrics.update(mode="generate", max_new_tokens=max_new_tokens)
+    metrics.update(mode="generate", max_new_tokens=max_new_tokens, cut_off=cut_off_count(predictions))
     seconds = time.perf_counter() - started  # this rank's generation: its tokens over its time
     stats["generated_tokens_per_second"] = round(stats.get("generated_tokens", 0) / seconds, 1) if seconds else None
     return {"metrics": metrics, "predictions": predictions, "input_pipeline": stats}
+
+
+def cut_off_count(predictions: Sequence[dict]) -> int:
+    """Answers generation cut off at max_new_tokens (their `cut_off`), for the metrics and the report."""
+    return sum(1 for p in predictions if p.get("cut_off"))
 
 
 def examples_table(predictions: Iterable[dict], limit: int = 8, width: int = 160) -> str:

@@ -28,7 +28,7 @@ from ..errors import DataError
 from ..models import prompting
 from ..models.families import Family, family_of
 from ..models.folding import free_memory_bytes
-from .caption import generate_all
+from .caption import cut_off_count, generate_all
 from .inputs import (
     EncodedBatches,
     Prefetch,
@@ -317,12 +317,12 @@ def evaluate_classification(model, processor, recipe, dataset, *, mode: str = "s
     elif mode == "generate":
         max_new_tokens = max_new_tokens or recipe.max_new_tokens
         predictions = []
-        for row, answer in generate_all(model, processor, recipe, dataset, max_new_tokens=max_new_tokens,
-                                        batch_size=batch_size, image_size=image_size, progress=progress,
-                                        desc="evaluate (generate)", stats=stats, inputs=inputs):
+        for row, answer, cut in generate_all(model, processor, recipe, dataset, max_new_tokens=max_new_tokens,
+                                             batch_size=batch_size, image_size=image_size, progress=progress,
+                                             desc="evaluate (generate)", stats=stats, inputs=inputs):
             label = match_label(answer, labels)
             predictions.append({"id": str(row.get("id", len(predictions))), "target": recipe.target(row),
-                                "prediction": label, "answer": answer, "parsed": label is not None})
+                                "prediction": label, "answer": answer, "parsed": label is not None, "cut_off": cut})
     else:
         raise ValueError(f"unknown evaluation mode {mode!r}: use 'score' or 'generate'")
     predictions = gather_in_order(predictions, rows)
@@ -330,6 +330,7 @@ def evaluate_classification(model, processor, recipe, dataset, *, mode: str = "s
                                      labels, mode=mode)
     if mode == "generate":
         metrics["max_new_tokens"] = max_new_tokens
+        metrics["cut_off"] = cut_off_count(predictions)
     return {"metrics": metrics, "predictions": predictions, "input_pipeline": stats}
 
 

@@ -84,9 +84,9 @@ def _rows(before: dict | None, after: dict | None, summary: dict | None = None) 
         ic = (change_of.get(key) or {}).get("ci95")
         if ib or ia or ic:
             rows.append(("  95% interval", _interval(ib), _interval(ia), _interval(ic, signed=True)))
-    for key, name in (("unparseable", "Unparseable answers"),):
+    for key, name in (("unparseable", "Unparseable answers"), ("cut_off", "Answers cut off at max_new_tokens")):
         vb, va = (b or {}).get(key), (a or {}).get(key)
-        if vb is not None or va is not None:
+        if (vb is not None or va is not None) and (key != "cut_off" or vb or va):  # cut_off: only when any was
             rows.append((name, _fmt(vb), _fmt(va), "-"))
     n = (a or b or {}).get("n")
     if n is not None:
@@ -388,6 +388,10 @@ def _report_markdown(recipe, metrics: dict, before, after, plots: dict[str, Path
     for side, m in (("before", metrics.get("before")), ("after", metrics.get("after"))):
         if m and m.get("unparseable"):
             lines.append(f"- {side}: {m['unparseable']} of {m.get('n')} answers named no class (counted as wrong).")
+        if m and m.get("cut_off"):
+            lines.append(f"- {side}: {m['cut_off']} of {m.get('n')} answers were cut off at max_new_tokens "
+                         f"({m.get('max_new_tokens')}) before the model ended them; their scores measure the budget: "
+                         "raise --max_new_tokens.")
         if m and m.get("bertscore_note"):
             lines.append(f"- {side}: {m['bertscore_note']}")
     if metrics.get("before") is None:

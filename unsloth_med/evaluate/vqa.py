@@ -25,7 +25,7 @@ import torch
 
 from ..data.samples import image_refs
 from ..distributed import gather_in_order, my_shard
-from .caption import generate_all
+from .caption import cut_off_count, generate_all
 from .inputs import EncodedBatches, batches, eval_mode, progress_bar
 from .text import strip_punctuation, tokens
 
@@ -181,12 +181,12 @@ def evaluate_vqa(model, processor, recipe, dataset, *, batch_size: int = 8, max_
     closed_set = closed_answer_set(dataset) if "answer_type" in dataset.column_names else []
     dataset, rows_of_ranks = my_shard(dataset, batch_size)
     predictions = []
-    for row, answer in generate_all(model, processor, recipe, dataset, max_new_tokens=max_new_tokens,
-                                    batch_size=batch_size, image_size=image_size, progress=progress,
-                                    desc="evaluate (answers)", inputs=inputs):
+    for row, answer, cut in generate_all(model, processor, recipe, dataset, max_new_tokens=max_new_tokens,
+                                         batch_size=batch_size, image_size=image_size, progress=progress,
+                                         desc="evaluate (answers)", inputs=inputs):
         predictions.append({"id": str(row["id"]), "image_id": _image_id(row), "question": row.get("question", ""),
                             "answer_type": row.get("answer_type") or "open", "target": recipe.target(row),
-                            "prediction": answer})
+                            "prediction": answer, "cut_off": cut})
     if len(closed_set) > 1:
         closed = [i for i, p in enumerate(predictions) if p["answer_type"] == "closed"]
         subset = dataset.select(closed)
@@ -200,7 +200,8 @@ def evaluate_vqa(model, processor, recipe, dataset, *, batch_size: int = 8, max_
                 bar.update(len(rows))
     predictions = gather_in_order(predictions, rows_of_ranks)
     metrics = vqa_metrics(predictions)
-    metrics.update(mode="generate + closed label scores", max_new_tokens=max_new_tokens, closed_answers=closed_set)
+    metrics.update(mode="generate + closed label scores", max_new_tokens=max_new_tokens, closed_answers=closed_set,
+                   cut_off=cut_off_count(predictions))
     metrics.update({f"{side}_ceiling": value for side, value in blind_ceilings(predictions).items()})
     return {"metrics": metrics, "predictions": predictions}
 
