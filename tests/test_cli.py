@@ -221,3 +221,13 @@ def test_an_experiment_logger_that_is_not_installed_is_refused_before_any_work()
         parse_config(["--recipe", "bone_fracture", "--report_to", "mlflow"])
     assert parse_config(["--recipe", "bone_fracture", "--report_to", "tensorboard"]).training.report_to == \
         ["tensorboard"]
+
+
+def test_a_hub_repo_id_the_hub_refuses_is_refused_before_any_work():
+    """--push_to_hub_id me/bad..name passed the parse and failed in huggingface_hub after training and the export."""
+    from unsloth_med.config import parse_config
+
+    with pytest.raises(ConfigError, match=r"'me/bad\.\.name' is not a valid Hub repo id"):
+        parse_config(["--recipe", "bone_fracture", "--push_to_hub_id", "me/bad..name"])
+    assert parse_config(["--recipe", "bone_fracture", "--push_to_hub_id", "me/ok-name"]).export.push_to_hub_id == \
+        "me/ok-name"

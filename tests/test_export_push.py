@@ -97,7 +97,7 @@ def test_the_option_token_is_the_push_token_and_a_secret_of_the_scan(tmp_path, m
     """The parsed options give up --hub_token; the push hands it to huggingface_hub as it would HF_TOKEN; the
     secret scan and `redact` know it, and the value of a secret option on the process's command line."""
     import huggingface_hub.constants
-    from huggingface_hub import HfApi
+    from test_privacy import ENDPOINT, serve_fake_hub
 
     from unsloth_med.config import parse_config
 
@@ -115,12 +115,10 @@ def test_the_option_token_is_the_push_token_and_a_secret_of_the_scan(tmp_path, m
     folder.mkdir()
     (folder / "export.json").write_text("{}")
     (folder / "README.md").write_text("---\nlicense: other\n---\n")
-    calls = []
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(self.token)
-                        or f"https://huggingface.co/{repo_id}")
-    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(self.token))
-    assert push(folder, "someone/x") == "https://huggingface.co/someone/x"
-    assert calls == [OPTION_TOKEN, OPTION_TOKEN]
+    fake = serve_fake_hub(monkeypatch)  # huggingface_hub's own client, answered in this process
+    assert push(folder, "someone/x") == f"{ENDPOINT}/someone/x"
+    assert fake.tokens and set(fake.tokens) == {OPTION_TOKEN}  # every request to the Hub carried it
+    assert set(fake.files("someone/x")) == {"export.json", "README.md"}
 
     (folder / "notes.txt").write_text(f"token: {OPTION_TOKEN}")
     assert files_with_secrets(folder) == ["notes.txt"]
@@ -191,29 +189,23 @@ def _front_matter(card: str) -> dict:
 def test_export_gguf_push_to_hub_pushes_the_gguf_folder_with_a_gguf_card(gguf_runs, gguf_tools, monkeypatch,
                                                                           capsys):
     """It crashed after the export (FileNotFoundError: RUN/gguf/unsloth_med.json) and pushed nothing."""
-    import huggingface_hub.constants
-    from huggingface_hub import HfApi
+    from test_privacy import ENDPOINT, serve_fake_hub
 
     run = gguf_runs[96]
     monkeypatch.setenv("HF_TOKEN", "hf_FAKEtokenForTestsOnly0123456789abcd")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    uploads = []
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: f"https://huggingface.co/{repo_id}")
-    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: uploads.append(
-        {**kw, "files": sorted(p.name for p in Path(kw["folder_path"]).iterdir()),
-         "card": Path(kw["folder_path"], "README.md").read_text()}))
+    fake = serve_fake_hub(monkeypatch)  # huggingface_hub's own client, answered in this process
     assert export_command([str(run), "--format", "gguf", "--push-to-hub", "someone/fracture-gguf"]) == 0
-    assert "Pushed to https://huggingface.co/someone/fracture-gguf" in capsys.readouterr().out
+    assert f"Pushed to {ENDPOINT}/someone/fracture-gguf" in capsys.readouterr().out
 
     gguf = run / "gguf"
     result = json.loads((gguf / "export.json").read_text())
-    [upload] = uploads
-    assert upload["folder_path"] == str(gguf) and upload["repo_id"] == "someone/fracture-gguf"
-    assert {result["text_gguf"], result["mmproj_gguf"], "Modelfile", "README.md", "export.json"} <= set(upload["files"])
-    assert not any(name.endswith(".safetensors") for name in upload["files"])  # the GGUF, not the merged weights
+    uploaded = fake.files("someone/fracture-gguf")
+    assert set(uploaded) == {p.name for p in gguf.iterdir()}  # the gguf folder, all of it
+    assert {result["text_gguf"], result["mmproj_gguf"], "Modelfile", "README.md", "export.json"} <= set(uploaded)
+    assert not any(name.endswith(".safetensors") for name in uploaded)  # the GGUF, not the merged weights
+    assert uploaded[result["text_gguf"]] == (gguf / result["text_gguf"]).read_bytes()
 
-    card = upload["card"]
+    card = uploaded["README.md"].decode()
     meta = _front_matter(card)
     assert {"gguf", "llama.cpp", "medical", "classify"} <= set(meta["tags"])
     assert meta["pipeline_tag"] == "image-text-to-text" and "library_name" not in meta
@@ -227,6 +219,8 @@ def test_export_gguf_push_to_hub_pushes_the_gguf_folder_with_a_gguf_card(gguf_ru
     assert f"at most {result['verification']['max_abs_logit_diff']:.2g}" in card
 
     # A GGUF folder exported before GGUF exports recorded unsloth_med.json: its card comes from merged/'s record.
+    # (The local card: the Hub's copy has this machine's paths shortened, tests/test_privacy.py.)
+    local_card = (gguf / "README.md").read_text()
     (gguf / "unsloth_med.json").unlink()
     again = write_model_card(gguf, run_dir=run, repo_id="someone/fracture-gguf").read_text()
-    assert again == card
+    assert again == local_card

@@ -169,19 +169,16 @@ def test_push_refuses_bad_input_and_folders_holding_a_secret(export_dir, monkeyp
 
 
 def test_push_creates_a_private_repo_and_uploads_the_folder(export_dir, monkeypatch, capsys):
-    from huggingface_hub import HfApi
+    """Through huggingface_hub's own client, answered by a fake Hub (tests/test_privacy.py)."""
+    from test_privacy import ENDPOINT, serve_fake_hub
 
-    calls = []
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw))
-                        or f"https://huggingface.co/{repo_id}")
-    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)))
-    assert push(export_dir, "someone/x") == "https://huggingface.co/someone/x"
-    assert calls[0][2]["private"] is True and calls[1][1]["folder_path"] == str(export_dir)
-    calls.clear()
-    assert push_command([str(export_dir), "someone/x", "--public"]) == 0
-    assert calls[0][2]["private"] is False
+    fake = serve_fake_hub(monkeypatch)
+    assert push(export_dir, "someone/x") == f"{ENDPOINT}/someone/x"
+    assert fake.repos["someone/x"]["private"] is True
+    assert fake.files("someone/x") == {p.name: p.read_bytes() for p in export_dir.iterdir()}
+    assert push_command([str(export_dir), "someone/y", "--public"]) == 0
+    assert fake.repos["someone/y"]["private"] is False
     assert "Pushed" in capsys.readouterr().out
 
 
@@ -280,3 +277,20 @@ def test_model_card_gives_each_score_its_95_percent_interval(tmp_path):
     low, high = after["accuracy_ci95"]
     assert f"| 0.8571 [{low:.3f}, {high:.3f}] |" in card and "95% intervals (Wilson for accuracy" in card
     assert "accuracy_ci95" not in card  # the interval rides with its score, not as a row of its own
+
+
+def test_only_a_published_dataset_is_called_public_on_the_card(tmp_path):
+    """A card of the user's own data (or of the demo's generated images) said "Trained and evaluated on one public
+    dataset"."""
+    import dataclasses
+
+    from unsloth_med.recipes.base import DataSource
+
+    recipe = get_recipe("bone_fracture")
+    assert "on one public dataset" in model_card(recipe, base_model="a/b", metrics={})
+    own = dataclasses.replace(recipe, source=DataSource(kind="auto", id=str(tmp_path / "scans"),
+                                                        attribution="Our own wrist X-rays, internal use."))
+    demo = dataclasses.replace(recipe, source=dataclasses.replace(recipe.source, id="", attribution="Generated."))
+    for other in (own, demo):
+        card = model_card(other, base_model="a/b", metrics={})
+        assert "public" not in card and "Trained and evaluated on one dataset;" in card

@@ -454,6 +454,10 @@ def parse_config(argv: list[str] | None, recipe=None, *, prog: str = "unsloth-me
     run, model, lora, data, training, eval_, export = sections
     _check_choices(parser, sections, layers)
     _check_report_to(training)
+    if export.push_to_hub_id:  # a repo id the Hub refuses stops here, not after training and the export
+        from .hub import check_repo_id
+
+        check_repo_id(export.push_to_hub_id)
     if saved:
         _check_unchanged_on_resume(sections, saved, saved_path, args, known.config, from_file)
     if model.max_micro_batch is not None and model.max_micro_batch < 1:

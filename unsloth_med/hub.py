@@ -4,8 +4,10 @@
 datasets, tags, license, pipeline_tag), then the recipe, the training config, the before/after
 metrics of the run, the dataset's attribution and the medical disclaimer.
 
-`push` uploads an exported folder with `huggingface_hub` (`create_repo` + `upload_folder`), private
-by default. The token comes from the run's `--hub_token` (secrets.given_hub_token), else HF_TOKEN or the
+`push` uploads an exported folder (never a run folder) with `huggingface_hub` (`create_repo` + one
+`create_commit`), private by default, never into an existing public repo unless --public; the Hub's copy of its
+records leaves out the test images' file names and shortens this machine's paths (`push`'s docstring).
+The token comes from the run's `--hub_token` (secrets.given_hub_token), else HF_TOKEN or the
 user's `hf auth login`; this module never reads it into a message, a log line or a file. Without network
 it raises NetworkError saying the export is saved locally and how to push it later.
 
@@ -283,9 +285,12 @@ def model_card(recipe, *, base_model: str, export_format: str = "merged-16bit", 
     if verification and not is_gguf:  # a GGUF card's usage section says how llama.cpp was checked
         lines += ["## Export check", "", _verification_text(verification), ""]
 
+    # Only a recipe's published dataset is "public": not the user's own data, nor the demo's generated images.
+    public = source is not None and bool(source.id) and source.kind in ("hf", "kaggle_folders") and \
+        not Path(str(source.id)).is_absolute()
     lines += ["## Limitations", "",
-              "- Trained and evaluated on one public dataset; performance on other hospitals, scanners, populations or "
-              "image types is unknown.",
+              f"- Trained and evaluated on one {'public ' if public else ''}dataset; performance on other hospitals, "
+              "scanners, populations or image types is unknown.",
               "- Test-set numbers above are only as good as the test split (see the dataset attribution for its "
               "provenance).",
               f"- {DISCLAIMER}", ""]
@@ -432,21 +437,119 @@ def files_with_secrets(folder: str | Path, values: list[str] | None = None) -> l
 
 
 # ----------------------------------------------------------------------------- push
+def check_repo_id(repo_id: str | None) -> None:
+    """ConfigError unless `repo_id` is an OWNER/NAME the Hub accepts (huggingface_hub's own rules: no '--' or '..',
+    at most 96 characters, ...). Cheap and offline: check it before the work whose result is to be pushed."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not _HUB_ID.match(repo_id or ""):
+        raise ConfigError(f"'{repo_id}' is not a Hub repo id. Use OWNER/NAME, e.g. my-user/bone-fracture-ministral3.")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise ConfigError(f"'{repo_id}' is not a valid Hub repo id: {exc} Use OWNER/NAME, e.g. "
+                          "my-user/bone-fracture-ministral3.") from None
+
+
+# Keys of an export's records that name the user's test images (their file names can carry patient ids): kept in
+# the local export.json, left out of the copy the Hub gets.
+PRIVATE_RECORD_KEYS = ("row_ids",)
+_TEXT_SUFFIXES = (".json", ".md", ".txt", ".jinja", ".yaml", ".yml")
+
+
+def _local_paths(folder: Path) -> list[str]:
+    """Absolute paths of this machine that the export's records name (the data folder, a local base model, the
+    merged folder a GGUF came from): the Hub copy shows their last part only."""
+    found: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+        elif isinstance(value, str) and os.path.isabs(value) and len(Path(value).parts) > 1:
+            found.add(value.rstrip("/"))
+
+    for name in ("unsloth_med.json", "export.json"):
+        try:
+            data = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        walk({k: v for k, v in data.items() if k not in ("files", "verification", "usage")})
+    return sorted(found, key=len, reverse=True)
+
+
+def _public_bytes(path: Path, local_paths: list[str]) -> tuple[bytes | None, list[str]]:
+    """What the Hub gets of a text file of the export, when it differs from the file: local paths shortened to
+    their last part, the home folder (a user name) to '~', and in JSON records the keys of PRIVATE_RECORD_KEYS
+    dropped. (None, []) when the file goes up as it is."""
+    if path.suffix not in _TEXT_SUFFIXES or path.stat().st_size > 20_000_000:
+        return None, []
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None, []
+    changed: list[str] = []
+    if path.suffix == ".json" and any(f'"{key}"' in text for key in PRIVATE_RECORD_KEYS):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            data = None
+
+        def drop(value: Any) -> Any:
+            if isinstance(value, dict):
+                for key in PRIVATE_RECORD_KEYS:
+                    if value.pop(key, None) is not None:
+                        changed.append(key)
+                return {k: drop(v) for k, v in value.items()}
+            return [drop(v) for v in value] if isinstance(value, list) else value
+
+        if isinstance(data, dict):
+            data = drop(data)
+            text = json.dumps(data, indent=1)
+    for local in local_paths:
+        if local in text:
+            text = text.replace(local, Path(local).name)
+            changed.append("local paths")
+    home = str(Path.home()).rstrip("/")
+    if len(Path(home).parts) > 1:
+        at_home = re.compile(re.escape(home) + r"(?![\w.-])")  # /home/alice, not /home/alice2
+        if at_home.search(text):
+            text = at_home.sub("~", text)
+            changed.append("home folder")
+    return (text.encode(), list(dict.fromkeys(changed))) if changed else (None, [])
+
+
 def _push_later(folder: Path, repo_id: str, private: bool) -> str:
     return (f"The export is saved locally in {folder}. Push it later with: "
             f"unsloth-med push {folder} {repo_id}" + ("" if private else " --public"))
 
 
 def push(folder: str | Path, repo_id: str, *, private: bool = True) -> str:
-    """Upload an exported folder to the Hub repo `repo_id` (created if missing, private by default); returns its URL."""
+    """Upload an exported folder to the Hub repo `repo_id` (created if missing, private by default) in one commit;
+    returns its URL.
+
+    Only an export is uploaded (a folder with export.json): a run folder holds the training images (samples.png),
+    the test predictions with image file names, logs and checkpoints. What the Hub gets differs from the folder in
+    its records only: export.json without the ids (file names) of the test images the export check used, and
+    absolute paths of this machine shortened to their last part (the home folder to '~'). A repo that exists keeps
+    its visibility, so pushing without `--public` into an existing public repo is refused before any upload.
+    """
     folder = Path(folder)
-    if not _HUB_ID.match(repo_id or ""):
-        raise ConfigError(f"'{repo_id}' is not a Hub repo id. Use OWNER/NAME, e.g. my-user/bone-fracture-ministral3.")
+    check_repo_id(repo_id)
     if not folder.is_dir() or not any(folder.iterdir()):
         raise ExportError(f"{folder} is not an exported folder (missing or empty). Export first: "
-                          "unsloth-med export RUN_DIR --format merged-16bit|adapter")
+                          "unsloth-med export RUN_DIR --format merged-16bit|adapter|gguf")
     if not (folder / "export.json").is_file():
-        log.warning("%s has no export.json: it was not written (or not verified) by unsloth-med export", folder)
+        what = (" It is a run folder: it holds training images (samples.png), the test predictions with image file "
+                "names, logs and checkpoints, none of which belongs on the Hub."
+                if (folder / "run.json").is_file() or (folder / "adapter" / "unsloth_med.json").is_file() else "")
+        raise ExportError(f"Refusing to upload {folder}: it has no export.json, so it is not a folder unsloth-med "
+                          f"exported.{what} Export first and push the export: unsloth-med export RUN_DIR --format "
+                          f"merged-16bit|adapter|gguf --push-to-hub {repo_id}")
     if not (folder / "README.md").is_file():
         log.warning("%s has no README.md: the Hub repo will have no model card (and no medical disclaimer)", folder)
     leaked = files_with_secrets(folder)
@@ -455,7 +558,7 @@ def push(folder: str | Path, repo_id: str, *, private: bool = True) -> str:
                           f"variable or a token option): {', '.join(leaked)}. Remove it from them first.")
 
     import huggingface_hub
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
@@ -466,6 +569,19 @@ def push(folder: str | Path, repo_id: str, *, private: bool = True) -> str:
         raise CredentialsError("No Hugging Face token found. Set HF_TOKEN (a token with write access, from "
                                "https://huggingface.co/settings/tokens) or run `hf auth login`. "
                                + _push_later(folder, repo_id, private))
+    operations, local_paths = [], _local_paths(folder)
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if not path.is_file() or any(part.startswith(".") for part in relative.parts):  # partial files, caches
+            continue
+        public, changed = _public_bytes(path, local_paths)
+        if changed:
+            log.info("The Hub gets %s without %s", relative.as_posix(), ", ".join(
+                {"row_ids": "the file names of the test images the export check used", "local paths":
+                 "this machine's paths (shortened to their last part)", "home folder": "your home folder's path"}[c]
+                for c in changed))
+        operations.append(CommitOperationAdd(path_in_repo=relative.as_posix(),
+                                             path_or_fileobj=public if public is not None else str(path)))
     # HF_ENDPOINT is read now (huggingface_hub reads it once, at import).
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
     network_errors: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
@@ -487,10 +603,20 @@ def push(folder: str | Path, repo_id: str, *, private: bool = True) -> str:
         network_errors += (OfflineModeIsEnabled,)
     except ImportError:
         pass
+    created = False
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                          commit_message="Upload with unsloth-med", ignore_patterns=[".*", "**/.*"])
+        created = True
+        # An existing repo keeps its visibility whatever `private` says (create_repo ignores it then).
+        is_private = getattr(api.repo_info(repo_id, repo_type="model"), "private", None)
+        if private and is_private is False:
+            raise ExportError(f"{repo_id} exists and is PUBLIC; this push was to be private, so nothing was uploaded. "
+                              f"Make the repo private on the Hub (its Settings), push to a new repo, or pass --public "
+                              f"to publish {folder} there.")
+        if not private and is_private:
+            log.warning("%s exists and is private: it stays private (--public only sets a new repo's visibility)",
+                        repo_id)
+        api.create_commit(repo_id, operations, commit_message="Upload with unsloth-med", repo_type="model")
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status in (401, 403):
@@ -498,11 +624,18 @@ def push(folder: str | Path, repo_id: str, *, private: bool = True) -> str:
                 f"The Hub refused the upload to {repo_id} (HTTP {status}): the token is invalid or lacks write access "
                 f"to '{repo_id.split('/')[0]}'. Use a write token (HF_TOKEN or `hf auth login`). "
                 + _push_later(folder, repo_id, private)) from None
-        raise ExportError(f"Upload to {repo_id} failed: {redact(str(exc))[:300]}. "
+        raise ExportError(f"Upload to {repo_id} failed: {redact(str(exc))[:300]}. " + _nothing_committed(created)
                           + _push_later(folder, repo_id, private)) from None
     except network_errors as exc:
         raise NetworkError(f"Could not reach the Hugging Face Hub ({type(exc).__name__}: {redact(str(exc))[:200]}). "
-                           + _push_later(folder, repo_id, private)) from None
+                           + _nothing_committed(created) + _push_later(folder, repo_id, private)) from None
     url = str(url)
-    log.info("Pushed %s to %s (%s)", folder, url, "private" if private else "public")
+    log.info("Pushed %s to %s (%s)", folder, url, "visibility unknown" if is_private is None
+             else "private" if is_private else "public")
     return url
+
+
+def _nothing_committed(created: bool) -> str:
+    """A push is one commit: when it fails, none of the files is in the repo (which exists from then on, if made)."""
+    return ("The repo exists, but no file of this push was committed to it (a push is one commit). " if created
+            else "")

@@ -26,6 +26,10 @@ def export_command(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.public and not args.push_to_hub:
         parser.error("--public only makes sense with --push-to-hub OWNER/NAME")
+    if args.push_to_hub:  # a bad repo id stops here, not after a merge and its check
+        from ..hub import check_repo_id
+
+        check_repo_id(args.push_to_hub)
     result = export_run(args.run_dir, format=args.format, out=args.out, backend=args.backend, quant=args.quant)
     if args.push_to_hub:
         from ..hub import push, write_model_card
