@@ -344,3 +344,65 @@ def test_a_disk_that_fills_during_a_checkpoint_and_during_export(small_disk, bon
     assert not (run_dir / "merged").exists() and not list(run_dir.glob(".merged*"))
     assert _hashes(run_dir / "adapter") == adapter
     ballast.unlink()
+
+
+# ----------------------------------------------------------------------------- session 19: output_dir inside the data
+@pytest.mark.slow  # two tiny runs in this process
+def test_a_run_folder_inside_class_folders_is_never_read_as_a_class(tmp_path, capsys):
+    """--output_dir inside a folder of class folders: the run's samples.png, loss.png and confusion plots made a
+    class 'run'. The next run into another folder trained on three classes, plots among them, without a word;
+    a --resume failed with 'labels not among the configured classes: run'."""
+    data = tmp_path / "xrays"
+    for k, label in enumerate(("normal", "fracture")):
+        for i in range(8):
+            _xray(data / label / f"{label}-{i}.png", 100 * k + i)
+    common = ["--recipe", "classify", "--data_dir", str(data), "--model", "tiny:mistral3", "--backend", "hf",
+              "--image_size", "32", "--eval_before", "false", "--eval_after", "false"]
+    first = _in_process(capsys, ["train", *common, "--output_dir", str(data / "run"), "--max_steps", "1"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (data / "run" / "samples.png").is_file()
+
+    other = _in_process(capsys, ["train", *common, "--output_dir", str(tmp_path / "other"), "--max_steps", "1"])
+    assert other.returncode == 2 and not (tmp_path / "other" / "adapter").exists(), other.stderr[-3000:]
+    assert f"--data_dir {data} holds the run folder {data / 'run'}" in other.stderr
+    assert f"The data holds {data / 'run'}" in other.stderr and "Traceback" not in other.stderr
+
+    resumed = _in_process(capsys, ["train", *common, "--output_dir", str(data / "run"), "--max_steps", "2",
+                                   "--resume"])
+    assert resumed.returncode == 2 and f"holds the run folder {data / 'run'}" in resumed.stderr, resumed.stderr[-3000:]
+
+
+def test_a_json_record_written_onto_a_full_disk_leaves_the_earlier_one_whole(small_disk):
+    """eval_*.json and train_stats.json were written in place: a full disk (or a kill) mid-write left a truncated
+    file, which --resume and `unsloth-med evaluate RUN` then failed to parse."""
+    from unsloth_med.disk import is_disk_full, write_json
+
+    path = small_disk / "eval_before.json"
+    write_json(path, {"predictions": [{"id": "a"}]})
+    ballast = _fill(small_disk, leave=8 * 1024)
+    big = {"predictions": [{"id": str(i), "prediction": "x" * 100} for i in range(2000)]}  # about 250 KB
+    with pytest.raises(OSError) as failed:
+        write_json(path, big)
+    assert is_disk_full(failed.value, small_disk)
+    assert json.loads(path.read_text()) == {"predictions": [{"id": "a"}]}
+    assert sorted(p.name for p in small_disk.iterdir()) == ["ballast", "eval_before.json"]  # no partial file left
+    ballast.unlink()
+    write_json(path, big)
+    assert json.loads(path.read_text()) == big
+
+
+def test_a_run_folder_that_cannot_be_written_stops_the_run_in_one_line(tmp_path, capsys):
+    """A read-only disk or a folder name longer than the filesystem allows: a traceback from the lock's mkdir."""
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(readonly)], capture_output=True)
+    folders = [tmp_path / ("r" * 300)] + ([readonly / "run"] if done.returncode == 0 else [])
+    try:
+        for run_dir in folders:
+            failed = _train(capsys, run_dir, tmp_path)
+            assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
+            assert f"error: Cannot write the run folder {run_dir}: " in failed.stderr, failed.stderr[-2000:]
+            assert ("Read-only file system" if run_dir.parent == readonly else "File name too long") in failed.stderr
+    finally:
+        if done.returncode == 0:
+            subprocess.run(["umount", "-l", str(readonly)], check=False)

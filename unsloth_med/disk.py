@@ -26,6 +26,18 @@ def update_json(path: Path, fields: dict, *, drop: tuple[str, ...] = ()) -> None
     os.replace(partial, path)  # a reader never meets a half-written file
 
 
+def write_json(path: Path, data) -> None:
+    """Write a JSON file whole or not at all: a kill or a full disk mid-write leaves the earlier file (or none), never
+    a truncated one that the next run or command fails to read."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        partial.write_text(json.dumps(data, indent=1))
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 def folder_bytes(path: str | Path) -> int:
     path = Path(path)
     if path.is_file():

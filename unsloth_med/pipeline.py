@@ -20,8 +20,8 @@ import torch
 
 from . import collector, distributed
 from .config import Config, save_config
-from .disk import update_json
-from .errors import BackendError, ConfigError, ExportError
+from .disk import update_json, write_json
+from .errors import BackendError, ConfigError, ExportError, UnslothMedError
 from .recipes.base import Recipe
 from .run_lock import RunLock
 from .secrets import RedactingFilter
@@ -192,6 +192,7 @@ class RunContext:
     export_error: ExportError | None = None
     metrics: dict = dataclasses.field(default_factory=dict)
     stop: bool = False  # set on ranks other than 0 once the ranks' shared work is done
+    trained_step: int | None = None  # the step training ended at, once the adapter is saved
     timed_before_stage: set = dataclasses.field(default_factory=set)  # the timings' keys when the stage started
 
     def timed_apart(self) -> float:
@@ -248,7 +249,10 @@ def load_data(ctx: RunContext) -> None:
     if demo_data:
         data_dir = str(ranks.main_first(demo_data_dir, ctx.recipe))
     config.data.data_dir = data_dir
-    recipe = resolve_recipe(ctx.recipe, config)  # generic recipes: labels, instruction, columns from the config
+    try:
+        recipe = resolve_recipe(ctx.recipe, config)  # generic recipes: labels, instruction, columns from the config
+    except UnslothMedError as exc:
+        raise _with_run_folders_named(exc, data_dir) from exc
     if demo_data:  # reports and model cards credit the data actually used
         recipe = dataclasses.replace(recipe, source=dataclasses.replace(recipe.source, id="",
                                                                         attribution=DEMO_ATTRIBUTION))
@@ -257,8 +261,12 @@ def load_data(ctx: RunContext) -> None:
 
     seed = config.training.seed
     image_size = config.data.image_size or recipe.image_size
-    splits = run_splits(recipe, data_dir, seed=seed, split_by=config.data.split_by,
-                        test_fraction=config.data.test_fraction)
+    try:
+        splits = run_splits(recipe, data_dir, seed=seed, split_by=config.data.split_by,
+                            test_fraction=config.data.test_fraction)
+    except UnslothMedError as exc:
+        raise _with_run_folders_named(exc, data_dir) from exc
+    _refuse_run_folder_images(splits, data_dir)
     check_placeholders(recipe.instruction, splits["train"].column_names, data_dir or recipe.source.id)
     train_set = subsample(splits["train"], config.data.max_train_samples, seed)
     test_set = subsample(splits["test"], config.data.max_eval_samples, seed)
@@ -297,6 +305,49 @@ def load_data(ctx: RunContext) -> None:
             summary["sizes"]["test"] = len(test_set)
     print(f"Data: {summary['sizes']['train']} train / {summary['sizes']['test']} test examples")
     ctx.train_set, ctx.test_set, ctx.summary = train_set, test_set, summary
+
+
+def _run_folders_in(data_dir: str | None) -> list[Path]:
+    """Run folders (run.json beside the run's config.yaml, or its lock) inside a local data folder."""
+    root = Path(data_dir).absolute() if data_dir else None  # the loaders' paths are absolute
+    if root is None or not root.is_dir():
+        return []
+    return sorted({p.parent for p in root.rglob("run.json")
+                   if (p.parent / "config.yaml").is_file() or (p.parent / ".unsloth_med.lock").is_file()})
+
+
+def _run_folders_message(data_dir: str, folders: list[Path]) -> str:
+    return (f"--data_dir {data_dir} holds the run folder{'s' if len(folders) > 1 else ''} "
+            f"{', '.join(map(str, folders))}, whose sample grid and plots are images: read from class folders, they "
+            "become a class of their own. Move the run folders out of the data folder, and give --output_dir a "
+            "folder outside it.")
+
+
+def _with_run_folders_named(exc: UnslothMedError, data_dir: str | None) -> UnslothMedError:
+    """A data error, with the likely cause named when the data folder holds run folders (--output_dir inside it)."""
+    folders = _run_folders_in(data_dir)
+    if not folders:
+        return exc
+    try:
+        return type(exc)(f"{exc} ({_run_folders_message(data_dir, folders)})")
+    except TypeError:  # an error class with other arguments
+        return exc
+
+
+def _refuse_run_folder_images(splits: dict, data_dir: str | None) -> None:
+    """An earlier run's folder inside the data folder: its samples.png, loss.png, confusion_*.png were read as
+    images of a class named after the folder, and a new run trained on them without a word."""
+    folders = _run_folders_in(data_dir)
+    if not folders:
+        return
+    for split in splits.values():
+        for column in {"image", "images"} & set(getattr(split, "column_names", ())):
+            for value in split[column]:
+                paths = value if isinstance(value, (list, tuple)) else [value]
+                for path in paths:
+                    if isinstance(path, str) and any(Path(path).is_relative_to(f) for f in folders):
+                        raise ConfigError(f"The data holds {path}, a run's own file. "
+                                          + _run_folders_message(data_dir, folders))
 
 
 def prepare_data(ctx: RunContext) -> None:
@@ -365,9 +416,44 @@ def evaluate_before(ctx: RunContext) -> None:
         ctx.eval_inputs = EncodedBatches() if config.eval.eval_after else None
         ctx.before = evaluate(ctx.backend.for_inference(ctx.model), ctx.processor, ctx.recipe, ctx.test_set,
                               inputs=ctx.eval_inputs, **ctx.eval_kw)
-        (ctx.files / "eval_before.json").write_text(json.dumps(ctx.before, indent=1))
-    elif ctx.resume_from and (run_dir / "eval_before.json").exists():
-        ctx.before = json.loads((run_dir / "eval_before.json").read_text())
+        write_json(ctx.files / "eval_before.json", ctx.before)
+    elif ctx.resume_from:
+        path = run_dir / "eval_before.json"
+        before = _read_json_or_none(path)  # None when cut off by a kill (before writes were whole)
+        usable = before is not None and _same_examples(before, ctx.test_set)
+        # rank 0's view decides; every rank takes the same branch (evaluation is a collective under DDP)
+        decision = ctx.ranks.broadcast("none" if not path.exists() else "keep" if usable else
+                                       "measure" if config.eval.eval_before else "drop")
+        if decision == "keep":
+            ctx.before = before
+        elif decision == "drop":  # asked not to measure it: no scores of other examples either
+            log.warning("%s is unreadable or scored other test examples than this run's test split: the report "
+                        "has no scores before training (--eval_before false)", path)
+        elif decision == "measure":  # the model is untrained here: score it on the split the trained one meets
+            log.warning("%s is unreadable or scored other test examples than this run's test split (the data, the "
+                        "split or --max_eval_samples changed since): evaluating the untrained model again", path)
+            _write_status(run_dir, stage="eval_before")
+            ctx.before = evaluate(ctx.backend.for_inference(ctx.model), ctx.processor, ctx.recipe, ctx.test_set,
+                                  **ctx.eval_kw)
+            write_json(ctx.files / "eval_before.json", ctx.before)
+
+
+def _read_json_or_none(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _same_examples(result: dict, test_set) -> bool:
+    """Whether an evaluation's predictions are of exactly the examples of `test_set` (by id). A resumed run's
+    before-training scores on another split would be compared with after-training scores as if paired."""
+    if not isinstance(result, dict):
+        return False
+    predictions = result.get("predictions")
+    if not isinstance(predictions, list) or "id" not in getattr(test_set, "column_names", ()):
+        return True  # nothing to compare by: kept, as before
+    return sorted(str(p.get("id")) for p in predictions) == sorted(str(i) for i in test_set["id"])
 
 
 def train_model(ctx: RunContext) -> None:
@@ -416,7 +502,7 @@ def train_model(ctx: RunContext) -> None:
         warm_up = config.model.warm_up_shapes
         if warm_up or (warm_up is None and torch.cuda.is_available()):
             warm_up_when_training_starts(trainer, train_set)  # records "shape_warmup" in train_stats.json
-        (files / "train_stats.json").write_text(json.dumps(pre_train, indent=1))
+        write_json(files / "train_stats.json", pre_train)
         ctx.history = train(trainer, resume_from=ctx.resume_from, compiled=config.model.train_compiled)
         parts.lap("train_call")
     except torch.OutOfMemoryError as exc:
@@ -442,16 +528,25 @@ def train_model(ctx: RunContext) -> None:
             add_skipped(files, [record for records in per_rank[1:] for record in records])
         ctx.summary["skipped_in_training"] = sum(len(records) for records in per_rank)
     record = {**recipe_record(ctx.recipe), "model": ctx.named_model, "base_model": ctx.model_name,
-              **fit_record(ctx.fit)}
-    if ctx.ranks.is_main:
+              **fit_record(ctx.fit), "global_step": trainer.state.global_step}
+    if ctx.ranks.is_main and not _adapter_unchanged(run_dir, ctx.resume_from, trainer.state.global_step):
         _set_aside_earlier_exports(run_dir)
     save_adapter(ctx.model, ctx.processor, files, record)
+    ctx.trained_step = trainer.state.global_step  # from here on, a failure costs no training (finish_hint)
 
 
 # The exports `unsloth-med export` writes into a run folder by default. Made from the adapter a resumed run is about
 # to replace, they hold another model than the run's from then on, and the push (merged/) and the GGUF export
 # (which converts an existing merged/) would take them for this run's.
 EARLIER_EXPORTS = ("merged", "gguf", "adapter-export")
+
+
+def _adapter_unchanged(run_dir: Path, resume_from: str | None, step: int) -> bool:
+    """A resume that took no step (its checkpoint was already the final one: a run stopped in evaluation or export)
+    saves the adapter the folder holds when that one was saved at the same step; its exports stay this run's."""
+    if resume_from is None or int(Path(resume_from).name.split("-")[-1]) != step:
+        return False
+    return (_read_json_or_none(run_dir / "adapter" / "unsloth_med.json") or {}).get("global_step") == step
 
 
 def _set_aside_earlier_exports(run_dir: Path) -> None:
@@ -496,7 +591,7 @@ def evaluate_after(ctx: RunContext) -> None:
     if ctx.config.eval.eval_after:
         ctx.after = evaluate(ctx.backend.for_inference(ctx.model), ctx.processor, ctx.recipe, ctx.test_set,
                              inputs=ctx.eval_inputs, **ctx.eval_kw)
-        (ctx.files / "eval_after.json").write_text(json.dumps(ctx.after, indent=1))
+        write_json(ctx.files / "eval_after.json", ctx.after)
     ctx.eval_inputs = None  # its memory back before the export, which may need the RAM
     ctx.ranks.finish()
     ctx.stop = not ctx.ranks.is_main
@@ -538,15 +633,72 @@ def write_results(ctx: RunContext) -> None:
     print(format_table(before, after, ctx.metrics))
     if ctx.config.run.demo and after is not None and "accuracy" in after.get("metrics", after):
         scores = after.get("metrics", after)
+        changed = _changed_from_demo(ctx.config, ctx.recipe.name)
+        claim = ("Reproducible: >= 0.8 on any machine; the exact figure depends on the CPU's arithmetic." if not changed
+                 else f"The >= 0.8 on any machine is for the demo's own training settings; {', '.join(changed)} "
+                 "changed here.")
         print(f"Demo: accuracy {scores['accuracy']:.3f} on this machine ({scores.get('n', '?')} generated test "
-              "X-rays). Reproducible: >= 0.8 on any machine; the exact figure depends on the CPU's arithmetic.")
+              f"X-rays). {claim}")
     print(format_timings(timings))
     print(f"Run folder: {run_dir}  ({timings['total']:.0f} s)")
+
+
+def _changed_from_demo(config: Config, recipe_name: str) -> list[str]:
+    """The training settings of the demo preset that this --demo run changed (--max_steps 300, another learning
+    rate): its reproducible figure holds for the preset's own. --seed is not one: seeds 0-4 and 42 were measured."""
+    import yaml
+
+    from .config import presets_dir
+
+    path = presets_dir() / recipe_name / "demo.yaml"
+    preset = ((yaml.safe_load(path.read_text()) or {}).get("training") or {}) if path.is_file() else {}
+    training = config.training
+    changed = [f"--{key}" for key, value in preset.items()
+               if key not in ("seed", "logging_steps", "save_strategy") and getattr(training, key, value) != value]
+    if "max_steps" not in preset and (training.max_steps or -1) > 0:  # the preset's epochs no longer count
+        changed.append("--max_steps")
+    return changed
 
 
 def push_export(ctx: RunContext) -> None:
     if ctx.config.export.push_to_hub_id:  # ctx.exported: merged/ (and gguf/) written by this run's export stage
         _push(ctx.run_dir, ctx.config, merged_now=ctx.exported is not None)
+
+
+def finish_hint(ctx: RunContext) -> str:
+    """For a run that failed or was interrupted after its adapter was saved: the training is not lost, and how to
+    get what is missing (evaluation, export, report, push) without training again."""
+    from .train import last_checkpoint
+
+    run_dir, config = ctx.run_dir, ctx.config
+    checkpoint = last_checkpoint(run_dir)
+    final = checkpoint is not None and int(Path(checkpoint).name.split("-")[-1]) == ctx.trained_step
+    stage = ctx.current_stage  # what is missing: what this stage and the ones after it write
+    commands = [f"unsloth-med evaluate --model {run_dir}"] if config.eval.eval_after and stage == "eval_after" else []
+    exported = stage not in ("eval_after", "export") and ctx.export_error is None  # a failed export: see report
+    if config.export.export in ("merged-16bit", "gguf") and not exported:
+        commands.append(f"unsloth-med export {run_dir} --format {config.export.export}"
+                        + (f" --push-to-hub {config.export.push_to_hub_id}" if config.export.push_to_hub_id else ""))
+    elif config.export.push_to_hub_id and not exported:
+        commands.append(f"unsloth-med export {run_dir} --format adapter --push-to-hub {config.export.push_to_hub_id}")
+    text = (f"Training finished (step {ctx.trained_step}) and the trained model is saved in {run_dir / 'adapter'}; "
+            f"the run stopped after it, in its {stage} stage. Nothing needs training again")
+    if final:
+        text += (f": the same command with --resume loads {checkpoint} (no training step) and writes what is missing "
+                 "into the run folder (evaluation, export, report)")
+    if commands:
+        text += f"{'; or' if final else ':'} run {' and '.join(f'`{c}`' for c in commands)}"
+    return text + "."
+
+
+def _tell_how_to_finish(exc: BaseException, hint: str) -> None:
+    """Say `hint` on stderr and in run.log (the log line), and again under a traceback (a note on the exception),
+    where the user reads a failure that is not one of the package's one-line errors or an interrupt."""
+    from .errors import UnslothMedError
+
+    log.warning(hint)
+    if not isinstance(exc, (UnslothMedError, KeyboardInterrupt)) and hasattr(exc, "add_note"):
+        exc.add_note(hint)
 
 
 def format_timings(timings: dict) -> str:
@@ -601,6 +753,8 @@ def run(recipe: Recipe, config: Config, *, startup_s: float | None = None) -> di
         if (ctx.run_dir / "run.json").is_file():  # how long each part took, next to the stage it stopped in
             with contextlib.suppress(Exception):
                 _write_status(ctx.run_dir, timings_s=ctx.breakdown())
+        if ctx.trained_step is not None and ctx.ranks.is_main and ctx.current_stage != "push":  # push: hub.py says
+            _tell_how_to_finish(exc, finish_hint(ctx))
         raise
     finally:
         for name in LOGGERS:

@@ -64,7 +64,13 @@ class RunLock:
         self.took_over: dict | None = None  # the stale owner replaced, if any
 
     def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # the run folder's first write: a folder that cannot be written stops the run here, in one line
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644))
+        except OSError as exc:
+            raise ConfigError(f"Cannot write the run folder {self.path.parent}: {exc.strerror or exc}. Choose an "
+                              "--output_dir on a writable disk, with a shorter name where the name is too long."
+                              ) from None
         for _ in range(5):  # retries only when the lock file was replaced under us
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:

@@ -34,8 +34,12 @@ class JsonlLogCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step > 0 and state.is_world_process_zero and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip()
-                    and _before_resume(json.loads(line), state.global_step)]
+            lines = [line for line in self.path.read_text(errors="replace").splitlines() if line.strip()]
+            records = [(line, _record(line)) for line in lines]
+            kept = [line for line, record in records if record is not None and _before_resume(record,
+                                                                                               state.global_step)]
+            if any(record is None for _, record in records):
+                log.warning("%s: dropped a record cut off mid-write (the interrupted run's last line)", self.path)
             partial = self.path.with_name(f".{self.path.name}.tmp")
             partial.write_text("".join(line + "\n" for line in kept))
             partial.replace(self.path)
@@ -44,6 +48,15 @@ class JsonlLogCallback(TrainerCallback):
         if logs and state.is_world_process_zero:
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def _record(line: str) -> dict | None:
+    """One logged record; None for a line cut off mid-write (a kill or power loss mid-append, a full disk)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _before_resume(record: dict, step: int) -> bool:
@@ -427,6 +440,8 @@ def train(trainer, *, resume_from: str | None = None, compiled: bool = True) -> 
 
     from .models.stance import can_run_eager
 
+    if resume_from is not None and _load_if_finished(trainer, resume_from):
+        return list(trainer.state.log_history)
     eager = not compiled and can_run_eager()
     if eager:
         trainer.callback_handler.callbacks.insert(0, EagerTraining())
@@ -436,6 +451,38 @@ def train(trainer, *, resume_from: str | None = None, compiled: bool = True) -> 
         if eager:  # also after a failure: evaluation and export choose their own stance
             torch.compiler.set_stance("default")
     return list(trainer.state.log_history)
+
+
+def _steps_planned(trainer) -> int | None:
+    """The optimizer step this training ends at (--max_steps, else the epochs' steps); None where it cannot tell."""
+    args = trainer.args
+    if args.max_steps > 0:
+        return args.max_steps
+    try:  # the Trainer's own count for epoch-based training
+        return int(trainer.set_initial_training_values(args, trainer.get_train_dataloader())[-1])
+    except Exception:  # noqa: BLE001 - then training runs as the Trainer decides
+        return None
+
+
+def _load_if_finished(trainer, checkpoint: str) -> bool:
+    """Load a checkpoint that already holds all the steps this run trains, instead of training from it.
+
+    Trainer.train resumed from the final checkpoint of a --max_steps run (a run interrupted in evaluation or export,
+    then --resume) takes one more optimizer step past max_steps before it checks that it is done (transformers
+    5.17, whenever max_steps is not a whole number of epochs): "step 31/30", checkpoint-31, and with a learning
+    rate that has not decayed to 0 other weights than the run trained."""
+    from transformers.trainer_callback import TrainerState
+
+    state_file = Path(checkpoint) / "trainer_state.json"
+    step, planned = TrainerState.load_from_json(str(state_file)).global_step, _steps_planned(trainer)
+    if planned is None or step < planned:
+        return False
+    message = (f"{checkpoint} already holds step {step} of the {planned} this run trains: loading it, not training "
+               "again.")
+    log.warning(message)
+    trainer._load_from_checkpoint(checkpoint)  # what Trainer.train loads from it before its first step
+    trainer.state = TrainerState.load_from_json(str(state_file))
+    return True
 
 
 def fit_micro_batch(trainer, dataset, max_memory_gib: float) -> dict:

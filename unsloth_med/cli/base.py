@@ -20,7 +20,10 @@ def friendly(fn: Callable[[], int | None]) -> int:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the run folder keeps its last checkpoint; continue with --resume", file=sys.stderr)
+        # Not "continue with --resume" alone: a run without checkpoints (save_strategy no) would train again from
+        # step 0, and one stopped after training needs none (the pipeline's hint above says what finishes it).
+        print("interrupted: a training run's run.json says the stage it stopped in; --resume continues from its last "
+              "checkpoint, if it saved one (see the lines above)", file=sys.stderr)
         return 130
 
 

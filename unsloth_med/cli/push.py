@@ -13,7 +13,10 @@ def push_command(argv: list[str]) -> int:
                                                  "Face Hub. Token: HF_TOKEN or `hf auth login`.")
     parser.add_argument("folder", metavar="DIR", help="an exported folder (unsloth-med export ...)")
     parser.add_argument("repo_id", metavar="OWNER/NAME", help="the Hub repo; created if missing")
-    parser.add_argument("--public", action="store_true", help="make a new repo public (default: private)")
+    parser.add_argument("--public", action="store_true",
+                        help="make a new repo public (default: private; without it an existing public repo is "
+                             "refused). The Hub's copy leaves out the test images' file names and this machine's "
+                             "paths (kept in the local export.json / unsloth_med.json)")
     args = parser.parse_args(argv)
     url = push(args.folder, args.repo_id, private=not args.public)
     print(f"Pushed {args.folder} to {url}")
