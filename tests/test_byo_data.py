@@ -250,3 +250,100 @@ def test_openai_answers_are_stripped_as_sharegpt_answers_are(xrays):
     assert sorted(row["target"] for row in rows) == ["Left.", "Right."]
     assert "messages" in rows.column_names
     assert all(json.dumps(row["messages"]).count("Which side?\\n") == 0 for row in rows)
+
+
+# ----------------------------------------------------------------------------- Parquet, as the Hub keeps datasets
+def test_parquet_files_and_a_hub_download_folder_load_as_datasets(tmp_path, xrays):
+    """VQA-RAD as `huggingface-cli download` leaves it (data/train-*.parquet, data/test-*.parquet, images embedded
+    as bytes) and one .parquet file given as --data_dir load with their splits; before, both were refused ('is not
+    a listing', 'no class folders')."""
+    import datasets
+
+    from unsloth_med.data.tables import detect_format, load_source
+
+    features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
+                                  "answer": datasets.Value("string")})
+
+    def part(images):
+        rows = [({"bytes": x.read_bytes(), "path": None}, q, a) for x in images
+                for q, a in (("Is there a fracture?", "yes"), ("Which bone?", "radius"))]
+        return datasets.Dataset.from_dict(dict(zip(("image", "question", "answer"), map(list, zip(*rows)))),
+                                          features=features)
+
+    hub = tmp_path / "vqa-rad"
+    (hub / "data").mkdir(parents=True)
+    (hub / "README.md").write_text("---\nlicense: cc0-1.0\n---\n")
+    part(xrays[:6]).to_parquet(str(hub / "data" / "train-00000-of-00001.parquet"))
+    part(xrays[6:8]).to_parquet(str(hub / "data" / "test-00000-of-00001.parquet"))
+    assert detect_format(str(hub)) == "hf"
+    splits = load_source(None, str(hub), task="vqa")
+    assert len(splits["train"]) == 12 and len(splits["test"]) == 4  # the data's own test split is kept
+    assert splits["test"][0]["question"] == "Is there a fracture?"
+
+    single = tmp_path / "train.parquet"
+    part(xrays[:10]).to_parquet(str(single))
+    splits = load_source(None, str(single), task="vqa", seed=1)
+    assert len(splits["train"]) + len(splits["test"]) == 20 and len(splits["test"]) == 2  # one whole image held out
+
+
+def test_conversation_rows_are_named_by_their_image_as_listed(tmp_path, xrays):
+    """Each patient's images in a sub-folder under the same names (patient0/view0.jpg, patient1/view0.jpg): a
+    conversation row's id is its image's path as listed, as a question row's is, so ids of two patients never
+    read as one image ('view0.jpg#3' was patient1's) and a prediction or a skipped row leads back to its file."""
+    rows = []
+    for p in range(3):
+        (tmp_path / f"patient{p}").mkdir()
+        shutil.copy(xrays[p], tmp_path / f"patient{p}" / "view0.jpg")
+        for question in ("Fracture?", "Which bone?"):
+            rows.append({"image": f"patient{p}/view0.jpg", "split": "test" if p == 2 else "train",
+                         "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                           {"from": "gpt", "value": "yes"}]})
+    listing = tmp_path / "llava.json"
+    listing.write_text(json.dumps(rows))
+    splits = load_table(listing, task="vqa")
+    assert list(splits["train"]["id"]) == ["patient0/view0.jpg", "patient0/view0.jpg#2", "patient1/view0.jpg",
+                                           "patient1/view0.jpg#2"]
+    assert list(splits["test"]["id"]) == ["patient2/view0.jpg", "patient2/view0.jpg#2"]
+    assert all(Path(row["image"]) == tmp_path / row["id"].split("#")[0] for row in splits["train"])
+
+
+def test_openai_answers_written_as_numbers_are_answers(xrays):
+    """VQA-RAD's counts converted to OpenAI messages as JSON numbers: `"content": 2` and `{"type": "text", "text": 0}`
+    are the answers '2' and '0' (before: a TypeError from inside the reader, and an answer 0 read as empty and its
+    row skipped); content that is neither text nor parts is a DataError naming the row."""
+    def chat(k, answer):
+        return {"messages": [{"role": "user", "content": [{"type": "image", "image": xrays[k].name},
+                                                          {"type": "text", "text": "How many fractures?"}]},
+                             {"role": "assistant", "content": answer}], "split": "test" if k >= 4 else "train"}
+
+    lines = [chat(0, 2), chat(1, 0), chat(2, [{"type": "text", "text": 0}]), chat(3, 1.5), chat(4, "1")]
+    listing = xrays[0].parent / "counts.jsonl"
+    listing.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    splits = load_table(listing, task="vqa")
+    assert list(splits["train"]["target"]) == ["2", "0", "0", "1.5"] and list(splits["test"]["target"]) == ["1"]
+    listing.write_text(json.dumps(chat(0, {"text": "2"})) + "\n")
+    with pytest.raises(DataError, match=r"row 1, 'messages' turn 2: content is a dict"):
+        load_table(listing, task="vqa")
+
+
+def test_a_saved_dataset_with_a_missing_image_file_still_loads_for_the_image_checks(tmp_path, xrays):
+    """A caption dataset of image paths, one of them gone, no test split: the whole-image hold-out reads each image
+    to group copies; the missing one is left to the image checks (skipped and counted), not a FileNotFoundError
+    from inside the hold-out."""
+    import datasets
+
+    paths = [str(x) for x in xrays[:9]] + [str(tmp_path / "gone.jpg")]
+    datasets.Dataset.from_dict({"image": paths, "caption": [f"finding {k}" for k in range(10)]}).save_to_disk(
+        str(tmp_path / "captions"))
+    splits = load_hf_table(str(tmp_path / "captions"), task="captioning", test_fraction=0.2)
+    assert sorted(list(splits["train"]["image"]) + list(splits["test"]["image"])) == sorted(paths)
+
+
+@pytest.mark.parametrize("answer, kind", [("yes", "closed"), ("No.", "closed"), ("是", "closed"), ("否。", "closed"),
+                                          ("X光", "open"), ("left femur", "open")])
+def test_without_an_answer_type_column_chinese_yes_no_answers_are_closed(answer, kind):
+    """SLAKE asks in English and Chinese: without its answer_type column, 是 / 否 were open questions (and '是。'
+    too), while yes / no were closed."""
+    from unsloth_med.data.samples import closed_or_open
+
+    assert closed_or_open(answer) == kind

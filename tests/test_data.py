@@ -158,3 +158,25 @@ def test_unknown_model_family():
 
     with pytest.raises(UnsupportedModelError, match=r"'llava_next'.*Supported families: mistral3"):
         family_for_model_type("llava_next")
+
+
+def test_preparation_counts_images_not_rows(bone_break_dir, tmp_path, caplog):
+    """Nine questions about two views each are 18 images prepared; nine questions about three X-rays are three
+    (before, both said 'prepared 9 images', and 'from cache' counted rows)."""
+    import json
+    import logging
+
+    from unsloth_med.data.images import ImageFit
+    from unsloth_med.data.prepare import prepare_images
+
+    xrays = [str(p) for p in sorted(bone_break_dir.rglob("*.jpg"))[:18]]
+    fit = ImageFit(48, 16)
+    views = [{"image": xrays[2 * i], "more_images": json.dumps([xrays[2 * i + 1]]), "target": "yes", "id": str(i)}
+             for i in range(9)]
+    with caplog.at_level(logging.INFO, logger="unsloth_med.data.prepare"):
+        _, stats = prepare_images(views, fit, tmp_path / "cache")
+    assert (stats["images"], stats["rows"], stats["from_cache"]) == (18, 9, 0)
+    assert "prepared 18 images (0 from cache) for 9 rows" in caplog.text
+    questions = [{"image": xrays[i % 3], "target": "yes", "id": str(i)} for i in range(9)]
+    _, stats = prepare_images(questions, fit, tmp_path / "cache")
+    assert (stats["images"], stats["rows"], stats["from_cache"]) == (3, 9, 3)  # prepared above, as first views

@@ -161,7 +161,8 @@ def test_urls_without_network_are_a_clear_error(tmp_path, monkeypatch):
         load_table(csv)
 
 
-def test_urls_are_downloaded_once_into_the_cache(tmp_path, monkeypatch):
+def test_urls_are_downloaded_once_into_the_cache(tmp_path, monkeypatch, caplog):
+    """Signed URLs (S3, GCS) carry an access token in their query: it is in no row id, prediction id or log line."""
     served = tmp_path / "www"
     for i in range(6):
         _png(served / f"p{i}.png", (i * 40, 0, 0))
@@ -171,7 +172,8 @@ def test_urls_are_downloaded_once_into_the_cache(tmp_path, monkeypatch):
     thread.start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
-        lines = [f"{base}/p{i}.png,{'ab'[i % 2]}" for i in range(6)] + [f"{base}/missing.png,a"]
+        lines = [f"{base}/p{i}.png?X-Amz-Signature=SECRET{i},{'ab'[i % 2]}" for i in range(6)] + \
+            [f"{base}/missing.png?X-Amz-Signature=SECRET9,a"]
         csv = _csv(tmp_path / "u.csv", "imageurl,label", lines)
         splits = load_table(csv, test_fraction=0.5)
     finally:
@@ -180,6 +182,9 @@ def test_urls_are_downloaded_once_into_the_cache(tmp_path, monkeypatch):
     images = list(splits["train"]["image"]) + list(splits["test"]["image"])
     assert len(images) == 6 and len(splits["test"]) == 4  # the 404 row is dropped with a warning
     assert all(Path(p).is_file() and Path(p).is_relative_to(url_cache_path("x").parent) for p in images)
+    ids = list(splits["train"]["id"]) + list(splits["test"]["id"])
+    assert sorted(ids) == [f"{base}/p{i}.png" for i in range(6)]
+    assert "SECRET" not in caplog.text
     again = load_table(csv, test_fraction=0.5)  # the server is gone: the cache answers (404 row still dropped)
     assert sorted(list(again["train"]["image"]) + list(again["test"]["image"])) == sorted(images)
 

@@ -48,6 +48,23 @@ def test_labels_differing_in_case_or_spacing_are_one_class_with_a_warning_naming
     assert set(again["train"]["target"]) | set(again["test"]["target"]) == {"fracture", "normal"}
 
 
+def test_a_classify_run_says_each_data_warning_once(tmp_path, caplog):
+    """The classify recipe reads its labels from the data, then the run loads the data: the merged-labels and
+    held-out-split warnings are said by the load, once each (the label discovery said them too: twice)."""
+    labels = ["Normal"] * 5 + ["normal"] + ["Broken"] * 6
+    rows = [{"path": f"{i}.png", "label": label} for i, label in enumerate(labels)]
+    for row in rows:
+        _png(tmp_path / row["path"], shade=20 * len(row["label"]))
+    listing = _jsonl(tmp_path / "labels.jsonl", rows)
+    with caplog.at_level(logging.WARNING):
+        recipe = resolve_recipe(placeholder("classify"), {"data_dir": str(listing)})
+        splits = load_recipe_data(recipe, str(listing))
+    assert recipe.labels == ("Broken", "Normal") and len(splits["train"]) + len(splits["test"]) == 12
+    said = Counter(m.split(": ", 1)[1][:40] for m in _warnings(caplog))
+    assert said and set(said.values()) == {1}, said
+    assert any("differ only in case or spacing" in m for m in _warnings(caplog))
+
+
 def test_class_folders_differing_only_in_case_are_one_class(tmp_path, caplog):
     for i in range(4):
         _png(tmp_path / "Normal" / f"{i}.png"), _png(tmp_path / "Broken" / f"{i}.png")

@@ -143,3 +143,29 @@ def test_product_catalog_runs_end_to_end_on_a_generated_catalog(tiny_path, tmp_p
     assert "bleu" in after["metrics"] and "rougeL" in after["metrics"]
     assert after["metrics"]["exact_match"] == scores["exact_match"] and "price_mae" in after["metrics"]
     assert sum("loss" in json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_recipe_subclass_with_a_score_text_method_still_reports_its_metrics(tiny_path, tmp_path):
+    """Before score_text was a Recipe field, a recipe added metrics by defining the method on a subclass (the README
+    said so). The field's None must not hide that method: a tiny model's captioning evaluation reports them."""
+    import dataclasses
+
+    from unsloth_med.backends.hf import HFBackend
+    from unsloth_med.config import ModelArgs
+    from unsloth_med.evaluate import evaluate
+    from unsloth_med.recipes.base import Recipe
+
+    @dataclasses.dataclass(frozen=True)
+    class FieldsRecipe(Recipe):
+        def score_text(self, predictions, references):
+            return {"answers_scored": len(predictions), "recipe_name": self.name}
+
+    recipe = FieldsRecipe(name="catalog_fields", task="captioning", instruction=RECIPE.instruction,
+                          source=RECIPE.source, default_model="", image_size=64, max_new_tokens=4)
+    assert dataclasses.replace(recipe, name="renamed").score_text([], []) == {"answers_scored": 0,
+                                                                              "recipe_name": "renamed"}
+    rows = load_recipe_data(recipe, str(write_demo_catalog(tmp_path / "c", n=10, size=48, with_split=True)))["test"]
+    model, processor = HFBackend().load(str(tiny_path("mistral3")), ModelArgs())
+    metrics = evaluate(model, processor, recipe, rows, batch_size=2, image_size=64, progress=False)["metrics"]
+    assert metrics["answers_scored"] == len(rows) == 2 and metrics["recipe_name"] == "catalog_fields"
+    assert "bleu" in metrics and "rougeL" in metrics

@@ -42,9 +42,14 @@ def _parts(text: str, images_left: list[int]) -> list[dict]:
 
 def _content(content: Any, found: list[str], where: str) -> list[dict]:
     """OpenAI/HF content -> content parts; image paths/URLs inside the parts are appended to `found`."""
+    if isinstance(content, (int, float)):  # a number written as the answer (VQA-RAD's counts): its text, 0 too
+        content = str(content)
     if isinstance(content, str):
         # LLaMA-Factory's multimodal `messages`: string content whose <image> marks place the `images`
         return _parts(content, [0]) if IMAGE_MARK in content else [{"type": "text", "text": content.strip()}]
+    if content is not None and not isinstance(content, list):
+        raise DataError(f"{where}: content is a {type(content).__name__} ({str(content)[:40]!r}): write it as text, or "
+                        'as a list of parts ({"type": "text", "text": ...}, {"type": "image", "image": path}).')
     parts = []
     for part in content or []:
         if not isinstance(part, dict):
@@ -55,7 +60,8 @@ def _content(content: Any, found: list[str], where: str) -> list[dict]:
         if kind == "text":
             # Stripped, as ShareGPT turns are: some chat templates trim text (Gemma 3's own), others glue a leading
             # newline to their header's, so an answer's tokens as written would not be the tokens trained.
-            parts.append({"type": "text", "text": str(part.get("text") or "").strip()})
+            text = part.get("text")  # null is no text; a number (0 too) is its digits
+            parts.append({"type": "text", "text": "" if text is None else str(text).strip()})
         elif kind in ("image", "image_url"):
             url = part.get("image_url")  # {"url": ...}, or the URL itself (some exporters write it bare)
             ref = (part.get("image") or part.get("path") or part.get("url")

@@ -136,7 +136,7 @@ def prepare_images(dataset, fit: ImageFit, cache_root: str | Path | None = None,
                "length": [sample_length(fit, row[0][1], answer) + sum(fit.image_tokens(size) for _, size, _ in row[1:])
                           for row, answer in zip(done, answers)],
                "image_tokens": [sum(fit.image_tokens(size) for _, size, _ in row) for row in done],
-               "_from_cache": [all(hit for _, _, hit in row) for row in done],
+               "_from_cache": [[hit for _, _, hit in row] for row in done],
                "image_shape": ["+".join(f"{w}x{h}" for _, (w, h), _ in row) for row in done]}
         if "more_images" in batch:
             out["more_images"] = [json.dumps([path for path, _, _ in row[1:]]) for row in done]
@@ -146,13 +146,20 @@ def prepare_images(dataset, fit: ImageFit, cache_root: str | Path | None = None,
                            load_from_cache_file=False)
     # A new column, renamed: `datasets` would keep the source's Image feature on an updated `image` column.
     prepared = prepared.remove_columns("image").rename_column("_prepared", "image")
-    hits, shapes = sum(prepared["_from_cache"]), set(prepared["image_shape"])
+    # Counted by image, not by row: a row may hold two views, and many questions may show one image.
+    found: dict[str, bool] = {}  # prepared file -> whether it was in the cache (its first row's say)
+    more = prepared["more_images"][:] if "more_images" in prepared.column_names else [None] * len(prepared)
+    for first, extra, hits in zip(prepared["image"][:], more, prepared["_from_cache"][:]):
+        for path, hit in zip([first, *json.loads(extra or "[]")], hits):
+            found.setdefault(path, hit)
+    shapes = set(prepared["image_shape"][:])
     prepared = prepared.remove_columns("_from_cache")
-    stats = {"images": len(prepared), "from_cache": hits, "distinct_shapes": len(shapes),
-             "seconds": round(time.perf_counter() - t0, 2),
+    stats = {"images": len(found), "rows": len(prepared), "from_cache": sum(found.values()),
+             "distinct_shapes": len(shapes), "seconds": round(time.perf_counter() - t0, 2),
              "image_fit": {"max_side": fit.max_side, "factor": fit.factor, "buckets": fit.buckets},
              "cache": str(cache_root)}
-    log.info("prepared %d images (%d from cache) in %.1f s", stats["images"], hits, stats["seconds"])
+    log.info("prepared %d images (%d from cache) for %d rows in %.1f s", stats["images"], stats["from_cache"],
+             stats["rows"], stats["seconds"])
     return prepared, stats
 
 

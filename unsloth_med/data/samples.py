@@ -20,7 +20,7 @@ from ..errors import ConfigError, DataError
 
 # Columns every loader writes; instruction placeholders may name these or any extra column.
 CORE_COLUMNS = ("image", "target", "id")
-CLOSED_ANSWERS = ("yes", "no")
+CLOSED_ANSWERS = ("yes", "no", "是", "否")  # SLAKE asks in English and Chinese
 
 
 def placeholders(instruction: str) -> list[str]:
@@ -106,7 +106,7 @@ def text_of(message: Mapping[str, Any]) -> str:
 
 def closed_or_open(answer: str) -> str:
     """The answer type a VQA row gets when its data has no answer-type column: yes/no answers are closed."""
-    return "closed" if str(answer).strip().strip(".").casefold() in CLOSED_ANSWERS else "open"
+    return "closed" if str(answer).strip().strip(".。!！").casefold() in CLOSED_ANSWERS else "open"
 
 
 def check_image_count(family_name: str, n_images: int, sample_id: str) -> None:

@@ -50,11 +50,21 @@ def joined_groups(keys_per_row: Iterable[Sequence[str]]) -> list[str]:
     return [find(key) for key in row_keys]
 
 
-def image_groups(dataset) -> list[str]:
+def image_groups(dataset, *, unreadable_ok: bool = False) -> list[str]:
     """One key per row: its image group when filled, else the content hashes of its images, joined: rows that
-    share any image are one group."""
+    share any image are one group. `unreadable_ok`: an image that cannot be read (a missing file, before the
+    image checks skip and count it) is keyed by its path instead of stopping with an OSError."""
+    def key(source: Any) -> str:
+        try:
+            return image_key(source)
+        except OSError:
+            if not unreadable_ok:
+                raise
+            name = source if isinstance(source, str) else isinstance(source, dict) and source.get("path")
+            return f"unreadable:{name or id(source)}"
+
     groups = list(dataset["image_group"][:]) if "image_group" in dataset.column_names else [""] * len(dataset)
-    return joined_groups([f"group:{group}"] if group else [image_key(source) for source in images]
+    return joined_groups([f"group:{group}"] if group else [key(source) for source in images]
                          for group, images in zip(groups, raw_image_lists(dataset)))
 
 

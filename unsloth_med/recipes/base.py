@@ -71,7 +71,14 @@ class Recipe:
     defaults: dict[str, Any] = field(default_factory=dict)  # config overrides, flat names
     # Captioning: extra metrics from (predictions, references), reported beside BLEU/ROUGE-L (product_catalog's
     # per-field exact match). A plain function, so a recipe needs no subclass for it.
-    score_text: Callable[[Sequence[str], Sequence[str]], Mapping[str, Any]] | None = None
+    score_text: Callable[[Sequence[str], Sequence[str]], Mapping[str, Any]] | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        # A subclass that defines score_text as a method (how a recipe added its metrics before this field): the
+        # generated __init__ stores the field's None over it, and its metrics would silently not be reported.
+        method = getattr(type(self), "score_text", None)
+        if callable(method) and (self.score_text is None or getattr(self.score_text, "__func__", None) is method):
+            object.__delattr__(self, "score_text")  # the method, bound to this recipe (also after replace())
 
     def target(self, example: dict) -> str:
         """The answer text of a loaded example (sources put it in the `target` column)."""

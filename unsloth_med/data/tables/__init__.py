@@ -16,25 +16,27 @@ Every loader here ends where every source in `sources.py` ends: a `datasets.Data
   `{train,test}/<class>/*.png` (split names in any case; val/valid/validation accepted); the same
   stratified hold-out when there are no split folders. Single sub-folders on the way down (Kaggle's
   `X/X/`) are skipped.
-- **Hugging Face datasets** (`load_hf_table`): a hub name or a `save_to_disk` folder, with the same
-  column names or template; an image column of URLs is downloaded like a listing's.
+- **Hugging Face datasets** (`load_hf_table`): a hub name, a `save_to_disk` folder, a .parquet file or a
+  folder of them (a Hub download: data/train-*.parquet), with the same column names or template; an image
+  column of URLs is downloaded like a listing's.
 
 This package's modules: `listings` (CSV/JSONL/JSON), `folders` (class folders), `hf` (Hugging Face
 datasets), `conversation_rows` (chat formats), `columns` (which column is what), `locations` (paths and
 URL downloads), `holdout` (splits and the final DatasetDict). This module only dispatches:
 `load_source(source, data_dir, ...)` picks the loader from what `data_dir` (or the source's default
-`id`) is: a listing file; a folder holding exactly one listing (that listing); a `save_to_disk` folder;
-another folder (class folders); anything else is a HF dataset name. `sources.load_recipe_data` calls it
-for sources of kind "table" and "auto".
+`id`) is: a listing file; a folder holding exactly one listing (that listing); a `save_to_disk` folder,
+a .parquet file or a folder of them; another folder (class folders); anything else is a HF dataset name.
+`sources.load_recipe_data` calls it for sources of kind "table" and "auto".
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from ...errors import ConfigError, DataError
 from .folders import _subdirs, find_folder_root, load_folders
-from .hf import _is_saved_dataset, load_hf_table
+from .hf import _is_saved_dataset, is_parquet_data, load_hf_table
 from .listings import LISTING_EXTENSIONS, is_listing, load_table
 
 if TYPE_CHECKING:
@@ -48,14 +50,18 @@ def detect_format(location: str) -> str:
     if path.is_file():
         if is_listing(path):
             return "table"
-        raise DataError(f"{path} is not a listing: expected a {', '.join(LISTING_EXTENSIONS)} file, a folder of "
-                        "class folders, or a Hugging Face dataset.")
+        if is_parquet_data(path):  # a dataset's own file format (the Hub's): `datasets` reads it
+            return "hf"
+        raise DataError(f"{path} is not a listing: expected a {', '.join(LISTING_EXTENSIONS)} or .parquet file, a "
+                        "folder of class folders, or a Hugging Face dataset.")
     if path.is_dir():
         if _is_saved_dataset(path):
             return "hf"
         listings = sorted(p for p in path.iterdir() if p.is_file() and is_listing(p))
         if len(listings) == 1:  # a folder with its listing: the listing says what the data is
             return "table"
+        if not listings and is_parquet_data(path):  # a dataset downloaded from the Hub (data/*.parquet)
+            return "hf"
         if any(_subdirs(find_folder_root(path))):
             return "class_folders"
         raise DataError(f"{path}: no class folders and {'several' if listings else 'no'} listing files "
@@ -122,7 +128,16 @@ def load_source(source, data_dir: str | None = None, *, labels: Sequence[str] = 
 
 
 def discover_labels(location: str, *, source=None, seed: int = 3407) -> tuple[str, ...]:
-    """The sorted class names found in a listing, class folders or dataset (for recipes given no --labels)."""
-    splits = load_source(source, location, task="classification", seed=seed)
+    """The sorted class names found in a listing, class folders or dataset (for recipes given no --labels).
+
+    The loaders' warnings (labels merged, rows skipped, the held-out split) are left to the run's own load of the
+    same data, which follows: said here too, each printed twice. Errors still stop here."""
+    quiet = logging.getLogger("unsloth_med.data")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        splits = load_source(source, location, task="classification", seed=seed)
+    finally:
+        quiet.setLevel(level)
     found = set(splits["train"]["target"]) | set(splits["test"]["target"])
     return tuple(sorted(found))

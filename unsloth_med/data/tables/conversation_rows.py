@@ -14,7 +14,7 @@ from ..conversations import conversation_row
 from ..samples import answers
 from .columns import IMAGE_COLUMNS, _split_column, _split_of, _unknown_splits
 from .holdout import _dedupe_ids
-from .locations import image_location
+from .locations import image_location, is_data_url, is_url
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ def _conversation_rows(records: Sequence[Mapping[str, Any]], columns: Sequence[s
             empty += 1
             continue
         # paths against the listing's folder; inline (data URL) images written once into the cache
+        listed = str(row["image"]).strip()
         row["image"] = image_location(row["image"], base_dir)
         row["more_images"] = json.dumps([image_location(v, base_dir) for v in json.loads(row["more_images"])])
         value = str(record.get(split_col) or "").strip() if split_col else ""
@@ -43,7 +44,12 @@ def _conversation_rows(records: Sequence[Mapping[str, Any]], columns: Sequence[s
         if value and split is None:  # named, not left empty: say which values (as question/answer listings do)
             bad_splits[value] += 1
             continue
-        rows.append({**row, "id": str(record.get("id") or f"{Path(row['image']).name}"), "split": split})
+        # A listing's row is named by its image as listed (patient3/view0.jpg, as question listings name theirs):
+        # two patients' view0.jpg stay apart and a prediction leads back to its file. An inline image, a URL or a
+        # dataset's image (bytes cached by content) by its file name.
+        plain = base_dir is not None and not is_data_url(listed) and not is_url(listed)
+        rows.append({**row, "id": str(record.get("id") or (listed if plain else Path(row["image"]).name)),
+                     "split": split})
     if bad_splits:
         raise _unknown_splits(where, split_col, bad_splits)
     if dropped:

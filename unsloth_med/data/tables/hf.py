@@ -33,6 +33,25 @@ def _is_saved_dataset(path: Path) -> bool:
                                  for name in ("dataset_dict.json", "state.json", "dataset_info.json"))
 
 
+def is_parquet_data(path: Path) -> bool:
+    """A Parquet file, or a folder of them as the Hub keeps a dataset (`data/train-00000-of-00001.parquet`, as
+    `huggingface-cli download --repo-type dataset` writes it): `datasets` reads both, split names from file names."""
+    if path.is_file():
+        return path.suffix.lower() == ".parquet"
+    return path.is_dir() and (any(path.glob("*.parquet")) or any(path.glob("*/*.parquet")))
+
+
+def _load(name_or_path: str):
+    import datasets
+
+    path = Path(name_or_path).expanduser()
+    if path.exists() and not _is_saved_dataset(path) and is_parquet_data(path):
+        if path.is_file():
+            return datasets.load_dataset("parquet", data_files={"train": str(path)})
+        return datasets.load_dataset(str(path))
+    return datasets.load_from_disk(name_or_path) if path.exists() else datasets.load_dataset(name_or_path)
+
+
 def load_hf_table(name_or_path: str, *, task: str = "captioning", image_column: str | None = None,
                   target_column: str | None = None, target_template: str | None = None,
                   column_aliases: Mapping[str, Sequence[str]] | None = None, labels: Sequence[str] = (),
@@ -46,8 +65,7 @@ def load_hf_table(name_or_path: str, *, task: str = "captioning", image_column: 
 
     aliases = dict(column_aliases or {})
     try:
-        loaded = (datasets.load_from_disk(name_or_path) if Path(name_or_path).exists()
-                  else datasets.load_dataset(name_or_path))
+        loaded = _load(name_or_path)
     except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as exc:
         raise NetworkError(
             f"Could not load the Hugging Face dataset '{name_or_path}' ({type(exc).__name__}: {_redact(exc)[:200]}). "
@@ -149,7 +167,7 @@ def load_hf_table(name_or_path: str, *, task: str = "captioning", image_column: 
         if task != "classification":  # questions / captions: whole images held out (by content: rows may hold copies)
             from ..splits import image_groups
 
-            keys = image_groups(train)
+            keys = image_groups(train, unreadable_ok=True)  # a missing file: the image checks skip and count it
         # classification, no image shown twice (split as before), or one image that every row shows
         if keys is None or len(set(keys)) in (1, len(keys)):
             split = train.train_test_split(test_size=test_fraction, seed=seed)

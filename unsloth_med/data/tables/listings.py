@@ -26,7 +26,7 @@ from .columns import (
 )
 from .conversation_rows import _conversation_rows
 from .holdout import _assign_splits, _check_labels, _dedupe_ids, _to_datasetdict, duplicate_rows, merge_label_variants
-from .locations import _check_paths_exist, _localize, absolute, image_location, is_data_url
+from .locations import _check_paths_exist, _localize, absolute, image_location, row_name
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -148,7 +148,7 @@ def rows_from_records(records: Sequence[Mapping[str, Any]], *, where: str, base_
             dropped += 1
             continue
         located = [image_location(v, base_dir) for v in images]
-        name = Path(located[0]).name if is_data_url(images[0]) else str(images[0]).strip()  # not a whole inline image
+        name = row_name(images[0], located[0])
         rows.append({**extra, "image": located[0], "target": target, "id": name, "split": split,
                      **({"more_images": json.dumps(located[1:])} if len(located) > 1 else {}),
                      **({"image_id": name, **vqa_fields(record, **vqa_cols)} if vqa_cols else {})})

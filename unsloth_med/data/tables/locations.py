@@ -30,6 +30,22 @@ def is_url(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower().startswith(("http://", "https://"))
 
 
+def row_name(image: Any, located: str) -> str:
+    """A row's id from its (first) image as listed: the path as written; an inline data-URL image's cache file name,
+    not the whole image; a URL without its query and fragment, where signed URLs carry their access token."""
+    if is_data_url(image):
+        return Path(located).name
+    return shown_url(image) if is_url(image) else str(image).strip()
+
+
+def shown_url(url: str) -> str:
+    """A URL as ids, logs and errors show it: without its query and fragment, where a signed URL (S3, GCS, an
+    expiring link) carries its access token."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(str(url).strip())._replace(query="", fragment="").geturl()
+
+
 def absolute(path: str | os.PathLike) -> Path:
     """The one path rule of every loader (listings, class folders, recipe folders): absolute, '~' expanded,
     '.' and '..' folded, symlinks kept as named. A listing and the class folders beside it then name each
@@ -137,20 +153,20 @@ def fetch_urls(urls: Iterable[str], *, where: str, workers: int = 8) -> dict[str
             "(a path column, relative to the listing's folder), or copy the cache folder "
             f"{url_cache_path(todo[0]).parent} over.")
     if os.environ.get(OFFLINE_ENV, "").lower() in ("1", "true", "yes"):
-        raise NetworkError(f"{where}: {len(todo)} images are URLs (e.g. {todo[0]}) and {OFFLINE_ENV} is set, so "
+        raise NetworkError(f"{where}: {len(todo)} images are URLs (e.g. {shown_url(todo[0])}) and {OFFLINE_ENV} is set, so "
                            f"nothing is downloaded. {hint}")
     try:  # one probe: a missing network fails here once, not once per image
         cached[todo[0]] = str(_download(todo[0]))
     except urllib.error.HTTPError as exc:
-        log.warning("%s: could not download %s (HTTP %s)", where, todo[0], exc.code)
+        log.warning("%s: could not download %s (HTTP %s)", where, shown_url(todo[0]), exc.code)
         cached[todo[0]] = None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         if cached:  # most images came from the cache: train on those, say which could not be fetched
             log.warning("%s: %d image URLs are not in the cache and cannot be downloaded now (%s: %s); those rows "
-                        "are dropped. First: %s", where, len(todo), type(exc).__name__, reason, todo[0])
+                        "are dropped. First: %s", where, len(todo), type(exc).__name__, reason, shown_url(todo[0]))
             return {**cached, **{u: None for u in todo}}
-        raise NetworkError(f"{where}: {len(todo)} images are URLs and the first one ({todo[0]}) could not be "
+        raise NetworkError(f"{where}: {len(todo)} images are URLs and the first one ({shown_url(todo[0])}) could not be "
                            f"downloaded ({type(exc).__name__}: {reason}). {hint}") from exc
     log.info("%s: downloading %d images into %s", where, len(todo) - 1, url_cache_path(todo[0]).parent)
 
@@ -165,7 +181,7 @@ def fetch_urls(urls: Iterable[str], *, where: str, workers: int = 8) -> dict[str
         for url, local, problem in pool.map(one, todo[1:]):
             cached[url] = local
             if local is None:
-                failures.append(f"{url} ({problem})")
+                failures.append(f"{shown_url(url)} ({problem})")
     if failures:
         log.warning("%s: %d of %d image URLs could not be downloaded; those rows are dropped. First: %s",
                     where, len(failures), len(urls), "; ".join(failures[:3]))
