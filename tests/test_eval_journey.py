@@ -114,3 +114,57 @@ def test_predict_takes_a_folder_of_images(run_folder, tmp_path):
     assert all(r["label"] in RECIPE.labels for r in results[:2])
     assert "folder with no image files" in results[2]["error"]
 
+
+
+def test_predict_asks_for_every_other_column_the_instruction_names(run_folder, tmp_path, capsys):
+    """A model trained with --instruction "Modality: {modality}. ..." (a column of its listing): predict used to fill
+    {modality} with "" without a word, asking the model what it was never trained on. Now it names the placeholder
+    and takes its value (--field modality=CT), which reaches the prompt."""
+    import shutil
+
+    from unsloth_med.cli.predict import predict_command
+    from unsloth_med.errors import ConfigError
+    from unsloth_med.evaluate.classify import score_rows
+    from unsloth_med.predict import load_for_inference
+
+    run = tmp_path / "run"
+    shutil.copytree(run_folder, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["instruction"] = "Modality: {modality}. Which fracture is this? One of: {labels}."
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    image = _png(tmp_path / "a.png", 4)
+    loaded = load_for_inference(run)
+    with pytest.raises(ConfigError, match=r"names \{modality\}.*--field modality=VALUE"):
+        predict(loaded, [image])
+    result = predict(loaded, [image], fields={"modality": "X-ray"})[0]
+
+    def scored(modality):
+        probs = score_rows(loaded.model, loaded.processor, loaded.recipe, [{"image": image, "modality": modality}],
+                           loaded.recipe.labels, image_size=loaded.image_size).softmax(dim=-1)[0]
+        return {label: float(p) for label, p in zip(loaded.recipe.labels, probs)}
+
+    assert result["probabilities"] == pytest.approx(scored("X-ray"))
+    assert result["probabilities"] != pytest.approx(scored(""))  # the value changed the prompt
+    # the command line: --field NAME=VALUE; without it, one error line naming the flag
+    assert predict_command(["--model", str(run), "--field", "modality=X-ray", image]) == 0
+    assert result["label"] in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="--field modality=VALUE"):
+        predict_command(["--model", str(run), image])
+    with pytest.raises(ConfigError, match="NAME=VALUE"):
+        predict_command(["--model", str(run), "--field", "modality", image])
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_a_generation_budget_below_one_is_one_error_line_before_the_model_loads(run_folder, command, capsys):
+    """Before: `--max_new_tokens 0` (or -2) loaded the model, then stopped with transformers' ValueError traceback."""
+    from unsloth_med.cli import main
+
+    image = str(next((run_folder.parent / "data").rglob("*.png")))
+    for budget in ("0", "-2"):
+        with pytest.raises(SystemExit) as stopped:
+            main([command, "--model", str(run_folder), "--max_new_tokens", budget,
+                  *([image, "--recipe", "radiology_caption"] if command == "predict" else [])])
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--max-new-tokens: a whole number of tokens above 0, not '{budget}'" in err
+        assert "Traceback" not in err and "Loading weights" not in err  # refused before the model loads

@@ -312,6 +312,21 @@ def test_vqa_metrics_equal_hand_computed_values():
     assert ceilings == {"question_blind": 3 / 4, "image_blind": 3 / 4}
 
 
+def test_closed_answers_are_scored_as_the_data_mostly_writes_them():
+    """Label scoring ranks the closed answers' exact texts. Before, each was written as first met: a split opening
+    with "Yes" and "No" scored those, though its answers (and so its training) mostly wrote "yes" and "no"."""
+    import datasets
+
+    from unsloth_med.evaluate.vqa import closed_answer_set
+
+    split = datasets.Dataset.from_dict({
+        "answer_type": ["closed", "closed", "open", "closed", "closed", "closed", "closed", "closed"],
+        "target": ["Yes", "No", "Yes", "yes", "no", "yes.", "no", "yes"]})
+    assert closed_answer_set(split) == ["no", "yes"]
+    # a tie keeps the first spelling met
+    assert closed_answer_set(split.select([0, 1, 3, 4])) == ["No", "Yes"]
+
+
 # ----------------------------------------------------------------------------- real data and the demo
 @pytest.mark.slow
 def test_three_questions_per_real_bone_break_image_train_a_tiny_model(bone_break_dir, tiny_path, tmp_path):

@@ -150,7 +150,7 @@ def load_for_inference(model_dir_or_run_dir: str | Path, *, recipe=None, backend
 
 def predict(model_dir_or_run_dir: str | Path, images: Sequence[str], *, top_k: int = 3, recipe=None,
             batch_size: int = 8, max_new_tokens: int | None = None, question: str | None = None,
-            together: bool = False) -> list[dict]:
+            together: bool = False, fields: dict[str, str] | None = None) -> list[dict]:
     """One answer per image (or, with `together`, one answer about all the images).
 
     Classification: {"image", "label", "probability", "top": [{"label", "probability"}, ...top_k],
@@ -160,11 +160,13 @@ def predict(model_dir_or_run_dir: str | Path, images: Sequence[str], *, top_k: i
     A folder stands for the image files in it. An image that cannot be read gives {"image", "error"} and the others
     are still answered.
     max_new_tokens (default: what the run evaluated with, its eval.max_new_tokens, else the recipe's).
+    fields: the value of each other {column} the instruction names (e.g. {"modality": "CT"}), the same for every
+    image; a placeholder without one is a ConfigError naming it.
     """
     loaded = model_dir_or_run_dir if isinstance(model_dir_or_run_dir, Loaded) else \
         load_for_inference(model_dir_or_run_dir, recipe=recipe)
     return predict_loaded(loaded, images, top_k=top_k, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                          question=question, together=together)
+                          question=question, together=together, fields=fields)
 
 
 def _in_folders(images: Sequence[str]) -> list[str]:
@@ -201,7 +203,8 @@ def _readable(images: Sequence[str]) -> tuple[list[str], list[dict]]:
 
 def predict_loaded(loaded: Loaded, images: Sequence[str], *, top_k: int = 3, batch_size: int = 8,
                    max_new_tokens: int | None = None, question: str | None = None,
-                   together: bool = False) -> list[dict]:
+                   together: bool = False, fields: dict[str, str] | None = None) -> list[dict]:
+    from .data.samples import placeholders
     from .evaluate.caption import generate_batch
     from .evaluate.classify import score_rows
     from .evaluate.inputs import batches, eval_mode
@@ -209,13 +212,23 @@ def predict_loaded(loaded: Loaded, images: Sequence[str], *, top_k: int = 3, bat
     rec = loaded.recipe
     if rec.is_vqa and not question:
         raise ConfigError(f"Recipe '{rec.name}' answers questions: pass --question \"...\".")
+    fields = {str(name): str(value) for name, value in (fields or {}).items()}
+    # The instruction may name other columns of the training data ("Modality: {modality}"): an image alone has no
+    # value for them, and an empty one asks the model something it was never trained on.
+    unfilled = [name for name in placeholders(rec.instruction)
+                if name not in fields and name not in ("image", "id") and not (name == "question" and question)]
+    if unfilled:
+        raise ConfigError(
+            f"The model's instruction names {', '.join('{' + n + '}' for n in unfilled)}, which an image alone does "
+            f"not give (instruction: {rec.instruction!r}); left empty, the model is asked what it was never trained "
+            "on. Pass the value: "
+            + " ".join('--question "..."' if n == "question" else f"--field {n}=VALUE" for n in unfilled) + ".")
+    values = {"question": "", **fields, **({"question": question} if question else {})}
     images = _in_folders(images)
     good, results = _readable(images)
-    rows = [{"image": str(image), "id": str(image)} for image in good]
+    rows = [{**values, "image": str(image), "id": str(image)} for image in good]
     if together and rows:
-        rows = [{"image": good[0], "more_images": json.dumps(good[1:]), "id": " + ".join(good)}]
-    for row in rows:
-        row["question"] = question or ""
+        rows = [{**values, "image": good[0], "more_images": json.dumps(good[1:]), "id": " + ".join(good)}]
     with torch.inference_mode(), eval_mode(loaded.model):
         for chunk in batches(rows, batch_size):
             if rec.is_classification:

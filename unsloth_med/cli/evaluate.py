@@ -9,6 +9,7 @@ from .base import ArgumentParser, output_file
 def evaluate_command(argv: list[str]) -> int:
     from ..evaluate.report import format_table
     from ..predict import evaluate_saved_model
+    from .predict import generation_budget
 
     parser = ArgumentParser(prog="unsloth-med evaluate", description="Evaluate a run folder or a model "
                                      "on a recipe's test split, without training.")
@@ -17,7 +18,7 @@ def evaluate_command(argv: list[str]) -> int:
     parser.add_argument("--data_dir", "--data-dir", help="local copy of the recipe's dataset")
     parser.add_argument("--mode", choices=["score", "generate"],
                         help="classification: label scoring or generation (default: the run's, else score)")
-    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=int,
+    parser.add_argument("--max_new_tokens", "--max-new-tokens", type=generation_budget,
                         help="generation budget (default: the run's, else the recipe's)")
     parser.add_argument("--batch_size", "--batch-size", type=int, default=8)
     parser.add_argument("--max_eval_samples", "--max-eval-samples", type=int)
