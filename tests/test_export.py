@@ -393,3 +393,28 @@ def test_export_of_a_run_credits_the_data_the_run_recorded_and_the_model_as_name
     card = Path(export_run(run, format="adapter")["path"], "README.md").read_text()
     assert "Generated X-rays." in card and "Kaggle" not in card and "pkdarabi" not in card
     assert "A fine-tune of `tiny:mistral3`" in card
+
+
+def test_export_waits_for_a_run_training_in_the_folder(tiny_path, tmp_path):
+    """`unsloth-med export RUN` took no lock: while a `train --resume` held the folder (and was about to replace the
+    adapter and set aside the exports of the one before), it exported the adapter being replaced, or one half
+    written. Here a real second process holds the run's lock, as the training does for its whole run."""
+    import subprocess
+    import sys
+
+    from unsloth_med.run_lock import LOCK_NAME, RunFolderBusy
+
+    backend, model, processor, base = _tuned(tiny_path, "mistral3")
+    run = _fake_run(tmp_path, model, processor, base)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from unsloth_med.run_lock import RunLock; "
+                               f"RunLock({str(run)!r}).acquire(); print('locked', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunFolderBusy, match=f"pid {holder.pid} .*Export it once that run has finished"):
+            export_command([str(run), "--format", "adapter"])
+        assert not (run / "adapter-export").exists()
+    finally:
+        holder.communicate("")  # the run ends
+    assert export_command([str(run), "--format", "adapter"]) == 0
+    assert (run / "adapter-export" / "export.json").is_file() and not (run / LOCK_NAME).exists()

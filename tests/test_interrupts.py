@@ -177,3 +177,52 @@ def test_a_resume_on_another_test_split_scores_the_untrained_model_on_it_again(b
     code, _, err = _main(capsys, [*argv, "--max_eval_samples", "6", "--resume"])
     assert code == 0, err[-3000:]
     assert json.loads((run_dir / "eval_before.json").read_text())["predictions"] == before["predictions"]
+
+
+@pytest.mark.parametrize("export", ["adapter", "merged-16bit", "gguf"])
+def test_the_finish_hint_pushes_as_the_run_would_have(export, tmp_path):
+    """A run with --push_to_hub_id and --hub_public true that failed in its export stage: the hint's command pushed
+    without --public, to a new private repo (and an existing public one of an earlier push was refused)."""
+    from unsloth_med.config import parse_config
+    from unsloth_med.pipeline import RunContext, finish_hint
+    from unsloth_med.recipes.bone_fracture import RECIPE
+
+    run_dir = tmp_path / "run"
+    for public, flag in ((["--hub_public", "true"], " --public"), ([], "")):
+        config = parse_config(["--output_dir", str(run_dir), "--export", export, "--push_to_hub_id", "me/x", *public],
+                              RECIPE)
+        ctx = RunContext(RECIPE, config, run_dir=run_dir, trained_step=30, current_stage="export")
+        hint = finish_hint(ctx)
+        assert f"`unsloth-med export {run_dir} --format {export} --push-to-hub me/x{flag}`" in hint, hint
+
+
+@pytest.mark.slow  # a real training process, stopped by a real SIGTERM
+def test_sigterm_ends_a_run_as_ctrl_c_does(bone_break_dir, tmp_path):
+    """`kill PID` (a cloud VM's preemption, a scheduler's stop) ended the process at once: exit 143 with no word on
+    stderr, run.json without the time breakdown, the lock file left behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    log = tmp_path / "out.txt"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "unsloth_med.cli", "train", "--recipe", "bone_fracture", "--data_dir",
+             str(bone_break_dir), "--output_dir", str(run_dir), "--model", "tiny:mistral3", "--backend", "hf",
+             "--max_train_samples", "8", "--max_eval_samples", "4", "--image_size", "32", "--eval_before", "false",
+             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_steps", "1000",
+             "--save_steps", "2"], stdout=out, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 300
+        while not (run_dir / "checkpoint-2" / "trainer_state.json").is_file() and time.time() < deadline:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-3000:]
+    assert "terminated (SIGTERM)" in err and "--resume continues from its last checkpoint" in err, err[-3000:]
+    status = json.loads((run_dir / "run.json").read_text())
+    assert status["stage"] == "train" and status["complete"] is False and "train" in status["timings_s"], status
+    assert not (run_dir / ".unsloth_med.lock").exists()

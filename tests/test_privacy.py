@@ -235,3 +235,27 @@ def test_a_failed_commit_says_nothing_was_committed_and_how_to_push_again(tmp_pa
     assert "Upload to someone/x failed" in message and "no file of this push was committed" in message
     assert f"unsloth-med push {folder} someone/x" in message and FAKE_TOKEN not in message
     assert fake_hub.files("someone/x") == {}  # the repo was made; it holds nothing of this push
+
+
+def test_a_tokenizer_goes_up_as_it_is_while_the_records_lose_the_paths(tmp_path, fake_hub, monkeypatch):
+    """Every text file of the export had this machine's paths replaced, tokenizer.json too: with HOME=/root (Colab,
+    Kaggle, Docker) and data in /data, a vocabulary's "/root" and "/data" tokens became "~" and "data", and the
+    Hub's tokenizer gave other ids than the model was trained with (its "~" token now "/root"'s id). A path inside
+    another one (/mnt/data) was cut too."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    monkeypatch.setenv("HOME", "/root")
+    folder = _export_folder(tmp_path)
+    vocab = {"[UNK]": 0, "~": 1, "/root": 2, "/data": 3, "data": 4, "cd": 5}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "unsloth_med.json").write_text(json.dumps({"data_source": {"id": "/data", "kind": "auto"}}))
+    (folder / "README.md").write_text("Source: `/data` (auto), mounted from /mnt/data; cache in /root/.cache.\n")
+
+    hub.push(folder, "someone/x")
+    pushed = fake_hub.files("someone/x")
+    assert pushed["tokenizer.json"] == (folder / "tokenizer.json").read_bytes()
+    assert Tokenizer.from_str(pushed["tokenizer.json"].decode()).encode("cd /root /data ~").ids == [5, 2, 3, 1]
+    assert pushed["README.md"].decode() == "Source: `data` (auto), mounted from /mnt/data; cache in ~/.cache.\n"
+    assert json.loads(pushed["unsloth_med.json"])["data_source"]["id"] == "data"

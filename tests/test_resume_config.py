@@ -226,3 +226,46 @@ def test_the_push_uploads_what_the_runs_export_stage_wrote(tmp_path):
     (tmp_path / "gguf").mkdir()
     assert folder_to_push(tmp_path, "gguf", merged_now=True) == tmp_path / "gguf"  # --export gguf: the GGUF files
     assert folder_to_push(tmp_path, "merged-16bit", merged_now=True) == tmp_path / "merged"
+
+
+def test_resume_refuses_what_its_test_split_is_made_of(trained, listing, tmp_path, caplog):
+    """--resume took another --data_dir, --split_by, --test_fraction, --split_column or --seed without a word: the
+    split was made again with them, and images the run was tested on went into training. The same data named by
+    another path is no change; data whose recorded folder is gone (moved, another machine) is taken with a warning."""
+    import logging
+    import os
+
+    from unsloth_med.config import parse_config
+    from unsloth_med.errors import ConfigError
+    from unsloth_med.recipes import get_recipe
+
+    recipe = get_recipe("classify")
+    other = tmp_path / "other.csv"
+    other.write_text(listing.read_text())
+    for argv, said in ((["--data_dir", str(other)], f"--data_dir {other}: the run being resumed was trained with "
+                                                    f"data_dir {listing} "),
+                       (["--split_by", "image"], "--split_by image: the run being resumed was trained with split_by "
+                                                 "row "),
+                       (["--test_fraction", "0.3"], "trained with test_fraction 0.1 "),
+                       (["--split_column", ""], "--split_column '': the run being resumed was trained with "
+                                                "split_column split "),
+                       (["--seed", "7"], "--seed 7: the run being resumed was trained with seed 5 ")):
+        with pytest.raises(ConfigError) as refused:
+            parse_config(["--resume", "--output_dir", str(trained), *argv], recipe)
+        message = str(refused.value)
+        assert said in message and "images the run was tested on go into training" in message, message
+        assert str(trained / "config.yaml") in message and "another --output_dir" in message, message
+
+    linked = tmp_path / "linked.csv"
+    os.symlink(listing, linked)
+    config = parse_config(["--resume", "--output_dir", str(trained), "--data_dir", str(linked)], recipe)
+    assert config.data.data_dir == str(linked)
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    saved = _saved(trained)
+    saved["data"]["data_dir"] = str(tmp_path / "gone" / "labels.csv")
+    (moved / "config.yaml").write_text(yaml.safe_dump(saved))
+    with caplog.at_level(logging.WARNING, logger="unsloth_med"):
+        config = parse_config(["--resume", "--output_dir", str(moved), "--data_dir", str(listing)], recipe)
+    assert config.data.data_dir == str(listing) and "which is not here; continuing on --data_dir" in caplog.text

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -541,6 +542,12 @@ def _check_choices(parser, sections, layers: list[tuple[str, dict[str, Any]]]) -
 RESUME_FIXED = ("model", "full_finetune", "lora_r", "lora_alpha", "use_rslora", "lora_bias", "finetune_vision_layers",
                 "finetune_language_layers", "finetune_attention_modules", "finetune_mlp_modules")
 
+#: What the run's train/test split is made from (data/sources.run_splits): with another value on --resume, the split
+#: moves and images the run was tested on (before training, or in an earlier session) go into training. --seed also
+#: orders the training data, where a resumed epoch picks up. A --data_dir that names the same folder is no change,
+#: and one where the recorded folder is gone (the data moved, another machine) is taken with a warning.
+RESUME_SPLIT = ("data_dir", "split_by", "test_fraction", "split_column", "seed")
+
 
 def _resumed_run_config(output_dir: str | None, recipe) -> tuple[Path | None, dict[str, Any]]:
     """The settings the run in output_dir was started with (its config.yaml, flattened); none when the run
@@ -577,21 +584,37 @@ def _check_unchanged_on_resume(sections, saved: dict[str, Any], saved_path: Path
                                config_file: str | None, from_file: dict[str, Any]) -> None:
     """Refuse a --config or flag value that contradicts what the resumed run's checkpoints are made of."""
     values = {f.name: getattr(section, f.name) for section in sections for f in dataclasses.fields(section)}
-    for name in RESUME_FIXED:
+    for name in RESUME_FIXED + RESUME_SPLIT:
         if name not in saved:
             continue
         given, was = values[name], saved[name]
-        if (_same_model(given, was) if name == "model" else given == was):
+        if (_same_model(given, was) if name == "model" else _same_data(given, was) if name == "data_dir"
+                else given == was):
             continue
-        given, was = _as_flag_value(given), _as_flag_value(was)
+        if name == "data_dir" and was and not Path(str(was)).exists():
+            logging.getLogger("unsloth_med").warning(
+                "--resume: the run was trained on %s, which is not here; continuing on --data_dir %s. It must be the "
+                "same data, or the test split moves and images the run was tested on go into training.", was, given)
+            continue
+        given, was = _as_flag_value(given) or "''", _as_flag_value(was) or "''"
         flags = {f"--{name}", f"--{name.replace('_', '-')}", f"--no_{name}", f"--no-{name.replace('_', '-')}"}
         by_flag = any(token.split("=", 1)[0] in flags for token in args)
         source = f"--{name} {given}" if by_flag or name not in from_file else f"{config_file} ({name}: {given})"
+        why = ("its checkpoints cannot continue with another value" if name in RESUME_FIXED else
+               "its train/test split is made with it" + (" where the data has no split column (and the training "
+                                                          "data's order)" if name == "seed" else "")
+               + ": another value moves the split, and images the run was tested on go into training")
         raise ConfigError(
-            f"{source}: the run being resumed was trained with {name} {was} ({saved_path}), and its checkpoints "
-            f"cannot continue with another value. Drop it to continue the run as it was, or train with {name} "
-            f"{given} from the start into another --output_dir."
+            f"{source}: the run being resumed was trained with {name} {was} ({saved_path}), and {why}. Drop it to "
+            f"continue the run as it was, or train with {name} {given} from the start into another --output_dir."
         )
+
+
+def _same_data(given: str | None, saved: str | None) -> bool:
+    """Whether two --data_dir values name the same data (a folder or listing may be named by another path)."""
+    if given == saved or given is None or saved is None:
+        return given == saved
+    return os.path.realpath(given) == os.path.realpath(saved)
 
 
 def _as_flag_value(value: Any) -> str:

@@ -456,6 +456,14 @@ def check_repo_id(repo_id: str | None) -> None:
 # the local export.json, left out of the copy the Hub gets.
 PRIVATE_RECORD_KEYS = ("row_ids",)
 _TEXT_SUFFIXES = (".json", ".md", ".txt", ".jinja", ".yaml", ".yml")
+# A tokenizer's vocabulary goes up as it is: its tokens are text, and large vocabularies hold path-like tokens
+# ("/root", "/data"); shortened, the Hub's tokenizer maps them to other ids than the model was trained with.
+_VOCABULARIES = ("tokenizer.json", "tekken.json", "vocab.json", "merges.txt", "vocab.txt")
+
+
+def _path_pattern(path: str) -> re.Pattern:
+    """`path` as a whole path: /home/alice, not /home/alice2 nor /mnt/home/alice."""
+    return re.compile(r"(?<![\w.-])" + re.escape(path) + r"(?![\w.-])")
 
 
 def _local_paths(folder: Path) -> list[str]:
@@ -486,7 +494,7 @@ def _public_bytes(path: Path, local_paths: list[str]) -> tuple[bytes | None, lis
     """What the Hub gets of a text file of the export, when it differs from the file: local paths shortened to
     their last part, the home folder (a user name) to '~', and in JSON records the keys of PRIVATE_RECORD_KEYS
     dropped. (None, []) when the file goes up as it is."""
-    if path.suffix not in _TEXT_SUFFIXES or path.stat().st_size > 20_000_000:
+    if path.suffix not in _TEXT_SUFFIXES or path.name in _VOCABULARIES or path.stat().st_size > 20_000_000:
         return None, []
     try:
         text = path.read_text()
@@ -511,12 +519,13 @@ def _public_bytes(path: Path, local_paths: list[str]) -> tuple[bytes | None, lis
             data = drop(data)
             text = json.dumps(data, indent=1)
     for local in local_paths:
-        if local in text:
-            text = text.replace(local, Path(local).name)
+        at_local = _path_pattern(local)
+        if at_local.search(text):
+            text = at_local.sub(lambda _: Path(local).name, text)
             changed.append("local paths")
     home = str(Path.home()).rstrip("/")
     if len(Path(home).parts) > 1:
-        at_home = re.compile(re.escape(home) + r"(?![\w.-])")  # /home/alice, not /home/alice2
+        at_home = _path_pattern(home)
         if at_home.search(text):
             text = at_home.sub("~", text)
             changed.append("home folder")

@@ -309,11 +309,17 @@ def load_data(ctx: RunContext) -> None:
 
 def _run_folders_in(data_dir: str | None) -> list[Path]:
     """Run folders (run.json beside the run's config.yaml, or its lock) inside a local data folder."""
+    import os
+
+    from .run_lock import LOCK_NAME
+
     root = Path(data_dir).absolute() if data_dir else None  # the loaders' paths are absolute
     if root is None or not root.is_dir():
         return []
-    return sorted({p.parent for p in root.rglob("run.json")
-                   if (p.parent / "config.yaml").is_file() or (p.parent / ".unsloth_med.lock").is_file()})
+    # os.walk, not Path.rglob: every run reads its whole data folder here, and rglob took 2.2 s over 200,000 images
+    # in class folders (os.walk 0.2 s), more on a network disk.
+    return sorted(Path(folder) for folder, _, files in os.walk(root)
+                  if "run.json" in files and ("config.yaml" in files or LOCK_NAME in files))
 
 
 def _run_folders_message(data_dir: str, folders: list[Path]) -> str:
@@ -676,11 +682,12 @@ def finish_hint(ctx: RunContext) -> str:
     stage = ctx.current_stage  # what is missing: what this stage and the ones after it write
     commands = [f"unsloth-med evaluate --model {run_dir}"] if config.eval.eval_after and stage == "eval_after" else []
     exported = stage not in ("eval_after", "export") and ctx.export_error is None  # a failed export: see report
+    hub_id = config.export.push_to_hub_id  # pushed as the run would have: public only where it was asked
+    push = f" --push-to-hub {hub_id}" + (" --public" if config.export.hub_public else "") if hub_id else ""
     if config.export.export in ("merged-16bit", "gguf") and not exported:
-        commands.append(f"unsloth-med export {run_dir} --format {config.export.export}"
-                        + (f" --push-to-hub {config.export.push_to_hub_id}" if config.export.push_to_hub_id else ""))
-    elif config.export.push_to_hub_id and not exported:
-        commands.append(f"unsloth-med export {run_dir} --format adapter --push-to-hub {config.export.push_to_hub_id}")
+        commands.append(f"unsloth-med export {run_dir} --format {config.export.export}{push}")
+    elif hub_id and not exported:
+        commands.append(f"unsloth-med export {run_dir} --format adapter{push}")
     text = (f"Training finished (step {ctx.trained_step}) and the trained model is saved in {run_dir / 'adapter'}; "
             f"the run stopped after it, in its {stage} stage. Nothing needs training again")
     if final:

@@ -58,8 +58,9 @@ def _describe(owner: dict | None) -> str:
 class RunLock:
     """Held while a run writes into `run_dir`; `release()` (or process exit) frees it."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, *, when_busy: str = "Wait for it to finish, or use another --output_dir."):
         self.path = Path(run_dir) / LOCK_NAME
+        self.when_busy = when_busy  # what to do about a live owner: the refusal's last sentence
         self.fd: int | None = None
         self.took_over: dict | None = None  # the stale owner replaced, if any
 
@@ -117,7 +118,7 @@ class RunLock:
 
     def _busy(self, owner: dict | None, unverifiable: bool = False) -> RunFolderBusy:
         hint = (f" If you are sure it is no longer running, delete {self.path}." if unverifiable else
-                " Wait for it to finish, or use another --output_dir.")
+                f" {self.when_busy}")
         return RunFolderBusy(f"Run folder {self.path.parent} is in use by another run: {_describe(owner)}.{hint}")
 
     def release(self) -> None:

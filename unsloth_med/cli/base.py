@@ -2,29 +2,62 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError, UnslothMedError
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill PID`, a cloud VM's preemption, a scheduler's stop), ended as Ctrl-C ends a command: run.json's
+    time breakdown, the finish hint of a run stopped after training, the lock released, a partial export removed.
+    The default action ended the process at once, with none of them and no word on stderr."""
+
+
+def _terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Under a multi-process launcher (torchrun, accelerate launch) SIGTERM keeps its default: the launcher sends it
+    to every rank when one fails, and a rank waiting in a collective would run no handler until the launcher's kill
+    timeout; each rank would also report a failure that is another rank's."""
+    from ..distributed import launched_world_size
+
+    if launched_world_size() > 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def friendly(fn: Callable[[], int | None]) -> int:
     """Run a command: expected problems (bad data, missing credentials, no GPU) print one `error:` line, exit 2."""
     try:
-        return fn() or 0
+        with _sigterm_as_interrupt():
+            return fn() or 0
     except UnslothMedError as exc:
         from ..secrets import redact
 
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # Not "continue with --resume" alone: a run without checkpoints (save_strategy no) would train again from
         # step 0, and one stopped after training needs none (the pipeline's hint above says what finishes it).
-        print("interrupted: a training run's run.json says the stage it stopped in; --resume continues from its last "
-              "checkpoint, if it saved one (see the lines above)", file=sys.stderr)
-        return 130
+        print(f"{'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}: a training run's run.json "
+              "says the stage it stopped in; --resume continues from its last checkpoint, if it saved one (see the "
+              "lines above)", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
 
 
 def output_file(path: str | None, flag: str) -> Path | None:

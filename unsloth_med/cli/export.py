@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+from pathlib import Path
 
 
 def export_command(argv: list[str]) -> int:
@@ -30,11 +33,31 @@ def export_command(argv: list[str]) -> int:
         from ..hub import check_repo_id
 
         check_repo_id(args.push_to_hub)
-    result = export_run(args.run_dir, format=args.format, out=args.out, backend=args.backend, quant=args.quant)
-    if args.push_to_hub:
-        from ..hub import push, write_model_card
+    with _run_folder_locked(args.run_dir):
+        result = export_run(args.run_dir, format=args.format, out=args.out, backend=args.backend, quant=args.quant)
+        if args.push_to_hub:
+            from ..hub import push, write_model_card
 
-        write_model_card(result["path"], run_dir=args.run_dir, repo_id=args.push_to_hub)
-        url = push(result["path"], args.push_to_hub, private=not args.public)
-        print(f"Pushed to {url}")
+            write_model_card(result["path"], run_dir=args.run_dir, repo_id=args.push_to_hub)
+            url = push(result["path"], args.push_to_hub, private=not args.public)
+            print(f"Pushed to {url}")
     return 0
+
+
+@contextlib.contextmanager
+def _run_folder_locked(run_dir: str):
+    """The run's lock for the export: a run training in the folder (a --resume) replaces the adapter and sets aside
+    the exports made from the one before, so an export made meanwhile would be of a model about to be replaced, or
+    of an adapter half-written. A folder this user cannot write has no run of theirs writing it: read as it is."""
+    from ..run_lock import RunLock
+
+    folder = Path(run_dir)
+    if not folder.is_dir() or not os.access(folder, os.W_OK):  # export_run says what is wrong with a missing one
+        yield
+        return
+    lock = RunLock(folder, when_busy="Export it once that run has finished: it replaces the run's adapter, and the "
+                                    "exports made from the one before are set aside.").acquire()
+    try:
+        yield
+    finally:
+        lock.release()
