@@ -231,3 +231,12 @@ def test_a_hub_repo_id_the_hub_refuses_is_refused_before_any_work():
         parse_config(["--recipe", "bone_fracture", "--push_to_hub_id", "me/bad..name"])
     assert parse_config(["--recipe", "bone_fracture", "--push_to_hub_id", "me/ok-name"]).export.push_to_hub_id == \
         "me/ok-name"
+
+
+def test_a_generation_budget_below_one_is_refused_at_parse_time():
+    """train --max_new_tokens 0 was accepted and failed in transformers' generate, after training."""
+    from unsloth_med.config import parse_config
+
+    with pytest.raises(ConfigError, match=r"--max_new_tokens 0: a whole number of tokens above 0"):
+        parse_config(["--recipe", "bone_fracture", "--max_new_tokens", "0"])
+    assert parse_config(["--recipe", "bone_fracture", "--max_new_tokens", "4"]).eval.max_new_tokens == 4

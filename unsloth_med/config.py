@@ -464,6 +464,9 @@ def parse_config(argv: list[str] | None, recipe=None, *, prog: str = "unsloth-me
     if model.max_micro_batch is not None and model.max_micro_batch < 1:
         raise ConfigError(f"--max_micro_batch {model.max_micro_batch}: the largest micro-batch to try must be at least "
                           "1; leave it unset to try the whole effective batch first.")
+    if eval_.max_new_tokens is not None and eval_.max_new_tokens < 1:  # else a transformers traceback after training
+        raise ConfigError(f"--max_new_tokens {eval_.max_new_tokens}: a whole number of tokens above 0; leave it unset "
+                          "for the recipe's.")
     if run.recipe is None:
         raise ConfigError("No recipe given. Use `python -m unsloth_med.recipes.bone_fracture` or --recipe NAME.")
     if training.output_dir in (None, "", "trainer_output"):

@@ -153,8 +153,8 @@ def fetch_urls(urls: Iterable[str], *, where: str, workers: int = 8) -> dict[str
             "(a path column, relative to the listing's folder), or copy the cache folder "
             f"{url_cache_path(todo[0]).parent} over.")
     if os.environ.get(OFFLINE_ENV, "").lower() in ("1", "true", "yes"):
-        raise NetworkError(f"{where}: {len(todo)} images are URLs (e.g. {shown_url(todo[0])}) and {OFFLINE_ENV} is set, so "
-                           f"nothing is downloaded. {hint}")
+        raise NetworkError(f"{where}: {len(todo)} images are URLs (e.g. {shown_url(todo[0])}) and {OFFLINE_ENV} is "
+                           f"set, so nothing is downloaded. {hint}")
     try:  # one probe: a missing network fails here once, not once per image
         cached[todo[0]] = str(_download(todo[0]))
     except urllib.error.HTTPError as exc:
@@ -166,8 +166,8 @@ def fetch_urls(urls: Iterable[str], *, where: str, workers: int = 8) -> dict[str
             log.warning("%s: %d image URLs are not in the cache and cannot be downloaded now (%s: %s); those rows "
                         "are dropped. First: %s", where, len(todo), type(exc).__name__, reason, shown_url(todo[0]))
             return {**cached, **{u: None for u in todo}}
-        raise NetworkError(f"{where}: {len(todo)} images are URLs and the first one ({shown_url(todo[0])}) could not be "
-                           f"downloaded ({type(exc).__name__}: {reason}). {hint}") from exc
+        raise NetworkError(f"{where}: {len(todo)} images are URLs and the first one ({shown_url(todo[0])}) could not "
+                           f"be downloaded ({type(exc).__name__}: {reason}). {hint}") from exc
     log.info("%s: downloading %d images into %s", where, len(todo) - 1, url_cache_path(todo[0]).parent)
 
     def one(url: str) -> tuple[str, str | None, str]:
