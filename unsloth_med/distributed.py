@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import UnslothMedError
+
 log = logging.getLogger("unsloth_med")
+
+
+class MainRankFailed(UnslothMedError):
+    """Rank 0 failed at a step the other ranks wait for (Ranks.after_main); they stop with its reason."""
 
 
 def launched_world_size() -> int:
@@ -80,13 +86,27 @@ class Ranks:
         return min(self.gather(value))
 
     def main_first(self, fn, *args):
-        """fn(*args) on rank 0, then on the other ranks (which then find what rank 0 made: a download, a cache)."""
+        """fn(*args) on rank 0, then on the other ranks (which then find what rank 0 made: a download, a cache).
+        Where fn fails on rank 0 (a --model that does not exist), the others stop with its reason."""
         if self.is_main:
-            result = fn(*args)
-            self.barrier()
+            try:
+                result = fn(*args)
+            except Exception as exc:
+                self.after_main(exc)
+                raise
+            self.after_main(None)
             return result
-        self.barrier()
+        self.after_main(None)
         return fn(*args)
+
+    def after_main(self, error: Exception | None) -> None:
+        """Where the other ranks wait for a step of rank 0's (`error`: how it failed, on rank 0): a collective after
+        which they stop with rank 0's reason when it failed. Waiting at a barrier, they stopped with gloo's
+        'Connection closed by peer' traceback as if they had failed themselves (NCCL across hosts: after
+        --ddp_timeout), and rank 0's reason was only on rank 0's host."""
+        reason = self.broadcast(None if error is None else f"{type(error).__name__}: {error}")
+        if reason is not None and not self.is_main:
+            raise MainRankFailed(f"rank 0 stopped, so this rank stops too. Rank 0's reason: {reason}")
 
     def share_then_all(self, fn, dataset, *args):
         """fn(dataset, *args) for a cached preparation: each rank first prepares its share of the rows, then
@@ -111,7 +131,9 @@ class Ranks:
 
     def report_failure(self, exc: BaseException) -> None:
         """Say which rank failed and why, in this rank's log and on stderr (the launcher ends the others)."""
-        if self.world > 1 and not isinstance(exc, SystemExit):
+        if isinstance(exc, MainRankFailed):  # not this rank's failure; said in its log, friendly() says it on stderr
+            log.error("rank %d of %d: %s", self.rank, self.world, exc)
+        elif self.world > 1 and not isinstance(exc, SystemExit):
             message = f"rank {self.rank} of {self.world} failed: {type(exc).__name__}: {exc}"
             log.error("%s", message)
             print(message, file=sys.stderr, flush=True)

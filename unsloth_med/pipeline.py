@@ -224,8 +224,18 @@ def setup(ctx: RunContext) -> None:
 
     ctx.budget = gpu_budget(config.model.max_memory_gib)
     ctx.ranks = ranks = distributed.start(config.training)  # torchrun / accelerate launch; one process: rank 0 of 1
-    ctx.run_dir, ctx.lock = prepare_run_dir(config) if ranks.is_main else (Path(config.training.output_dir), None)
-    ranks.barrier()  # the other ranks start once rank 0 has checked, locked and made the run folder
+    ctx.run_dir = Path(config.training.output_dir)
+    refused = None
+    if ranks.is_main:
+        try:
+            ctx.run_dir, ctx.lock = prepare_run_dir(config)
+        except Exception as exc:
+            refused = exc
+    # The other ranks start once rank 0 has checked, locked and made the run folder; a folder it refuses (in use by
+    # another run, not writable) stops them with its reason.
+    ranks.after_main(refused)
+    if refused is not None:
+        raise refused
     ctx.log_handler = _setup_logging(ctx.run_dir, ranks.log_name)
     ctx.files = ranks.files_dir(ctx.run_dir)
 
