@@ -65,6 +65,20 @@ def test_a_run_that_fails_in_the_data_stage_records_its_times_and_blocks_no_reru
         train_command(argv, get_recipe("bone_fracture"))
 
 
+def test_samples_too_long_stop_the_run_after_the_model_loads_and_run_json_says_so(tmp_path):
+    """Every training sample is longer than --max_seq_length 20: the run stops in its load_model stage, before the
+    evaluation and any step, and run.json names that stage (it said "data" for failures in prepare and load_model)."""
+    from unsloth_med.errors import SampleTooLongError
+
+    out = tmp_path / "run"
+    with pytest.raises(SampleTooLongError, match=r"training samples need more than max_seq_length=20"):
+        train_command(["--demo", "--max_steps", "2", "--max_train_samples", "8", "--max_eval_samples", "4",
+                       "--max_seq_length", "20", "--output_dir", str(out)], get_recipe("bone_fracture"))
+    status = json.loads((out / "run.json").read_text())
+    assert status["stage"] == "load_model" and not status.get("complete")
+    assert not (out / "eval_before.json").exists() and not (out / "train_log.jsonl").exists()
+
+
 def test_a_stage_that_fails_after_timing_a_part_apart_counts_that_part_once():
     """Training times its warm-up apart, then saving the adapter fails (a full disk): the failed run's breakdown
     still adds up to its total (the warm-up was counted in both warm_up and train)."""

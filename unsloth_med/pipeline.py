@@ -377,6 +377,7 @@ def prepare_data(ctx: RunContext) -> None:
     from .recipes.resolve import record_resolved
 
     config, ranks, recipe, backend = ctx.config, ctx.ranks, ctx.recipe, ctx.backend
+    _write_status(ctx.run_dir, stage="prepare")  # a failure here (a model that cannot be named) is not the data's
     ctx.named_model = config.model.model or resolve_model_name(None, recipe, backend.name)
     ctx.model_name = model_name = ranks.main_first(resolve_model_name, config.model.model, recipe,
                                                    backend.name)  # built once
@@ -402,6 +403,7 @@ def load_model(ctx: RunContext) -> None:
     from .models.speedups import batch_same_size_images
 
     config = ctx.config
+    _write_status(ctx.run_dir, stage="load_model")  # a model that does not load, or a sample too long for it
     config.model.use_gradient_checkpointing = checkpointing_mode(config.model.use_gradient_checkpointing,
                                                                   ctx.budget[0] if ctx.budget else None)
     ctx.model, ctx.processor = ctx.backend.load(ctx.model_name, config.model)
