@@ -239,4 +239,20 @@ def test_a_generation_budget_below_one_is_refused_at_parse_time():
 
     with pytest.raises(ConfigError, match=r"--max_new_tokens 0: a whole number of tokens above 0"):
         parse_config(["--recipe", "bone_fracture", "--max_new_tokens", "0"])
+    with pytest.raises(ConfigError, match=r"--max_memory_gib 0: a budget in GiB above 0"):  # 0 meant "unset"
+        parse_config(["--recipe", "bone_fracture", "--max_memory_gib", "0"])
     assert parse_config(["--recipe", "bone_fracture", "--max_new_tokens", "4"]).eval.max_new_tokens == 4
+
+
+def test_quick_works_for_a_users_own_recipe_and_demo_still_needs_its_preset():
+    """examples/custom_recipe.py --quick said "Recipe 'three_patterns' has no --quick preset": every shipped quick
+    preset is the same 30 steps, so a recipe of one's own gets that one."""
+    from unsloth_med.config import parse_config
+    from unsloth_med.recipes import DataSource, Recipe
+
+    mine = Recipe(name="three_patterns", task="classification", instruction="Which?", labels=("a", "b"),
+                  source=DataSource(kind="class_folders"), default_model="tiny:mistral3")
+    config = parse_config(["--quick"], mine)
+    assert config.training.max_steps == 30 and config.model.train_compiled is False
+    with pytest.raises(ConfigError, match="has no --demo preset"):
+        parse_config(["--demo"], mine)

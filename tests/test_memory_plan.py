@@ -39,6 +39,15 @@ def test_budget_is_the_flag_or_a_share_of_the_gpu():
     assert "NVIDIA H200" in why and "--max_memory_gib" in why and "A6000" in why
 
 
+@pytest.mark.parametrize("requested", [0, -8])
+def test_a_budget_of_nothing_is_refused_not_taken_as_unset(requested):
+    """--max_memory_gib 0 became 92% of the GPU, -8 an error about the model's memory after it had loaded."""
+    from unsloth_med.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"--max_memory_gib {requested}: a budget in GiB above 0"):
+        memory_budget(requested, 139.8, "NVIDIA H200")
+
+
 def test_checkpointing_auto_stays_on_the_gpu_when_the_budget_allows():
     assert checkpointing_mode("auto", 128.6) == "true"
     assert checkpointing_mode("auto", 12) == "unsloth"  # small budgets offload activations to CPU memory
@@ -250,6 +259,18 @@ def test_the_kept_plan_is_keyed_by_what_the_probes_measured(tiny_path, tmp_path)
     assert plan_key(trainer, data, **key) != same
     other, other_data = _trainer(tiny_path, tmp_path, lora_r=8, name="r8")  # other adapters
     assert plan_key(other, other_data, **key) != same
+
+
+def test_no_plan_is_kept_for_data_without_lengths(tiny_path, tmp_path):
+    """--preprocess_images false: no `length`/`image_shape` columns, so a key could name neither the samples nor the
+    image size the collator sizes them at (a plan probed on small images was reused on large ones: the same key)."""
+    from unsloth_med.memory_plan import plan_key
+
+    trainer, data = _trainer(tiny_path, tmp_path, name="raw")
+    key = dict(budget_gib=24.0, gpu="NVIDIA H200 150119763968", checkpointing="gpu", keep_activations=True)
+    assert plan_key(trainer, data, **key) is not None  # prepared data: kept
+    raw = data.remove_columns([c for c in ("length", "image_shape", "image_tokens") if c in data.column_names])
+    assert plan_key(trainer, raw, **key) is None
 
 
 def test_an_eager_probe_step_runs_compiled_modules_without_tracing_and_changes_nothing(tiny_path, tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -459,6 +460,22 @@ def test_bench_speedups_time_same_shape_batches_after_each_shape_warmed_up(bone_
     assert written == [f"merged_{model.name}_hf-bf16-speedups-unchecked1-b4.json", f"merged_{model.name}_summary.json"]
     assert [r["batch_size"]
             for r in json.loads((out / f"merged_{model.name}_summary.json").read_text())["rows"]] == [2, 4]
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--batch_sizes", "2,x"], "--batch_sizes 2,x: whole numbers above 0"),  # was an int() traceback
+    (["--batch_sizes", "0"], "--batch_sizes 0: whole numbers above 0"),  # was a failed row after loading the model
+    (["--steps", "0"], "--steps 0: at least 1"),  # was a median of no steps in the worker
+    (["--max_memory_gib", "0"], "--max_memory_gib 0: a size in GiB above 0"),  # was silently no cap
+])
+def test_bench_numbers_are_checked_before_any_work(flags, says, tmp_path):
+    from unsloth_med.cli.bench import bench_command
+    from unsloth_med.errors import ConfigError
+
+    out = tmp_path / "results"
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        bench_command(["--model", str(tmp_path / "nowhere"), "--out", str(out), *flags])
+    assert not out.exists()  # nothing started
 
 
 def test_checkpoint_fewer_layers_keeps_gradients_identical():

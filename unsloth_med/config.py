@@ -249,9 +249,11 @@ def _plain(value: Any) -> Any:
 
 
 def presets_dir() -> Path:
-    """recipes/ at the top of the repository (editable install) or inside the installed package."""
+    """The presets inside the installed package, or recipes/ at the top of the repository (editable install). The
+    package's own first: in an installed wheel here.parent is site-packages, where another distribution's top-level
+    recipes/ folder would otherwise hide them."""
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "recipes", here / "presets"):
+    for candidate in (here / "presets", here.parent / "recipes"):
         if candidate.is_dir():
             return candidate
     return here.parent / "recipes"
@@ -430,6 +432,10 @@ def parse_config(argv: list[str] | None, recipe=None, *, prog: str = "unsloth-me
         for flag, preset in (("demo", "demo.yaml"), ("quick", "quick.yaml")):
             if _truthy(getattr(known, flag)):
                 path = presets_dir() / recipe.name / preset
+                # A user's own recipe: every recipe's quick trial is the same 30 steps (the shipped quick.yaml files
+                # differ only in their comments). A demo needs data and a model of its own: no such fallback.
+                if not path.is_file() and flag == "quick":
+                    path = presets_dir() / "classify" / preset
                 if not path.is_file():
                     raise ConfigError(f"Recipe '{recipe.name}' has no --{flag} preset ({path} is missing).")
                 layers.append((str(path), read_yaml_tree(path)))
@@ -464,6 +470,9 @@ def parse_config(argv: list[str] | None, recipe=None, *, prog: str = "unsloth-me
     if model.max_micro_batch is not None and model.max_micro_batch < 1:
         raise ConfigError(f"--max_micro_batch {model.max_micro_batch}: the largest micro-batch to try must be at least "
                           "1; leave it unset to try the whole effective batch first.")
+    if model.max_memory_gib is not None and model.max_memory_gib <= 0:  # else 0 meant "unset" and -8 failed on a GPU
+        raise ConfigError(f"--max_memory_gib {model.max_memory_gib:g}: a budget in GiB above 0; leave it unset for "
+                          "92% of the GPU.")
     if eval_.max_new_tokens is not None and eval_.max_new_tokens < 1:  # else a transformers traceback after training
         raise ConfigError(f"--max_new_tokens {eval_.max_new_tokens}: a whole number of tokens above 0; leave it unset "
                           "for the recipe's.")

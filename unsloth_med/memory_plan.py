@@ -58,6 +58,11 @@ FILL_SHARE = 0.85
 
 def memory_budget(requested_gib: float | None, gpu_total_gib: float, gpu_name: str = "GPU") -> tuple[float, str]:
     """(budget in GiB, why): what the user asked for, or DEFAULT_BUDGET_SHARE of the GPU."""
+    if requested_gib is not None and requested_gib <= 0:  # 0 was the default share, -8 an error after loading
+        from .errors import ConfigError
+
+        raise ConfigError(f"--max_memory_gib {requested_gib:g}: a budget in GiB above 0; leave it unset for "
+                          f"{DEFAULT_BUDGET_SHARE:.0%} of the GPU.")
     if requested_gib:
         return float(requested_gib), f"--max_memory_gib {requested_gib:g}"
     budget = round(gpu_total_gib * DEFAULT_BUDGET_SHARE, 1)
@@ -171,18 +176,24 @@ def plans_dir() -> Path:
 
 
 def plan_key(trainer, dataset, *, budget_gib: float, gpu: str, checkpointing: str, keep_activations: bool,
-             eager_probes: bool = False, max_micro_batch: int | None = None) -> str:
+             eager_probes: bool = False, max_micro_batch: int | None = None) -> str | None:
     """A digest of everything the probes measured. Two runs with the same key probe the same steps on the same
     GPU under the same budget: the model's configuration (shape, quantization), the trainable parameters (the
     adapters), the effective batch and the lengths and image shapes of the longest samples (what the probes run),
-    the checkpointing choice, and the versions of the libraries that compute the step."""
+    the checkpointing choice, and the versions of the libraries that compute the step.
+
+    None (nothing kept, the run probes) for data without the `length` column (--preprocess_images false): the
+    key could name neither the samples nor the image size they are collated at, so a plan probed on 32 px images
+    would be reused at 1024 px and run out of memory in training."""
     import importlib.metadata
 
     args = trainer.args
     model = trainer.model
     effective = args.per_device_train_batch_size * args.gradient_accumulation_steps
     columns = getattr(dataset, "column_names", None) or []
-    lengths = dataset["length"][:] if "length" in columns else []
+    if "length" not in columns:
+        return None
+    lengths = dataset["length"][:]
     shapes = dataset["image_shape"][:] if "image_shape" in columns else [""] * len(lengths)
     longest = sorted(zip(lengths, map(str, shapes)), reverse=True)[:effective]
     versions = {}
@@ -382,7 +393,7 @@ def plan_memory(trainer, dataset, budget_gib: float, budget_reason: str, *, chec
         key = plan_key(trainer, dataset, budget_gib=budget_gib, gpu=f"{props.name} {props.total_memory}",
                        checkpointing=checkpointing, keep_activations=keep_activations, eager_probes=eager_probes,
                        max_micro_batch=max_micro_batch)
-        stored = read_stored_plan(key)
+        stored = read_stored_plan(key) if key else None
         plan = apply_stored_plan(trainer, *stored, language, vision) if stored else None
         if plan is not None:  # the budget is part of the key: only the words saying why may differ
             plan.budget_reason = budget_reason

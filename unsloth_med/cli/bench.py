@@ -57,8 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_numbers(args) -> None:
+    """Numbers the workers would only trip over after the model is built and loaded (an int() traceback, a
+    median of no steps): one error line before any work."""
+    sizes = [b.strip() for b in args.batch_sizes.split(",") if b.strip()]
+    if not sizes or not all(b.isdigit() and int(b) > 0 for b in sizes):
+        raise ConfigError(f"--batch_sizes {args.batch_sizes}: whole numbers above 0, separated by commas (2,16).")
+    for name, least in (("steps", 1), ("warmup", 0), ("start_batch", 1), ("lora_r", 1), ("timeout", 1)):
+        if getattr(args, name) < least:
+            raise ConfigError(f"--{name} {getattr(args, name)}: at least {least}.")
+    if args.max_memory_gib is not None and args.max_memory_gib <= 0:
+        raise ConfigError(f"--max_memory_gib {args.max_memory_gib:g}: a size in GiB above 0; leave it unset for "
+                          "--batch_sizes.")
+
+
 def bench_command(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    check_numbers(args)
     missing = [name for name in args.merge or () if not Path(name).is_file()]
     if missing:
         raise ConfigError(f"--merge: no such result file: {', '.join(missing)}")
