@@ -377,10 +377,12 @@ def prepare_data(ctx: RunContext) -> None:
     from .recipes.resolve import record_resolved
 
     config, ranks, recipe, backend = ctx.config, ctx.ranks, ctx.recipe, ctx.backend
-    _write_status(ctx.run_dir, stage="prepare")  # a failure here (a model that cannot be named) is not the data's
     ctx.named_model = config.model.model or resolve_model_name(None, recipe, backend.name)
     ctx.model_name = model_name = ranks.main_first(resolve_model_name, config.model.model, recipe,
                                                    backend.name)  # built once
+    # Past the ranks' first collective: every rank's data stage is done (under DDP rank 0 gets here while a rank
+    # whose data failed is still stopping, and the run stopped in its data).
+    _write_status(ctx.run_dir, stage="prepare")
     config.model.model = model_name
     record_resolved(config, recipe)  # config.yaml alone rebuilds it later (predict, export)
     save_config(config, ctx.files / "config.yaml")
