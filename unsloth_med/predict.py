@@ -172,14 +172,11 @@ def predict(model_dir_or_run_dir: str | Path, images: Sequence[str], *, top_k: i
 def _in_folders(images: Sequence[str]) -> list[str]:
     """`images` with each folder replaced by the image files in it (sorted; not its sub-folders). A folder used to
     be read as one image and reported as "file not found", though it was there."""
-    from .data.images import IMAGE_EXTENSIONS
+    from .data.sources import image_files
 
     out: list[str] = []
     for image in images:
-        folder = Path(str(image))
-        files = sorted(str(p) for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS) \
-            if folder.is_dir() else []
-        out += files or [str(image)]  # an empty folder stays, to be reported as not read
+        out += [str(p) for p in image_files(Path(str(image)))] or [str(image)]  # an empty folder: reported unread
     return out
 
 

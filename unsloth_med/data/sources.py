@@ -57,11 +57,12 @@ def find_class_root(root: Path, layout: tuple[str, ...], split_names: tuple[str,
 def _looks_like_class_root(folder: Path, split_names: tuple[str, str]) -> bool:
     subdirs = [p for p in folder.iterdir() if p.is_dir()]
     return bool(subdirs) and any(
-        (d / split_names[0]).is_dir() or (d / split_names[1]).is_dir() or any(_image_files(d)) for d in subdirs
+        (d / split_names[0]).is_dir() or (d / split_names[1]).is_dir() or any(image_files(d)) for d in subdirs
     )
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in a folder, sorted (none when it is not a folder)."""
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -98,7 +99,7 @@ def load_class_folders(
         for split, where in parts:
             if not where.is_dir():
                 continue
-            for path in _image_files(where):
+            for path in image_files(where):
                 rows[split].append({"image": str(path), "target": folder.name, "id": str(path.relative_to(class_root))})
             skipped += sum(1 for p in where.iterdir() if p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS)
         counts = {split: sum(1 for r in rows[split] if r["target"] == folder.name) for split in rows}
