@@ -47,6 +47,13 @@ record = {"flags": flags, "command_to_run_folder_s": wall, "train_stats": stats,
           "eval_before_input": (before or {}).get("input_pipeline"), "eval_after_input": (after or {}).get("input_pipeline"),
           "eval_after_folded_adapters": (after or {}).get("folded_adapters")}
 dest.write_text(json.dumps(record, indent=1))
+profile = read("profile_step.json")
+if profile:
+    Path(str(dest).removesuffix(".json") + "-profile.json").write_text(json.dumps(profile, indent=1))
+    print(f"{run.name}: profiled step {profile['step']}: GPU kernels {profile['gpu_kernel_s']} s of "
+          f"{profile['wall_s']} s profiled ({profile.get('gpu_busy_share_of_median_step')} of the median step "
+          f"{profile.get('median_unprofiled_step_s')} s), {profile['kernel_launches']} launches, "
+          f"{profile['kernel_seconds_by_kind']}")
 s = stats or {}
 print(f"{run.name}: {wall:.0f} s command->run folder | plan: {(s.get('memory_plan') or {})} | "
       f"{s.get('samples_per_second_all_steps')} samples/s all steps, median step {s.get('median_step_seconds')} s, "
@@ -75,6 +82,12 @@ for name in $runs; do
         vision-language-24gib-late-import) UNSLOTH_MED_LATE_IMPORT=1 run "$name" $short --max_memory_gib 24 ;;
         vision-language-24gib-eval) run "$name" --max_steps 10 --eval_before false --max_memory_gib 24 ;;
         language-48gib) run "$name" $short --finetune_vision_layers false --max_memory_gib 48 ;;
+        # *-profile: the same runs with step 10 under torch.profiler (profile_step.json kept as $out/$name-profile.json)
+        vision-language-24gib-profile) run "$name" $short --max_memory_gib 24 --profile_step 10 ;;
+        language-48gib-profile) run "$name" $short --finetune_vision_layers false --max_memory_gib 48 --profile_step 10 ;;
+        language-48gib-eager-profile) run "$name" $short --finetune_vision_layers false --max_memory_gib 48 \
+            --profile_step 10 --train_compiled false ;;
+        language-24gib-profile) run "$name" $short --finetune_vision_layers false --max_memory_gib 24 --profile_step 10 ;;
         language-24gib) run "$name" $short --finetune_vision_layers false --max_memory_gib 24 ;;
         language-48gib-batch32) run "$name" $short --finetune_vision_layers false --max_memory_gib 48 \
             --gradient_accumulation_steps 16 ;;   # effective batch 2 x 16 = 32: the plan's micro-batch up to 32

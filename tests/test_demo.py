@@ -101,6 +101,7 @@ def test_label_scoring_and_generation_agree(demo_run):
     print(f"label scoring vs generation agreement: {rate:.3f} on {len(scored['predictions'])} images")
     assert len(scored["predictions"]) == 120 and rate == 1.0
     assert scored["timing"]["compiled"] is False  # label scoring runs eager by default (--eval_compiled)
+    assert "dequantized_layers" not in scored["folded_adapters"]  # nor dequantizes (--eval_dequantize): no gain
     # the pass after training read the 8 batches the pass before encoded, and encoded none itself
     assert scored["encoded_batches"]["reused"] == 8 and scored["encoded_batches"]["encoded"] == 0, scored
 

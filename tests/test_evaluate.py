@@ -181,6 +181,31 @@ def test_the_check_cuts_rows_only_where_every_tensor_has_one_entry_per_row():
     assert first_rows(two_images, 2) is two_images  # which image is whose is not known here: the whole batch
 
 
+def test_label_scoring_starts_the_next_batch_before_reading_a_batch_s_scores(tiny_path):
+    """A pass reads each batch's scores one batch late: when the first predictions come out, the second batch's
+    forward is already queued (on a GPU it runs while the CPU builds the predictions and copies in the batch
+    after). The predictions and their order are those of scoring one batch at a time."""
+    from unsloth_med.evaluate.classify import _iter_scored
+    from unsloth_med.evaluate.packed import remember_check
+
+    model, processor = _load(tiny_path, "mistral3")
+    rows = _rows(5)
+    remember_check(model, family_of(model.config), {"checked_rows": 2, "agreed": True})  # no check's forwards
+    forwards = []
+    model.register_forward_hook(lambda module, args, output: forwards.append(1))
+    with torch.inference_mode():
+        scored = _iter_scored(model, processor, RECIPE, rows, RECIPE.labels, batch_size=2, image_size=IMAGE_SIZE,
+                              progress=False, strategy="packed", stats=None)
+        first = next(scored)
+        assert first["id"] == "img0" and len(forwards) == 2  # batch 1 read while batch 2 is already queued
+        rest = list(scored)
+    assert [p["id"] for p in [first, *rest]] == [f"img{i}" for i in range(5)] and len(forwards) == 3
+    one_at_a_time = score_rows(model, processor, RECIPE, rows, RECIPE.labels, image_size=IMAGE_SIZE)
+    for prediction, expected in zip([first, *rest], one_at_a_time):
+        assert prediction["prediction"] == RECIPE.labels[int(expected.argmax())]
+        assert list(prediction["log_likelihoods"].values()) == pytest.approx(expected.tolist(), abs=1e-3)
+
+
 @pytest.mark.parametrize("family", ["mllama", "qwen2_5_vl", "gemma3"])
 def test_families_whose_positions_or_masks_are_derived_score_from_the_cache(tiny_path, family):
     model, processor = _load(tiny_path, family)
@@ -570,7 +595,8 @@ def test_dequantized_4bit_layers_score_and_generate_as_the_4bit_ones(tiny_path, 
     calls = []
     four_bit = bnb.nn.Linear4bit.forward
     monkeypatch.setattr(bnb.nn.Linear4bit, "forward", lambda self, x: calls.append(1) or four_bit(self, x))
-    as_4bit = [evaluate(model, processor, RECIPE, rows, mode=mode, **kw) for mode in ("score", "generate")]
+    as_4bit = [evaluate(model, processor, RECIPE, rows, mode=mode, dequantize=False, **kw)
+               for mode in ("score", "generate")]
     assert calls
     calls.clear()
     dequantized = [evaluate(model, processor, RECIPE, rows, mode=mode, dequantize=True, **kw)
@@ -586,6 +612,9 @@ def test_dequantized_4bit_layers_score_and_generate_as_the_4bit_ones(tiny_path, 
     assert not any("forward" in vars(m) for m in model.modules())  # every layer's own forward is back
     evaluate(model, processor, RECIPE, rows[:1], **kw)
     assert calls  # the 4-bit layers run again after the pass
+    calls.clear()
+    default = evaluate(model, processor, RECIPE, rows[:2], mode="generate", **kw)  # dequantize=None: generation does
+    assert not calls and default["folded_adapters"]["dequantized_layers"] == quantized
 
     from peft.tuners.lora import LoraLayer
 

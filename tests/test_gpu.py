@@ -398,7 +398,7 @@ def test_dequantized_generation_answers_as_the_4bit_model_on_the_inference_path(
     t = trained(family)
     model, processor, rows = t["backend"].for_inference(t["model"]), t["processor"], t["rows"]
     kw = dict(mode="generate", batch_size=4, image_size=IMAGE_SIZE, progress=False)
-    as_4bit = evaluate(model, processor, RECIPE, rows, **kw)
+    as_4bit = evaluate(model, processor, RECIPE, rows, dequantize=False, **kw)
     dequantized = evaluate(model, processor, RECIPE, rows, dequantize=True, **kw)
     record = dequantized["folded_adapters"]
     print(f"\n{family} dequantized: {record}; generated tokens/s 4-bit "

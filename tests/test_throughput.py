@@ -150,10 +150,16 @@ def test_pipeline_records_prepared_images_and_step_stats(bone_break_dir, tmp_pat
     proc = _run(["unsloth_med.recipes.bone_fracture", "--data_dir", str(bone_break_dir), "--model", "tiny:mistral3",
                  "--max_steps", "6", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
                  "--max_train_samples", "48", "--max_eval_samples", "4", "--eval_before", "false",
-                 "--image_size", "64", "--save_strategy", "no", "--warm_up_shapes", "true",
+                 "--image_size", "64", "--save_strategy", "no", "--warm_up_shapes", "true", "--profile_step", "5",
                  "--output_dir", str(run)], REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = json.loads((run / "train_stats.json").read_text())
+    # --profile_step: step 5 ran under torch.profiler (no GPU here: CPU ops only), beside the others' median.
+    profile = json.loads((run / "profile_step.json").read_text())
+    assert profile["step"] == 5 and profile["micro_batch"] == 4 and profile["gradient_accumulation_steps"] == 1
+    assert profile["wall_s"] > 0 and profile["cpu_ops_recorded"] > 1000  # a forward, backward and optimizer step
+    assert profile["gpu_kernel_s"] == 0 and profile["kernel_launches"] == 0 and profile["median_unprofiled_step_s"] > 0
+    assert "Profile of step 5: GPU kernels 0.000 s" in proc.stdout + proc.stderr
     # The time breakdown starts with the process (interpreter, imports, parsing), so its total is the command's.
     timings = json.loads((run / "run.json").read_text())["timings_s"]
     assert list(timings)[:2] == ["startup", "setup"] and timings["startup"] > 0.5, timings
@@ -179,6 +185,24 @@ def test_pipeline_records_prepared_images_and_step_stats(bone_break_dir, tmp_pat
     assert prepared["images"] == 48 and prepared["image_fit"]["buckets"] is True
     info = json.loads((run / "adapter" / "unsloth_med.json").read_text())
     assert info["image_size"] == 64 and info["image_buckets"] is True
+
+
+def test_profiled_kernels_are_sorted_into_kinds_by_name():
+    """Kernel names as the H100/H200 profiles of earlier sessions recorded them (benchmarks/results)."""
+    from unsloth_med.profiling import OTHER, kind_of
+
+    assert kind_of("nvjet_sm90_tst_256x144_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert kind_of("sm80_xmma_gemm_f32f32_f32f32_f32_nn_n_tilesize64x32x8_stage3_warpsize1x2x1_ffma") == "matmul"
+    assert kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64") == "attention"
+    assert kind_of("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, unsigned char*") == \
+        "4-bit dequantize"
+    assert kind_of("void kOptimizerStatic8bit2StateBlockwise<float, 0, 256, 1>(float*, float*") == "optimizer"
+    assert kind_of("Memcpy DtoH (Device -> Pinned)") == "copy"
+    assert kind_of("void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda(at") == \
+        "copy"
+    assert kind_of("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat1") == \
+        OTHER
+    assert kind_of("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == OTHER  # a fused RMSNorm, not a copy
 
 
 def test_group_by_length_without_prepared_lengths_is_refused_early(tmp_path):

@@ -353,6 +353,10 @@ def test_three_questions_per_real_bone_break_image_train_a_tiny_model(bone_break
     after = json.loads((out / "eval_after.json").read_text())
     assert len(after["predictions"]) == 12 and {p["answer_type"] for p in after["predictions"]} == {"closed", "open"}
     assert after["timing"]["compiled"] is True  # generation keeps Unsloth's compiled functions by default
+    # and runs 4-bit layers dequantized once a pass (--eval_dequantize; none here: the CPU model is not 4-bit)
+    before = json.loads((out / "eval_before.json").read_text())
+    assert before["folded_adapters"]["reason"] == "no LoRA adapters to fold and no 4-bit layers"
+    assert after["folded_adapters"]["layers"] > 0 and after["folded_adapters"]["dequantized_layers"] == 0
     assert after["encoded_batches"]["reused"] == 2 and after["encoded_batches"]["encoded"] == 0  # the pass before's
     assert {"image_id", "question", "answer_type", "target", "prediction"} <= set(after["predictions"][0])
     assert sum("loss" in json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()) == 3

@@ -636,7 +636,9 @@ def run_worker(args) -> dict:
             "data_share": round(statistics.median(collate_s) / (statistics.median(collate_s) + median), 4),
         }
         if args.profile:
-            entry["profile"] = profile_step(lambda: step(batches[extra]))
+            from .profiling import profile_call
+
+            entry["profile"] = profile_call(lambda: step(batches[extra]))
         if not args.no_flops:
             try:
                 from torch.utils.flop_counter import FlopCounterMode
@@ -726,37 +728,6 @@ def _all_steps_rate(bs: int, step_s: list[float]) -> float | None:
 def _batch_shape(chunk: list[dict]) -> str:
     shapes = {r.get("shape", "?") for r in chunk}
     return shapes.pop() if len(shapes) == 1 else "mixed"
-
-
-def profile_step(run_step, top: int = 12) -> dict:
-    """One step under torch.profiler: how much of its wall time the GPU spent in kernels, and on which."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
-    with profile(activities=activities) as prof:
-        _sync()
-        t0 = time.perf_counter()
-        run_step()
-        _sync()
-        wall = time.perf_counter() - t0
-    from torch.autograd import DeviceType
-
-    # Only the device-side work (kernels, memcpy, memset): the CPU ops that launched it carry the same
-    # time again, and so do GPU-side ranges of annotations such as "Optimizer.step#AdamW8bit.step"
-    # (they share a CPU event's name). Summing those too would count time twice.
-    averages = prof.key_averages()
-    cpu_names = {e.key for e in averages if getattr(e, "device_type", None) != DeviceType.CUDA}
-    events = [e for e in averages if getattr(e, "device_type", None) == DeviceType.CUDA and e.key not in cpu_names]
-
-    def device_us(e) -> float:
-        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0)
-
-    busy = sum(device_us(e) for e in events) / 1e6
-    ranked = sorted(events, key=device_us, reverse=True)[:top]
-    return {"wall_s": round(wall, 4), "gpu_kernel_s": round(busy, 4),
-            "gpu_busy_share": round(busy / wall, 4) if wall else None,
-            "top_kernels": [{"name": e.key[:90], "gpu_ms": round(device_us(e) / 1e3, 2), "calls": e.count,
-                             "share": round(device_us(e) / 1e6 / wall, 4) if wall else None} for e in ranked]}
 
 
 def _versions() -> dict:

@@ -73,6 +73,10 @@ class ModelArgs:
                 "accumulation, so the effective batch stays the same). For comparisons: a smaller micro-batch leaves "
                 "room to keep more layers' activations, but on the 14B shape under 24 GiB micro-batch 4 kept no more "
                 "and trained at about half the speed (benchmarks/README.md)."})
+    profile_step: int | None = field(default=None, metadata={
+        "help": "Profile training's optimizer step N (1-based) under torch.profiler and write profile_step.json to the "
+                "run folder: the share of the step the GPU spent in kernels, kernel launches, seconds by kind "
+                "(matmuls, attention, 4-bit dequantization, copies, the rest) and the top kernels."})
     max_memory_gib: float | None = field(default=None, metadata={
         "help": "GPU memory budget (GiB; default 92%% of the GPU's; 48 for an RTX A6000). Within it the run trains "
                 "with the largest micro-batch that fits (the effective batch, per_device_train_batch_size x "
@@ -180,6 +184,12 @@ class EvalArgs:
                 "(traced, a process's first pass cost 13.6 s more on the 14B shape and packed batches then ran about "
                 "0.15 s faster each: it pays only on splits of thousands of images; benchmarks/README.md), compiled "
                 "for generation (captions, answers; not measured eager)."})
+    eval_dequantize: bool | None = field(default=None, metadata={
+        "help": "Run every 4-bit layer that evaluation does not fold on its weight dequantized once for the pass "
+                "(16-bit copies, freed after; only where they take at most half of the free budget) instead of "
+                "dequantizing it again in every forward. Default: when the pass generates (captions, answers, "
+                "--eval_mode generate), where it made the untrained 11B shape's generation 1.42x faster; label scoring "
+                "gained nothing (benchmarks/README.md)."})
     eval_fold_adapters: bool = field(default=True, metadata={
         "help": "Evaluate a LoRA-tuned model with each adapter folded into its layer's 16-bit weight (the merged "
                 "export's weights): one matmul a layer instead of three; label scoring after training a fifth "
@@ -473,6 +483,8 @@ def parse_config(argv: list[str] | None, recipe=None, *, prog: str = "unsloth-me
     if model.max_memory_gib is not None and model.max_memory_gib <= 0:  # else 0 meant "unset" and -8 failed on a GPU
         raise ConfigError(f"--max_memory_gib {model.max_memory_gib:g}: a budget in GiB above 0; leave it unset for "
                           "92% of the GPU.")
+    if model.profile_step is not None and model.profile_step < 1:
+        raise ConfigError(f"--profile_step {model.profile_step}: the optimizer step to profile counts from 1.")
     if eval_.max_new_tokens is not None and eval_.max_new_tokens < 1:  # else a transformers traceback after training
         raise ConfigError(f"--max_new_tokens {eval_.max_new_tokens}: a whole number of tokens above 0; leave it unset "
                           "for the recipe's.")

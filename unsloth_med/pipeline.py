@@ -421,7 +421,8 @@ def load_model(ctx: RunContext) -> None:
     if compiled is None:  # eager where it was measured to pay: label scoring only
         compiled = not (ctx.recipe.is_classification and config.eval.eval_mode == "score")
     ctx.eval_kw = dict(mode=config.eval.eval_mode, batch_size=batch_size, max_new_tokens=config.eval.max_new_tokens,
-                       image_size=ctx.fit, eager=not compiled, fold_adapters=config.eval.eval_fold_adapters)
+                       image_size=ctx.fit, eager=not compiled, fold_adapters=config.eval.eval_fold_adapters,
+                       dequantize=config.eval.eval_dequantize)  # None: evaluate() dequantizes when it generates
 
 
 def evaluate_before(ctx: RunContext) -> None:
@@ -522,6 +523,10 @@ def train_model(ctx: RunContext) -> None:
         warm_up = config.model.warm_up_shapes
         if warm_up or (warm_up is None and torch.cuda.is_available()):
             warm_up_when_training_starts(trainer, train_set)  # records "shape_warmup" in train_stats.json
+        if config.model.profile_step:
+            from .profiling import ProfileStepCallback
+
+            trainer.add_callback(ProfileStepCallback(files / "profile_step.json", config.model.profile_step))
         write_json(files / "train_stats.json", pre_train)
         ctx.history = train(trainer, resume_from=ctx.resume_from, compiled=config.model.train_compiled)
         parts.lap("train_call")

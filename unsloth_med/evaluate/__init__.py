@@ -39,7 +39,7 @@ def shape_order(dataset) -> list[int] | None:
 
 def evaluate(model, processor, recipe, dataset, *, mode: str = "score", batch_size: int = 8,
              max_new_tokens: int | None = None, image_size: int | None = None, progress: bool = True,
-             eager: bool = False, fold_adapters: bool = True, dequantize: bool = False,
+             eager: bool = False, fold_adapters: bool = True, dequantize: bool | None = None,
              inputs: EncodedBatches | None = None) -> dict:
     """Evaluate a model on rows {image, target, id}; see the module docstring for what comes back.
 
@@ -49,6 +49,8 @@ def evaluate(model, processor, recipe, dataset, *, mode: str = "score", batch_si
     export's weights) where memory allows; `folded_adapters` in the result says what was done. dequantize: every
     other 4-bit layer (all of them with fold_adapters=False) runs on its weight dequantized once for the pass, under
     the same memory rule: the arithmetic of a 4-bit matmul of more than one row, which dequantizes on every call.
+    None (the default): when the pass generates (one forward per new token; 1.42x tokens/s on the untrained 11B
+    shape), not for label scoring (one forward per batch: no gain measured; benchmarks/README.md).
     inputs: an EncodedBatches shared by passes over the same split (a run's passes before and after training):
     a later pass reads the batches an earlier one encoded; `encoded_batches` in the result counts them."""
     if mode not in MODES:
@@ -57,6 +59,8 @@ def evaluate(model, processor, recipe, dataset, *, mode: str = "score", batch_si
     started = time.perf_counter()
     eager = bool(eager and can_run_eager())  # torch >= 2.6; an older torch traces as before
     counted = dict(inputs.stats) if inputs is not None else None
+    if dequantize is None:
+        dequantize = not (recipe.is_classification and mode == "score")
     with eager_stance(eager), folded_adapters(model, fold_adapters, dequantize=dequantize) as folded:
         result = _evaluate_grouped(model, processor, recipe, dataset, mode=mode, batch_size=batch_size,
                                    max_new_tokens=max_new_tokens, image_size=image_size, progress=progress,

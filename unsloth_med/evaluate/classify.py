@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import Any, Sequence
 
 import torch
@@ -31,12 +31,14 @@ from ..models.folding import free_memory_bytes
 from .caption import cut_off_count, generate_all
 from .inputs import (
     EncodedBatches,
+    HostCopy,
     Prefetch,
     batches,
     encode_rows,
     encoder,
     eval_mode,
     model_device_dtype,
+    pinned,
     prefetch_depth,
     progress_bar,
     prompt_text,
@@ -345,35 +347,49 @@ def _iter_scored(model, processor, recipe, dataset, labels, *, batch_size, image
         check_label_tokenization(processor, family, recipe, prompt_text(processor, recipe, first), labels, ids, first)
     encoded_ahead = strategy in ("cache", "packed")
     encode = encoder(processor, recipe, image_size, inputs)
-    feed = Prefetch(batches(dataset, batch_size), encode if encoded_ahead else (lambda rows: None),
-                    ahead=prefetch_depth(model) if encoded_ahead else 0)
+    feed = Prefetch(batches(dataset, batch_size), (lambda rows: pinned(encode(rows))) if encoded_ahead else
+                    (lambda rows: None), ahead=prefetch_depth(model) if encoded_ahead else 0)
     scoring: dict = {"strategy": strategy}
-    # Each batch's seconds, the first one's check included: where a pass's time goes. Reading the scores below
-    # waits for the GPU, so each figure is the batch's whole cost.
+    # Seconds from one batch's scores to the next's, the first one's check included: where a pass's time goes.
+    # Scores are read one batch late: the GPU is already working on the next batch while the CPU reads a batch's
+    # scores, builds its predictions and copies in the batch after (between batches it would otherwise idle).
     batch_seconds: list[float] = []
+    last = time.perf_counter()
+    in_flight: deque = deque()  # (rows, HostCopy of their scores), at most two
     done = 0  # rows scored: a row without an id is named by its position, as generation names it
+
+    def read_oldest():
+        nonlocal last, done
+        rows, copy = in_flight.popleft()
+        scores = copy.result()
+        best, probs = scores.argmax(dim=-1).tolist(), scores.softmax(dim=-1).tolist()
+        for i, (row, values) in enumerate(zip(rows, scores.tolist())):
+            yield {"id": str(row.get("id", done + i)), "target": recipe.target(row), "prediction": labels[best[i]],
+                   "probabilities": {label: round(p, 6) for label, p in zip(labels, probs[i])},
+                   "log_likelihoods": {label: round(v, 4) for label, v in zip(labels, values)}}
+        now = time.perf_counter()
+        batch_seconds.append(round(now - last, 3))
+        last = now
+        done += len(rows)
+        bar.update(len(rows))
+
     with eval_mode(model), progress_bar(len(dataset), "evaluate (label scores)", progress) as bar:
         for rows, encoded in feed:
-            started = time.perf_counter()
             if strategy == "packed" and "checked_rows" not in scoring:
                 strategy = _check_packed(model, processor, recipe, family, rows, encoded, labels, ids, scoring,
                                          image_size)
             if strategy == "packed":
-                scores = score_packed(model, processor, family, encoded, ids)
+                scores = score_packed(model, processor, family, encoded, ids, wait=False)
             elif strategy == "cache":
                 scores = score_encoded(model, processor, family, encoded, ids)
             else:
                 scores = score_rows(model, processor, recipe, rows, labels, image_size=image_size, strategy=strategy,
                                     family=family, ids=ids)
-            probs = scores.softmax(dim=-1)
-            for i, row in enumerate(rows):
-                best = int(scores[i].argmax())
-                yield {"id": str(row.get("id", done + i)), "target": recipe.target(row), "prediction": labels[best],
-                       "probabilities": {label: round(float(p), 6) for label, p in zip(labels, probs[i])},
-                       "log_likelihoods": {label: round(float(s), 4) for label, s in zip(labels, scores[i])}}
-            batch_seconds.append(round(time.perf_counter() - started, 3))
-            done += len(rows)
-            bar.update(len(rows))
+            in_flight.append((rows, HostCopy(scores)))
+            if len(in_flight) > 1:
+                yield from read_oldest()
+        while in_flight:
+            yield from read_oldest()
     if stats is not None:
         stats.update(feed.summary(), label_scoring=scoring, batch_seconds=batch_seconds)
 

@@ -200,13 +200,55 @@ def model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
 
 
 def to_model(batch, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Tensors onto the model's device; floating inputs (pixels) in the model's dtype."""
+    """Tensors onto the model's device; floating inputs (pixels) in the model's dtype. From page-locked memory
+    (`pinned`) the copies do not wait for the GPU to finish its earlier work."""
     out = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
-            value = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+            value = value.to(device, non_blocking=True)  # cast on the device: the CPU copy stays page-locked
+            if value.is_floating_point():
+                value = value.to(dtype)
         out[key] = value
     return out
+
+
+def pinned(encoded: dict) -> dict:
+    """The batch's CPU tensors in page-locked memory, where a GPU is present (else as they are): a pass copies
+    them to the GPU while it still scores the batch before (label scoring reads each batch's scores one batch
+    late, classify._iter_scored)."""
+    if not torch.cuda.is_available():
+        return encoded
+    return {key: value.pin_memory() if isinstance(value, torch.Tensor) and value.device.type == "cpu" else value
+            for key, value in encoded.items()}
+
+
+def device_tensor(values, device: torch.device, **kw) -> torch.Tensor:
+    """torch.tensor(values) on `device`, copied from page-locked memory: a plain torch.tensor(..., device=cuda)
+    waits for every kernel already queued, which would stall the pass's look-ahead for a few indices."""
+    tensor = torch.tensor(values, **kw)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+class HostCopy:
+    """A CPU copy of a tensor, queued on the GPU now; `result()` waits for that copy only, not for the work
+    queued after it. A CPU tensor is its own copy."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.ready = None
+        if tensor.device.type != "cuda":
+            self.host = tensor
+            return
+        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.host.copy_(tensor, non_blocking=True)
+        self.ready = torch.cuda.Event()
+        self.ready.record()
+
+    def result(self) -> torch.Tensor:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host
 
 
 def batches(dataset, batch_size: int) -> Iterator[list[dict]]:

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from ..models.families import Family
-from .inputs import model_device_dtype, to_model
+from .inputs import device_tensor, model_device_dtype, to_model
 
 #: The attention implementations that take a custom 4-D mask (boolean for sdpa, additive for eager).
 MASKED_ATTENTION = ("sdpa", "eager")
@@ -118,15 +118,16 @@ def packed_mask(prompt_mask: torch.Tensor, owners: torch.Tensor, dtype: torch.dt
 
 @torch.inference_mode()
 def score_packed(model, processor: Any, family: Family, encoded: dict, ids: Sequence[Sequence[int]], *,
-                 separate_classes: bool = True) -> torch.Tensor:
+                 separate_classes: bool = True, wait: bool = True) -> torch.Tensor:
     """Summed log-likelihood (float64, [rows, classes]) of each class's answer tokens `ids` after each encoded
     (left-padded) prompt; equal to classify.score_encoded's, from one forward. `separate_classes=False` lets every
-    class's tokens see the others' (wrong on purpose: check_packed's measure of what the mask changes)."""
+    class's tokens see the others' (wrong on purpose: check_packed's measure of what the mask changes).
+    `wait=False` returns them on the model's device, without waiting for the GPU to compute them."""
     device, dtype = model_device_dtype(model)
     batch = to_model(encoded, device, dtype)
     prompt_ids, prompt_mask = batch.pop("input_ids"), batch.pop("attention_mask")
     rows = prompt_ids.shape[0]
-    tokens, steps, owners, targets = (torch.tensor(x, dtype=torch.long, device=device) for x in _continuations(ids))
+    tokens, steps, owners, targets = (device_tensor(x, device, dtype=torch.long) for x in _continuations(ids))
     lengths = prompt_mask.long().sum(dim=1)
     positions = torch.cat([(prompt_mask.long().cumsum(-1) - 1).clamp(min=0), lengths[:, None] + steps[None, :]],
                           dim=1)
@@ -135,12 +136,12 @@ def score_packed(model, processor: Any, family: Family, encoded: dict, ids: Sequ
                                               dtype, attention_implementation(model)),
                    position_ids=positions, use_cache=False, logits_to_keep=len(tokens) + 1, **batch).logits
     logp = logits.float().log_softmax(-1)  # [B, 1 + continuation tokens, V]: position 0 is the prompt's last
-    first = torch.tensor([a[0] for a in ids], device=logp.device)
+    first = device_tensor([a[0] for a in ids], logp.device)
     scores = logp[:, 0, first].double()
     if len(tokens):
         picked = logp[:, 1:].gather(-1, targets.to(logp.device)[None, :, None].expand(rows, -1, 1)).squeeze(-1)
         scores.index_add_(1, owners.to(scores.device), picked.double())
-    return scores.cpu()
+    return scores.cpu() if wait else scores
 
 
 def first_rows(encoded: dict, n: int) -> dict:
