@@ -275,7 +275,8 @@ def test_adapter_export_of_a_generic_classify_run_keeps_its_labels(tiny_path, tm
     backend, model, processor, base = _tuned(tiny_path, "mistral3")
     run = _fake_run(tmp_path, model, processor, base)
     (run / "adapter" / "unsloth_med.json").write_text(json.dumps({"recipe": "classify", "base_model": base,
-                                                                  "image_size": IMAGE_SIZE, "image_buckets": True}))
+                                                                  "image_size": IMAGE_SIZE, "image_buckets": True,
+                                                                  "max_new_tokens": 5}))  # its --max_new_tokens
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["data"].update(labels=["normal", "pneumonia"], instruction="Normal or pneumonia? {labels}")
     (run / "config.yaml").write_text(yaml.safe_dump(config))
@@ -288,6 +289,8 @@ def test_adapter_export_of_a_generic_classify_run_keeps_its_labels(tiny_path, tm
     from unsloth_med.predict import load_for_inference
 
     assert info["image_buckets"] is True and load_for_inference(result["path"]).image_size.buckets is True
+    # and evaluating or predicting with the export generates within the run's budget, not the recipe's default
+    assert info["max_new_tokens"] == 5 and load_for_inference(result["path"]).recipe.max_new_tokens == 5
 
 
 def test_an_export_replaces_only_an_earlier_export_never_another_folder(tiny_path, tmp_path):

@@ -348,8 +348,10 @@ def test_three_questions_per_real_bone_break_image_train_a_tiny_model(bone_break
     out = tmp_path / "run"
     argv = ["--data_dir", str(listing), "--model", "tiny:mistral3", "--max_steps", "3", "--image_size", "64",
             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--eval_batch_size", "6",
-            "--save_strategy", "no", "--preprocess_images", "false", "--output_dir", str(out)]
+            "--save_strategy", "no", "--preprocess_images", "false", "--max_new_tokens", "5", "--output_dir", str(out)]
     train_command(argv, get_recipe("vqa"))
+    # the run's generation budget is recorded with its adapter (an export evaluates as the run did)
+    assert json.loads((out / "adapter" / "unsloth_med.json").read_text())["max_new_tokens"] == 5
     after = json.loads((out / "eval_after.json").read_text())
     assert len(after["predictions"]) == 12 and {p["answer_type"] for p in after["predictions"]} == {"closed", "open"}
     assert after["timing"]["compiled"] is True  # generation keeps Unsloth's compiled functions by default

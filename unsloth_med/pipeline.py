@@ -266,6 +266,8 @@ def load_data(ctx: RunContext) -> None:
     if demo_data:  # reports and model cards credit the data actually used
         recipe = dataclasses.replace(recipe, source=dataclasses.replace(recipe.source, id="",
                                                                         attribution=DEMO_ATTRIBUTION))
+    if config.eval.max_new_tokens:  # the run's generation budget travels with its recipe into every export's record
+        recipe = dataclasses.replace(recipe, max_new_tokens=config.eval.max_new_tokens)
     ctx.recipe = recipe
     _write_status(ctx.run_dir, recipe=recipe.name, backend=ctx.backend.name)
 

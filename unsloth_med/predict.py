@@ -71,10 +71,14 @@ def _recipe(name: Any, where: str):
 
 
 def _with_labels(recipe, info: dict):
-    """Recipes without a fixed class list take the labels recorded at training time."""
+    """Recipes without a fixed class list take the labels recorded at training time; every recipe the generation
+    budget the run evaluated with (an export's unsloth_med.json records it)."""
+    from .recipes import with_recorded_budget
+
     if recipe.is_classification and not recipe.labels and info.get("labels"):
         recipe = dataclasses.replace(recipe, labels=tuple(info["labels"]))
-    return recipe
+    budget = with_recorded_budget(info)
+    return dataclasses.replace(recipe, **budget) if budget else recipe
 
 
 def _model_args(section: dict | None = None):

@@ -37,7 +37,7 @@ def _run_info(run_dir: Path) -> tuple[dict, dict]:
 def _run_recipe(meta: dict, config: dict):
     """The run's recipe as it was trained: built-in by name; generic ones (classify/caption) rebuilt from the
     labels and instruction recorded in config.yaml (or adapter/unsloth_med.json)."""
-    from ..recipes import get_recipe, recorded_recipe
+    from ..recipes import get_recipe, recorded_recipe, with_recorded_budget
 
     try:
         recipe = get_recipe(meta["recipe"])
@@ -58,6 +58,7 @@ def _run_recipe(meta: dict, config: dict):
         recipe = resolve_recipe(recipe, values)
     except UnslothMedError as exc:
         raise ExportError(f"Could not rebuild the run's recipe '{meta['recipe']}' from its config.yaml: {exc}") from exc
+    recipe = dataclasses.replace(recipe, **with_recorded_budget(meta))  # an export evaluates as the run did
     recorded = meta.get("data_source")
     if recorded:  # the data the run actually used (e.g. the demo's generated images, not the recipe's download)
         recipe = dataclasses.replace(recipe, source=dataclasses.replace(

@@ -56,7 +56,7 @@ def recipe_record(recipe: Recipe) -> dict:
     or a report says about it, so describing the run never needs to import or re-resolve the recipe again."""
     source = recipe.source
     return {"recipe": recipe.name, "task": recipe.task, "instruction": recipe.instruction,
-            "labels": list(recipe.labels),
+            "labels": list(recipe.labels), "max_new_tokens": recipe.max_new_tokens,
             "data_source": {"kind": source.kind, "id": source.id, "attribution": source.attribution}}
 
 
@@ -70,7 +70,15 @@ def recorded_recipe(record: dict) -> Recipe:
     return Recipe(name=record["recipe"], task=record["task"], instruction=record["instruction"],
                   source=DataSource(kind=source.get("kind", ""), id=source.get("id", ""),
                                     attribution=source.get("attribution", "")),
-                  default_model=record.get("base_model", ""), labels=tuple(record.get("labels") or ()))
+                  default_model=record.get("base_model", ""), labels=tuple(record.get("labels") or ()),
+                  **with_recorded_budget(record))
 
 
-__all__ = ["BUILTIN", "DataSource", "Recipe", "get_recipe", "recipe_record", "recorded_recipe"]
+def with_recorded_budget(record: dict) -> dict:
+    """{"max_new_tokens": N} as a run recorded its generation budget (its --max_new_tokens, else its recipe's); {}
+    for records written before session 20."""
+    budget = record.get("max_new_tokens")
+    return {"max_new_tokens": int(budget)} if isinstance(budget, int) and budget > 0 else {}
+
+
+__all__ = ["BUILTIN", "DataSource", "Recipe", "get_recipe", "recipe_record", "recorded_recipe", "with_recorded_budget"]
