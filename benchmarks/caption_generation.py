@@ -7,8 +7,9 @@ only at max_new_tokens, so the figures are the decoder's rate at the recipe's ge
 Passes over the same test images, each `evaluate()` as a run calls it (the pipeline's batch size and compile
 setting for captioning), generated tokens counted on the ids:
 1. a warm-up pass on a few images (traces what generation compiles; not compared);
-2. the base model with its 4-bit weights (a run's pass before training), then the same with every 4-bit layer
-   dequantized once for the pass (evaluate's `dequantize`), alternated twice;
+2. the base model with its 4-bit weights (`dequantize=False`: a run's pass before training with --eval_dequantize
+   false), then the same with every 4-bit layer dequantized once for the pass (evaluate's `dequantize`, a run's
+   default for generation since session 20), alternated twice;
 3. both again at other batch sizes;
 4. LoRA adapters added as the recipe adds them (B made non-zero, as after training): folded (the default after
    training) and unfolded.
@@ -108,16 +109,16 @@ def main(argv: list[str]) -> int:
 
     run("warm-up", batch_size=min(4, default_batch))
     for attempt in (1, 2):  # alternated: a drift in the machine shows as a difference between attempts
-        run(f"4-bit #{attempt}", batch_size=default_batch)
+        run(f"4-bit #{attempt}", batch_size=default_batch, dequantize=False)  # generation dequantizes by default
         run(f"dequantized #{attempt}", batch_size=default_batch, dequantize=True)
     for batch_size in sorted({max(1, default_batch // 2), default_batch * 2} - {default_batch}):
-        run("4-bit", batch_size=batch_size)
+        run("4-bit", batch_size=batch_size, dequantize=False)
         run("dequantized", batch_size=batch_size, dequantize=True)
 
     # After training: the recipe's adapters, B non-zero as training leaves it.
     tuned = with_trained_adapters(ctx, model, config)
-    run("LoRA folded", target=tuned, batch_size=default_batch)
-    run("LoRA unfolded", target=tuned, batch_size=default_batch, fold_adapters=False)
+    run("LoRA folded", target=tuned, batch_size=default_batch, dequantize=False)
+    run("LoRA unfolded", target=tuned, batch_size=default_batch, fold_adapters=False, dequantize=False)
     run("LoRA folded, rest dequantized", target=tuned, batch_size=default_batch, dequantize=True)
 
     (out_dir / "caption_generation.json").write_text(json.dumps(record, indent=1))

@@ -80,6 +80,17 @@ def gpu_budget(requested_gib: float | None) -> tuple[float, str] | None:
     return memory_budget(requested_gib, props.total_memory / GiB, props.name)
 
 
+def cap_gpu_memory(budget_gib: float) -> None:
+    """Hold this process to `budget_gib` of the current GPU from now on (torch.cuda.set_per_process_memory_fraction:
+    what models/folding.free_memory_bytes reads too). The cap limits what the allocator may reserve; memory it cached
+    earlier (a previous run, a probe) would otherwise be reused beyond it, so the cache is emptied first."""
+    import torch
+
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * GiB / total))
+
+
 def checkpointing_mode(setting, budget_gib: float | None):
     """--use_gradient_checkpointing as the unsloth backend takes it, 'auto' resolved against the budget."""
     text = str(setting).strip().lower() if setting is not None else "auto"
@@ -376,11 +387,7 @@ def plan_memory(trainer, dataset, budget_gib: float, budget_reason: str, *, chec
     if in_use >= budget_gib:
         raise BackendError(f"--max_memory_gib {budget_gib:g} is below the {in_use:.1f} GiB the model already "
                            "occupies on the GPU: raise the cap, or load in 4-bit / a smaller model.")
-    # The cap limits what the allocator may reserve; memory it cached earlier (a previous run, a probe)
-    # would otherwise be reused beyond it.
-    torch.cuda.empty_cache()
-    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * GiB / total))
+    cap_gpu_memory(budget_gib)
     if eager_probes is None:  # UNSLOTH_MED_PROBES_COMPILED=1 traces them: a side-by-side switch for benchmarks
         eager_probes = os.environ.get("UNSLOTH_MED_PROBES_COMPILED", "") != "1"
     eager_probes = bool(eager_probes and can_run_eager())

@@ -403,11 +403,13 @@ def prepare_data(ctx: RunContext) -> None:
 
 def load_model(ctx: RunContext) -> None:
     """The model, with checkpointing chosen for the memory budget, and the vision tower batched for evaluation too."""
-    from .memory_plan import checkpointing_mode
+    from .memory_plan import cap_gpu_memory, checkpointing_mode
     from .models.speedups import batch_same_size_images
 
     config = ctx.config
     _write_status(ctx.run_dir, stage="load_model")  # a model that does not load, or a sample too long for it
+    if ctx.budget and config.model.max_memory_gib:  # the asked cap holds from the load on: the pass before training
+        cap_gpu_memory(ctx.budget[0])             # (its folded or dequantized copies) stays within it too
     config.model.use_gradient_checkpointing = checkpointing_mode(config.model.use_gradient_checkpointing,
                                                                   ctx.budget[0] if ctx.budget else None)
     ctx.model, ctx.processor = ctx.backend.load(ctx.model_name, config.model)
@@ -519,6 +521,7 @@ def train_model(ctx: RunContext) -> None:
     # as training will, or the probe measures a model without checkpointing and picks a far smaller batch.
     backend.for_training(trainer.model)
     parts.lap("trainer")
+    profiler = None  # --profile_step's callback: closed below however training ends
     try:
         pre_train["memory_plan"] = _plan_memory(ctx, trainer)
         parts.lap("memory_plan")
@@ -528,7 +531,8 @@ def train_model(ctx: RunContext) -> None:
         if config.model.profile_step:
             from .profiling import ProfileStepCallback
 
-            trainer.add_callback(ProfileStepCallback(files / "profile_step.json", config.model.profile_step))
+            profiler = ProfileStepCallback(files / "profile_step.json", config.model.profile_step)
+            trainer.add_callback(profiler)
         write_json(files / "train_stats.json", pre_train)
         ctx.history = train(trainer, resume_from=ctx.resume_from, compiled=config.model.train_compiled)
         parts.lap("train_call")
@@ -541,6 +545,9 @@ def train_model(ctx: RunContext) -> None:
         if is_disk_full(exc, run_dir):
             raise disk_full_error(run_dir, "a checkpoint") from exc
         raise
+    finally:
+        if profiler is not None:  # a step that failed while profiled: the Trainer calls no callback after an error
+            profiler.close()
     # Rank 0 writes train_stats.json in the run folder; another rank reading it could meet it half written.
     stats = (_read_json(run_dir / "train_stats.json") or {}) if ctx.ranks.is_main else {}
     steps_seconds = stats.get("train_seconds")

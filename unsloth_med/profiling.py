@@ -124,10 +124,18 @@ class ProfileStepCallback(TrainerCallback):
         else:
             self._times.append(wall)
 
+    def close(self) -> None:
+        """Stop the profiler if it still records: training failed inside the profiled step (out of memory, an
+        interrupt), after which the Trainer calls no callback. What it recorded is dropped."""
+        prof, self._prof = self._prof, None
+        if prof is not None:
+            try:
+                prof.__exit__(None, None, None)
+            except Exception as exc:  # noqa: BLE001 - the training error is the one to report
+                log.debug("--profile_step: stopping the profiler after a failed step: %s", exc)
+
     def on_train_end(self, args, state, control, **kwargs):
-        if self._prof is not None:  # training ended inside the profiled step (an error): nothing to summarise
-            self._prof.__exit__(None, None, None)
-            self._prof = None
+        self.close()  # training ended inside the profiled step: nothing to summarise
         if self.summary is None:
             if self._seen < self.step:
                 log.warning("--profile_step %d: training took %d steps; no step was profiled.", self.step, self._seen)

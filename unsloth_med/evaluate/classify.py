@@ -350,16 +350,17 @@ def _iter_scored(model, processor, recipe, dataset, labels, *, batch_size, image
     feed = Prefetch(batches(dataset, batch_size), (lambda rows: pinned(encode(rows))) if encoded_ahead else
                     (lambda rows: None), ahead=prefetch_depth(model) if encoded_ahead else 0)
     scoring: dict = {"strategy": strategy}
-    # Seconds from one batch's scores to the next's, the first one's check included: where a pass's time goes.
+    # Seconds from one batch's scores to the next's, the first one's check included, less the time spent waiting
+    # for prepared batches (the feed's waited_s, counted there): where a pass's time goes, as before the look-ahead.
     # Scores are read one batch late: the GPU is already working on the next batch while the CPU reads a batch's
     # scores, builds its predictions and copies in the batch after (between batches it would otherwise idle).
     batch_seconds: list[float] = []
-    last = time.perf_counter()
+    last, last_waited = time.perf_counter(), 0.0
     in_flight: deque = deque()  # (rows, HostCopy of their scores), at most two
     done = 0  # rows scored: a row without an id is named by its position, as generation names it
 
     def read_oldest():
-        nonlocal last, done
+        nonlocal last, last_waited, done
         rows, copy = in_flight.popleft()
         scores = copy.result()
         best, probs = scores.argmax(dim=-1).tolist(), scores.softmax(dim=-1).tolist()
@@ -367,9 +368,9 @@ def _iter_scored(model, processor, recipe, dataset, labels, *, batch_size, image
             yield {"id": str(row.get("id", done + i)), "target": recipe.target(row), "prediction": labels[best[i]],
                    "probabilities": {label: round(p, 6) for label, p in zip(labels, probs[i])},
                    "log_likelihoods": {label: round(v, 4) for label, v in zip(labels, values)}}
-        now = time.perf_counter()
-        batch_seconds.append(round(now - last, 3))
-        last = now
+        now, waited = time.perf_counter(), feed.stats["waited_s"]
+        batch_seconds.append(round(max(0.0, now - last - (waited - last_waited)), 3))
+        last, last_waited = now, waited
         done += len(rows)
         bar.update(len(rows))
 

@@ -241,9 +241,10 @@ class HostCopy:
             self.host = tensor
             return
         self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        self.host.copy_(tensor, non_blocking=True)
+        with torch.cuda.device(tensor.device):  # a model on another GPU than the current one
+            self.host.copy_(tensor, non_blocking=True)
         self.ready = torch.cuda.Event()
-        self.ready.record()
+        self.ready.record(torch.cuda.current_stream(tensor.device))  # the copy's stream: the tensor's device
 
     def result(self) -> torch.Tensor:
         if self.ready is not None:
