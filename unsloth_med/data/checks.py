@@ -24,14 +24,14 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
 from ..errors import ImageError
 from .check_cache import remembered
-from .images import load_image, raw_image_column, raw_image_lists
+from .images import load_image, raw_image_chunks
 from .splits import image_key
 
 log = logging.getLogger(__name__)
@@ -155,21 +155,8 @@ def find_leaked_test_images(train_paths: Sequence[Any], test_paths: Sequence[Any
     scale, so 2/255 is two grey levels), plus "test_id"/"train_id" when ids are given. Unreadable images
     are skipped (the validation step reports them).
     """
-    test_thumbs, test_ok, test_errors = thumbnails(test_paths, workers=workers)
-    search = LeakSearch(test_thumbs, test_ok, threshold)
-    bad = sum(e is not None for e in test_errors)
-    if test_ok.any():
-        for offset, train_thumbs, train_ok, unreadable in _streamed_thumbnails(train_paths, workers):
-            search.add(offset, train_thumbs, train_ok)
-            bad += unreadable
-    if bad:
-        log.warning("leakage check: %d unreadable images skipped", bad)
-    log.info("leakage check: %d train x %d test images, %d candidate pairs compared exactly",
-             len(train_paths), len(test_paths), search.candidates)
     leaks = []
-    for i, j, mad in search.pairs():
-        entry = {"test": _name(test_paths[i], i, "test"), "train": _name(train_paths[j], j, "train"),
-                 "mad": round(mad, 6)}
+    for i, j, entry in _leak_search([train_paths], [test_paths], threshold=threshold, workers=workers):
         if test_ids is not None:
             entry["test_id"] = str(test_ids[i])
         if train_ids is not None:
@@ -178,37 +165,76 @@ def find_leaked_test_images(train_paths: Sequence[Any], test_paths: Sequence[Any
     return leaks
 
 
+def _leak_search(train_chunks: Iterable[Sequence[Any]], test_chunks: Iterable[Sequence[Any]], *, threshold: float,
+                 workers: int | None) -> list[tuple[int, int, dict]]:
+    """find_leaked_test_images over images given chunk by chunk, in order (a split whose images are embedded as
+    bytes is read a chunk of rows at a time): (test image, train image, {"test", "train", "mad"}) per leaked test
+    image, in test order, the images numbered across chunks."""
+    thumbs, oks, test_names, bad = [], [], [], 0
+    for sources in test_chunks:
+        chunk_thumbs, chunk_ok, errors = thumbnails(sources, workers=workers)
+        thumbs.append(chunk_thumbs)
+        oks.append(chunk_ok)
+        bad += sum(e is not None for e in errors)
+        first = len(test_names)
+        test_names += [_name(source, first + i, "test") for i, source in enumerate(sources)]
+    if len(thumbs) != 1:  # none (an empty split read in chunks), or several chunks
+        thumbs, oks = [np.zeros((0, THUMB * THUMB), dtype=np.uint8), *thumbs], [np.zeros(0, dtype=bool), *oks]
+    test_thumbs, test_ok = np.concatenate(thumbs), np.concatenate(oks)
+    search = LeakSearch(test_thumbs, test_ok, threshold)
+    train_names: list[str] = []
+    for sources in train_chunks:
+        first = len(train_names)
+        if test_ok.any():
+            for offset, train_thumbs, train_ok, unreadable in _streamed_thumbnails(sources, workers):
+                search.add(first + offset, train_thumbs, train_ok)
+                bad += unreadable
+        train_names += [_name(source, first + i, "train") for i, source in enumerate(sources)]
+    if bad:
+        log.warning("leakage check: %d unreadable images skipped", bad)
+    log.info("leakage check: %d train x %d test images, %d candidate pairs compared exactly",
+             len(train_names), len(test_names), search.candidates)
+    return [(i, j, {"test": test_names[i], "train": train_names[j], "mad": round(mad, 6)})
+            for i, j, mad in search.pairs()]
+
+
 def _column(dataset, name: str) -> list:
     if hasattr(dataset, "column_names"):
         return list(dataset[name]) if name in dataset.column_names else [None] * len(dataset)
     return [row.get(name) for row in dataset]
 
 
-def _flat_images(dataset) -> tuple[list, list[int]]:
-    """Every image of every row (a multi-image sample's `more_images` too) and the row each one belongs to."""
-    images, owners = [], []
-    for k, row_images in enumerate(raw_image_lists(dataset)):
-        images += row_images
-        owners += [k] * len(row_images)
-    return images, owners
+def _flat_images(dataset, owners: list[int]) -> Iterator[list]:
+    """Every image of every row (a multi-image sample's `more_images` too), a chunk of rows at a time
+    (images.raw_image_chunks); the row each one belongs to is appended to `owners` as its chunk is read."""
+    for offset, rows in raw_image_chunks(dataset):
+        images = []
+        for k, row_images in enumerate(rows, offset):
+            images += row_images
+            owners += [k] * len(row_images)
+        yield images
 
 
 def leaked_test_images(splits, *, threshold: float = DEFAULT_THRESHOLD, workers: int | None = None) -> list[dict]:
     """Leakage between splits["train"] and splits["test"] (rows {image, target, id}); entries also carry
     the two labels, since a copy filed under different classes is worth knowing about. Every image of a
-    multi-image row is compared; an entry's ids are those of the rows holding the two images."""
+    multi-image row is compared; an entry's ids are those of the rows holding the two images. Images embedded as
+    bytes are read a chunk of rows at a time: only the thumbnails of the test split are kept."""
     train, test = splits["train"], splits["test"]
     train_targets, test_targets = _column(train, "target"), _column(test, "target")
     train_ids, test_ids = [str(x) for x in _column(train, "id")], [str(x) for x in _column(test, "id")]
-    (train_images, train_rows), (test_images, test_rows) = _flat_images(train), _flat_images(test)
-    leaks = find_leaked_test_images(train_images, test_images, threshold=threshold,
-                                    train_ids=[train_ids[k] for k in train_rows],
-                                    test_ids=[test_ids[k] for k in test_rows], workers=workers)
+    train_rows: list[int] = []
+    test_rows: list[int] = []
+    found = _leak_search(_flat_images(train, train_rows), _flat_images(test, test_rows), threshold=threshold,
+                         workers=workers)
     train_pos = {tid: k for k, tid in enumerate(train_ids)}
     test_pos = {tid: k for k, tid in enumerate(test_ids)}
-    for entry in leaks:
+    leaks = []
+    for i, j, entry in found:
+        entry["test_id"], entry["train_id"] = test_ids[test_rows[i]], train_ids[train_rows[j]]
         entry["test_label"] = test_targets[test_pos[entry["test_id"]]]
         entry["train_label"] = train_targets[train_pos[entry["train_id"]]]
+        leaks.append(entry)
     return leaks
 
 
@@ -216,7 +242,8 @@ def drop_leaked(test_dataset, leaks: Sequence[dict]):
     """The test split without the leaked images (matched by id); works on a datasets.Dataset or a list of rows."""
     gone = {str(entry.get("test_id", entry.get("test"))) for entry in leaks}
     ids = [str(x) for x in _column(test_dataset, "id")]
-    images = [str(x) if isinstance(x, (str, os.PathLike)) else None for x in raw_image_column(test_dataset)]
+    images = [str(x) if isinstance(x, (str, os.PathLike)) else None  # only paths are needed: bytes read in chunks
+              for _, chunk in raw_image_chunks(test_dataset, lists=False) for x in chunk]
     keep = [k for k, (tid, img) in enumerate(zip(ids, images)) if tid not in gone and img not in gone]
     if hasattr(test_dataset, "select"):
         return test_dataset.select(keep)
@@ -257,8 +284,8 @@ def leak_counts(test_dataset, leaks: Sequence[dict]) -> dict:
     """Distinct test images and how many of them are leaked, beside the rows they carry (several questions
     can share one image, so rows overstate the leak)."""
     ids = [str(x) for x in _column(test_dataset, "id")]
-    images = [x if isinstance(x, (str, os.PathLike)) else _content_key(x, ids[k])
-              for k, x in enumerate(raw_image_column(test_dataset))]
+    images = [x if isinstance(x, (str, os.PathLike)) else _content_key(x, ids[k])  # bytes: hashed chunk by chunk
+              for offset, chunk in raw_image_chunks(test_dataset, lists=False) for k, x in enumerate(chunk, offset)]
     groups = _column(test_dataset, "image_group")
     key = [str(g) if g else str(img) for g, img in zip(groups, images)]
     leaked_ids = {str(entry.get("test_id", entry.get("test"))) for entry in leaks}

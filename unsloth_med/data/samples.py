@@ -12,6 +12,7 @@ what classification and captioning build, unchanged.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import string
 from typing import Any, Mapping, Sequence
@@ -123,31 +124,86 @@ def pack_questions(dataset, instruction: str):
     """Rows that ask about the same images (and carry no conversation of their own) as one row each: a multi-turn
     conversation, the images and the first question in the first user turn, every answer an assistant turn
     (each trained on, as a listing's conversations are). Row order is kept by each group's first row; a group of
-    one stays as it was. Returns (a datasets.Dataset of the packed rows, how many rows went into how many)."""
+    one stays as it was. Returns (a datasets.Dataset of the packed rows, how many rows went into how many).
+
+    Columns that carry bytes (images embedded in the data: an Image feature) are read and written a chunk of rows
+    at a time (images.IMAGE_CHUNK_ROWS), never all of a split's images at once: rows compare by a digest of the
+    image's value, and each packed row's image comes from its group's first row."""
     import datasets
 
+    from .images import IMAGE_CHUNK_ROWS, holds_bytes
+
     columns = dataset.column_names
-    rows = dataset.to_list()
-    groups: dict[str, list[dict]] = {}
-    for row in rows:
-        key = "\0".join(str(ref) for ref in image_refs(row)) if not row.get("messages") else f"own:{id(row)}"
-        groups.setdefault(key, []).append(row)
+    heavy = [c for c in columns
+             if c not in ("messages", "target", "question", "id") and holds_bytes(dataset.features[c])]
+    rows = dataset.select_columns([c for c in columns if c not in heavy]).to_list() if heavy else dataset.to_list()
+    first_refs = _digests(dataset, "image", IMAGE_CHUNK_ROWS) if "image" in heavy else None
+    groups: dict[str, list[int]] = {}
+    for k, row in enumerate(rows):
+        if row.get("messages"):
+            key = f"own:{k}"
+        else:
+            refs = image_refs({**row, "image": None} if first_refs else row)
+            parts = [str(ref) for ref in refs]
+            if first_refs:
+                parts[0] = first_refs[k]
+            key = "\0".join(parts)
+        groups.setdefault(key, []).append(k)
     packed = []
     for members in groups.values():
+        first = rows[members[0]]
         if len(members) == 1:
-            packed.append(members[0])
+            packed.append(first)
             continue
-        first = members[0]
-        n_images = len(image_refs(first))
+        n_images = len(image_refs({**first, "image": None}))
         messages = []
-        for k, row in enumerate(members):
-            images = [{"type": "image"} for _ in range(n_images)] if k == 0 else []
+        for n, row in enumerate(rows[k] for k in members):
+            images = [{"type": "image"} for _ in range(n_images)] if n == 0 else []
             messages.append({"role": "user", "content": images + [{"type": "text", "text": fill(instruction, row)}]})
             messages.append({"role": "assistant", "content": [{"type": "text", "text": str(row["target"])}]})
+        last = rows[members[-1]]
         packed.append({**{c: first.get(c) for c in columns}, "messages": json.dumps(messages),
-                       "target": str(members[-1]["target"]), "question": members[-1].get("question", ""),
+                       "target": str(last["target"]), "question": last.get("question", ""),
                        "id": f"{first['id']}+{len(members) - 1}"})
     names = list(dict.fromkeys([*columns, "messages"]))
-    table = {name: [row.get(name) if row.get(name) is not None else "" for row in packed] for name in names}
     features = datasets.Features({name: dataset.features.get(name, datasets.Value("string")) for name in names})
-    return datasets.Dataset.from_dict(table, features=features), {"rows": len(rows), "samples": len(packed)}
+    light = [name for name in names if name not in heavy]
+    table = {name: [row.get(name) if row.get(name) is not None else "" for row in packed] for name in light}
+    out = datasets.Dataset.from_dict(table, features=datasets.Features({name: features[name] for name in light}))
+    if heavy:  # added as Arrow columns: Dataset.from_dict would hash (pickle) all their bytes for its fingerprint
+        firsts = [members[0] for members in groups.values()]
+        for name in heavy:
+            fingerprint = hashlib.sha1(f"{out._fingerprint}|pack_questions|{name}".encode()).hexdigest()[:16]
+            out = out.add_column(name, _chunked_column(dataset, name, firsts, features[name], IMAGE_CHUNK_ROWS),
+                                 new_fingerprint=fingerprint, feature=features[name])
+        out = out.select_columns(names)
+    return out, {"rows": len(rows), "samples": len(packed)}
+
+
+def _digests(dataset, column: str, chunk: int) -> list[str]:
+    """Per row, a digest of str(value) of a column that carries bytes (read `chunk` rows at a time): equal values,
+    equal digests, as their str() would be."""
+    part = dataset.select_columns([column])
+    out = []
+    for start in range(0, len(part), chunk):
+        out += [f"\1sha256:{hashlib.sha256(str(row[column]).encode('utf-8', 'surrogatepass')).hexdigest()}"
+                for row in part.select(range(start, min(start + chunk, len(part)))).to_list()]
+    return out
+
+
+def _chunked_column(dataset, column: str, rows: Sequence[int], feature, chunk: int):
+    """The Arrow column Dataset.from_dict makes of the values `dataset[column]` holds at `rows` (None written as
+    "", as pack_questions writes every column), converted as from_dict converts them, `chunk` rows at a time."""
+    import datasets
+    import pyarrow as pa
+    from datasets.arrow_writer import OptimizedTypedSequence
+
+    part = dataset.select_columns([column]).select(rows)
+    features = datasets.Features({column: feature})
+    pieces: list = []
+    for start in range(0, len(part), chunk):
+        values = [row[column] if row[column] is not None else ""
+                  for row in part.select(range(start, min(start + chunk, len(part)))).to_list()]
+        array = pa.array(OptimizedTypedSequence(features.encode_column(values, column), type=feature, col=column))
+        pieces += array.chunks if isinstance(array, pa.ChunkedArray) else [array]
+    return pa.chunked_array(pieces, type=pieces[0].type) if pieces else []

@@ -14,7 +14,7 @@ import random
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .images import raw_image_lists
+from .images import raw_image_chunks
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,16 @@ def image_groups(dataset, *, unreadable_ok: bool = False) -> list[str]:
             return f"unreadable:{name or id(source)}"
 
     groups = list(dataset["image_group"][:]) if "image_group" in dataset.column_names else [""] * len(dataset)
-    return joined_groups([f"group:{group}"] if group else [key(source) for source in images]
-                         for group, images in zip(groups, raw_image_lists(dataset)))
+    if all(groups):  # no image to hash
+        return joined_groups([f"group:{group}"] for group in groups)
+
+    def row_keys():  # images embedded as bytes: hashed a chunk of rows at a time (images.raw_image_chunks)
+        rest = iter(groups)
+        for _, rows in raw_image_chunks(dataset):
+            for images, group in zip(rows, rest):  # rows first: zip stops without taking the next chunk's group
+                yield [f"group:{group}"] if group else [key(source) for source in images]
+
+    return joined_groups(row_keys())
 
 
 def split_by_image(splits, *, test_fraction: float, seed: int):

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..errors import DataError, ImageError
 from .check_cache import remembered
 from .dicom import multiframe_policy
-from .images import load_image, raw_image_lists
+from .images import load_image, raw_image_chunks
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +34,22 @@ def _key(source, row: int, position: int) -> str:
     return f"file:{source}" if isinstance(source, (str, os.PathLike)) else f"row:{row}:{position}"
 
 
-def each_image_once(rows: list[list], check, workers: int | None = None, remember: str | None = None) -> list[list]:
+def each_image_once(rows: list[list], check, workers: int | None = None, remember: str | None = None, *,
+                    offset: int = 0, done: dict | None = None) -> list[list]:
     """check(source) for every image of every row, in the rows' shape; called once per distinct file (bytes and
     in-memory images: once per row and position), in threads (PIL reads and decodes outside the GIL).
 
     `remember` (a name for the check and its settings): a file found usable (check returned None) is not checked
-    again by a later run while its path, size and modification time stay the same (data/check_cache.py)."""
-    keys = [[_key(source, k, j) for j, source in enumerate(images)] for k, images in enumerate(rows)]
+    again by a later run while its path, size and modification time stay the same (data/check_cache.py).
+    A split read in chunks (images.raw_image_chunks) passes each chunk's first row (`offset`) and one `done` dict
+    for all its chunks: a file an earlier chunk checked is not checked again."""
+    done = {} if done is None else done
+    keys = [[_key(source, k, j) for j, source in enumerate(images)] for k, images in enumerate(rows, offset)]
     distinct: dict[str, object] = {}
     for row_keys, images in zip(keys, rows):
         for key, source in zip(row_keys, images):
-            distinct.setdefault(key, source)
+            if key not in done:
+                distinct.setdefault(key, source)
     with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
         run = lambda sources: list(pool.map(check, sources))  # noqa: E731
         if remember:
@@ -53,28 +58,32 @@ def each_image_once(rows: list[list], check, workers: int | None = None, remembe
         else:
             results = run(list(distinct.values()))
         found = dict(zip(distinct, results))
-    return [[found[key] for key in row_keys] for row_keys in keys]
+    # Files only: a row's own key (bytes, in-memory images) never comes again.
+    done.update((key, result) for key, result in found.items() if key.startswith("file:"))
+    return [[found[key] if key in found else done[key] for key in row_keys] for row_keys in keys]
 
 
 def validate_split(dataset, split: str, *, image_size: int | None, max_bad_fraction: float,
                    workers: int | None = None):
-    """(dataset without unusable rows, list of skipped rows {id, image, reason})."""
+    """(dataset without unusable rows, list of skipped rows {id, image, reason}). Images embedded as bytes are read
+    and checked a chunk of rows at a time (images.raw_image_chunks)."""
     if not len(dataset):
         return dataset, []
-    rows = raw_image_lists(dataset)
-    found = each_image_once(rows, lambda source: _problem(source, image_size), workers,
-                            remember=f"usable:v1:{image_size}:{multiframe_policy()}")  # the policy decides too
     ids = dataset["id"][:]  # one read of the column
-    skipped, bad_rows = [], set()
-    for k, images in enumerate(rows):
-        j, reason = next(((j, p) for j, p in enumerate(found[k]) if p), (0, None))
-        if reason:
-            bad_rows.add(k)
+    remember = f"usable:v1:{image_size}:{multiframe_policy()}"  # the policy decides too
+    skipped, keep, done = [], [], {}
+    for offset, rows in raw_image_chunks(dataset):
+        found = each_image_once(rows, lambda source: _problem(source, image_size), workers, remember=remember,
+                                offset=offset, done=done)
+        for k, (images, problems) in enumerate(zip(rows, found), offset):
+            j, reason = next(((j, p) for j, p in enumerate(problems) if p), (0, None))
+            if not reason:
+                keep.append(k)
+                continue
             source = images[j]
             skipped.append({"split": split, "id": ids[k], "image": str(source) if isinstance(source, str) else ids[k],
                             "reason": which_image(j, len(images)) + reason})
     check_bad_fraction(skipped, len(dataset), split, max_bad_fraction)
-    keep = [k for k in range(len(rows)) if k not in bad_rows]
     return (dataset.select(keep) if skipped else dataset), skipped
 
 

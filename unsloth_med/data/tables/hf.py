@@ -156,13 +156,11 @@ def load_hf_table(name_or_path: str, *, task: str = "captioning", image_column: 
 
     train = convert(loaded[train_name], train_name)
     if test_name is None:
-        if task == "classification":
+        if task == "classification" and not isinstance(train.features["image"], datasets.Image):
+            # paths: stratified as a listing is (images embedded as bytes are never listed as rows: split below)
             rows = [dict(r, split=None) for r in train]
-            parts = (_assign_splits(rows, where=where, stratify=True, test_fraction=test_fraction, seed=seed,
-                                    had_split_column=False)
-                     if not isinstance(train.features["image"], datasets.Image) else None)
-            if parts is not None:
-                return _to_datasetdict(parts)
+            return _to_datasetdict(_assign_splits(rows, where=where, stratify=True, test_fraction=test_fraction,
+                                                  seed=seed, had_split_column=False))
         keys = None
         if task != "classification":  # questions / captions: whole images held out (by content: rows may hold copies)
             from ..splits import image_groups
