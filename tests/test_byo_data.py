@@ -286,6 +286,28 @@ def test_parquet_files_and_a_hub_download_folder_load_as_datasets(tmp_path, xray
     assert len(splits["train"]) + len(splits["test"]) == 20 and len(splits["test"]) == 2  # one whole image held out
 
 
+def test_parquet_images_written_as_plain_bytes_structs_load_as_images(tmp_path, xrays):
+    """A Parquet file written by pyarrow or pandas keeps {"bytes", "path"} image cells as a plain struct, without
+    the Hugging Face Image feature's metadata. Before, each cell's printed text became the image "path" and the
+    row id (hundreds of kilobytes of b'\\xff\\xd8...' in every id and log line, and no image could be read)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from unsloth_med.data.images import load_image
+    from unsloth_med.data.tables import load_source
+
+    images = [{"bytes": x.read_bytes(), "path": None} for x in xrays[:4] for _ in range(2)]
+    table = pa.table({"image": images, "question": ["Is there a fracture?", "Which bone?"] * 4,
+                      "answer": ["yes", "radius"] * 4, "split": ["train"] * 6 + ["test"] * 2})
+    assert pa.types.is_struct(table.schema.field("image").type)
+    pq.write_table(table, tmp_path / "qa.parquet")
+    splits = load_source(None, str(tmp_path / "qa.parquet"), task="vqa")
+    rows = list(splits["train"]) + list(splits["test"])
+    assert len(rows) == 8 and len(splits["test"]) == 2
+    assert all(len(str(row["id"])) < 40 for row in rows), rows[0]["id"][:80]
+    assert load_image(rows[0]["image"]).size == load_image(str(xrays[0])).size
+
+
 def test_conversation_rows_are_named_by_their_image_as_listed(tmp_path, xrays):
     """Each patient's images in a sub-folder under the same names (patient0/view0.jpg, patient1/view0.jpg): a
     conversation row's id is its image's path as listed, as a question row's is, so ids of two patients never

@@ -139,6 +139,9 @@ def load_hf_table(name_or_path: str, *, task: str = "captioning", image_column: 
             log.warning("%s/%s: %d rows with an empty target were skipped", where, split_name, len(targets) - len(keep))
             part, targets = part.select(keep), [targets[i] for i in keep]
         extras = extras_of(part)
+        feature = part.features[image_col]
+        if isinstance(feature, dict) and "bytes" in feature:  # {bytes, path} written without the Image feature's
+            part = part.cast_column(image_col, datasets.Image(decode=False))  # metadata (pyarrow, pandas): images
         if isinstance(part.features[image_col], datasets.Image):
             images = part.select_columns([image_col]).cast_column(image_col, datasets.Image(decode=False))
             images = images.rename_column(image_col, "image") if image_col != "image" else images
