@@ -326,3 +326,18 @@ def test_chunked_reads_give_the_whole_split_results(tmp_path, xray_bytes, monkey
         assert packed.features == expected.features and packed.column_names == expected.column_names
         assert packed.to_list() == expected.to_list() and packed.data.table.equals(expected.data.table)
         assert counts == {"rows": len(data), "samples": len(expected)} and len(expected) < len(data)
+
+
+def test_unnamed_unreadable_images_stay_apart_across_chunks():
+    """An embedded image cell with neither bytes nor a path is unreadable; with unreadable_ok each such row is its own
+    group, whichever chunk it is read in. Keyed by id() of the cell, rows of later chunks reused the addresses of
+    earlier chunks' freed cells and were joined (640 rows: 131 groups read in chunks against 640 read whole); an
+    empty (None) cell raised TypeError."""
+    import datasets
+
+    from unsloth_med.data.splits import image_groups
+
+    features = datasets.Features({"image": datasets.Image(decode=False), "id": datasets.Value("string")})
+    rows = {"image": [{"bytes": None, "path": ""}] * 640 + [None] * 3, "id": [str(k) for k in range(643)]}
+    keys = image_groups(datasets.Dataset.from_dict(rows, features=features), unreadable_ok=True)
+    assert len(set(keys)) == 643

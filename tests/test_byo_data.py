@@ -306,6 +306,12 @@ def test_parquet_images_written_as_plain_bytes_structs_load_as_images(tmp_path, 
     assert len(rows) == 8 and len(splits["test"]) == 2
     assert all(len(str(row["id"])) < 40 for row in rows), rows[0]["id"][:80]
     assert load_image(rows[0]["image"]).size == load_image(str(xrays[0])).size
+    # and a bare binary column (the bytes alone) as well
+    pq.write_table(table.set_column(0, "image", pa.array([x["bytes"] for x in images], pa.binary())),
+                   tmp_path / "qa.parquet")
+    rows = list(load_source(None, str(tmp_path / "qa.parquet"), task="vqa")["train"])
+    assert len(rows) == 6 and all(len(str(row["id"])) < 40 for row in rows), rows[0]["id"][:80]
+    assert load_image(rows[0]["image"]).size == load_image(str(xrays[0])).size
 
 
 def test_conversation_rows_are_named_by_their_image_as_listed(tmp_path, xrays):

@@ -54,14 +54,14 @@ def image_groups(dataset, *, unreadable_ok: bool = False) -> list[str]:
     """One key per row: its image group when filled, else the content hashes of its images, joined: rows that
     share any image are one group. `unreadable_ok`: an image that cannot be read (a missing file, before the
     image checks skip and count it) is keyed by its path instead of stopping with an OSError."""
-    def key(source: Any) -> str:
+    def key(source: Any, where: str) -> str:
         try:
             return image_key(source)
-        except OSError:
+        except (OSError, TypeError):  # TypeError: an empty (None) image cell
             if not unreadable_ok:
                 raise
             name = source if isinstance(source, str) else isinstance(source, dict) and source.get("path")
-            return f"unreadable:{name or id(source)}"
+            return f"unreadable:{name or where}"  # unnamed: its own group (row and position, stable across chunks)
 
     groups = list(dataset["image_group"][:]) if "image_group" in dataset.column_names else [""] * len(dataset)
     if all(groups):  # no image to hash
@@ -69,9 +69,10 @@ def image_groups(dataset, *, unreadable_ok: bool = False) -> list[str]:
 
     def row_keys():  # images embedded as bytes: hashed a chunk of rows at a time (images.raw_image_chunks)
         rest = iter(groups)
-        for _, rows in raw_image_chunks(dataset):
-            for images, group in zip(rows, rest):  # rows first: zip stops without taking the next chunk's group
-                yield [f"group:{group}"] if group else [key(source) for source in images]
+        for start, rows in raw_image_chunks(dataset):
+            for k, (images, group) in enumerate(zip(rows, rest), start):  # rows first: zip stops without taking
+                yield [f"group:{group}"] if group else [key(source, f"row{k}:{j}")  # the next chunk's group
+                                                        for j, source in enumerate(images)]
 
     return joined_groups(row_keys())
 

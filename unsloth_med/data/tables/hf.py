@@ -140,8 +140,10 @@ def load_hf_table(name_or_path: str, *, task: str = "captioning", image_column: 
             part, targets = part.select(keep), [targets[i] for i in keep]
         extras = extras_of(part)
         feature = part.features[image_col]
-        if isinstance(feature, dict) and "bytes" in feature:  # {bytes, path} written without the Image feature's
-            part = part.cast_column(image_col, datasets.Image(decode=False))  # metadata (pyarrow, pandas): images
+        if (isinstance(feature, dict) and "bytes" in feature) or getattr(feature, "dtype", None) in ("binary",
+                                                                                                   "large_binary"):
+            # {bytes, path} or bare bytes written without the Image feature's metadata (pyarrow, pandas): images
+            part = part.cast_column(image_col, datasets.Image(decode=False))
         if isinstance(part.features[image_col], datasets.Image):
             images = part.select_columns([image_col]).cast_column(image_col, datasets.Image(decode=False))
             images = images.rename_column(image_col, "image") if image_col != "image" else images
