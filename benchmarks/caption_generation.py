@@ -76,25 +76,15 @@ def main(argv: list[str]) -> int:
     out_dir, bone_break, images = args.out_dir, args.bone_break, args.images
     out_dir.mkdir(parents=True, exist_ok=True)
     import torch
+    from eval_profile import load_recipe_model, with_trained_adapters
 
-    from unsloth_med.config import parse_config
     from unsloth_med.recipes.radiology_caption import RECIPE
 
     data = stand_in_captions(bone_break, out_dir / "captions")
-    # Parsed before unsloth is imported: unsloth's SFTConfig adds its own --max_seq_length (as the CLI does).
-    config = parse_config(recipe_args + ["--data_dir", str(data), "--output_dir", str(out_dir / "run")], RECIPE)
+    config, ctx, model = load_recipe_model(out_dir, recipe_args + ["--data_dir", str(data)], RECIPE)
     cuda = torch.cuda.is_available()
-    if cuda:
-        from unsloth_med.backends.unsloth import import_unsloth
-
-        import_unsloth()
-
-    from eval_profile import load_for_evaluation, with_trained_adapters
-
-    from unsloth_med import pipeline
     from unsloth_med.evaluate import evaluate
 
-    ctx, model = load_for_evaluation(pipeline, RECIPE, config)
     rows = ctx.test_set.select(range(min(images, len(ctx.test_set))))
     default_batch = ctx.eval_kw["batch_size"]
     record: dict = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "model": config.model.model,

@@ -27,20 +27,12 @@ def timed(fn, n=3):
 
 def main(argv: list[str]) -> int:
     out_dir, recipe_args = Path(argv[0]), argv[1:]
-    out_dir.mkdir(parents=True, exist_ok=True)
     import torch
+    from eval_profile import load_recipe_model  # benchmarks/, beside this script
 
-    from unsloth_med.config import parse_config
     from unsloth_med.recipes.bone_fracture import RECIPE
 
-    # Parsed before unsloth is imported: unsloth's SFTConfig adds its own --max_seq_length (as the CLI does).
-    config = parse_config(recipe_args + ["--output_dir", str(out_dir / "run")], RECIPE)
-    from unsloth_med.backends.unsloth import import_unsloth
-
-    import_unsloth()
-    from eval_profile import load_for_evaluation  # benchmarks/, beside this script
-
-    from unsloth_med import pipeline
+    config, ctx, model = load_recipe_model(out_dir, recipe_args, RECIPE)
     from unsloth_med.evaluate import evaluate, shape_order
     from unsloth_med.evaluate.classify import dataset_labels, label_token_ids, score_encoded
     from unsloth_med.evaluate.inputs import batches, encode_rows, model_device_dtype, to_model
@@ -48,7 +40,6 @@ def main(argv: list[str]) -> int:
     from unsloth_med.models.families import family_of
 
     rec: dict = {}
-    ctx, model = load_for_evaluation(pipeline, RECIPE, config)
     test = ctx.test_set
     rec["gpu"] = torch.cuda.get_device_name()
 

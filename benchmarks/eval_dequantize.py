@@ -24,24 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def main(argv: list[str]) -> int:
     out_dir = Path(argv[0])
-    out_dir.mkdir(parents=True, exist_ok=True)
     import torch
+    from eval_profile import load_recipe_model, with_trained_adapters  # benchmarks/, beside this script
 
-    from unsloth_med.config import parse_config
     from unsloth_med.recipes.bone_fracture import RECIPE
 
-    config = parse_config(argv[1:] + ["--output_dir", str(out_dir / "run")], RECIPE)
+    config, ctx, model = load_recipe_model(out_dir, argv[1:], RECIPE)
     cuda = torch.cuda.is_available()
-    if cuda:
-        from unsloth_med.backends.unsloth import import_unsloth
-
-        import_unsloth()
-    from eval_profile import load_for_evaluation, with_trained_adapters  # benchmarks/, beside this script
-
-    from unsloth_med import pipeline
     from unsloth_med.evaluate import evaluate
 
-    ctx, model = load_for_evaluation(pipeline, RECIPE, config)
     batch_size = ctx.eval_kw["batch_size"]
     record: dict = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "model": config.model.model,
                     "images": len(ctx.test_set), "batch_size": batch_size, "passes": []}

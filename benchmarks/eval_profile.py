@@ -31,6 +31,26 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
+def load_recipe_model(out_dir: Path, recipe_args: list[str], recipe):
+    """The evaluation benchmarks' start: OUT_DIR made, the recipe's flags parsed before unsloth is imported
+    (unsloth's SFTConfig adds its own --max_seq_length, as the CLI meets it), unsloth imported where a GPU is (on a
+    CPU the hf backend runs, for checking a script itself), then the pipeline's stages up to the loaded model
+    (load_for_evaluation). Returns (the config, the run context, the model on the inference path)."""
+    import torch
+
+    from unsloth_med.config import parse_config
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = parse_config(list(recipe_args) + ["--output_dir", str(out_dir / "run")], recipe)
+    if torch.cuda.is_available():
+        from unsloth_med.backends.unsloth import import_unsloth
+
+        import_unsloth()
+    from unsloth_med import pipeline
+
+    return (config, *load_for_evaluation(pipeline, recipe, config))
+
+
 def load_for_evaluation(pipeline, recipe, config):
     """The pipeline's own stages up to the loaded model (data, preparation, load with the recipe's defaults), the
     model put on the backend's inference path: (the run context, the model)."""
@@ -57,27 +77,17 @@ def with_trained_adapters(ctx, model, config):
 
 def main(argv: list[str]) -> int:
     out_dir, recipe_args = Path(argv[0]), argv[1:]
-    out_dir.mkdir(parents=True, exist_ok=True)
     import torch
 
-    from unsloth_med.config import parse_config
     from unsloth_med.recipes.bone_fracture import RECIPE
 
-    # Parsed before unsloth is imported: unsloth's SFTConfig adds its own --max_seq_length (as the CLI does).
-    config = parse_config(recipe_args + ["--output_dir", str(out_dir / "run")], RECIPE)
-    if torch.cuda.is_available():
-        from unsloth_med.backends.unsloth import import_unsloth
-
-        import_unsloth()
-
-    from unsloth_med import pipeline
+    config, ctx, model = load_recipe_model(out_dir, recipe_args, RECIPE)
     from unsloth_med.evaluate import evaluate, shape_order
     from unsloth_med.evaluate.classify import dataset_labels, label_token_ids, score_encoded
     from unsloth_med.evaluate.inputs import batches, encode_rows, model_device_dtype, to_model
     from unsloth_med.evaluate.packed import can_pack, score_packed
     from unsloth_med.models.families import family_of
 
-    ctx, model = load_for_evaluation(pipeline, RECIPE, config)
     test = ctx.test_set
     cuda = torch.cuda.is_available()
     record: dict = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "images": len(test),

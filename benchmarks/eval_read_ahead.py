@@ -19,23 +19,15 @@ from pathlib import Path
 
 def main(argv: list[str]) -> int:
     out_dir = Path(argv[0])
-    out_dir.mkdir(parents=True, exist_ok=True)
     import torch
+    from eval_profile import load_recipe_model, with_trained_adapters  # benchmarks/, beside this script
 
-    from unsloth_med.config import parse_config
     from unsloth_med.recipes.bone_fracture import RECIPE
 
-    config = parse_config(argv[1:] + ["--output_dir", str(out_dir / "run")], RECIPE)
-    from unsloth_med.backends.unsloth import import_unsloth
-
-    import_unsloth()
-    from eval_profile import load_for_evaluation, with_trained_adapters  # benchmarks/, beside this script
-
+    config, ctx, model = load_recipe_model(out_dir, argv[1:], RECIPE)
     import unsloth_med.evaluate.classify as classify
-    from unsloth_med import pipeline
     from unsloth_med.evaluate import EncodedBatches, evaluate
 
-    ctx, model = load_for_evaluation(pipeline, RECIPE, config)
     tuned = with_trained_adapters(ctx, model, config)
     store = EncodedBatches()
     late_copy, late_pinned = classify.HostCopy, classify.pinned
