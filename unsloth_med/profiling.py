@@ -64,7 +64,8 @@ def summarize(prof, wall: float, top: int = 12) -> dict:
                             for e in ranked]}
 
 
-def _sync() -> None:
+def sync_gpu() -> None:
+    """Wait for the GPU's queued work (step and profile timings end there); nothing on a CPU."""
     import torch
 
     if torch.cuda.is_available():
@@ -82,10 +83,10 @@ def _profiler():
 def profile_call(run_step, top: int = 12) -> dict:
     """`run_step()` under torch.profiler, summarised (summarize)."""
     with _profiler() as prof:
-        _sync()
+        sync_gpu()
         started = time.perf_counter()
         run_step()
-        _sync()
+        sync_gpu()
         wall = time.perf_counter() - started
     return summarize(prof, wall, top)
 
@@ -104,7 +105,7 @@ class ProfileStepCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._seen += 1
-        _sync()
+        sync_gpu()
         self._started = time.perf_counter()
         if self._seen == self.step:
             self._prof = _profiler()
@@ -113,7 +114,7 @@ class ProfileStepCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self._started is None:
             return
-        _sync()
+        sync_gpu()
         wall = time.perf_counter() - self._started
         if self._prof is not None:
             self._prof.__exit__(None, None, None)

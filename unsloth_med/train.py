@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .disk import update_json
+from .profiling import sync_gpu
 
 log = logging.getLogger(__name__)
 
@@ -153,14 +154,14 @@ class StepStatsCallback(TrainerCallback):
             self.checkpointed = checkpointed_layers(model)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._sync()
+        sync_gpu()
         self._start = time.perf_counter()
         if self._last_end is not None:
             self.waits.append(self._start - self._last_end)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._start is not None:
-            self._sync()
+            sync_gpu()
             self._last_end = time.perf_counter()
             self.times.append(self._last_end - self._start)
             if len(self.times) % 5 == 0:  # an interrupted run still leaves its numbers so far
@@ -206,13 +207,6 @@ class StepStatsCallback(TrainerCallback):
                 stats["peak_reserved_gib_per_rank"] = gather_in_order([stats["peak_reserved_gib"]], [ranks.rank])
         if state.is_world_process_zero:  # keeps what the run wrote before (the memory fit, the warm-up)
             update_json(self.path, stats)
-
-    @staticmethod
-    def _sync():
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
 
 
 def compile_cache_counts() -> dict:
