@@ -205,6 +205,17 @@ def test_profiled_kernels_are_sorted_into_kinds_by_name():
     assert kind_of("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0") == OTHER  # a fused RMSNorm, not a copy
 
 
+def test_profile_step_counts_from_one(tmp_path):
+    """--profile_step 0 (or below) would profile nothing: refused when the options are parsed, in one line."""
+    from unsloth_med.config import parse_config
+    from unsloth_med.errors import ConfigError
+
+    assert parse_config(["--output_dir", str(tmp_path), "--profile_step", "3"], RECIPE).model.profile_step == 3
+    for step in ("0", "-2"):
+        with pytest.raises(ConfigError, match=f"--profile_step {step}: the optimizer step to profile counts from 1"):
+            parse_config(["--output_dir", str(tmp_path), "--profile_step", step], RECIPE)
+
+
 def test_group_by_length_without_prepared_lengths_is_refused_early(tmp_path):
     proc = _run(["unsloth_med.recipes.bone_fracture", "--demo", "--preprocess_images", "false",
                  "--train_sampling_strategy", "group_by_length", "--output_dir", str(tmp_path / "r")],
