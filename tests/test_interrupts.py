@@ -213,11 +213,15 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(bone_break_dir, tmp_path):
             [sys.executable, "-m", "unsloth_med.cli", "train", "--recipe", "bone_fracture", "--data_dir",
              str(bone_break_dir), "--output_dir", str(run_dir), "--model", "tiny:mistral3", "--backend", "hf",
              "--max_train_samples", "8", "--max_eval_samples", "4", "--image_size", "32", "--eval_before", "false",
-             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_steps", "1000",
+             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_steps", "100000",
              "--save_steps", "2"], stdout=out, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        # Any saved checkpoint will do: with save_total_limit 2, checkpoint-2 is gone by step 6, and a poll that
+        # waited for it alone could miss it and signal a run that had already finished.
         deadline = time.time() + 300
-        while not (run_dir / "checkpoint-2" / "trainer_state.json").is_file() and time.time() < deadline:
+        while not any(run_dir.glob("checkpoint-*/trainer_state.json")):
+            assert process.poll() is None, "the run ended before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint within 300 s"
             time.sleep(0.2)
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=120)
