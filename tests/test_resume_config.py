@@ -47,13 +47,19 @@ def _classify(capsys, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, code, out, err)
 
 
-def _interrupted_after(capsys, path: Path, *argv: str) -> subprocess.CompletedProcess:
-    """The run, stopped by a real Ctrl-C (KeyboardInterrupt in the main thread) once `path` exists."""
+def _saved_steps(run_dir: Path) -> list[int]:
+    return [int(p.parent.name.split("-")[-1]) for p in run_dir.glob("checkpoint-*/trainer_state.json")]
+
+
+def _interrupted_after(capsys, run_dir: Path, step: int, *argv: str) -> subprocess.CompletedProcess:
+    """The run, stopped by a real Ctrl-C (KeyboardInterrupt in the main thread) once a checkpoint of `step` or later
+    is saved. Any later one: save_total_limit removes checkpoint-`step` a few steps on, and a watcher thread starved
+    of the GIL on a busy machine could miss it and let the run finish (CI saw exit 0 where 130 was due)."""
     done = threading.Event()
 
     def press_ctrl_c():
         deadline = time.time() + 600
-        while not path.exists() and not done.is_set() and time.time() < deadline:
+        while not any(s >= step for s in _saved_steps(run_dir)) and not done.is_set() and time.time() < deadline:
             time.sleep(0.02)
         if not done.is_set():
             _thread.interrupt_main()
@@ -108,7 +114,7 @@ def test_resume_continues_with_the_runs_own_settings_and_never_keeps_the_old_com
 
     # Resumed to train longer (the flag wins over the saved max_steps; the same model named as the user named it is
     # no change), then Ctrl-C after checkpoint-8: run.json no longer claims the earlier run's completion or times.
-    stopped = _interrupted_after(capsys, run_dir / "checkpoint-8" / "trainer_state.json",
+    stopped = _interrupted_after(capsys, run_dir, 8,
                                  "--resume", "--output_dir", str(run_dir), "--max_steps", "30",
                                  "--model", "tiny:mistral3")
     assert stopped.returncode == 130, stopped.stderr[-3000:]
