@@ -65,6 +65,28 @@ def test_a_run_that_fails_in_the_data_stage_records_its_times_and_blocks_no_reru
         train_command(argv, get_recipe("bone_fracture"))
 
 
+def test_a_folder_with_checkpoints_but_no_readable_run_json_is_still_protected(tmp_path):
+    """run.json cut short (a full disk) or deleted: its checkpoints are still work to keep, so a run without --resume
+    is refused, where before it was taken for a fresh folder (unreadable run.json: a JSONDecodeError traceback)."""
+    out, empty = tmp_path / "run", tmp_path / "no-data"
+    empty.mkdir()
+    argv = ["--data_dir", str(empty), "--model", "tiny:mistral3", "--output_dir", str(out)]
+    (out / "checkpoint-3").mkdir(parents=True)
+    for run_json in ('{"stage": "tra', None):  # cut short, then gone
+        if run_json is None:
+            (out / "run.json").unlink()
+        else:
+            (out / "run.json").write_text(run_json)
+        with pytest.raises(UnslothMedError, match="already holds a run. Pass --resume"):
+            train_command(argv, get_recipe("bone_fracture"))
+    # Without checkpoints an unreadable run.json holds nothing to lose: the run starts afresh (and stops at the data).
+    (out / "checkpoint-3").rmdir()
+    (out / "run.json").write_text('{"stage": "da')
+    with pytest.raises(UnslothMedError, match="No class folders found"):
+        train_command(argv, get_recipe("bone_fracture"))
+    assert json.loads((out / "run.json").read_text())["stage"] == "data"
+
+
 def test_samples_too_long_stop_the_run_after_the_model_loads_and_run_json_says_so(tmp_path):
     """Every training sample is longer than --max_seq_length 20: the run stops in its load_model stage, before the
     evaluation and any step, and run.json names that stage (it said "data" for failures in prepare and load_model)."""

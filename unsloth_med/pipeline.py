@@ -50,10 +50,6 @@ def _write_status(run_dir: Path, *, drop: tuple[str, ...] = (), **fields) -> Non
 FINISHED_KEYS = ("complete", "wall_seconds", "timings_s", "garbage_collection")
 
 
-def _read_json(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 # Stages that leave nothing a rerun would lose: a run that stopped in them is simply started again.
 BEFORE_TRAINING = ("data", "eval_before")
 
@@ -67,15 +63,17 @@ def prepare_run_dir(config: Config) -> tuple[Path, RunLock]:
     run_dir = Path(config.training.output_dir)
     lock = RunLock(run_dir).acquire()
     try:
-        status = _read_json(run_dir / "run.json")
+        status = _read_json_or_none(run_dir / "run.json")  # None: no run.json, or one cut short by a full disk
         started_training = any(run_dir.glob("checkpoint-*")) or (run_dir / "adapter").exists()
-        if status is not None and not config.run.resume:
-            if started_training or status.get("stage") not in BEFORE_TRAINING:
+        if not config.run.resume:
+            # Checkpoints or an adapter are work to keep, whatever run.json says (or if it is gone).
+            if started_training or (isinstance(status, dict) and status.get("stage") not in BEFORE_TRAINING):
                 raise ConfigError(f"Run folder {run_dir} already holds a run. Pass --resume to continue it, "
                                   "or another --output_dir.")
-            log.info("Run folder %s: an earlier run stopped before training (stage %s); starting afresh",
-                     run_dir, status.get("stage"))
-            (run_dir / "run.json").unlink()
+            if (run_dir / "run.json").exists():
+                log.info("Run folder %s: an earlier run stopped before training (stage %s); starting afresh",
+                         run_dir, status.get("stage") if isinstance(status, dict) else "unreadable")
+                (run_dir / "run.json").unlink()
     except BaseException:
         lock.release()
         raise
@@ -549,7 +547,7 @@ def train_model(ctx: RunContext) -> None:
         if profiler is not None:  # a step that failed while profiled: the Trainer calls no callback after an error
             profiler.close()
     # Rank 0 writes train_stats.json in the run folder; another rank reading it could meet it half written.
-    stats = (_read_json(run_dir / "train_stats.json") or {}) if ctx.ranks.is_main else {}
+    stats = (_read_json_or_none(run_dir / "train_stats.json") or {}) if ctx.ranks.is_main else {}
     steps_seconds = stats.get("train_seconds")
     if steps_seconds is not None:  # from the first step's start (after the warm-up) to the end of training
         ctx.timings["warm_up"] = max(time.perf_counter() - started - steps_seconds, 0.0)
@@ -657,7 +655,7 @@ def write_results(ctx: RunContext) -> None:
     run_dir, before, after = ctx.run_dir, ctx.before, ctx.after
     ctx.metrics = write_report(run_dir, ctx.recipe, before, after, log_history=ctx.history,
                                extra={"data": ctx.summary, "export": ctx.exported,
-                                      "train_stats": _read_json(run_dir / "train_stats.json"),
+                                      "train_stats": _read_json_or_none(run_dir / "train_stats.json"),
                                       "wall_seconds": round(time.perf_counter() - ctx.started, 1)})
     if ctx.export_error is not None:
         raise ctx.export_error
