@@ -113,6 +113,34 @@ def test_a_failed_profiled_step_leaves_no_profiler_running(bone_break_dir, tmp_p
             torch.autograd._disable_profiler()
 
 
+def test_a_profile_is_written_when_its_step_ends_and_survives_a_later_failure(bone_break_dir, tmp_path, monkeypatch):
+    """--profile_step 2, then step 3 fails: profile_step.json was written when step 2 ended (before, only at the end
+    of training, so a later failure lost it), and names the run's global step beside this training's count."""
+    from unsloth_med.cli.train import train_command
+    from unsloth_med.recipes.bone_fracture import RECIPE as BONES
+
+    optimizer_steps = []
+    step = torch.optim.AdamW.step
+
+    def failing_third_step(self, *args, **kwargs):
+        optimizer_steps.append(1)
+        if len(optimizer_steps) == 3:
+            raise RuntimeError("step 3 fails")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", failing_third_step)
+    run = tmp_path / "run"
+    argv = ["--data_dir", str(bone_break_dir), "--model", "tiny:mistral3", "--max_steps", "4", "--image_size", "64",
+            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_train_samples", "16",
+            "--max_eval_samples", "2", "--eval_before", "false", "--save_strategy", "no", "--profile_step", "2",
+            "--output_dir", str(run)]
+    with pytest.raises(RuntimeError, match="step 3 fails"):
+        train_command(argv, BONES)
+    profile = json.loads((run / "profile_step.json").read_text())
+    assert profile["step"] == 2 and profile["global_step"] == 2 and profile["cpu_ops_recorded"] > 0, profile
+    assert "median_unprofiled_step_s" not in profile  # training did not end: no median of the other steps
+
+
 def test_the_caption_benchmark_s_4bit_passes_do_not_dequantize(bone_break_dir, tmp_path):
     """benchmarks/caption_generation.py compares the 4-bit model with the dequantized one, and the adapters folded
     or unfolded with the rest dequantized or not: since generation dequantizes by default, its "4-bit", "LoRA

@@ -92,8 +92,9 @@ def profile_call(run_step, top: int = 12) -> dict:
 
 
 class ProfileStepCallback(TrainerCallback):
-    """Profiles optimizer step `step` (1-based, counted from this training's first step) and writes the summary
-    to `path` when training ends, with the median seconds of the steps it did not profile (the profiler slows
+    """Profiles optimizer step `step` (1-based, counted from this training's first step: a resumed run counts from
+    where it resumed) and writes the summary to `path` as soon as that step ends, then again when training ends, with
+    the median seconds of the steps it did not profile (the profiler slows
     the CPU side of the step it records: `gpu_kernel_s / median_unprofiled_step_s` is the fairer busy share)."""
 
     def __init__(self, path: Path, step: int):
@@ -118,10 +119,14 @@ class ProfileStepCallback(TrainerCallback):
         wall = time.perf_counter() - self._started
         if self._prof is not None:
             self._prof.__exit__(None, None, None)
-            self.summary = {"step": self.step, "micro_batch": args.per_device_train_batch_size,
+            # `step` counts this training's steps (a resumed run's first is 1); global_step is the run's.
+            self.summary = {"step": self.step, "global_step": state.global_step,
+                            "micro_batch": args.per_device_train_batch_size,
                             "gradient_accumulation_steps": args.gradient_accumulation_steps,
                             **summarize(self._prof, wall)}
             self._prof = None
+            if state.is_world_process_zero:  # written now: a later step's failure keeps it; train end adds medians
+                self.path.write_text(json.dumps(self.summary, indent=1))
         else:
             self._times.append(wall)
 
