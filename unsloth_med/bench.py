@@ -433,13 +433,6 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- worker (one path, one process)
-def _sync():
-    import torch
-
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
 def _mem(name: str) -> float:
     import torch
 
@@ -450,17 +443,19 @@ def measure_matmul_tflops(n: int = 8192, iters: int = 20) -> float:
     """bf16 dense matmul rate of this GPU, measured now (the MFU denominator)."""
     import torch
 
+    from .profiling import sync_gpu
+
     if DEVICE != "cuda":
         n, iters = 512, 3
     a = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16)
     for _ in range(5):
         a @ b
-    _sync()
+    sync_gpu()
     t0 = time.perf_counter()
     for _ in range(iters):
         a @ b
-    _sync()
+    sync_gpu()
     rate = 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
     del a, b
     _empty_cache()
@@ -586,6 +581,7 @@ def run_worker(args) -> dict:
     else:
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=0.001)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    from .profiling import sync_gpu
 
     def step(batch) -> float:
         out = model(**_to_device(batch, dtype))
@@ -608,10 +604,10 @@ def run_worker(args) -> dict:
         _empty_cache()
         times, losses = [], []
         for n, k in enumerate(warm + timed_ids):
-            _sync()
+            sync_gpu()
             t0 = time.perf_counter()
             loss = step(batches[k])
-            _sync()
+            sync_gpu()
             times.append(time.perf_counter() - t0)
             losses.append(float(loss))
             print(f"  {path} bs={bs} step {n + 1}{' (warm-up)' if n < len(warm) else ''} {shapes[k]}: "
@@ -645,7 +641,7 @@ def run_worker(args) -> dict:
 
                 with FlopCounterMode(display=False) as counter:
                     step(batches[extra])
-                    _sync()
+                    sync_gpu()
                 entry["flops_per_step"] = float(counter.get_total_flops())
                 entry["flops_source"] = "FlopCounterMode, one step (forward + backward, recompute included)"
                 _add_mfu(entry, result["matmul_tflops"])
