@@ -228,9 +228,8 @@ def test_chunked_reads_give_the_whole_split_results(tmp_path, xray_bytes, monkey
     from unsloth_med.data import checks, lazy, validate
     from unsloth_med.data.images import header_size, raw_image_lists
     from unsloth_med.data.samples import pack_questions
-    from unsloth_med.data.splits import image_groups, image_key, joined_groups, split_by_image
+    from unsloth_med.data.splits import held_out_groups, image_groups, image_key, joined_groups, split_by_image
     from unsloth_med.data.tables.hf import load_hf_table
-    from unsloth_med.data.tables.holdout import held_out_groups
 
     monkeypatch.setattr(images_module, "IMAGE_CHUNK_ROWS", 3, raising=False)
     path = _vqa_parquet(tmp_path / "vqa.parquet", xray_bytes[:8], broken=5)

@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..errors import ConfigError
 from .images import raw_image_chunks
 
 log = logging.getLogger(__name__)
@@ -77,18 +78,30 @@ def image_groups(dataset, *, unreadable_ok: bool = False) -> list[str]:
     return joined_groups(row_keys())
 
 
+def held_out_groups(keys: Sequence[str], *, test_fraction: float, seed: int, stream: str | None = "images") -> set[str]:
+    """The group keys held out for testing: `test_fraction` of the distinct groups (at least one, never all),
+    seeded and independent of row order.
+
+    `stream` keeps each caller's shuffle what it has always been (stream=None: the plain seed, which --split_by image
+    has used since it began), so a run folder's test images are the same when `unsloth-med evaluate` re-splits."""
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise ConfigError(f"test_fraction must be between 0 and 1 (got {test_fraction}).")
+    distinct = sorted(set(keys))
+    random.Random(seed if stream is None else f"{seed}:{stream}").shuffle(distinct)
+    n_test = min(max(1, round(len(distinct) * test_fraction)), len(distinct) - 1)
+    return set(distinct[:n_test])
+
+
 def split_by_image(splits, *, test_fraction: float, seed: int):
     """A DatasetDict {train, test} re-split so that no image group sits in both splits."""
     import datasets
 
     pooled = datasets.concatenate_datasets([splits["train"], splits["test"]])
     keys = image_groups(pooled)
-    distinct = sorted(set(keys))
-    random.Random(seed).shuffle(distinct)
-    n_test = min(max(1, round(len(distinct) * test_fraction)), len(distinct) - 1)
-    held_out = set(distinct[:n_test])
+    held_out = held_out_groups(keys, test_fraction=test_fraction, seed=seed, stream=None)
     test_rows = [i for i, k in enumerate(keys) if k in held_out]
     train_rows = [i for i, k in enumerate(keys) if k not in held_out]
+    n_images = len(set(keys))
     log.warning("--split_by image: %d images (%d rows) -> %d train images / %d test images (%d / %d rows, seed %d)",
-                len(distinct), len(keys), len(distinct) - n_test, n_test, len(train_rows), len(test_rows), seed)
+                n_images, len(keys), n_images - len(held_out), len(held_out), len(train_rows), len(test_rows), seed)
     return datasets.DatasetDict({"train": pooled.select(train_rows), "test": pooled.select(test_rows)})

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from ...errors import DataError, NetworkError
 from ..conversations import conversation_column, vqa_fields
+from ..splits import held_out_groups
 from .columns import (
     IMAGE_COLUMNS,
     LABEL_COLUMNS,
@@ -19,7 +20,7 @@ from .columns import (
     _vqa_columns,
 )
 from .conversation_rows import _conversation_rows
-from .holdout import _assign_splits, _check_labels, _to_datasetdict, held_out_groups
+from .holdout import _assign_splits, _check_labels, _to_datasetdict
 from .locations import _localize, cached_image_bytes, is_url
 
 if TYPE_CHECKING:

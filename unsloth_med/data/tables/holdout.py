@@ -10,6 +10,7 @@ from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ...errors import ConfigError, DataError
+from ..splits import held_out_groups
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -57,17 +58,6 @@ def image_group_keys(rows: Sequence[dict]) -> list[str]:
         return [f"image:{ref}" for ref in [row["image"], *(json.loads(more) if isinstance(more, str) else more)]]
 
     return joined_groups(keys(row) for row in rows)
-
-
-def held_out_groups(keys: Sequence[str], *, test_fraction: float, seed: int) -> set[str]:
-    """The group keys held out for testing: `test_fraction` of the distinct groups (at least one, never all),
-    seeded and independent of row order."""
-    if not 0.0 < float(test_fraction) < 1.0:
-        raise ConfigError(f"test_fraction must be between 0 and 1 (got {test_fraction}).")
-    distinct = sorted(set(keys))
-    random.Random(f"{seed}:images").shuffle(distinct)
-    n_test = min(max(1, round(len(distinct) * test_fraction)), len(distinct) - 1)
-    return set(distinct[:n_test])
 
 
 def _assign_splits(rows: list[dict], *, where: str, stratify: bool, test_fraction: float, seed: int,
