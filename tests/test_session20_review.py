@@ -83,29 +83,35 @@ def test_generation_folds_the_adapters_where_the_dequantized_rest_would_not_also
     assert neither["layers"] == 0 and "more than half" in neither["reason"], neither
 
 
+def _profile_run_failing_at(monkeypatch, tmp_path, failing_step: int, max_steps: int) -> tuple[list, list[str]]:
+    """A bone-fracture run with --profile_step 2 whose optimizer step `failing_step` raises RuntimeError("step N
+    fails"): the steps taken so far (a list) and the run's argv."""
+    optimizer_steps = []
+    step = torch.optim.AdamW.step
+
+    def failing(self, *args, **kwargs):
+        optimizer_steps.append(1)
+        if len(optimizer_steps) == failing_step:
+            raise RuntimeError(f"step {failing_step} fails")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", failing)
+    return optimizer_steps, ["--model", "tiny:mistral3", "--max_steps", str(max_steps), "--image_size", "64",
+                             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+                             "--max_train_samples", "16", "--max_eval_samples", "2", "--eval_before", "false",
+                             "--save_strategy", "no", "--profile_step", "2", "--output_dir", str(tmp_path / "run")]
+
+
 def test_a_failed_profiled_step_leaves_no_profiler_running(bone_break_dir, tmp_path, monkeypatch):
     """--profile_step N: a step that fails while it is profiled (out of memory, an interrupt) does not leave
     torch.profiler recording the rest of the process (the Trainer calls no callback after an error)."""
     from unsloth_med.cli.train import train_command
     from unsloth_med.recipes.bone_fracture import RECIPE as BONES
 
-    optimizer_steps = []
-    step = torch.optim.AdamW.step
-
-    def failing_second_step(self, *args, **kwargs):
-        optimizer_steps.append(1)
-        if len(optimizer_steps) == 2:
-            raise RuntimeError("the profiled step fails")
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", failing_second_step)
-    argv = ["--data_dir", str(bone_break_dir), "--model", "tiny:mistral3", "--max_steps", "3", "--image_size", "64",
-            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_train_samples", "16",
-            "--max_eval_samples", "2", "--eval_before", "false", "--save_strategy", "no", "--profile_step", "2",
-            "--output_dir", str(tmp_path / "run")]
+    optimizer_steps, argv = _profile_run_failing_at(monkeypatch, tmp_path, failing_step=2, max_steps=3)
     try:
-        with pytest.raises(RuntimeError, match="the profiled step fails"):
-            train_command(argv, BONES)
+        with pytest.raises(RuntimeError, match="step 2 fails"):
+            train_command(["--data_dir", str(bone_break_dir), *argv], BONES)
         assert len(optimizer_steps) == 2
         assert not torch.autograd.profiler._is_profiler_enabled, "the profiler still records after the failed step"
     finally:
@@ -119,24 +125,10 @@ def test_a_profile_is_written_when_its_step_ends_and_survives_a_later_failure(bo
     from unsloth_med.cli.train import train_command
     from unsloth_med.recipes.bone_fracture import RECIPE as BONES
 
-    optimizer_steps = []
-    step = torch.optim.AdamW.step
-
-    def failing_third_step(self, *args, **kwargs):
-        optimizer_steps.append(1)
-        if len(optimizer_steps) == 3:
-            raise RuntimeError("step 3 fails")
-        return step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", failing_third_step)
-    run = tmp_path / "run"
-    argv = ["--data_dir", str(bone_break_dir), "--model", "tiny:mistral3", "--max_steps", "4", "--image_size", "64",
-            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_train_samples", "16",
-            "--max_eval_samples", "2", "--eval_before", "false", "--save_strategy", "no", "--profile_step", "2",
-            "--output_dir", str(run)]
+    _, argv = _profile_run_failing_at(monkeypatch, tmp_path, failing_step=3, max_steps=4)
     with pytest.raises(RuntimeError, match="step 3 fails"):
-        train_command(argv, BONES)
-    profile = json.loads((run / "profile_step.json").read_text())
+        train_command(["--data_dir", str(bone_break_dir), *argv], BONES)
+    profile = json.loads((tmp_path / "run" / "profile_step.json").read_text())
     assert profile["step"] == 2 and profile["global_step"] == 2 and profile["cpu_ops_recorded"] > 0, profile
     assert "median_unprofiled_step_s" not in profile  # training did not end: no median of the other steps
 
