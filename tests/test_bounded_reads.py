@@ -340,3 +340,36 @@ def test_unnamed_unreadable_images_stay_apart_across_chunks():
     rows = {"image": [{"bytes": None, "path": ""}] * 640 + [None] * 3, "id": [str(k) for k in range(643)]}
     keys = image_groups(datasets.Dataset.from_dict(rows, features=features), unreadable_ok=True)
     assert len(set(keys)) == 643
+
+
+def test_a_jsonl_chat_export_with_inline_images_is_read_a_line_at_a_time(tmp_path, xray_bytes, monkeypatch):
+    """A JSONL listing whose images are base64 data URLs (an OpenAI-style export) is mostly image text. It was read
+    as one string, split into lines and parsed: three copies of the file at once (3.0x its size). Read a line at a
+    time, the peak is one copy (the parsed rows) and a little. A report holding U+2028, which JSON allows unescaped,
+    is one line, not two (str.splitlines split it and the row was refused as invalid JSON)."""
+    import base64
+
+    from unsloth_med.data.tables.listings import load_table
+
+    monkeypatch.setenv("UNSLOTH_MED_CACHE", str(tmp_path / "cache"))
+    listing = tmp_path / "export.jsonl"
+    with listing.open("w", encoding="utf-8") as out:
+        for k, payload in enumerate(xray_bytes * 3):
+            url = "data:image/bmp;base64," + base64.b64encode(payload).decode()
+            report = f"Study {k}:\u2028no fracture" if k == 5 else f"study {k}"
+            out.write(json.dumps({"image": url, "text": report, "split": "test" if k % 4 == 0 else "train"},
+                                 ensure_ascii=False) + "\n")
+    size = listing.stat().st_size
+    assert "\u2028" in listing.read_text(encoding="utf-8")
+    load_table(listing, task="captioning")  # imports and the image cache first: the measured call reads the listing
+    gc.collect()
+    tracemalloc.start()
+    try:
+        splits = load_table(listing, task="captioning")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    print(f"peak {peak / size:.2f}x the file's size")
+    assert peak < 1.5 * size, (peak, size)  # 3.0x before
+    assert len(splits["train"]) + len(splits["test"]) == 3 * IMAGES
+    assert "Study 5:\u2028no fracture" in list(splits["train"]["target"]) + list(splits["test"]["target"])

@@ -39,19 +39,13 @@ def is_listing(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(LISTING_EXTENSIONS)
 
 
-def read_listing(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a CSV/TSV (header line), JSONL (one object per line) or JSON (a list of objects) file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Listing not found: {path}. Pass the CSV/JSONL file (or its folder) with --data_dir.")
-    suffix = path.suffix.lower()
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text ({exc}). Save the listing as UTF-8.") from exc
-    if suffix in (".jsonl", ".ndjson"):
-        rows = []
-        for number, line in enumerate(text.splitlines(), 1):
+def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    """A JSONL file's objects, read a line at a time: a chat export with inline base64 images is mostly image text,
+    and the whole file's text held beside its split lines and parsed rows took three times its size. Lines end at
+    newlines only (str.splitlines also split inside strings holding U+2028, which JSON allows unescaped)."""
+    rows = []
+    with path.open(encoding="utf-8-sig", newline="") as lines:
+        for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
@@ -62,29 +56,52 @@ def read_listing(path: str | os.PathLike) -> list[dict[str, Any]]:
             if not isinstance(row, dict):
                 raise DataError(f"{path}, line {number}: a JSON {type(row).__name__}, not an object with named fields.")
             rows.append(row)
-    elif suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc}).") from exc
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise DataError(f"{path}: expected a JSON list of objects (one per image), or JSONL (one object per line).")
-        rows = data
-    else:
-        delimiter = "\t" if suffix == ".tsv" else _sniff_delimiter(text)
-        reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
-        if not reader.fieldnames:
-            raise DataError(f"{path} is empty: expected a header line (e.g. path,label,split) and one row per image.")
-        rows = []
-        for number, row in enumerate(reader, 2):
-            if None in row:
-                raise DataError(f"{path}, line {number}: more fields than the header has columns "
-                                f"({', '.join(reader.fieldnames)}). Quote values that contain '{delimiter}'.")
-            rows.append({str(k).strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items()})
+    return rows
+
+
+def read_listing(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a CSV/TSV (header line), JSONL (one object per line) or JSON (a list of objects) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Listing not found: {path}. Pass the CSV/JSONL file (or its folder) with --data_dir.")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".jsonl", ".ndjson"):
+            rows = _jsonl_rows(path)
+        elif suffix == ".json":
+            rows = _json_rows(path.read_text(encoding="utf-8-sig"), path)
+        else:
+            rows = _csv_rows(path.read_text(encoding="utf-8-sig"), path)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text ({exc}). Save the listing as UTF-8.") from exc
     if not rows:
         raise DataError(f"{path} lists no images (it has no data rows).")
+    return rows
+
+
+def _json_rows(text: str, path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}).") from exc
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{path}: expected a JSON list of objects (one per image), or JSONL (one object per line).")
+    return data
+
+
+def _csv_rows(text: str, path: Path) -> list[dict[str, Any]]:
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else _sniff_delimiter(text)
+    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
+    if not reader.fieldnames:
+        raise DataError(f"{path} is empty: expected a header line (e.g. path,label,split) and one row per image.")
+    rows = []
+    for number, row in enumerate(reader, 2):
+        if None in row:
+            raise DataError(f"{path}, line {number}: more fields than the header has columns "
+                            f"({', '.join(reader.fieldnames)}). Quote values that contain '{delimiter}'.")
+        rows.append({str(k).strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items()})
     return rows
 
 
@@ -172,8 +189,7 @@ def load_table(path: str | os.PathLike, *, task: str = "classification", image_c
     """Train/test splits from a CSV/TSV/JSONL/JSON listing (see the module docstring)."""
     path = Path(path).expanduser()
     where = str(path)
-    records = read_listing(path)
-    rows, had_split = rows_from_records(records, where=where, base_dir=absolute(path).parent, task=task,
+    rows, had_split = rows_from_records(read_listing(path), where=where, base_dir=absolute(path).parent, task=task,
                                         image_column=image_column, target_column=target_column,
                                         target_template=target_template, column_aliases=column_aliases,
                                         split_column=split_column, train_split=train_split, test_split=test_split,
