@@ -292,6 +292,15 @@ def test_adapter_export_of_a_generic_classify_run_keeps_its_labels(tiny_path, tm
     # and evaluating or predicting with the export generates within the run's budget, not the recipe's default
     assert info["max_new_tokens"] == 5 and load_for_inference(result["path"]).recipe.max_new_tokens == 5
 
+    # A run from before the adapter recorded its budget: unsloth_med.json holds the recipe's default, config.yaml the
+    # run's --max_new_tokens 9, which the export keeps (it used the default before).
+    meta = json.loads((run / "adapter" / "unsloth_med.json").read_text())
+    (run / "adapter" / "unsloth_med.json").write_text(json.dumps({**meta, "max_new_tokens": 16}))
+    config["eval"] = {**config.get("eval", {}), "max_new_tokens": 9}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    again = export_run(run, format="adapter")
+    assert json.loads(Path(again["path"], "unsloth_med.json").read_text())["max_new_tokens"] == 9
+
 
 def test_an_export_replaces_only_an_earlier_export_never_another_folder(tiny_path, tmp_path):
     """--out names a folder holding something else (or the run folder itself): refused before anything is written,

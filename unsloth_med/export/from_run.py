@@ -58,7 +58,10 @@ def _run_recipe(meta: dict, config: dict):
         recipe = resolve_recipe(recipe, values)
     except UnslothMedError as exc:
         raise ExportError(f"Could not rebuild the run's recipe '{meta['recipe']}' from its config.yaml: {exc}") from exc
-    recipe = dataclasses.replace(recipe, **with_recorded_budget(meta))  # an export evaluates as the run did
+    # An export evaluates as the run did: config.yaml's --max_new_tokens first, which runs recorded before the adapter's
+    # unsloth_med.json did (that one then holds the recipe's default).
+    run_eval = config.get("eval") if isinstance(config.get("eval"), dict) else {}
+    recipe = dataclasses.replace(recipe, **with_recorded_budget(run_eval) or with_recorded_budget(meta))
     recorded = meta.get("data_source")
     if recorded:  # the data the run actually used (e.g. the demo's generated images, not the recipe's download)
         recipe = dataclasses.replace(recipe, source=dataclasses.replace(
