@@ -129,6 +129,38 @@ def test_a_second_run_into_a_busy_folder_refuses_at_once_and_a_stale_lock_is_tak
     assert "taking over" not in again.stdout
 
 
+def test_evaluate_predict_and_push_wait_for_a_run_training_in_the_folder(tmp_path, capsys):
+    """A --resume training in a run folder replaces its adapter and sets its exports aside when it ends: evaluate,
+    predict and push of that folder, or of its adapter/ or merged/, meanwhile read what is about to change (or a
+    half-written file). They now refuse in one line, naming the run; a checkpoint-N folder stays readable, probing
+    keeps no later run out, and a process's own run (its export, its evaluation after training) is not refused."""
+    from unsloth_med.run_lock import RunLock, training_owner
+
+    run_dir = tmp_path / "run"
+    for folder in ("adapter", "merged", "checkpoint-3"):
+        (run_dir / folder).mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("run: {recipe: bone_fracture}\nmodel: {model: tiny:mistral3}\n")
+    owner = _holder(run_dir)
+    try:
+        for argv in (["evaluate", "--model", str(run_dir)],
+                     ["predict", "--model", str(run_dir / "adapter"), str(tmp_path)],
+                     ["push", str(run_dir / "merged"), "me/model"]):
+            refused = _in_process(capsys, argv)
+            assert refused.returncode == 2, (argv, refused.stderr[-2000:])
+            assert f"belongs to a run that is training now (pid {owner.pid} on host" in refused.stderr, refused.stderr
+            assert "once the run has finished, or use one of its checkpoint-N folders now" in refused.stderr
+        assert training_owner(run_dir / "checkpoint-3") is None
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    assert training_owner(run_dir) is None  # its owner is gone: nothing to wait for
+    lock = RunLock(run_dir).acquire()  # the probes kept no later run out; this process's own run is not refused
+    try:
+        assert training_owner(run_dir) is None and training_owner(run_dir / "merged") is None
+    finally:
+        lock.release()
+
+
 def test_two_processes_racing_for_one_folder_get_exactly_one_lock(tmp_path):
     racer = ("import sys, time; from unsloth_med.run_lock import RunLock, RunFolderBusy\n"
              "time.sleep(max(0, float(sys.argv[2]) - time.time()))\n"

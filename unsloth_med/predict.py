@@ -96,9 +96,11 @@ def _model_args(section: dict | None = None):
 def load_for_inference(model_dir_or_run_dir: str | Path, *, recipe=None, backend: str = "auto") -> Loaded:
     """Model + processor (eval mode) + recipe + image size from a run, adapter, merged or checkpoint source."""
     from .backends import pick_backend
+    from .run_lock import refuse_while_training
 
     source = str(model_dir_or_run_dir)
     path = Path(source)
+    refuse_while_training(path, "Evaluate or predict with it")
     data_dir, config = None, {}
     engine = pick_backend(backend)
     if path.is_dir() and (path / "config.yaml").is_file() and (path / "adapter").is_dir():

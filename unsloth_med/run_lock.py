@@ -130,3 +130,48 @@ class RunLock:
         finally:
             os.close(self.fd)
             self.fd = None
+
+
+def training_owner(folder: str | Path) -> dict | None:
+    """The live run that holds `folder`'s lock, or that of the run folder `folder` sits in (its adapter/, an export),
+    else None. A checkpoint-N folder is complete once saved and is never the one replaced: None for it.
+
+    `evaluate`, `predict` and `push` read a run's adapter or export: while a training run (a --resume) holds the
+    folder, it replaces them when it ends, and a read meanwhile could meet a half-written file. Only probed, with a
+    shared lock released at once: two readers never keep each other, or a later run, out."""
+    folder = Path(folder)
+    if not folder.is_dir() or folder.name.startswith("checkpoint-"):
+        return None
+    for run_dir in (folder, folder.parent):
+        path = run_dir / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    owner = _read_owner(fd) or {}
+                    if owner.get("pid") == os.getpid():  # this process's own run (its export, its evaluation)
+                        return None
+                    return owner
+                owner = _read_owner(fd)  # no flock on this filesystem: judge by the owner's pid, on this host
+                if owner and owner.get("host") == socket.gethostname() and owner.get("pid") is not None \
+                        and owner.get("pid") != os.getpid() and _pid_alive(int(owner["pid"])):
+                    return owner
+                continue
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+    return None
+
+
+def refuse_while_training(folder: str | Path, action: str) -> None:
+    """RunFolderBusy when a live run trains in `folder` (see training_owner); `action` says what waits."""
+    owner = training_owner(folder)
+    if owner is not None:
+        raise RunFolderBusy(f"{folder} belongs to a run that is training now ({_describe(owner)}): its adapter and "
+                            f"exports are replaced when that training ends. {action} once the run has finished, or "
+                            "use one of its checkpoint-N folders now.")

@@ -18,6 +18,9 @@ def push_command(argv: list[str]) -> int:
                              "refused). The Hub's copy leaves out the test images' file names and this machine's "
                              "paths (kept in the local export.json / unsloth_med.json)")
     args = parser.parse_args(argv)
+    from ..run_lock import refuse_while_training
+
+    refuse_while_training(args.folder, "Push it")
     url = push(args.folder, args.repo_id, private=not args.public)
     print(f"Pushed {args.folder} to {url}")
     return 0
