@@ -147,8 +147,8 @@ def test_evaluate_predict_and_push_wait_for_a_run_training_in_the_folder(tmp_pat
                      ["push", str(run_dir / "merged"), "me/model"]):
             refused = _in_process(capsys, argv)
             assert refused.returncode == 2, (argv, refused.stderr[-2000:])
-            assert f"belongs to a run that is training now (pid {owner.pid} on host" in refused.stderr, refused.stderr
-            assert "once the run has finished, or use one of its checkpoint-N folders now" in refused.stderr
+            assert f"belongs to a run folder in use by another process now (pid {owner.pid} on host" in refused.stderr
+            assert "once that run has finished, or use one of its checkpoint-N folders now" in refused.stderr
         assert training_owner(run_dir / "checkpoint-3") is None
     finally:
         owner.send_signal(signal.SIGKILL)

@@ -94,8 +94,8 @@ def profile_call(run_step, top: int = 12) -> dict:
 class ProfileStepCallback(TrainerCallback):
     """Profiles optimizer step `step` (1-based, counted from this training's first step: a resumed run counts from
     where it resumed) and writes the summary to `path` as soon as that step ends, then again when training ends, with
-    the median seconds of the steps it did not profile (the profiler slows
-    the CPU side of the step it records: `gpu_kernel_s / median_unprofiled_step_s` is the fairer busy share)."""
+    the median seconds of the steps it did not profile (the profiler slows the CPU side of the step it records:
+    `gpu_kernel_s / median_unprofiled_step_s` is the fairer busy share)."""
 
     def __init__(self, path: Path, step: int):
         self.path, self.step = Path(path), int(step)

@@ -172,6 +172,6 @@ def refuse_while_training(folder: str | Path, action: str) -> None:
     """RunFolderBusy when a live run trains in `folder` (see training_owner); `action` says what waits."""
     owner = training_owner(folder)
     if owner is not None:
-        raise RunFolderBusy(f"{folder} belongs to a run that is training now ({_describe(owner)}): its adapter and "
-                            f"exports are replaced when that training ends. {action} once the run has finished, or "
-                            "use one of its checkpoint-N folders now.")
+        raise RunFolderBusy(f"{folder} belongs to a run folder in use by another process now ({_describe(owner)}): "
+                            "a run training there replaces its adapter and exports when it ends. "
+                            f"{action} once that run has finished, or use one of its checkpoint-N folders now.")
