@@ -1,14 +1,16 @@
 """--resume continues the run as it was configured (its config.yaml), refuses what its checkpoints cannot change,
 never keeps the earlier run's completion, and never pushes an export of an earlier adapter; YAML values get the
-checks flags get. Real in-process runs of `python -m unsloth_med.recipes.generic classify` on a tiny model."""
+checks flags get. Real runs of `python -m unsloth_med.recipes.generic classify` on a tiny model, in this process (the
+Ctrl-C one in a process of its own)."""
 from __future__ import annotations
 
-import _thread
 import hashlib
 import json
+import os
 import shutil
+import signal
 import subprocess
-import threading
+import sys
 import time
 from pathlib import Path
 
@@ -51,26 +53,27 @@ def _saved_steps(run_dir: Path) -> list[int]:
     return [int(p.parent.name.split("-")[-1]) for p in run_dir.glob("checkpoint-*/trainer_state.json")]
 
 
-def _interrupted_after(capsys, run_dir: Path, step: int, *argv: str) -> subprocess.CompletedProcess:
-    """The run, stopped by a real Ctrl-C (KeyboardInterrupt in the main thread) once a checkpoint of `step` or later
-    is saved. Any later one: save_total_limit removes checkpoint-`step` a few steps on, and a watcher thread starved
-    of the GIL on a busy machine could miss it and let the run finish (CI saw exit 0 where 130 was due)."""
-    done = threading.Event()
-
-    def press_ctrl_c():
-        deadline = time.time() + 600
-        while not any(s >= step for s in _saved_steps(run_dir)) and not done.is_set() and time.time() < deadline:
-            time.sleep(0.02)
-        if not done.is_set():
-            _thread.interrupt_main()
-
-    watcher = threading.Thread(target=press_ctrl_c, daemon=True)
-    watcher.start()
-    try:
-        return _classify(capsys, *argv)
-    finally:
-        done.set()
-        watcher.join()
+def _interrupted_after(run_dir: Path, step: int, *argv: str) -> subprocess.CompletedProcess:
+    """`python -m unsloth_med.recipes.generic classify ARGV`, stopped by a real Ctrl-C (SIGINT) once a checkpoint of
+    `step` or later is saved. A process of its own, watched from this one: a watcher thread beside an in-process run
+    twice let the run finish in CI (exit 0 where 130 was due), and save_total_limit removes checkpoint-`step` a few
+    steps on, so any later checkpoint will do."""
+    out_file, err_file = run_dir.parent / "interrupted.out", run_dir.parent / "interrupted.err"  # never a full pipe
+    with out_file.open("w") as out, err_file.open("w") as err:
+        process = subprocess.Popen([sys.executable, "-m", "unsloth_med.recipes.generic", "classify", *argv],
+                                   stdout=out, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            deadline = time.time() + 600
+            while not any(s >= step for s in _saved_steps(run_dir)):
+                assert process.poll() is None, f"the run ended before checkpoint {step}: {err_file.read_text()[-3000:]}"
+                assert time.time() < deadline, f"no checkpoint {step} within 600 s"
+                time.sleep(0.1)
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=300)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    return subprocess.CompletedProcess(argv, process.returncode, out_file.read_text(), err_file.read_text())
 
 
 def _status(run_dir: Path) -> dict:
@@ -114,7 +117,7 @@ def test_resume_continues_with_the_runs_own_settings_and_never_keeps_the_old_com
 
     # Resumed to train longer (the flag wins over the saved max_steps; the same model named as the user named it is
     # no change), then Ctrl-C after checkpoint-8: run.json no longer claims the earlier run's completion or times.
-    stopped = _interrupted_after(capsys, run_dir, 8,
+    stopped = _interrupted_after(run_dir, 8,
                                  "--resume", "--output_dir", str(run_dir), "--max_steps", "30",
                                  "--model", "tiny:mistral3")
     assert stopped.returncode == 130, stopped.stderr[-3000:]
