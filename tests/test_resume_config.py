@@ -60,8 +60,12 @@ def _interrupted_after(run_dir: Path, step: int, *argv: str) -> subprocess.Compl
     steps on, so any later checkpoint will do."""
     out_file, err_file = run_dir.parent / "interrupted.out", run_dir.parent / "interrupted.err"  # never a full pipe
     with out_file.open("w") as out, err_file.open("w") as err:
+        # SIGINT back to its default in the child, which Python then turns into KeyboardInterrupt: a test process
+        # started in the background by a shell (`make test &`, a CI runner's job) ignores SIGINT, and the child
+        # would inherit that, ignore the Ctrl-C and finish its run.
         process = subprocess.Popen([sys.executable, "-m", "unsloth_med.recipes.generic", "classify", *argv],
-                                   stdout=out, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                   stdout=out, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.time() + 600
             while not any(s >= step for s in _saved_steps(run_dir)):
@@ -73,7 +77,9 @@ def _interrupted_after(run_dir: Path, step: int, *argv: str) -> subprocess.Compl
         finally:
             if process.poll() is None:
                 process.kill()
-    return subprocess.CompletedProcess(argv, process.returncode, out_file.read_text(), err_file.read_text())
+    steps = sorted(_saved_steps(run_dir))  # where the signal found the run, for a failure's message
+    return subprocess.CompletedProcess(argv, process.returncode, out_file.read_text(),
+                                       err_file.read_text() + f"\n[test] checkpoints after the signal: {steps}")
 
 
 def _status(run_dir: Path) -> dict:
