@@ -148,11 +148,30 @@ def test_evaluate_predict_and_push_wait_for_a_run_training_in_the_folder(tmp_pat
             refused = _in_process(capsys, argv)
             assert refused.returncode == 2, (argv, refused.stderr[-2000:])
             assert f"belongs to a run folder in use by another process now (pid {owner.pid} on host" in refused.stderr
-            assert "once that run has finished, or use one of its checkpoint-N folders now" in refused.stderr
+            assert "a run training there replaces its adapter" in refused.stderr
+            assert "once that has finished, or use one of its checkpoint-N folders now" in refused.stderr
         assert training_owner(run_dir / "checkpoint-3") is None
+        # A run folder inside the locked one (a run trained straight into runs/, another in runs/other) has its own.
+        (run_dir / "other").mkdir()
+        (run_dir / "other" / "config.yaml").write_text("run: {recipe: bone_fracture}\n")
+        assert training_owner(run_dir / "other") is None
     finally:
         owner.send_signal(signal.SIGKILL)
         owner.wait()
+
+    # An export holds the folder too, but only reads the run and its adapter: those stay readable; its outputs wait.
+    exporter = subprocess.Popen([sys.executable, "-c", HOLD_LOCK.replace("RunLock(sys.argv[1])", "RunLock(sys.argv[1], "
+                                 "role='export')"), str(run_dir)], env=_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert "taking over a stale lock" in exporter.stdout.readline()  # the killed holder's, above
+        assert exporter.stdout.readline().strip() == "locked"
+        assert training_owner(run_dir) is None and training_owner(run_dir / "adapter") is None
+        refused = _in_process(capsys, ["push", str(run_dir / "merged"), "me/model"])
+        assert refused.returncode == 2 and "an export writing there replaces its exports" in refused.stderr, \
+            refused.stderr[-2000:]
+    finally:
+        exporter.send_signal(signal.SIGKILL)
+        exporter.wait()
     assert training_owner(run_dir) is None  # its owner is gone: nothing to wait for
     lock = RunLock(run_dir).acquire()  # the probes kept no later run out; this process's own run is not refused
     try:

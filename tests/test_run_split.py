@@ -48,3 +48,18 @@ def test_evaluate_and_check_data_use_the_runs_split(tmp_path, tiny_path, capsys)
     recorded = json.loads((out / "data_summary.json").read_text())
     assert checked["sizes"] == recorded["sizes"] == {"train": 21, "test": 9}
     assert checked["class_counts"] == recorded["class_counts"]
+
+
+def test_a_test_fraction_outside_0_to_1_is_refused_when_the_options_are_parsed(tmp_path):
+    """--test_fraction 0 or 1 (or beyond) holds out nothing or everything: refused in one line before any data is
+    read. Before, --split_by image took 1.0 as "all images but one", and the tables' hold-out failed later."""
+    from unsloth_med.config import parse_config
+    from unsloth_med.errors import ConfigError
+    from unsloth_med.recipes import get_recipe
+
+    recipe = get_recipe("radiology_vqa")
+    argv = ["--output_dir", str(tmp_path), "--split_by", "image"]
+    assert parse_config([*argv, "--test_fraction", "0.2"], recipe).data.test_fraction == 0.2
+    for fraction in ("0", "1", "1.5", "-0.1"):
+        with pytest.raises(ConfigError, match=r"--test_fraction .*: the share of the data held out for testing"):
+            parse_config([*argv, "--test_fraction", fraction], recipe)

@@ -483,6 +483,9 @@ def parse_config(argv: list[str] | None, recipe=None, *, prog: str = "unsloth-me
     if model.max_memory_gib is not None and model.max_memory_gib <= 0:  # else 0 meant "unset" and -8 failed on a GPU
         raise ConfigError(f"--max_memory_gib {model.max_memory_gib:g}: a budget in GiB above 0; leave it unset for "
                           "92% of the GPU.")
+    if not 0.0 < data.test_fraction < 1.0:  # else the data stage (or, with --split_by image, a later evaluate) failed
+        raise ConfigError(f"--test_fraction {data.test_fraction:g}: the share of the data held out for testing, "
+                          "between 0 and 1 (e.g. 0.1).")
     if model.profile_step is not None and model.profile_step < 1:
         raise ConfigError(f"--profile_step {model.profile_step}: the optimizer step to profile counts from 1.")
     if eval_.max_new_tokens is not None and eval_.max_new_tokens < 1:  # else a transformers traceback after training

@@ -3,9 +3,10 @@
 The lock is an advisory `flock` on <run>/.unsloth_med.lock, held for the whole run. The kernel drops it
 when the owning process ends in any way (kill -9, out of memory, power loss of a local machine), so a
 lock left behind by a crash is recognised as stale: the file is still there, its owner's lock is not.
-The file holds {"pid", "host", "since"} only to say who owns a live lock, and whose stale lock was taken
-over. Where the filesystem has no flock (some network mounts), the owner's pid is checked instead when
-it ran on this host; a lock from another host is then never taken over silently.
+The file holds {"pid", "host", "since", "role"} only to say who owns a live lock (a run training, or an export)
+and whose stale lock was taken over; `evaluate`, `predict` and `push` read the role to know what to wait for.
+Where the filesystem has no flock (some network mounts), the owner's pid is checked instead when it ran on this
+host; a lock from another host is then never taken over silently.
 """
 from __future__ import annotations
 
@@ -58,9 +59,11 @@ def _describe(owner: dict | None) -> str:
 class RunLock:
     """Held while a run writes into `run_dir`; `release()` (or process exit) frees it."""
 
-    def __init__(self, run_dir: str | Path, *, when_busy: str = "Wait for it to finish, or use another --output_dir."):
+    def __init__(self, run_dir: str | Path, *, when_busy: str = "Wait for it to finish, or use another --output_dir.",
+                 role: str = "train"):
         self.path = Path(run_dir) / LOCK_NAME
         self.when_busy = when_busy  # what to do about a live owner: the refusal's last sentence
+        self.role = role  # "train" or "export": what readers of the folder must wait for (training_owner)
         self.fd: int | None = None
         self.took_over: dict | None = None  # the stale owner replaced, if any
 
@@ -94,7 +97,8 @@ class RunLock:
                            "that process is gone (crashed or killed).")
                 log.warning(message)
                 print(message, flush=True)
-            me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "role": self.role}
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
             os.write(fd, json.dumps(me).encode())
@@ -132,46 +136,63 @@ class RunLock:
             self.fd = None
 
 
-def training_owner(folder: str | Path) -> dict | None:
-    """The live run that holds `folder`'s lock, or that of the run folder `folder` sits in (its adapter/, an export),
-    else None. A checkpoint-N folder is complete once saved and is never the one replaced: None for it.
+RUN_MARKERS = ("config.yaml", "run.json")  # a folder holding either is a run folder of its own
 
-    `evaluate`, `predict` and `push` read a run's adapter or export: while a training run (a --resume) holds the
-    folder, it replaces them when it ends, and a read meanwhile could meet a half-written file. Only probed, with a
-    shared lock released at once: two readers never keep each other, or a later run, out."""
+
+def training_owner(folder: str | Path) -> dict | None:
+    """The live process that holds `folder`'s lock, or that of the run folder `folder` sits in (its adapter/, an
+    export), where what it does changes `folder`; else None.
+
+    A training run (a --resume) replaces the adapter and sets the exports aside when it ends: everything in the
+    folder waits for it. An export only reads the run and its adapter and writes its own folder: only the folders
+    beside the adapter wait for it. A checkpoint-N folder is complete once saved and never replaced, and a run
+    folder inside another is judged by its own lock. Only probed, with a shared lock released at once: two readers
+    never keep each other, or a later run, out."""
     folder = Path(folder)
     if not folder.is_dir() or folder.name.startswith("checkpoint-"):
         return None
-    for run_dir in (folder, folder.parent):
-        path = run_dir / LOCK_NAME
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
+    is_run = any((folder / name).exists() for name in RUN_MARKERS)
+    for run_dir in (folder,) if is_run else (folder, folder.parent):
+        owner = _live_owner(run_dir / LOCK_NAME)
+        if owner is None:
             continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    owner = _read_owner(fd) or {}
-                    if owner.get("pid") == os.getpid():  # this process's own run (its export, its evaluation)
-                        return None
-                    return owner
-                owner = _read_owner(fd)  # no flock on this filesystem: judge by the owner's pid, on this host
-                if owner and owner.get("host") == socket.gethostname() and owner.get("pid") is not None \
-                        and owner.get("pid") != os.getpid() and _pid_alive(int(owner["pid"])):
-                    return owner
-                continue
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+        if owner.get("role") == "export" and (run_dir == folder or folder.name == "adapter"):
+            continue  # the export reads these and writes elsewhere
+        return owner
     return None
 
 
+def _live_owner(path: Path) -> dict | None:
+    """The owner of the lock file `path` while a live process other than this one holds it, else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            owner = _read_owner(fd) or {}
+            if owner.get("pid") == os.getpid():  # this process's own run (its export, its evaluation)
+                return None
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return owner
+            # no flock on this filesystem: judge by the owner's pid, on this host
+            if owner.get("host") == socket.gethostname() and owner.get("pid") is not None \
+                    and _pid_alive(int(owner["pid"])):
+                return owner
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def refuse_while_training(folder: str | Path, action: str) -> None:
-    """RunFolderBusy when a live run trains in `folder` (see training_owner); `action` says what waits."""
+    """RunFolderBusy when a live process changes `folder` (see training_owner); `action` says what waits."""
     owner = training_owner(folder)
     if owner is not None:
+        doing = ("an export writing there replaces its exports" if owner.get("role") == "export" else
+                 "a run training there replaces its adapter and exports when it ends")
         raise RunFolderBusy(f"{folder} belongs to a run folder in use by another process now ({_describe(owner)}): "
-                            "a run training there replaces its adapter and exports when it ends. "
-                            f"{action} once that run has finished, or use one of its checkpoint-N folders now.")
+                            f"{doing}. {action} once that has finished, or use one of its checkpoint-N folders now.")

@@ -55,8 +55,8 @@ def _run_folder_locked(run_dir: str):
     if not folder.is_dir() or not os.access(folder, os.W_OK):  # export_run says what is wrong with a missing one
         yield
         return
-    lock = RunLock(folder, when_busy="Export it once that run has finished: it replaces the run's adapter, and the "
-                                    "exports made from the one before are set aside.").acquire()
+    lock = RunLock(folder, role="export", when_busy="Export it once that run has finished: it replaces the run's "
+                   "adapter, and the exports made from the one before are set aside.").acquire()
     try:
         yield
     finally:
