@@ -7,7 +7,6 @@ A GPU busy for most of a step is bound by its kernels; one idle for much of it w
 launches, synchronisations)."""
 from __future__ import annotations
 
-import json
 import logging
 import re
 import statistics
@@ -15,6 +14,8 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+from .disk import write_json
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class ProfileStepCallback(TrainerCallback):
                             **summarize(self._prof, wall)}
             self._prof = None
             if state.is_world_process_zero:  # written now: a later step's failure keeps it; train end adds medians
-                self.path.write_text(json.dumps(self.summary, indent=1))
+                write_json(self.path, self.summary)
         else:
             self._times.append(wall)
 
@@ -152,7 +153,7 @@ class ProfileStepCallback(TrainerCallback):
             self.summary["median_unprofiled_step_s"] = round(median, 4)
             self.summary["gpu_busy_share_of_median_step"] = round(min(self.summary["gpu_kernel_s"] / median, 1.0), 4)
         if state.is_world_process_zero:
-            self.path.write_text(json.dumps(self.summary, indent=1))
+            write_json(self.path, self.summary)
             kinds = ", ".join(f"{k} {v:.3f} s" for k, v in list(self.summary["kernel_seconds_by_kind"].items())[:4])
             log.info("Profile of step %d: GPU kernels %.3f s of the step's %.3f s (%d launches; %s) -> %s", self.step,
                      self.summary["gpu_kernel_s"], self.summary["wall_s"], self.summary["kernel_launches"], kinds,
